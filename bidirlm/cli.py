@@ -1,0 +1,86 @@
+"""The `bidirlm` command.
+
+Each subcommand lives in `bidirlm/commands/<name>.py`, which defines
+`add_arguments(parser)` and `run(args) -> int`; modules are imported only when their
+subcommand runs, so `bidirlm env` stays fast and a broken optional dependency of one command
+never breaks the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> one-line help (kept here so `bidirlm --help` needs no imports)
+COMMANDS: dict[str, str] = {
+    "env": "print versions, the device and which kernel implementation runs",
+    "train": "run a training phase (causal, mntp, contrastive) from a TOML config",
+    "merge": "merge checkpoints shard by shard (mergekit YAML for linear/task_arithmetic)",
+    "pipeline": "run a recipe's phases in order, resuming completed ones",
+    "export": "export a model as a sentence-transformers folder",
+    "encode": "embed a text file into a .npy array",
+    "eval": "evaluate a model on the embedded retrieval task or a JSON Lines retrieval set",
+    "bench": "run benchmark suites and append rows under bench/results/",
+    "demo": "the main job: the BidirLM recipe end to end on the embedded corpora",
+}
+
+
+class CommandError(Exception):
+    """An error to show the user as one line, without a traceback."""
+
+
+def _load(name: str):
+    try:
+        return importlib.import_module(f"bidirlm.commands.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"bidirlm.commands.{name}":
+            return None
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bidirlm", description="Turn causal decoder LLMs into bidirectional encoders."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    argv = sys.argv[1:]
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        # Only the chosen subcommand's module is imported (lazy, see module docstring).
+        if name == wanted:
+            module = _load(name)
+            if module is not None:
+                module.add_arguments(p)
+            else:
+                p.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    parser = build_parser()
+    args = parser.parse_args()
+    module = _load(args.command)
+    if module is None:
+        print(
+            f"bidirlm {args.command}: not available in this version of bidirlm yet "
+            f"(no bidirlm/commands/{args.command}.py)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        return int(module.run(args) or 0)
+    except CommandError as exc:
+        print(f"bidirlm {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"bidirlm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

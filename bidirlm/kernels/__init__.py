@@ -1,0 +1,36 @@
+"""Public ops: bidirectional flash attention, fused MNTP loss, fused in-batch InfoNCE.
+
+Names are resolved lazily (PEP 562) so `import bidirlm.kernels` neither imports Triton nor queries
+a device; the op modules load on first attribute access.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "flash_attn_func": "attention",
+    "flash_attn_varlen_func": "attention",
+    "mntp_loss": "mntp_loss",
+    "MNTPLoss": "mntp_loss",
+    "infonce_loss": "infonce",
+    "InfoNCELoss": "infonce",
+    "decide": "dispatch",
+    "use_triton": "dispatch",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bidirlm.kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
