@@ -8,3 +8,123 @@ zero labelled rows is 0.0, not NaN).
 from __future__ import annotations
 
 import torch  # noqa: F401  (used by the op sections below)
+
+# --- attention -----------------------------------------------------------------------------------
+
+
+def attention_visibility(
+    length: int,
+    window_size: tuple[int, int] = (-1, -1),
+    key_valid: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Bool `[..., length, length]` mask: key j visible from query i.
+
+    Visible iff `(left < 0 or j >= i - left) and (right < 0 or j <= i + right)` and, when
+    `key_valid [..., length]` is given, `key_valid[..., j]`.
+    """
+    left, right = window_size
+    i = torch.arange(length, device=device)[:, None]
+    j = torch.arange(length, device=device)[None, :]
+    visible = torch.ones(length, length, dtype=torch.bool, device=device)
+    if left >= 0:
+        visible &= j >= i - left
+    if right >= 0:
+        visible &= j <= i + right
+    if key_valid is not None:
+        visible = visible & key_valid[..., None, :].bool()
+    return visible
+
+
+def _attention_dense_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    softmax_scale: float,
+    window_size: tuple[int, int],
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q `[B, S, Hq, D]`, k/v `[B, S, Hkv, D]`, key_valid `[B, S]` -> (out `[B, S, Hq, D]`,
+    lse `[B, Hq, S]`), computed in q's dtype (callers upcast)."""
+    batch, seqlen, hq, _ = q.shape
+    group = hq // k.shape[2]
+    # [B, H, S, D]; repeat_interleave maps q head h to kv head h // group, as in the kernels.
+    qh = q.transpose(1, 2)
+    kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
+    vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
+    scores = (qh @ kh.transpose(-1, -2)) * softmax_scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    kv = key_valid[:, None, :] if key_valid is not None else None  # [B, 1, S] -> [B, 1, S, S]
+    visible = attention_visibility(seqlen, window_size, kv, device=q.device)
+    if visible.dim() == 2:
+        visible = visible[None, None]
+    row_has_key = visible.any(dim=-1, keepdim=True)  # [B or 1, 1, S, 1]
+    # Rows without any visible key get zeros (not NaN): softmax over a dummy all-zero row, then
+    # multiply by 0, so neither the forward nor the backward ever sees exp(-inf - -inf).
+    scores = scores.masked_fill(~visible, float("-inf"))
+    scores = torch.where(row_has_key, scores, torch.zeros((), dtype=scores.dtype, device=q.device))
+    probs = torch.softmax(scores, dim=-1) * row_has_key
+    lse = torch.logsumexp(scores, dim=-1)
+    lse = lse.masked_fill(~row_has_key[..., 0], float("-inf"))
+    out = (probs @ vh).transpose(1, 2)
+    return out, lse.expand(batch, hq, seqlen)
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch attention with the semantics of `flash_attn_func` / `flash_attn_varlen_func`.
+
+    Dense: q `[B, S, Hq, D]`, k/v `[B, S, Hkv, D]`, optional `key_padding_mask [B, S]` (True =
+    real token); lse `[B, Hq, S]`. Packed (`cu_seqlens [N+1]` given): q `[T, Hq, D]`, k/v
+    `[T, Hkv, D]`; lse `[Hq, T]`. Equals `softmax(cap(q @ k.T * scale) + mask) @ v` per sequence
+    and head, with kv head `h // (Hq // Hkv)`; a query with no visible key gives zeros and
+    lse = -inf. Low-precision inputs are computed in float32 and cast back; float64 stays float64.
+    Differentiable through plain torch ops; packed input is processed one sequence at a time so
+    memory stays O(max_len^2) per head.
+    """
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    compute = torch.promote_types(q.dtype, torch.float32)
+    qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+    if cu_seqlens is None:
+        valid = key_padding_mask.bool() if key_padding_mask is not None else None
+        out, lse = _attention_dense_reference(
+            qc, kc, vc, valid, softmax_scale, tuple(window_size), softcap
+        )
+        out, lse = out.to(q.dtype), lse.float()
+    else:
+        bounds = cu_seqlens.tolist()
+        outs, lses = [], []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if end == start:
+                continue
+            o, lse_i = _attention_dense_reference(
+                qc[None, start:end],
+                kc[None, start:end],
+                vc[None, start:end],
+                None,
+                softmax_scale,
+                tuple(window_size),
+                softcap,
+            )
+            outs.append(o[0])
+            lses.append(lse_i[0])
+        if outs:
+            out = torch.cat(outs, dim=0).to(q.dtype)
+            lse = torch.cat(lses, dim=-1).float()
+        else:
+            out = q.new_zeros(q.shape)
+            lse = torch.zeros(q.shape[1], 0, dtype=torch.float32, device=q.device)
+    return (out, lse) if return_lse else out
