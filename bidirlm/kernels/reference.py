@@ -128,3 +128,64 @@ def attention_reference(
             out = q.new_zeros(q.shape)
             lse = torch.zeros(q.shape[1], 0, dtype=torch.float32, device=q.device)
     return (out, lse) if return_lse else out
+
+
+# --- InfoNCE -------------------------------------------------------------------------------------
+
+
+def infonce_direction_reference(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    *,
+    scale: float,
+    normalize: bool = True,
+    positive_offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One direction of the in-batch InfoNCE loss, with the full `[R, N]` logit matrix.
+
+    `rows [R, d]`, `cols [N, d]`; `logits = scale * sim(rows, cols)` with `sim` the cosine
+    (`F.normalize` with eps 1e-12, as sentence-transformers' `cos_sim`) or the dot product.
+    Returns `lse [R] = torch.logsumexp(logits, dim=1)` and the positive logit
+    `pos [R] = logits[i, positive_offset + i]`, computed in the dtype of the inputs.
+    """
+    if normalize:
+        rows = torch.nn.functional.normalize(rows, p=2.0, dim=-1)
+        cols = torch.nn.functional.normalize(cols, p=2.0, dim=-1)
+    logits = (rows @ cols.T) * scale
+    index = torch.arange(rows.shape[0], device=rows.device)
+    return torch.logsumexp(logits, dim=1), logits[index, index + positive_offset]
+
+
+def infonce_reference(
+    queries: torch.Tensor,
+    documents: torch.Tensor,
+    *,
+    temperature: float = 0.05,
+    symmetric: bool = False,
+    normalize: bool = True,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Single-device `infonce_loss` with the `[B, M]` matrix materialized.
+
+    `queries [B, d]`, `documents [M, d]` with `M >= B`; the positive of query i is `documents[i]`.
+    Per query: `loss_i = logsumexp_j(logits[i, :]) - logits[i, i]` with
+    `logits = sim(queries, documents) / temperature`. `symmetric=True` averages it with the
+    document->query loss of `documents[i]` against all B queries:
+    `loss_i = (lse_row_i + lse_col_i) / 2 - logits[i, i]`, which is sentence-transformers'
+    `MultipleNegativesRankingLoss(directions=("query_to_doc", "doc_to_query"),
+    partition_mode="per_direction")`. `reduction`: "mean" | "sum" | "none" (per query, `[B]`).
+    """
+    scale = 1.0 / temperature
+    lse, pos = infonce_direction_reference(queries, documents, scale=scale, normalize=normalize)
+    per_query = lse - pos
+    if symmetric:
+        n = queries.shape[0]
+        lse_c, pos_c = infonce_direction_reference(
+            documents[:n], queries, scale=scale, normalize=normalize
+        )
+        per_query = 0.5 * (per_query + (lse_c - pos_c))
+    if reduction == "mean":
+        return per_query.mean()
+    if reduction == "sum":
+        return per_query.sum()
+    return per_query
