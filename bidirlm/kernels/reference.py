@@ -83,6 +83,7 @@ def attention_reference(
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     return_lse: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch attention with the semantics of `flash_attn_func` / `flash_attn_varlen_func`.
 
@@ -90,13 +91,14 @@ def attention_reference(
     real token); lse `[B, Hq, S]`. Packed (`cu_seqlens [N+1]` given): q `[T, Hq, D]`, k/v
     `[T, Hkv, D]`; lse `[Hq, T]`. Equals `softmax(cap(q @ k.T * scale) + mask) @ v` per sequence
     and head, with kv head `h // (Hq // Hkv)`; a query with no visible key gives zeros and
-    lse = -inf. Low-precision inputs are computed in float32 and cast back; float64 stays float64.
-    Differentiable through plain torch ops; packed input is processed one sequence at a time so
-    memory stays O(max_len^2) per head.
+    lse = -inf. Low-precision inputs are computed in float32 and cast back (float64 stays
+    float64) unless `compute_dtype` says otherwise (tests pass q.dtype to measure PyTorch's own
+    low-precision error). Differentiable through plain torch ops; packed input is processed one
+    sequence at a time so memory stays O(max_len^2) per head.
     """
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
-    compute = torch.promote_types(q.dtype, torch.float32)
+    compute = compute_dtype or torch.promote_types(q.dtype, torch.float32)
     qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
     if cu_seqlens is None:
         valid = key_padding_mask.bool() if key_padding_mask is not None else None
