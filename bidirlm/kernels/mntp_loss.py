@@ -1,0 +1,740 @@
+"""Fused MNTP loss: lm_head + cross-entropy on labelled rows only, never a `[rows, V]` tensor.
+
+`mntp_loss(hidden, weight, labels)` computes
+
+    F.cross_entropy(softcap(hidden @ weight.T + bias).float(), labels,
+                    ignore_index=ignore_index, reduction=reduction)
+
+with `hidden [..., d]`, `weight [V, d]`, `bias [V]`, `labels [...]` (the shape of `hidden[..., 0]`)
+and `softcap(x) = softcap * tanh(x / softcap)` (Gemma2 style; off when None). Masked next-token
+prediction labels only 20-40% of positions, so the labelled rows are compacted first (a stable
+partition of row indices, kept on the device: no host sync) and the kernels read hidden rows
+through that index: ignored rows cost nothing, and no copy of the hidden states is made.
+
+Kernels (all tile rows x vocabulary; logits exist only as one register tile at a time):
+- forward: per row block, sweep the vocabulary with an online log-sum-exp and pick the target
+  logit in the same pass; stores the per-row loss and float32 lse.
+- backward dH: per row block, sweep the vocabulary again, recompute each logits tile and
+  `dlogits = grad * (softmax - onehot) * softcap'`, accumulate `dlogits @ W` in float32.
+- backward dW (and dBias): per vocabulary tile, sweep the labelled rows, accumulate
+  `dlogits^T @ H` in float32.
+Every gradient is owned by exactly one program, so the backward is deterministic (no atomics) and
+exact (no tile is skipped). The float32 accumulators live in one scratch buffer of bounded size
+(`_SCRATCH_BYTES`, launches are chunked to fit), then are cast to the parameter dtype. The price
+of determinism is recomputing the logits twice in the backward: 10 * rows * V * d FLOPs in all
+versus 6 for an unfused matmul + cross-entropy.
+
+Layers: `@triton.jit` kernels -> launchers `_triton_forward`/`_triton_backward` (config, grid) ->
+`torch.library` custom ops `bidirlm::mntp_loss_fwd`/`bidirlm::mntp_loss_bwd` whose autograd is
+registered with `register_autograd` (this is the autograd layer; torch.compile traces it without
+graph breaks) -> `mntp_loss` / `MNTPLoss`. The custom ops run the Triton kernels or, when dispatch
+says "torch", the chunked reference in `kernels/reference.py`, so both paths compile the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import types
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from .config import arch_family, autotune_enabled, debug_checks
+from .dispatch import interpreting, use_triton
+
+REDUCTIONS = ("mean", "sum", "none")
+# The float32 scratch that holds partial dH / dW sums is at most this large unless one wave of
+# tiles needs more (then it holds two waves, so every SM stays busy).
+_SCRATCH_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class MNTPParams:
+    """Non-tensor options of the MNTP loss."""
+
+    ignore_index: int = -100
+    softcap: Optional[float] = None
+    reduction: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(
+                f"reduction must be one of {', '.join(REDUCTIONS)}, got {self.reduction!r}"
+            )
+        if self.softcap is not None and not (float(self.softcap) > 0.0):
+            raise ValueError(f"softcap must be None or > 0, got {self.softcap!r}")
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise ValueError(f"ignore_index must be an int, got {self.ignore_index!r}")
+
+
+# --- Triton kernels ------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(x):
+    # tl has no tanh; sign(x) * (1 - e) / (1 + e) with e = exp(-2|x|) never overflows.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    rows,
+    row_mask,
+    cols,
+    col_mask,
+    D,
+    stride_h,
+    stride_w,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """float32 `[BLOCK_M, BLOCK_V]` tile of `H[rows] @ W[cols].T + b[cols]` (before softcap)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < D
+        h = tl.load(
+            h_ptr + rows[:, None] * stride_h + ks[None, :],
+            mask=row_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + cols[:, None] * stride_w + ks[None, :],
+            mask=col_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        if UPCAST:  # the interpreter computes bf16 on raw bits: go to float32 at once
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=PREC)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _dlogits_tile(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    rows,
+    row_mask,
+    target,
+    lse,
+    grad,
+    cols,
+    col_mask,
+    D,
+    stride_h,
+    stride_w,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """float32 `d loss / d (H @ W.T + b)` tile: `grad * (softmax - onehot) * softcap'`."""
+    x = _logits_tile(
+        h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, stride_h, stride_w,
+        HAS_BIAS, UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_K,
+    )  # fmt: skip
+    if HAS_SOFTCAP:
+        t = _tanh(x / softcap)
+        z = softcap * t
+    else:
+        z = x
+    p = tl.exp(z - lse[:, None])
+    dz = p - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
+    dz = dz * grad[:, None]
+    if HAS_SOFTCAP:
+        dz = dz * (1.0 - t * t)  # d/dx softcap*tanh(x/softcap)
+    return tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
+
+
+@triton.jit
+def _mntp_fwd_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, order_ptr, count_ptr, loss_ptr, lse_ptr,
+    V, D, stride_h, stride_w, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    n_valid = tl.load(count_ptr)
+    pos = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if tl.program_id(0) * BLOCK_M >= n_valid:
+        return  # the grid covers all rows; only the first n_valid compacted slots are labelled
+    row_mask = pos < n_valid
+    # row * stride overflows int32 past 2**31 elements: index in int64
+    rows = tl.load(order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
+    target = tl.load(labels_ptr + rows, mask=row_mask, other=0)
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    tgt = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        x = _logits_tile(
+            h_ptr, w_ptr, b_ptr, rows, row_mask, cols.to(tl.int64), col_mask, D, stride_h,
+            stride_w, HAS_BIAS, UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_K,
+        )  # fmt: skip
+        if HAS_SOFTCAP:
+            x = softcap * _tanh(x / softcap)
+        x = tl.where(col_mask[None, :], x, float("-inf"))
+        tgt += tl.sum(tl.where(cols[None, :] == target[:, None], x, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(x, axis=1))  # every tile has >= 1 real column: finite
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        m = m_new
+    lse = m + tl.log(s)
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
+    tl.store(loss_ptr + rows, lse - tgt, mask=row_mask)
+
+
+@triton.jit
+def _mntp_bwd_dh_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, order_ptr, count_ptr, grad_ptr, lse_ptr, dh_ptr, acc_ptr,
+    row_start, V, D, stride_h, stride_w, stride_dh, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """dH for compacted slots [row_start + pid*BLOCK_M, ...): this program owns those rows."""
+    n_valid = tl.load(count_ptr)
+    local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if row_start + tl.program_id(0) * BLOCK_M >= n_valid:
+        return
+    pos = row_start + local
+    row_mask = pos < n_valid
+    rows = tl.load(order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
+    target = tl.load(labels_ptr + rows, mask=row_mask, other=0)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    grad = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
+    for v0 in range(0, V, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_mask = cols < V
+        dz = _dlogits_tile(
+            h_ptr, w_ptr, b_ptr, rows, row_mask, target, lse, grad, cols, col_mask, D,
+            stride_h, stride_w, softcap, HAS_BIAS, HAS_SOFTCAP, UPCAST, PREC,
+            BLOCK_M, BLOCK_V, BLOCK_K,
+        )  # fmt: skip
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_mask = ds < D
+            w = tl.load(
+                w_ptr + cols[:, None] * stride_w + ds[None, :],
+                mask=col_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                w = w.to(tl.float32)
+            # dlogits go to the tensor cores in the input dtype, as torch's own backward does
+            upd = tl.dot(dz.to(w.dtype), w, input_precision=PREC)
+            acc_ptrs = acc_ptr + local[:, None] * D + ds[None, :]
+            mask = row_mask[:, None] & d_mask[None, :]
+            if v0 > 0:  # the first tile stores: re-running the kernel (autotune) is harmless
+                upd += tl.load(acc_ptrs, mask=mask, other=0.0)
+            if v0 + BLOCK_V >= V:
+                out_ptrs = dh_ptr + rows[:, None] * stride_dh + ds[None, :]
+                tl.store(out_ptrs, upd.to(dh_ptr.dtype.element_ty), mask=mask)
+            else:
+                tl.store(acc_ptrs, upd, mask=mask)
+
+
+@triton.jit
+def _mntp_bwd_dw_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, order_ptr, count_ptr, grad_ptr, lse_ptr, dw_ptr, db_ptr,
+    acc_ptr, v_start, V, D, stride_h, stride_w, stride_dw, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """dW (and dBias) for vocabulary [v_start + pid*BLOCK_V, ...): this program owns them."""
+    n_valid = tl.load(count_ptr)
+    local = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = (v_start + local).to(tl.int64)
+    col_mask = cols < V
+    db = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for r0 in range(0, n_valid, BLOCK_M):
+        pos = r0 + tl.arange(0, BLOCK_M)
+        row_mask = pos < n_valid
+        rows = tl.load(order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
+        target = tl.load(labels_ptr + rows, mask=row_mask, other=0)
+        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+        grad = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
+        dz = _dlogits_tile(
+            h_ptr, w_ptr, b_ptr, rows, row_mask, target, lse, grad, cols, col_mask, D,
+            stride_h, stride_w, softcap, HAS_BIAS, HAS_SOFTCAP, UPCAST, PREC,
+            BLOCK_M, BLOCK_V, BLOCK_K,
+        )  # fmt: skip
+        if HAS_BIAS:
+            db += tl.sum(dz, axis=0)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_mask = ds < D
+            h = tl.load(
+                h_ptr + rows[:, None] * stride_h + ds[None, :],
+                mask=row_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                h = h.to(tl.float32)
+            upd = tl.dot(tl.trans(dz.to(h.dtype)), h, input_precision=PREC)
+            acc_ptrs = acc_ptr + local[:, None] * D + ds[None, :]
+            mask = col_mask[:, None] & d_mask[None, :]
+            if r0 > 0:
+                upd += tl.load(acc_ptrs, mask=mask, other=0.0)
+            if r0 + BLOCK_M >= n_valid:
+                out_ptrs = dw_ptr + cols[:, None] * stride_dw + ds[None, :]
+                tl.store(out_ptrs, upd.to(dw_ptr.dtype.element_ty), mask=mask)
+            else:
+                tl.store(acc_ptrs, upd, mask=mask)
+    if HAS_BIAS:
+        tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=col_mask)
+
+
+# --- launch configs ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _LaunchConfig:
+    block_m: int  # rows per tile (forward/dH: rows a program owns; dW: rows per step)
+    block_v: int  # vocabulary columns per tile
+    block_k: int  # reduction step over d when computing logits
+    block_d: int  # width of the dH/dW output chunk (backward only)
+    num_warps: int
+    num_stages: int
+    waves_per_eu: int = 0  # AMD occupancy hint; 0 = not passed
+
+    def launch_kwargs(self) -> dict[str, int]:
+        kw = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.waves_per_eu:
+            kw["waves_per_eu"] = self.waves_per_eu
+        return kw
+
+
+C = _LaunchConfig
+_CONFIGS: dict[str, dict[str, _LaunchConfig]] = {
+    # Hopper/Blackwell: 128-row forward tiles with 8 warps keep the tensor cores fed; 3 stages of
+    # (128x64 + 128x64) bf16 operands fit shared memory. The backward holds a [64, 128] float32
+    # dlogits tile plus a [64|128, 128] float32 update, hence 64-row tiles.
+    "hopper": {"fwd": C(128, 128, 64, 0, 8, 3), "dh": C(64, 128, 64, 128, 8, 3),
+               "dw": C(64, 128, 64, 128, 8, 3)},
+    # Ampere (A100: 164 KB shared memory): same shapes, 4 warps for the forward's smaller tiles.
+    "ampere": {"fwd": C(64, 128, 64, 0, 4, 3), "dh": C(64, 128, 64, 128, 8, 2),
+               "dw": C(64, 128, 64, 128, 8, 2)},
+    "nvidia": {"fwd": C(64, 64, 32, 0, 4, 2), "dh": C(32, 64, 32, 64, 4, 2),
+               "dw": C(32, 64, 32, 64, 4, 2)},
+    # CDNA (MI200/MI300): no software pipelining (num_stages=1), 64-wide wavefronts so 4 warps
+    # is 256 threads; never 32 warps (Liger #231); waves_per_eu=2 trades registers for occupancy.
+    "cdna": {"fwd": C(64, 128, 64, 0, 4, 1, 2), "dh": C(64, 128, 64, 64, 4, 1, 2),
+             "dw": C(64, 128, 64, 64, 4, 1, 2)},
+    "amd": {"fwd": C(64, 64, 32, 0, 4, 1), "dh": C(32, 64, 32, 64, 4, 1),
+            "dw": C(32, 64, 32, 64, 4, 1)},
+    # Interpreter: each program x loop step costs milliseconds of Python, so use few, wide tiles
+    # (d = 96 is one K step, V = 1003 four vocabulary steps).
+    "interpreter": {"fwd": C(64, 256, 128, 0, 4, 1), "dh": C(64, 256, 128, 128, 4, 1),
+                    "dw": C(64, 256, 128, 128, 4, 1)},
+}  # fmt: skip
+del C
+
+# Chunks of rows / vocabulary that share the scratch are multiples of the largest tile.
+_CHUNK_ALIGN = 256
+
+
+def launch_config(device: torch.device, kernel: str) -> _LaunchConfig:
+    """The fixed launch config of `kernel` ('fwd', 'dh' or 'dw') on `device`'s architecture."""
+    return _CONFIGS[arch_family(device)][kernel]
+
+
+def _autotune_configs(kernel: str) -> list[triton.Config]:
+    out = []
+    for bm in (32, 64, 128):
+        for bv in (64, 128, 256):
+            for warps in (4, 8):
+                for stages in (1, 2, 3, 4):
+                    meta = {"BLOCK_M": bm, "BLOCK_V": bv, "BLOCK_K": 64}
+                    if kernel != "fwd":
+                        if bm == 128:
+                            continue  # float32 dlogits + update tiles spill registers
+                        meta["BLOCK_D"] = 128 if kernel == "dh" else 64
+                    out.append(triton.Config(meta, num_warps=warps, num_stages=stages))
+    return out
+
+
+@functools.cache
+def _autotuned(kernel: str):  # noqa: ANN202 - a triton Autotuner
+    # The kernels are idempotent (the first step of each accumulation stores instead of adding),
+    # so autotune may re-run them without reset_to_zero/restore_value.
+    fn = {"fwd": _mntp_fwd_kernel, "dh": _mntp_bwd_dh_kernel, "dw": _mntp_bwd_dw_kernel}[kernel]
+    return triton.autotune(configs=_autotune_configs(kernel), key=["V", "D"])(fn)
+
+
+def _launch(kernel: str, device: torch.device, grid_of, args: tuple, flags: dict) -> None:
+    """Launch `kernel` with the fixed config of the device, or autotuned (BIDIRLM_AUTOTUNE=1)."""
+    if autotune_enabled():
+        _autotuned(kernel)[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_V"])](*args, **flags)
+        return
+    cfg = launch_config(device, kernel)
+    fn = {"fwd": _mntp_fwd_kernel, "dh": _mntp_bwd_dh_kernel, "dw": _mntp_bwd_dw_kernel}[kernel]
+    blocks = {"BLOCK_M": cfg.block_m, "BLOCK_V": cfg.block_v, "BLOCK_K": cfg.block_k}
+    if kernel != "fwd":
+        blocks["BLOCK_D"] = cfg.block_d
+    fn[grid_of(cfg.block_m, cfg.block_v)](*args, **flags, **blocks, **cfg.launch_kwargs())
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _chunk(total: int, d: int, device: torch.device) -> int:
+    """Rows (or vocabulary entries) per launch so a float32 `[chunk, d]` scratch stays bounded.
+
+    At most `_SCRATCH_BYTES`, but at least two waves of 128-wide tiles so every SM has work.
+    """
+    budget = (_SCRATCH_BYTES // (4 * max(d, 1))) // _CHUNK_ALIGN * _CHUNK_ALIGN
+    wave = triton.cdiv(2 * _sm_count(device) * 128, _CHUNK_ALIGN) * _CHUNK_ALIGN
+    chunk = max(budget, wave, _CHUNK_ALIGN)
+    return min(chunk, triton.cdiv(max(total, 1), _CHUNK_ALIGN) * _CHUNK_ALIGN)
+
+
+def _compact(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, count): labelled row indices first, in order; count as a 1-element int32 tensor.
+
+    A stable partition on the device instead of `nonzero()`, which would sync with the host.
+    """
+    valid = labels != ignore_index
+    order = torch.argsort(valid.to(torch.uint8), descending=True, stable=True)
+    count = valid.sum(dtype=torch.int32).reshape(1)
+    return order, count
+
+
+def _flags(hidden: torch.Tensor, bias: torch.Tensor | None, softcap: float) -> dict:
+    if hidden.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        prec = "ieee"  # torch's float32 matmul is full precision by default: match it
+    else:
+        prec = "tf32"  # ignored for 16-bit operands
+    upcast = interpreting() and hidden.device.type != "cuda" and hidden.dtype == torch.bfloat16
+    return {
+        "HAS_BIAS": bias is not None,
+        "HAS_SOFTCAP": softcap > 0.0,
+        # bf16 arithmetic is wrong in the interpreter (it computes on raw bits)
+        "UPCAST": upcast,
+        "PREC": prec,
+    }
+
+
+def _triton_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    ignore_index: int,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss [N] and lse [N] (float32; 0 at ignored rows) of `hidden [N, d]`."""
+    n, d = hidden.shape
+    v = weight.shape[0]
+    loss = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    lse = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    if n == 0:
+        return loss, lse
+    order, count = _compact(labels, ignore_index)
+    b = bias if bias is not None else weight  # dummy pointer, never read (HAS_BIAS=False)
+    args = (hidden, weight, b, labels, order, count, loss, lse, v, d,
+            hidden.stride(0), weight.stride(0), softcap)  # fmt: skip
+    _launch(
+        "fwd",
+        hidden.device,
+        lambda bm, bv: (triton.cdiv(n, bm),),
+        args,
+        _flags(hidden, bias, softcap),
+    )
+    return loss, lse
+
+
+def _triton_backward(
+    grad: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(dhidden [N, d], dweight [V, d], dbias [V] or None) for per-row loss gradients `grad`."""
+    n, d = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    dh = torch.zeros_like(hidden)
+    dw = torch.zeros_like(weight)
+    db = torch.zeros_like(bias) if bias is not None else None
+    if n == 0:
+        return dh, dw, db
+    grad = grad.to(torch.float32).contiguous()
+    order, count = _compact(labels, ignore_index)
+    flags = _flags(hidden, bias, softcap)
+    b = bias if bias is not None else weight
+    row_chunk, vocab_chunk = _chunk(n, d, dev), _chunk(v, d, dev)
+    scratch = torch.empty(max(row_chunk, vocab_chunk) * d, dtype=torch.float32, device=dev)
+    common = (hidden, weight, b, labels, order, count, grad, lse)
+    for start in range(0, n, row_chunk):
+        rows = min(row_chunk, n - start)
+        args = (*common, dh, scratch, start, v, d, hidden.stride(0), weight.stride(0),
+                dh.stride(0), softcap)  # fmt: skip
+        _launch("dh", dev, lambda bm, bv, rows=rows: (triton.cdiv(rows, bm),), args, flags)
+    for start in range(0, v, vocab_chunk):
+        cols = min(vocab_chunk, v - start)
+        args = (*common, dw, db if db is not None else dw, scratch, start, v, d,
+                hidden.stride(0), weight.stride(0), dw.stride(0), softcap)  # fmt: skip
+        _launch("dw", dev, lambda bm, bv, cols=cols: (triton.cdiv(cols, bv),), args, flags)
+    return dh, dw, db
+
+
+# --- custom ops (torch.library) and autograd -----------------------------------------------------
+
+
+def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """ValueError for labels outside [0, V) other than ignore_index.
+
+    On a GPU this needs a host sync, so it runs only under BIDIRLM_DEBUG=1 there; unchecked bad
+    labels are never used as addresses (the kernels compare them with column indices), they
+    just yield loss = lse for that row.
+    """
+    if labels.device.type == "cuda" and not debug_checks():
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        value = int(labels[bad][0])
+        raise ValueError(
+            f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; found {value}"
+        )
+
+
+@torch.library.custom_op("bidirlm::mntp_loss_fwd", mutates_args=())
+def _mntp_loss_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    ignore_index: int,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss [N], lse [N]) of `hidden [N, d]`, 0 at ignored rows; softcap 0.0 = off."""
+    _check_label_range(labels, weight.shape[0], ignore_index)
+    if use_triton(hidden):
+        return _triton_forward(hidden, weight, bias, labels, ignore_index, softcap)
+    return reference.mntp_loss_reference_forward(
+        hidden, weight, bias, labels, ignore_index=ignore_index, softcap=softcap or None
+    )
+
+
+@_mntp_loss_fwd.register_fake
+def _(hidden, weight, bias, labels, ignore_index, softcap):  # noqa: ANN001, ANN202
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    return hidden.new_empty(hidden.shape[0], dtype=dtype), hidden.new_empty(
+        hidden.shape[0], dtype=dtype
+    )
+
+
+@torch.library.custom_op("bidirlm::mntp_loss_bwd", mutates_args=())
+def _mntp_loss_bwd(
+    grad: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dhidden [N, d], dweight [V, d], dbias [V] or an empty tensor when bias is None)."""
+    if use_triton(hidden):
+        dh, dw, db = _triton_backward(
+            grad, hidden, weight, bias, labels, lse, ignore_index, softcap
+        )
+    else:
+        dh, dw, db = reference.mntp_loss_reference_backward(
+            grad, hidden, weight, bias, labels, lse,
+            ignore_index=ignore_index, softcap=softcap or None,
+        )  # fmt: skip
+    return dh, dw, db if db is not None else weight.new_empty(0)
+
+
+@_mntp_loss_bwd.register_fake
+def _(grad, hidden, weight, bias, labels, lse, ignore_index, softcap):  # noqa: ANN001, ANN202
+    db = torch.empty_like(bias) if bias is not None else weight.new_empty(0)
+    return torch.empty_like(hidden), torch.empty_like(weight), db
+
+
+def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    hidden, weight, bias, labels, ignore_index, softcap = inputs
+    _, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse)
+    ctx.ignore_index = ignore_index
+    ctx.softcap = softcap
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_loss, grad_lse):  # noqa: ANN001, ANN202
+    hidden, weight, bias, labels, lse = ctx.saved_tensors
+    dh, dw, db = torch.ops.bidirlm.mntp_loss_bwd(
+        grad_loss, hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.softcap
+    )
+    return dh, dw, (db if bias is not None else None), None, None, None
+
+
+_mntp_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- public API ----------------------------------------------------------------------------------
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _validate(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if hidden.dim() < 1:
+        raise ValueError(f"hidden must have shape [..., d], got {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape [V, d], got {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight width {weight.shape[1]} != hidden width {hidden.shape[-1]} "
+            f"(hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)})"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one vocabulary row")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must equal hidden.shape[:-1] "
+            f"{tuple(hidden.shape[:-1])}"
+        )
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be int64 or int32, got {labels.dtype}")
+    allowed = _FLOAT_DTYPES if use_triton(hidden) else (*_FLOAT_DTYPES, torch.float64)
+    if hidden.dtype not in allowed:
+        raise ValueError(f"hidden dtype {hidden.dtype} is not supported; use one of {allowed}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
+            shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {shape}")
+        if bias.dtype != weight.dtype:
+            raise ValueError(f"bias dtype {bias.dtype} must equal weight dtype {weight.dtype}")
+    for name, t in (("weight", weight), ("labels", labels), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+
+
+def mntp_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Masked next-token prediction loss, fused with the lm_head.
+
+    Equals `F.cross_entropy(softcap(hidden @ weight.T + bias).float(), labels,
+    ignore_index=ignore_index, reduction=reduction)` (labels and logits flattened over the
+    leading dims) without allocating `[rows, V]` and spending compute only on labelled rows.
+
+    Args:
+        hidden: `[..., d]` final hidden states (fp16, bf16 or fp32; fp64 on the torch path).
+        weight: `[V, d]` lm_head / tied embedding, same dtype as hidden.
+        labels: `[...]` = `hidden.shape[:-1]`, int64/int32 token ids in [0, V) or ignore_index.
+        bias: optional `[V]` lm_head bias.
+        softcap: `softcap * tanh(logits / softcap)` on the logits when not None (must be > 0).
+        reduction: "mean" over labelled rows, "sum", or "none" (loss per row shaped like labels,
+            0 at ignored rows).
+
+    Returns the float32 loss (float64 for float64 inputs). Gradients flow to hidden, weight
+    (accumulated in float32, then cast) and bias. Differences from torch: `mean` over zero
+    labelled rows is 0.0 with zero gradients (torch gives NaN).
+    """
+    params = MNTPParams(ignore_index=ignore_index, softcap=softcap, reduction=reduction)
+    _validate(hidden, weight, labels, bias)
+    d = hidden.shape[-1]
+    h2 = hidden.reshape(-1, d)
+    if h2.stride(-1) != 1:
+        h2 = h2.contiguous()
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    b = bias.contiguous() if bias is not None else None
+    flat = labels.reshape(-1).to(torch.int64)
+    rows, _ = torch.ops.bidirlm.mntp_loss_fwd(
+        h2, w, b, flat, params.ignore_index, float(params.softcap or 0.0)
+    )
+    if params.reduction == "none":
+        return rows.reshape(labels.shape)
+    total = rows.sum()
+    if params.reduction == "sum":
+        return total
+    count = (flat != params.ignore_index).sum()
+    return total / count.clamp_min(1).to(total.dtype)
+
+
+class MNTPLoss(torch.nn.Module):
+    """`nn.Module` form of `mntp_loss`: `MNTPLoss(softcap=30.0)(hidden, weight, labels)`."""
+
+    def __init__(
+        self, *, ignore_index: int = -100, softcap: float | None = None, reduction: str = "mean"
+    ) -> None:
+        super().__init__()
+        self.params = MNTPParams(ignore_index=ignore_index, softcap=softcap, reduction=reduction)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        p = self.params
+        return mntp_loss(
+            hidden, weight, labels, bias=bias, ignore_index=p.ignore_index, softcap=p.softcap,
+            reduction=p.reduction,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        p = self.params
+        return f"ignore_index={p.ignore_index}, softcap={p.softcap}, reduction={p.reduction!r}"
+
+
+class _CallableModule(types.ModuleType):
+    """This module shares its name with the function it exports (`bidirlm.kernels.mntp_loss`).
+
+    Importing `bidirlm.kernels.mntp_loss` as a module before the lazy export resolves makes the
+    package attribute the module, not the function; calling the module forwards to the function
+    so `from bidirlm.kernels import mntp_loss; mntp_loss(h, w, y)` works in either order.
+    """
+
+    def __call__(self, *args: object, **kwargs: object) -> torch.Tensor:
+        return mntp_loss(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
