@@ -1,0 +1,336 @@
+"""`infonce_loss` / `InfoNCELoss`: the public contract in DESIGN.md, against float64 and
+sentence-transformers, in Triton's interpreter on a CPU (or on the GPU when present)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bidirlm.kernels import InfoNCELoss, infonce_loss
+from bidirlm.kernels.infonce import CONFIGS, _infonce_lse_op
+from bidirlm.kernels.reference import infonce_direction_reference, infonce_reference
+from tests.helpers import DTYPES, assert_close_to_ref
+
+B, M, D = 17, 51, 48  # odd sizes on purpose: partial row, column and width tiles
+
+
+def _inputs(device, dtype, b=B, m=M, d=D, scale=1.0):
+    q = (torch.randn(b, d, device=device) * scale).to(dtype).requires_grad_()
+    docs = (torch.randn(m, d, device=device) * scale).to(dtype).requires_grad_()
+    return q, docs
+
+
+def _grads(loss, *tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+def _eager(q, docs, temperature, symmetric, normalize, reduction="mean"):
+    """What a user writes in eager PyTorch: the [B, M] matrix in the input dtype, the
+    cross-entropy in float32 (the low-precision baseline whose error bounds ours)."""
+    if normalize:
+        q, docs = F.normalize(q, dim=-1), F.normalize(docs, dim=-1)
+    logits = (q @ docs.T).float() / temperature
+    target = torch.arange(q.shape[0], device=q.device)
+    loss = F.cross_entropy(logits, target, reduction="none")
+    if symmetric:
+        loss = 0.5 * (loss + F.cross_entropy(logits[:, : q.shape[0]].T, target, reduction="none"))
+    return {"mean": loss.mean(), "sum": loss.sum(), "none": loss}[reduction]
+
+
+def _check_against_float64(device, dtype, temperature, symmetric, normalize, reduction="mean"):
+    scale = 1.0 if normalize else 0.4  # dot logits of width 48 stay O(10) over temperature
+    q, docs = _inputs(device, dtype, scale=scale)
+    q64 = q.detach().double().requires_grad_()
+    d64 = docs.detach().double().requires_grad_()
+    options = dict(temperature=temperature, symmetric=symmetric, normalize=normalize)
+    out = infonce_loss(q, docs, reduction=reduction, **options)
+    ref = infonce_reference(q64, d64, reduction=reduction, **options)
+    eager = _eager(q, docs, reduction=reduction, **options)
+    up = torch.rand_like(ref) + 0.5  # a non-uniform upstream gradient for reduction="none"
+    assert out.dtype == torch.float32
+    assert_close_to_ref(out, ref, eager, name="loss")
+    for name, mine, ours_ref, theirs in zip(
+        ("d queries", "d documents"),
+        _grads((out * up.float()).sum(), q, docs),
+        _grads((ref * up).sum(), q64, d64),
+        _grads((eager * up.float()).sum(), q, docs),
+    ):
+        assert mine.dtype == dtype
+        assert_close_to_ref(mine, ours_ref, theirs, name=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["cosine", "dot"])
+def test_loss_and_grads_match_float64(device, dtype, symmetric, normalize) -> None:
+    temperature = 0.05 if normalize else 1.0
+    _check_against_float64(device, dtype, temperature, symmetric, normalize)
+
+
+@pytest.mark.parametrize("temperature", [0.01, 0.3, 2.0])
+def test_temperatures(device, temperature) -> None:
+    _check_against_float64(device, torch.float32, temperature, symmetric=False, normalize=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+def test_reductions(device, reduction, symmetric) -> None:
+    _check_against_float64(device, torch.float32, 0.05, symmetric, True, reduction)
+    q, docs = _inputs(device, torch.float32)
+    out = infonce_loss(q, docs, symmetric=symmetric, reduction=reduction)
+    per_query = infonce_loss(q, docs, symmetric=symmetric, reduction="none")
+    assert per_query.shape == (B,)
+    expected = {"mean": per_query.mean(), "sum": per_query.sum(), "none": per_query}[reduction]
+    torch.testing.assert_close(out, expected)
+
+
+def test_symmetric_none_is_per_pair_average(device) -> None:
+    q, docs = _inputs(device, torch.float32)
+    one_way = infonce_loss(q, docs, reduction="none")
+    backward_dir = infonce_loss(docs[:B], q, reduction="none")  # doc i against the B queries
+    both = infonce_loss(q, docs, symmetric=True, reduction="none")
+    torch.testing.assert_close(both, 0.5 * (one_way + backward_dir))
+
+
+def test_positive_offset_matches_reference(device) -> None:
+    """The op the cross-device path uses: positives at rows offset + i of the gathered matrix."""
+    q, docs = _inputs(device, torch.float32, b=9)
+    q64 = q.detach().double().requires_grad_()
+    d64 = docs.detach().double().requires_grad_()
+    lse, pos = _infonce_lse_op(q, docs, 30, 20.0, True)
+    lse64, pos64 = infonce_direction_reference(q64, d64, scale=20.0, positive_offset=30)
+    assert_close_to_ref(lse, lse64, name="lse")
+    assert_close_to_ref(pos, pos64, name="pos")
+    g_lse, g_pos = torch.rand_like(lse), -torch.rand_like(pos)
+    mine = _grads((lse * g_lse).sum() + (pos * g_pos).sum(), q, docs)
+    ref = _grads((lse64 * g_lse.double()).sum() + (pos64 * g_pos.double()).sum(), q64, d64)
+    for a, b in zip(mine, ref):
+        assert_close_to_ref(a, b, name="grad")
+
+
+def test_zero_and_tiny_rows(device) -> None:
+    """F.normalize divides rows with norm < 1e-12 by 1e-12: a zero query has logits 0, no NaN."""
+    q, docs = _inputs(device, torch.float32)
+    with torch.no_grad():
+        q[3] = 0.0
+        docs[40] = 0.0
+    q64 = q.detach().double().requires_grad_()
+    d64 = docs.detach().double().requires_grad_()
+    out = infonce_loss(q, docs, symmetric=True)
+    ref = infonce_reference(q64, d64, symmetric=True)
+    assert_close_to_ref(out, ref, name="loss")
+    for a, b in zip(_grads(out, q, docs), _grads(ref, q64, d64)):
+        assert_close_to_ref(a, b, atol=1e-5 * b.abs().max().item() + 1e-5, name="grad")
+
+
+def test_matches_sentence_transformers_mnrl(device) -> None:
+    """Same embeddings through sentence-transformers' loss: (anchor, positive, negative) columns
+    are our queries and documents = cat(positives, negatives)."""
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.util import dot_score
+
+    anchors = torch.randn(B, D, device=device, requires_grad=True)
+    positives = torch.randn(B, D, device=device, requires_grad=True)
+    negatives = torch.randn(2 * B, D, device=device, requires_grad=True)
+    hard = list(negatives.split(B))
+    for normalize, temperature in ((True, 0.05), (False, 2.0)):
+        kwargs = {} if normalize else {"similarity_fct": dot_score}
+        st_loss = MultipleNegativesRankingLoss(None, scale=1.0 / temperature, **kwargs)
+        theirs = st_loss.compute_loss_from_embeddings([anchors, positives, *hard], None)
+        ours = infonce_loss(
+            anchors,
+            torch.cat([positives, negatives]),
+            temperature=temperature,
+            normalize=normalize,
+        )
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        tensors = (anchors, positives, negatives)
+        for a, b in zip(_grads(ours, *tensors), _grads(theirs, *tensors)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_matches_sentence_transformers_symmetric(device) -> None:
+    from sentence_transformers.sentence_transformer.losses import (
+        MultipleNegativesRankingLoss,
+        MultipleNegativesSymmetricRankingLoss,
+    )
+
+    anchors = torch.randn(B, D, device=device, requires_grad=True)
+    positives = torch.randn(B, D, device=device, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        deprecated = MultipleNegativesSymmetricRankingLoss(None, scale=20.0)
+    current = MultipleNegativesRankingLoss(
+        None,
+        scale=20.0,
+        directions=("query_to_doc", "doc_to_query"),
+        partition_mode="per_direction",
+    )
+    tensors = (anchors, positives)
+    ours = infonce_loss(anchors, positives, temperature=0.05, symmetric=True)
+    our_grads = _grads(ours, *tensors)
+    for st_loss in (deprecated, current):
+        theirs = st_loss.compute_loss_from_embeddings([anchors, positives], None)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        for a, b in zip(our_grads, _grads(theirs, *tensors)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+class _Sizes(TorchDispatchMode):
+    """Records the element count of every tensor any aten op returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+def test_never_allocates_batch_by_documents(device, monkeypatch, symmetric) -> None:
+    # B x M = 4800 elements dwarfs every O((B + M) d) tensor (120 x 16) and the backward's E chunk.
+    b, m, d = 40, 120, 16
+    cfg = CONFIGS["interpreter"] if device.type == "cpu" else None
+    assert cfg is None or cfg.chunk_rows * cfg.chunk_cols < b * m
+    q, docs = _inputs(device, torch.float32, b=b, m=m, d=d)
+    with _Sizes() as sizes:
+        loss = infonce_loss(q, docs, symmetric=symmetric)
+        loss.backward()
+    if device.type == "cpu":  # on a GPU the E chunk is 2048 x 2048, larger than this test
+        assert sizes.largest < b * m, f"a tensor of {sizes.largest} elements >= B x M"
+    # The check can fail: the torch reference path does materialize the logits.
+    monkeypatch.setenv("BIDIRLM_KERNELS", "torch")
+    with _Sizes() as ref_sizes:
+        infonce_loss(q, docs, symmetric=symmetric).backward()
+    assert ref_sizes.largest >= b * m
+
+
+def test_torch_dispatch_path_agrees(device, monkeypatch) -> None:
+    q, docs = _inputs(device, torch.bfloat16)
+    out = infonce_loss(q, docs, symmetric=True)
+    grads = _grads(out, q, docs)
+    monkeypatch.setenv("BIDIRLM_KERNELS", "torch")
+    ref = infonce_loss(q, docs, symmetric=True)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(grads, _grads(ref, q, docs)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
+
+
+def test_non_contiguous_inputs(device) -> None:
+    wide = torch.randn(B, 2 * D, device=device)
+    q = wide[:, ::2].requires_grad_()  # column stride 2
+    docs = torch.randn(D, M, device=device).T.requires_grad_()  # transposed
+    out = infonce_loss(q, docs)
+    ref = infonce_reference(q.detach().double(), docs.detach().double())
+    assert_close_to_ref(out, ref, name="loss")
+    gq, gd = _grads(out, q, docs)
+    assert gq.shape == q.shape and gd.shape == docs.shape
+
+
+def test_module_equals_functional(device) -> None:
+    q, docs = _inputs(device, torch.float32)
+    module = InfoNCELoss(0.1, symmetric=True, reduction="sum")
+    assert "temperature=0.1" in repr(module) and "symmetric=True" in repr(module)
+    torch.testing.assert_close(
+        module(q, docs), infonce_loss(q, docs, temperature=0.1, symmetric=True, reduction="sum")
+    )
+    with pytest.raises(ValueError, match="temperature"):
+        InfoNCELoss(0.0)
+    with pytest.raises(ValueError, match="reduction"):
+        InfoNCELoss(reduction="avg")
+
+
+def test_gather_is_noop_without_process_group(device) -> None:
+    q, docs = _inputs(device, torch.float32)
+    torch.testing.assert_close(
+        infonce_loss(q, docs, gather_across_devices=True, symmetric=True),
+        infonce_loss(q, docs, symmetric=True),
+    )
+
+
+def test_torch_compile_fullgraph(device) -> None:
+    """The custom op traces (fake kernel + registered autograd) under fullgraph compilation."""
+    q, docs = _inputs(device, torch.float32)
+
+    def step(q, docs):
+        return infonce_loss(q, docs, symmetric=True) * 2.0
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(q, docs)
+    expected = step(q, docs)
+    torch.testing.assert_close(out, expected)
+    for a, b in zip(_grads(out, q, docs), _grads(expected, q, docs)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    ("q_shape", "d_shape", "kwargs", "match"),
+    [
+        ((4, 8), (3, 8), {}, "at least as many rows"),
+        ((4, 8), (6, 7), {}, "width"),
+        ((4, 8, 1), (6, 8), {}, "queries must be 2-D"),
+        ((4, 8), (6,), {}, "documents must be 2-D"),
+        ((0, 8), (6, 8), {}, "at least one row"),
+        ((4, 8), (6, 8), {"temperature": 0.0}, "temperature"),
+        ((4, 8), (6, 8), {"temperature": -0.5}, "temperature"),
+        ((4, 8), (6, 8), {"temperature": float("nan")}, "temperature"),
+        ((4, 8), (6, 8), {"reduction": "avg"}, "reduction"),
+    ],
+)
+def test_validation(q_shape, d_shape, kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        infonce_loss(torch.randn(q_shape), torch.randn(d_shape), **kwargs)
+
+
+def test_validation_dtype_and_device() -> None:
+    with pytest.raises(ValueError, match="documents dtype"):
+        infonce_loss(torch.randn(4, 8), torch.randn(6, 8, dtype=torch.float16))
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        infonce_loss(torch.randn(4, 8, dtype=torch.float64), torch.randn(6, 8))
+    with pytest.raises(ValueError, match="documents device"):
+        infonce_loss(torch.randn(4, 8), torch.randn(6, 8, device="meta"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_large_batch_with_hard_negatives(dtype) -> None:
+    """Several chunks in both directions and column splits on the real kernels."""
+    device = torch.device("cuda")
+    b, k, d = 3000, 3, 256
+    q, docs = _inputs(device, dtype, b=b, m=b * (1 + k), d=d)
+    q64 = q.detach().double().requires_grad_()
+    d64 = docs.detach().double().requires_grad_()
+    out = infonce_loss(q, docs, symmetric=True)
+    ref = infonce_reference(q64, d64, symmetric=True)
+    eager = _eager(q, docs, 0.05, True, True)
+    assert_close_to_ref(out, ref, eager, name="loss")
+    for name, mine, r, e in zip(
+        ("d queries", "d documents"),
+        _grads(out, q, docs),
+        _grads(ref, q64, d64),
+        _grads(eager, q, docs),
+    ):
+        assert_close_to_ref(mine, r, e, name=name)
+
+
+@pytest.mark.gpu
+def test_gpu_loss_memory_is_linear() -> None:
+    device = torch.device("cuda")
+    b, m, d = 8192, 32768, 512
+    q, docs = _inputs(device, torch.bfloat16, b=b, m=m, d=d)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    infonce_loss(q, docs).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < b * m * 2 / 4, f"{extra / 2**20:.0f} MiB is not far below one bf16 [B, M]"
