@@ -82,8 +82,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             try:
                 return _coerce(arg, value, path)
             except ValueError as exc:
-                errors.append(str(exc))
-        raise ValueError(errors[0] if len(errors) == 1 else f"{path}: {'; '.join(errors)}")
+                errors.append(str(exc).removeprefix(f"{path}: "))
+        raise ValueError(f"{path}: {' or '.join(errors)}")
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)

@@ -1,0 +1,491 @@
+"""Training data: record sources, weighted mixtures, token packing and contrastive batches.
+
+Sources (`open_source`) give random access to records (dicts) by index:
+
+| path                                 | records                                             |
+|--------------------------------------|-----------------------------------------------------|
+| `*.jsonl`, `*.json` (JSON Lines)     | one object per non-empty line                       |
+| `*.parquet`                          | one row per record (read one row group at a time)   |
+| `*.txt`                              | `{"text": ...}` per blank-line separated paragraph  |
+| folder of `*.txt` files              | `{"text": ...}` per file, sorted by name            |
+| `datasets` `save_to_disk` folder     | one row per record (the `train` split of a dict)    |
+| `embedded:python-docs` / `-code`     | `{"text": ...}` from `bidirlm.runtime.embedded`     |
+| `embedded:python-pairs`              | `{"query", "positive", "negatives"}` pairs          |
+
+`PackedBatches` (causal and MNTP phases) draws documents from the sources by weight, tokenizes
+them (the tokenizer's special tokens, plus EOS when it adds none) and packs them into micro-batches
+of exactly `tokens_per_batch` tokens, each sequence at most `max_seq_len` long, described by
+`cu_seqlens` (no padding). Documents longer than a sequence, or than the room left in a batch,
+continue in the next sequence. `PairBatches` (contrastive phase) draws one dataset per batch, by
+weight, and takes `batch_size` consecutive records of it.
+
+Both are deterministic from the seed and resumable: every random choice is derived from
+`(seed, counter)` (numpy's counter-seeded generators), so the state is a few integers
+(`state_dict()` / `load_state_dict()`, JSON-serializable). Each source is read in a fresh random
+permutation per epoch, so no record repeats before all have been seen.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import SourceConfig
+
+EMBEDDED_SOURCES = ("embedded:python-docs", "embedded:python-code", "embedded:python-pairs")
+
+
+class RecordSource:
+    """Random access to the records (dicts) of one source."""
+
+    name: str
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class ListSource(RecordSource):
+    def __init__(self, name: str, records: Sequence[dict[str, Any]]) -> None:
+        self.name = name
+        self._records = records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._records[index]
+
+
+class JsonLinesSource(RecordSource):
+    """JSON Lines read lazily: only the byte offsets of the lines are kept in memory."""
+
+    def __init__(self, path: Path) -> None:
+        self.name = str(path)
+        self.path = path
+        offsets = []
+        with path.open("rb") as fh:
+            pos = 0
+            for line in fh:
+                if line.strip():
+                    offsets.append(pos)
+                pos += len(line)
+        self._offsets = np.asarray(offsets, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        with self.path.open("rb") as fh:
+            fh.seek(int(self._offsets[index]))
+            line = fh.readline()
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{self.path}: record {index} is not valid JSON: {exc}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{self.path}: record {index} is not a JSON object")
+        return record
+
+
+class ParquetSource(RecordSource):
+    """Parquet rows, decoded one row group at a time (the last one is kept)."""
+
+    def __init__(self, path: Path) -> None:
+        import pyarrow.parquet as pq
+
+        self.name = str(path)
+        self._file = pq.ParquetFile(path)
+        sizes = [
+            self._file.metadata.row_group(i).num_rows for i in range(self._file.num_row_groups)
+        ]
+        self._starts = np.cumsum([0, *sizes])
+        self._cached: tuple[int, list[dict[str, Any]]] | None = None
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        group = int(np.searchsorted(self._starts, index, side="right")) - 1
+        if self._cached is None or self._cached[0] != group:
+            self._cached = (group, self._file.read_row_group(group).to_pylist())
+        return self._cached[1][index - int(self._starts[group])]
+
+
+class HFDatasetSource(RecordSource):
+    """A folder written by `datasets.Dataset.save_to_disk` (memory-mapped Arrow)."""
+
+    def __init__(self, path: Path) -> None:
+        import datasets
+
+        self.name = str(path)
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise ValueError(
+                    f"{path}: a DatasetDict without a 'train' split (splits: {', '.join(ds)})"
+                )
+            ds = ds["train"]
+        self._ds = ds
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._ds[int(index)]
+
+
+def _paragraphs(text: str) -> list[str]:
+    out, current = [], []
+    for line in text.splitlines():
+        if line.strip():
+            current.append(line)
+        elif current:
+            out.append("\n".join(current))
+            current = []
+    if current:
+        out.append("\n".join(current))
+    return out
+
+
+def _is_hf_dataset_dir(path: Path) -> bool:
+    return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def open_source(config: SourceConfig) -> RecordSource:
+    """Open the source a `[[data.sources]]` table names; errors name the path and the problem."""
+    spec = config.path
+    if spec.startswith("embedded:"):
+        from . import embedded
+
+        if spec == "embedded:python-docs":
+            records = [{"text": t} for t in embedded.python_docs_texts()]
+        elif spec == "embedded:python-code":
+            records = [{"text": t} for t in embedded.python_code_texts()]
+        elif spec == "embedded:python-pairs":
+            records = embedded.python_pairs()
+        else:
+            raise ValueError(
+                f"unknown embedded source {spec!r}; choose one of {', '.join(EMBEDDED_SOURCES)}"
+            )
+        return ListSource(spec, records)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data source {spec} does not exist")
+    if path.is_dir():
+        if _is_hf_dataset_dir(path):
+            return HFDatasetSource(path)
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise ValueError(
+                f"data source {spec} is a folder that is neither a datasets save_to_disk folder "
+                "(no dataset_info.json) nor a folder of .txt files"
+            )
+        return ListSource(spec, [{"text": f.read_text(encoding="utf-8")} for f in files])
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return JsonLinesSource(path)
+    if suffix == ".parquet":
+        return ParquetSource(path)
+    if suffix == ".txt":
+        return ListSource(spec, [{"text": p} for p in _paragraphs(path.read_text("utf-8"))])
+    raise ValueError(
+        f"data source {spec}: unsupported file type {suffix or '(none)'}; "
+        "use .jsonl, .json, .parquet, .txt, a folder, or an embedded: corpus"
+    )
+
+
+def check_sources(configs: Sequence[SourceConfig], *, fields: Sequence[str]) -> list[RecordSource]:
+    """Open every source and check it is non-empty and its first record has `fields`.
+
+    Run before training starts so a bad path or field fails in seconds, not mid-run.
+    """
+    sources = []
+    for config in configs:
+        source = open_source(config)
+        if len(source) == 0:
+            raise ValueError(f"data source {config.path} has no records")
+        first = source[0]
+        missing = [f for f in fields if f not in first]
+        if missing:
+            raise ValueError(
+                f"data source {config.path}: records lack field(s) {', '.join(missing)} "
+                f"(first record has: {', '.join(sorted(first)) or 'nothing'})"
+            )
+        source.name = config.name or config.path
+        sources.append(source)
+    return sources
+
+
+# --------------------------------------------------------------------------------------------
+# Deterministic sampling shared by both batch streams
+# --------------------------------------------------------------------------------------------
+
+
+class _Mixture:
+    """Weighted choice of a source per draw and an epoch-wise permutation per source."""
+
+    def __init__(self, sources: Sequence[RecordSource], weights: Sequence[float], seed: int):
+        if len(sources) != len(weights) or not sources:
+            raise ValueError("need one weight per source and at least one source")
+        self.sources = list(sources)
+        w = np.asarray(weights, dtype=np.float64)
+        self.probs = w / w.sum()
+        self.seed = int(seed)
+        self.draws = 0
+        self.epochs = [0] * len(sources)
+        self.cursors = [0] * len(sources)
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}
+
+    def choose_source(self) -> int:
+        if len(self.sources) == 1:
+            choice = 0
+        else:
+            rng = np.random.default_rng([self.seed, 0, self.draws])
+            choice = int(rng.choice(len(self.sources), p=self.probs))
+        self.draws += 1
+        return choice
+
+    def next_index(self, source: int) -> int:
+        epoch = self.epochs[source]
+        cached = self._perms.get(source)
+        if cached is None or cached[0] != epoch:
+            rng = np.random.default_rng([self.seed, 1 + source, epoch])
+            cached = (epoch, rng.permutation(len(self.sources[source])))
+            self._perms[source] = cached
+        index = int(cached[1][self.cursors[source]])
+        self.cursors[source] += 1
+        if self.cursors[source] == len(self.sources[source]):
+            self.epochs[source] += 1
+            self.cursors[source] = 0
+        return index
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"draws": self.draws, "epochs": list(self.epochs), "cursors": list(self.cursors)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["epochs"]) != len(self.sources):
+            raise ValueError(
+                f"data state has {len(state['epochs'])} sources but the config has "
+                f"{len(self.sources)}: the data mixture changed since the checkpoint"
+            )
+        self.draws = int(state["draws"])
+        self.epochs = [int(e) for e in state["epochs"]]
+        self.cursors = [int(c) for c in state["cursors"]]
+
+
+# --------------------------------------------------------------------------------------------
+# Packed token batches (causal, MNTP)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PackedBatch:
+    """`input_ids [T]` int64 holding sequences delimited by `cu_seqlens [N+1]` int32."""
+
+    input_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+
+def tokenize_document(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of one document: the tokenizer's special tokens, and EOS at the end."""
+    ids = list(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    return ids
+
+
+class PackedBatches:
+    """Micro-batches of exactly `tokens_per_batch` tokens drawn from a weighted mixture."""
+
+    def __init__(
+        self,
+        sources: Sequence[RecordSource],
+        weights: Sequence[float],
+        tokenizer: Any,
+        *,
+        tokens_per_batch: int,
+        max_seq_len: int,
+        seed: int,
+        text_fields: Sequence[str] | None = None,
+    ) -> None:
+        self._mix = _Mixture(sources, weights, seed)
+        self.tokenizer = tokenizer
+        self.tokens_per_batch = int(tokens_per_batch)
+        self.max_seq_len = int(max_seq_len)
+        self.text_fields = list(text_fields or ["text"] * len(sources))
+        # The document being consumed: (source, index, tokens, offset of the next token).
+        self._pending: tuple[int, int, list[int], int] | None = None
+
+    def _draw_document(self) -> tuple[int, int, list[int]]:
+        for _ in range(10_000):  # skip empty documents, but not forever
+            source = self._mix.choose_source()
+            index = self._mix.next_index(source)
+            tokens = self._tokens(source, index)
+            if len(tokens) > 0:
+                return source, index, tokens
+        raise ValueError("10000 documents in a row tokenized to nothing: are the sources empty?")
+
+    def _tokens(self, source: int, index: int) -> list[int]:
+        record = self._mix.sources[source][index]
+        field = self.text_fields[source]
+        if field not in record:
+            raise ValueError(
+                f"data source {self._mix.sources[source].name}: record {index} has no {field!r}"
+            )
+        text = record[field]
+        if not isinstance(text, str):
+            raise ValueError(
+                f"data source {self._mix.sources[source].name}: record {index} field {field!r} "
+                f"is {type(text).__name__}, not text"
+            )
+        return tokenize_document(self.tokenizer, text) if text.strip() else []
+
+    def next_batch(self) -> PackedBatch:
+        ids: list[int] = []
+        lengths: list[int] = []
+        room = self.tokens_per_batch
+        while room > 0:
+            if self._pending is None:
+                source, index, tokens = self._draw_document()
+                self._pending = (source, index, tokens, 0)
+            source, index, tokens, offset = self._pending
+            take = min(room, self.max_seq_len, len(tokens) - offset)
+            ids.extend(tokens[offset : offset + take])
+            lengths.append(take)
+            room -= take
+            offset += take
+            self._pending = None if offset == len(tokens) else (source, index, tokens, offset)
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
+        return PackedBatch(torch.tensor(ids, dtype=torch.long), cu, max(lengths))
+
+    def state_dict(self) -> dict[str, Any]:
+        pending = None if self._pending is None else list(self._pending[:2]) + [self._pending[3]]
+        return {"mixture": self._mix.state_dict(), "pending": pending}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._mix.load_state_dict(state["mixture"])
+        self._pending = None
+        if state.get("pending") is not None:
+            source, index, offset = (int(v) for v in state["pending"])
+            self._pending = (source, index, self._tokens(source, index), offset)
+
+
+# --------------------------------------------------------------------------------------------
+# Contrastive batches
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairBatch:
+    """`queries[i]` matches `positives[i]`; `negatives` holds k hard negatives per query, query i's
+    at `negatives[i*k : (i+1)*k]`. All from one dataset (`dataset`)."""
+
+    queries: list[str]
+    positives: list[str]
+    negatives: list[str]
+    negatives_per_query: int
+    dataset: str
+
+    def shard(self, rank: int, world: int) -> PairBatch:
+        """The contiguous slice of this batch that rank `rank` of `world` embeds."""
+        n = len(self.queries)
+        if n % world:
+            raise ValueError(f"batch of {n} pairs does not split evenly over {world} ranks")
+        lo, hi = rank * n // world, (rank + 1) * n // world
+        k = self.negatives_per_query
+        return PairBatch(
+            self.queries[lo:hi],
+            self.positives[lo:hi],
+            self.negatives[lo * k : hi * k],
+            k,
+            self.dataset,
+        )
+
+
+class PairBatches:
+    """Contrastive batches: one dataset per batch (chosen by weight), `batch_size` pairs each.
+
+    Every query gets the dataset's `instruction` as prefix. Each example contributes
+    `min(negatives_per_query, fewest negatives in the batch)` hard negatives, so all examples
+    (and all ranks) have the same count.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[RecordSource],
+        weights: Sequence[float],
+        *,
+        batch_size: int,
+        seed: int,
+        negatives_per_query: int = 1,
+        instructions: Sequence[str] | None = None,
+    ) -> None:
+        self._mix = _Mixture(sources, weights, seed)
+        self.batch_size = int(batch_size)
+        self.negatives_per_query = int(negatives_per_query)
+        self.instructions = list(instructions or [""] * len(sources))
+
+    def _record(self, source: int) -> dict[str, Any]:
+        index = self._mix.next_index(source)
+        record = self._mix.sources[source][index]
+        name = self._mix.sources[source].name
+        for key in ("query", "positive"):
+            if not isinstance(record.get(key), str):
+                raise ValueError(f"data source {name}: record {index} has no text field {key!r}")
+        negatives = record.get("negatives") or []
+        if not isinstance(negatives, list) or not all(isinstance(n, str) for n in negatives):
+            raise ValueError(
+                f"data source {name}: record {index} 'negatives' is not a list of text"
+            )
+        return record
+
+    def next_batch(self) -> PairBatch:
+        source = self._mix.choose_source()
+        records = [self._record(source) for _ in range(self.batch_size)]
+        k = min([self.negatives_per_query] + [len(r.get("negatives") or []) for r in records])
+        prefix = self.instructions[source]
+        return PairBatch(
+            queries=[prefix + r["query"] for r in records],
+            positives=[r["positive"] for r in records],
+            negatives=[n for r in records for n in (r.get("negatives") or [])[:k]],
+            negatives_per_query=k,
+            dataset=self._mix.sources[source].name,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mixture": self._mix.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._mix.load_state_dict(state["mixture"])
+
+
+def pack_texts(
+    tokenizer: Any, texts: Sequence[str], max_len: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Tokenize texts (special tokens on, truncated to `max_len`) into one packed sequence batch:
+    `(input_ids [T], cu_seqlens [N+1] int32, max_seqlen)`."""
+    if not texts:
+        raise ValueError("pack_texts needs at least one text")
+    encoded = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_len)
+    seqs = [ids if ids else [tokenizer.eos_token_id or 0] for ids in encoded["input_ids"]]
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int32)
+    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lengths, 0)
+    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+    return ids, cu, int(lengths.max())
