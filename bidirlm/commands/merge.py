@@ -1,0 +1,89 @@
+"""`bidirlm merge CONFIG OUTPUT_DIR`: merge checkpoints shard by shard from a mergekit-style YAML.
+
+See `bidirlm.runtime.merge` for the YAML keys (mergekit's `linear`/`task_arithmetic` plus
+bidirlm's `rename`, `take`, `exclude`, `config_from`, `tokenizer_from`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from bidirlm.cli import CommandError
+
+DTYPE_ALIASES = {
+    "float64": "float64",
+    "fp64": "float64",
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="merge YAML (mergekit format + bidirlm keys)")
+    parser.add_argument("output_dir", help="output folder (created atomically)")
+    parser.add_argument(
+        "--out-shard-size",
+        default="5GB",
+        help="maximum output shard size, e.g. 5GB, 500MB, 2GiB (default 5GB)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPE_ALIASES),
+        help="merge dtype: overrides the YAML `dtype` (inputs are cast to it when read)",
+    )
+    parser.add_argument(
+        "--out-dtype",
+        choices=sorted(DTYPE_ALIASES),
+        help="output dtype: overrides the YAML `out_dtype`",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="reader threads (default 4)")
+    parser.add_argument("--force", action="store_true", help="replace an existing OUTPUT_DIR")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="cosine similarity of each model to the base (or first) model: "
+        "merge_report.json in the output and a printed table",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from bidirlm.runtime.merge import MergeError, format_report, load_config, merge_from_config
+
+    try:
+        config = load_config(args.config)
+        overrides = {}
+        if args.dtype:
+            overrides["dtype"] = DTYPE_ALIASES[args.dtype]
+        if args.out_dtype:
+            overrides["out_dtype"] = DTYPE_ALIASES[args.out_dtype]
+        if overrides:
+            config = dataclasses.replace(config, **overrides)
+        result = merge_from_config(
+            config,
+            args.output_dir,
+            shard_size=args.out_shard_size,
+            threads=args.threads,
+            force=args.force,
+            report=args.report,
+            progress=not args.quiet and sys.stderr.isatty(),
+        )
+    except MergeError as exc:
+        raise CommandError(str(exc)) from None
+    except OSError as exc:  # disk full, permissions: one line, the output was not created
+        raise CommandError(f"{exc.strerror or exc}: {exc.filename or args.output_dir}") from None
+    gb = result.bytes / 1e9
+    print(
+        f"merged {len(config.models)} models -> {result.output}: {result.tensors} tensors, "
+        f"{result.shards} shard(s), {gb:.2f} GB in {result.seconds:.1f} s "
+        f"({gb / max(result.seconds, 1e-9):.2f} GB/s written)"
+    )
+    if result.report is not None:
+        print(format_report(result.report), end="")
+    return 0

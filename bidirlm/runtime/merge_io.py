@@ -1,0 +1,350 @@
+"""Checkpoint I/O for the streaming merger: safetensors headers, memory-mapped reads, shard writes,
+and an output folder that appears only when complete.
+
+Reading parses each shard's header with the stdlib (so a truncated or corrupt file is reported
+with the model and shard before any work starts) and maps the data with `mmap`: a tensor slice is
+a zero-copy `torch.frombuffer` view, read by the page cache on demand, and its pages are dropped
+from the process (`MADV_DONTNEED`) once merged, so resident memory stays bounded whatever the
+model size. Writing streams tensors into safetensors shards whose headers are planned up front
+(shapes and dtypes are known from the inputs), so no output shard is ever held in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import secrets
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .merge_config import MergeError
+
+# safetensors dtype codes -> torch dtypes (the ones a checkpoint can hold that torch can view)
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+PAGE = mmap.PAGESIZE
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor of an input checkpoint lives."""
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in `file`
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def read_header(path: Path, label: str) -> dict[str, TensorInfo]:
+    """Parse one safetensors file's header and check every tensor lies inside the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise MergeError(f"shard {path.name} of model {label} is truncated ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise MergeError(
+                    f"shard {path.name} of model {label} is truncated or not a safetensors file "
+                    f"(header of {n} bytes, file of {size} bytes)"
+                )
+            raw = fh.read(n)
+    except OSError as exc:
+        raise MergeError(f"cannot read shard {path} of model {label}: {exc.strerror}") from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MergeError(
+            f"shard {path.name} of model {label} has a corrupt header: {exc}"
+        ) from None
+    base = 8 + n
+    out: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = ST_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            start, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise MergeError(
+                f"shard {path.name} of model {label} has a corrupt or unsupported entry for "
+                f"tensor {name}: {entry!r}"
+            ) from None
+        info = TensorInfo(name, path, dtype, shape, base + start, end - start)
+        if end < start or info.nbytes != info.numel * dtype.itemsize:
+            raise MergeError(
+                f"shard {path.name} of model {label} is corrupt: tensor {name} has "
+                f"{info.nbytes} bytes for shape {list(shape)} {entry['dtype']}"
+            )
+        if base + end > size:
+            raise MergeError(
+                f"shard {path.name} of model {label} is truncated: tensor {name} ends at byte "
+                f"{base + end} but the file has {size} bytes"
+            )
+        out[name] = info
+    return out
+
+
+def read_checkpoint(folder: Path, label: str) -> dict[str, TensorInfo]:
+    """All tensors of a Hugging Face folder (index + shards, model.safetensors, *.safetensors)."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise MergeError(f"model {label}: {INDEX_NAME} is unreadable: {exc}") from None
+        files = sorted(set(weight_map.values()))
+    elif (folder / SINGLE_NAME).is_file():
+        weight_map, files = None, [SINGLE_NAME]
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+        weight_map = None
+        if not files:
+            bins = any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
+            raise MergeError(
+                f"model {label} has no .safetensors weights in {folder}"
+                + (" (.bin/.pt checkpoints are not supported: convert them)" if bins else "")
+            )
+    tensors: dict[str, TensorInfo] = {}
+    for fname in files:
+        path = folder / fname
+        if not path.is_file():
+            raise MergeError(f"model {label}: shard {fname} listed in {INDEX_NAME} is missing")
+        for name, info in read_header(path, label).items():
+            if name in tensors:
+                raise MergeError(f"model {label}: tensor {name} appears in two shards")
+            tensors[name] = info
+    if weight_map is not None:
+        for name, fname in weight_map.items():
+            if name not in tensors or tensors[name].file.name != fname:
+                raise MergeError(
+                    f"model {label}: tensor {name} is listed in {INDEX_NAME} under {fname} "
+                    "but that shard does not hold it"
+                )
+    return tensors
+
+
+class MappedFiles:
+    """Read-only memory maps of input shards, opened on first use and shared by reader threads."""
+
+    def __init__(self) -> None:
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    def _map(self, path: Path) -> mmap.mmap:
+        mm = self._maps.get(path)
+        if mm is None:
+            with open(path, "rb") as fh:
+                # ACCESS_COPY gives a writable buffer (torch.frombuffer warns on read-only ones);
+                # nothing is ever written, so pages stay shared with the page cache.
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            mm = self._maps.setdefault(path, mm)
+        return mm
+
+    def view(self, info: TensorInfo, lo: int, hi: int) -> torch.Tensor:
+        """Elements [lo, hi) of the flattened tensor, as a zero-copy view of the mapped file."""
+        mm = self._map(info.file)
+        isz = info.dtype.itemsize
+        start = info.offset + lo * isz
+        # Ask the kernel to read the range ahead (cold page cache: overlaps disk and compute).
+        a = start - start % PAGE
+        mm.madvise(mmap.MADV_WILLNEED, a, start + (hi - lo) * isz - a)
+        return torch.frombuffer(mm, dtype=info.dtype, count=hi - lo, offset=start)
+
+    def release(self, info: TensorInfo, lo: int, hi: int) -> None:
+        """Drop the pages of a merged range from this process (they stay in the page cache)."""
+        mm = self._maps.get(info.file)
+        if mm is None:
+            return
+        isz = info.dtype.itemsize
+        start = info.offset + lo * isz
+        a = start - start % PAGE
+        mm.madvise(mmap.MADV_DONTNEED, a, start + (hi - lo) * isz - a)
+
+    def close(self) -> None:
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:  # a view is still alive somewhere; the GC closes it later
+                pass
+        self._maps.clear()
+
+
+@dataclass(frozen=True)
+class OutEntry:
+    """One output tensor as planned: name, dtype, shape, size."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def plan_shards(entries: list[OutEntry], max_bytes: int) -> list[list[OutEntry]]:
+    """Greedy, order-preserving packing into shards of at most `max_bytes` (a larger tensor gets a
+    shard of its own), like transformers' `save_pretrained`."""
+    shards: list[list[OutEntry]] = [[]]
+    size = 0
+    for e in entries:
+        if shards[-1] and size + e.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
+    return shards if shards[0] else []
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def shard_header(entries: list[OutEntry]) -> bytes:
+    """The 8-byte length + JSON header of a safetensors file, padded so data starts 8-aligned."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    pos = 0
+    for e in entries:
+        header[e.name] = {
+            "dtype": TORCH_TO_ST[e.dtype],
+            "shape": list(e.shape),
+            "data_offsets": [pos, pos + e.nbytes],
+        }
+        pos += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_json(path: Path, data: object) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    shutil.copyfile(src, dst)
+    with open(dst, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class AtomicFolder:
+    """A temporary folder beside `target` that becomes `target` on `commit()`, or disappears.
+
+    The temporary folder `.NAME.tmp-PID-RANDOM` lives in the same parent so the final rename is
+    atomic. Leftovers of killed runs (their PID is gone) are removed when the next run starts.
+    """
+
+    def __init__(self, target: Path, *, force: bool) -> None:
+        self.target = target
+        self.force = force
+        self.tmp: Path | None = None
+        self._made_parents: list[Path] = []
+
+    def __enter__(self) -> Path:
+        target = self.target
+        if target.exists() and not self.force:
+            raise MergeError(f"output {target} already exists (use --force / force=True)")
+        if target.exists() and not target.is_dir():
+            raise MergeError(f"output {target} exists and is not a folder")
+        missing = []
+        for parent in [target.parent, *target.parent.parents]:
+            if parent.exists():
+                break
+            missing.append(parent)
+        for parent in reversed(missing):
+            parent.mkdir()
+            self._made_parents.insert(0, parent)
+        self._remove_stale()
+        self.tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        self.tmp.mkdir()
+        return self.tmp
+
+    def _remove_stale(self) -> None:
+        prefix = f".{self.target.name}.tmp-"
+        for entry in self.target.parent.glob(prefix + "*"):
+            pid = entry.name[len(prefix) :].split("-")[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def commit(self) -> None:
+        """fsync the folder and move it into place (replacing an old output only now)."""
+        assert self.tmp is not None
+        _fsync_dir(self.tmp)
+        old = None
+        if self.target.exists():
+            old = self.target.parent / f".{self.target.name}.old-{secrets.token_hex(4)}"
+            os.rename(self.target, old)
+        try:
+            os.rename(self.tmp, self.target)
+        except OSError:
+            if old is not None:
+                os.rename(old, self.target)
+            raise
+        self.tmp = None
+        _fsync_dir(self.target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.tmp is not None:  # failed or interrupted: leave nothing behind
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            for parent in self._made_parents:
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+            self.tmp = None
