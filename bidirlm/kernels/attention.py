@@ -32,7 +32,7 @@ import torch
 
 from .config import debug_checks
 from .dispatch import use_triton
-from .reference import attention_reference
+from .reference import attention_reference, attention_reference_backward
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "FlashAttnFunction"]
 
@@ -117,7 +117,7 @@ def _flash_attn_bwd(
     softcap: float,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) shaped like (q, k, v); Triton or autograd through the torch reference."""
+    """(dq, dk, dv) shaped like (q, k, v); Triton or the analytic torch reference backward."""
     if use_triton(q):
         from .attention_triton import attention_backward
 
@@ -125,14 +125,10 @@ def _flash_attn_bwd(
             dout, q, k, v, out, lse, cu_seqlens, key_padding_mask, max_seqlen, softmax_scale,
             (window_left, window_right), softcap, deterministic,
         )  # fmt: skip
-    with torch.enable_grad():
-        qr, kr, vr = (t.detach().requires_grad_() for t in (q, k, v))
-        ref, _ = _reference(
-            qr, kr, vr, cu_seqlens, key_padding_mask, softmax_scale, window_left, window_right,
-            softcap,
-        )  # fmt: skip
-        grads = torch.autograd.grad(ref, (qr, kr, vr), dout)
-    return tuple(g.contiguous() for g in grads)
+    return attention_reference_backward(
+        dout, q, k, v, cu_seqlens=cu_seqlens, key_padding_mask=key_padding_mask,
+        softmax_scale=softmax_scale, window_size=(window_left, window_right), softcap=softcap,
+    )  # fmt: skip
 
 
 @_flash_attn_bwd.register_fake

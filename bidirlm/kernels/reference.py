@@ -132,6 +132,95 @@ def attention_reference(
     return (out, lse) if return_lse else out
 
 
+def _attention_dense_reference_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    softmax_scale: float,
+    window_size: tuple[int, int],
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Analytic gradients of `_attention_dense_reference` (same shapes and dtype rules)."""
+    batch, seqlen, hq, dim = q.shape
+    hkv = k.shape[2]
+    group = hq // hkv
+    qh = q.transpose(1, 2)
+    kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
+    vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
+    doh = dout.transpose(1, 2)
+    scores = (qh @ kh.transpose(-1, -2)) * softmax_scale
+    tanh = None
+    if softcap > 0:
+        tanh = torch.tanh(scores / softcap)
+        scores = softcap * tanh
+    kv = key_valid[:, None, :] if key_valid is not None else None
+    visible = attention_visibility(seqlen, window_size, kv, device=q.device)
+    if visible.dim() == 2:
+        visible = visible[None, None]
+    row_has_key = visible.any(dim=-1, keepdim=True)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    scores = torch.where(row_has_key, scores, torch.zeros((), dtype=scores.dtype, device=q.device))
+    probs = torch.softmax(scores, dim=-1) * row_has_key
+    dprobs = doh @ vh.transpose(-1, -2)
+    # softmax Jacobian: dS = P * (dP - rowsum(P * dP)); rowsum(P * dP) = rowsum(dO * O).
+    dscores = probs * (dprobs - (probs * dprobs).sum(dim=-1, keepdim=True))
+    if tanh is not None:
+        dscores = dscores * (1 - tanh * tanh)
+    dscores = dscores * softmax_scale
+    dq = (dscores @ kh).transpose(1, 2)
+    # GQA: the q heads of a group share one kv head, so their dK/dV contributions add up.
+    dk = (dscores.transpose(-1, -2) @ qh).view(batch, hkv, group, seqlen, dim).sum(2)
+    dv = (probs.transpose(-1, -2) @ doh).view(batch, hkv, group, seqlen, dim).sum(2)
+    return dq, dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+def attention_reference_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of `attention_reference` for the output gradient `dout` (shaped like q).
+
+    Plain torch without autograd, so it also runs inside a `torch.library` op (where autograd is
+    below the dispatcher). Recomputes the probabilities per sequence in float32 (float64 stays).
+    """
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    compute = torch.promote_types(q.dtype, torch.float32)
+    dc, qc, kc, vc = (t.to(compute) for t in (dout, q, k, v))
+    window = tuple(window_size)
+    if cu_seqlens is None:
+        valid = key_padding_mask.bool() if key_padding_mask is not None else None
+        grads = _attention_dense_reference_backward(
+            dc, qc, kc, vc, valid, softmax_scale, window, softcap
+        )
+    else:
+        grads = tuple(torch.zeros_like(t) for t in (qc, kc, vc))
+        bounds = cu_seqlens.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if end == start:
+                continue
+            parts = _attention_dense_reference_backward(
+                *(t[None, start:end] for t in (dc, qc, kc, vc)),
+                None,
+                softmax_scale,
+                window,
+                softcap,
+            )
+            for full, part in zip(grads, parts):
+                full[start:end] = part[0]
+    return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v)))
+
+
 # --- InfoNCE -------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,390 @@
+"""flash_attn_func / flash_attn_varlen_func against the float64 reference (DESIGN.md contract).
+
+Without a GPU the Triton kernels run in the interpreter (conftest sets TRITON_INTERPRET=1); the
+interpreter launch config uses 32x32 tiles, so lengths 33..100 cross block boundaries and tails.
+The kernel's error must be at most 2x PyTorch's own error in the same dtype plus a small floor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bidirlm.kernels import flash_attn_func, flash_attn_varlen_func
+from bidirlm.kernels.attention_triton import CONFIGS, pick_config
+from bidirlm.kernels.reference import attention_reference
+from tests.helpers import DTYPES, assert_close_to_ref
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def _inputs(shape_q, shape_kv, dtype, device, scale=1.0):
+    q = (torch.randn(shape_q, device=device) * scale).to(dtype).requires_grad_()
+    k = (torch.randn(shape_kv, device=device) * scale).to(dtype).requires_grad_()
+    v = torch.randn(shape_kv, device=device).to(dtype).requires_grad_()
+    return q, k, v
+
+
+def _grads(out, inputs, dout):
+    return torch.autograd.grad(out, inputs, dout)
+
+
+def check_against_reference(q, k, v, *, cu_seqlens=None, max_seqlen=None, factor=2.0, **kw):
+    """Kernel out/lse/dq/dk/dv vs float64 reference; bound from torch's error in q.dtype."""
+    ref_kw = {key: kw[key] for key in ("softmax_scale", "window_size", "softcap") if key in kw}
+    if "key_padding_mask" in kw:
+        ref_kw["key_padding_mask"] = kw["key_padding_mask"]
+    if cu_seqlens is None:
+        out, lse = flash_attn_func(q, k, v, return_lse=True, **kw)
+    else:
+        out, lse = flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, return_lse=True, **kw)
+    dout = torch.randn_like(out)
+    grads = _grads(out, (q, k, v), dout)
+
+    inputs64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out64, lse64 = attention_reference(
+        *inputs64, cu_seqlens=cu_seqlens, return_lse=True, compute_dtype=torch.float64, **ref_kw
+    )
+    grads64 = _grads(out64, inputs64, dout.double())
+    low = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out_pt = attention_reference(*low, cu_seqlens=cu_seqlens, compute_dtype=q.dtype, **ref_kw)
+    grads_pt = _grads(out_pt, low, dout)
+
+    assert_close_to_ref(out, out64, out_pt, factor=factor, name="out")
+    for name, g, g64, g_pt in zip(("dq", "dk", "dv"), grads, grads64, grads_pt):
+        assert_close_to_ref(g, g64, g_pt, factor=factor, name=name)
+    assert lse.dtype == torch.float32 and lse.shape == lse64.shape
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse64)), "lse: -inf rows differ"
+    finite = torch.isfinite(lse64)
+    torch.testing.assert_close(lse[finite], lse64[finite].float(), atol=1e-4, rtol=1e-4)
+    return out, lse, grads
+
+
+# (B, S, Hq, Hkv, D), dtype: odd lengths, GQA 2:1 and MQA, head dims that are not powers of two;
+# every dtype on one case, the rest spread over dtypes to keep the interpreter time down.
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+DENSE_CASES = [
+    ((2, 17, 4, 2, 32), F32),
+    ((2, 17, 4, 2, 32), F16),
+    ((2, 17, 4, 2, 32), BF16),
+    ((2, 1, 2, 1, 32), F16),
+    ((1, 77, 2, 2, 80), F32),
+    ((1, 77, 2, 2, 80), BF16),
+    ((1, 100, 2, 1, 64), F16),
+    ((1, 40, 2, 2, 128), BF16),
+]
+
+
+@pytest.mark.parametrize(
+    "case,dtype",
+    DENSE_CASES,
+    ids=["b{}-s{}-hq{}-hkv{}-d{}".format(*c) + f"-{str(t)[6:]}" for c, t in DENSE_CASES],
+)
+def test_dense_matches_reference(case, dtype, device):
+    b, s, hq, hkv, d = case
+    q, k, v = _inputs((b, s, hq, d), (b, s, hkv, d), dtype, device)
+    check_against_reference(q, k, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_head_dim_256(dtype, device):
+    q, k, v = _inputs((1, 33, 2, 256), (1, 33, 1, 256), dtype, device)
+    check_against_reference(q, k, v, window_size=(-1, 0))
+
+
+@pytest.mark.parametrize(
+    "window",
+    [(-1, 0), (0, -1), (5, 5), (7, 2), (0, 0), (40, 3)],
+    ids=["causal", "anticausal", "sym5", "asym7-2", "diag", "left40-right3"],
+)
+def test_windows(window, device):
+    q, k, v = _inputs((1, 70, 2, 32), (1, 70, 1, 32), torch.float16, device)
+    check_against_reference(q, k, v, window_size=window)
+
+
+def test_window_skips_blocks_outside_the_band(device):
+    """Key blocks outside the band are never read: NaN there cannot reach the visible rows."""
+    s, w = 512, 4
+    q, k, v = _inputs((1, s, 1, 32), (1, s, 1, 32), torch.float32, device)
+    poisoned = v.detach().clone()
+    poisoned[:, 384:] = float("nan")  # no query < 256 sees a key >= 260, nor any block of them
+    v_nan = poisoned.requires_grad_()
+    out = flash_attn_func(q, k, v_nan, window_size=(w, w))
+    dq, dk, dv = torch.autograd.grad(out[:, :256].sum(), (q, k, v_nan))
+    ref = attention_reference(q.detach(), k.detach(), v.detach(), window_size=(w, w))
+    assert torch.isfinite(out[:, :256]).all() and torch.isfinite(dq[:, :256]).all()
+    torch.testing.assert_close(out[:, :256], ref[:, :256], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(dv).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_softcap_and_scale(dtype, device):
+    # Scores of size ~3*3*sqrt(32)*0.3 ~ 15 > softcap: the cap is active and its gradient matters.
+    q, k, v = _inputs((1, 45, 4, 32), (1, 45, 2, 32), dtype, device, scale=3.0)
+    check_against_reference(q, k, v, softcap=5.0, softmax_scale=0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_key_padding_mask_with_fully_padded_sequence(dtype, device):
+    b, s = 3, 45
+    q, k, v = _inputs((b, s, 2, 32), (b, s, 1, 32), dtype, device)
+    mask = torch.ones(b, s, dtype=torch.bool, device=device)
+    mask[1, 20:] = False
+    mask[2] = False  # no valid key at all: zeros, lse = -inf, zero gradients, no NaN
+    out, lse, (dq, dk, dv) = check_against_reference(q, k, v, key_padding_mask=mask)
+    assert torch.all(out[2] == 0) and torch.all(torch.isneginf(lse[2]))
+    assert torch.all(dq[2] == 0) and torch.all(dk[2] == 0) and torch.all(dv[2] == 0)
+    assert torch.all(dk[1, 20:] == 0) and torch.all(dv[1, 20:] == 0)  # padded keys get none
+
+
+def test_padding_and_window_combined(device):
+    q, k, v = _inputs((2, 50, 2, 32), (2, 50, 2, 32), torch.float32, device)
+    mask = torch.rand(2, 50, device=device) > 0.3
+    check_against_reference(q, k, v, key_padding_mask=mask, window_size=(6, 1), softcap=2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_packed_with_short_and_empty_sequences(dtype, device):
+    lengths = [1, 17, 0, 1, 40, 3]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    total = int(cu[-1])
+    q, k, v = _inputs((total, 2, 32), (total, 1, 32), dtype, device)
+    check_against_reference(q, k, v, cu_seqlens=cu.to(device), max_seqlen=max(lengths))
+
+
+def test_packed_windowed_equals_per_sequence_dense(device):
+    lengths = [33, 1, 64]
+    cu = torch.tensor([0, 33, 34, 98], dtype=torch.int32, device=device)
+    q, k, v = _inputs((98, 2, 64), (98, 1, 64), torch.float32, device)
+    out, lse = flash_attn_varlen_func(
+        q, k, v, cu, max(lengths), window_size=(3, 8), softcap=4.0, return_lse=True
+    )
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        dense, dlse = flash_attn_func(
+            q[None, a:b], k[None, a:b], v[None, a:b], window_size=(3, 8), softcap=4.0,
+            return_lse=True,
+        )  # fmt: skip
+        torch.testing.assert_close(out[a:b], dense[0], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(lse[:, a:b], dlse[0], atol=1e-6, rtol=1e-6)
+
+
+def test_non_contiguous_inputs(device):
+    """transformers hands over q/k/v as [B, H, S, D].transpose(1, 2): read through strides."""
+    qh, kh, vh = _inputs((1, 4, 37, 32), (1, 2, 37, 32), torch.float32, device)
+    q, k, v = qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2)
+    assert not q.is_contiguous()
+    check_against_reference(q, k, v)
+
+
+def test_deterministic_backward_is_bitwise_reproducible(device):
+    q, k, v = _inputs((1, 40, 2, 32), (1, 40, 1, 32), torch.bfloat16, device)
+    dout = torch.randn(1, 40, 2, 32, device=device).to(torch.bfloat16)
+    runs = []
+    for _ in range(2):
+        out = flash_attn_func(q, k, v, deterministic=True)
+        runs.append(torch.autograd.grad(out, (q, k, v), dout))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    fast = torch.autograd.grad(flash_attn_func(q, k, v), (q, k, v), dout)
+    for a, b in zip(runs[0], fast):  # same math, different dQ summation order
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_default_scale_and_lse_only_use(device):
+    q, k, v = _inputs((1, 20, 2, 48), (1, 20, 2, 48), torch.float32, device)
+    out = flash_attn_func(q, k, v)
+    explicit = flash_attn_func(q, k, v, softmax_scale=48**-0.5)
+    assert torch.equal(out, explicit)
+    # lse carries no gradient; using only lse must not fail and gives zero gradients.
+    _, lse = flash_attn_func(q, k, v, return_lse=True)
+    assert not lse.requires_grad
+
+
+def test_custom_op_autograd_directly(device):
+    q, k, v = _inputs((1, 19, 2, 32), (1, 19, 2, 32), torch.float32, device)
+    out, _ = torch.ops.bidirlm.flash_attn_fwd(q, k, v, None, None, 19, 32**-0.5, -1, -1, 0.0)
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))
+    g2 = torch.autograd.grad(attention_reference(q2, k2, v2).sum(), (q2, k2, v2))
+    for a, b in zip((dq, dk, dv), g2):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_dispatch_path(monkeypatch, device):
+    """BIDIRLM_KERNELS=torch runs the reference through the same ops, gradients included."""
+    monkeypatch.setenv("BIDIRLM_KERNELS", "torch")
+    lengths = [5, 1, 12]
+    cu = torch.tensor([0, 5, 6, 18], dtype=torch.int32, device=device)
+    q, k, v = _inputs((18, 4, 16), (18, 2, 16), torch.float32, device)
+    check_against_reference(q, k, v, cu_seqlens=cu, max_seqlen=max(lengths), window_size=(2, 2))
+    qd, kd, vd = _inputs((2, 9, 2, 16), (2, 9, 1, 16), torch.bfloat16, device)
+    mask = torch.tensor([[True] * 9, [True] * 4 + [False] * 5], device=device)
+    check_against_reference(qd, kd, vd, key_padding_mask=mask, softcap=3.0)
+
+
+def test_torch_compile_fullgraph(device):
+    q, k, v = _inputs((2, 24, 4, 32), (2, 24, 2, 32), torch.float32, device)
+    mask = torch.ones(2, 24, dtype=torch.bool, device=device)
+    mask[1, 15:] = False
+
+    def loss_fn(q, k, v, mask):
+        out = flash_attn_func(q, k, v, key_padding_mask=mask, window_size=(8, 8))
+        return out.square().sum()
+
+    # aot_eager traces with Dynamo (fullgraph: no graph break allowed) and AOTAutograd (fake
+    # kernels, the backward op); inductor's CPU codegen would add a minute of C++ compiling.
+    backend = "inductor" if HAS_GPU else "aot_eager"
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=backend)
+    loss = compiled(q, k, v, mask)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    eager = loss_fn(q, k, v, mask)
+    ref_grads = torch.autograd.grad(eager, (q, k, v))
+    torch.testing.assert_close(loss, eager)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_empty_inputs(device):
+    q, k, v = _inputs((0, 2, 16), (0, 2, 16), torch.float32, device)
+    cu = torch.zeros(1, dtype=torch.int32, device=device)
+    out, lse = flash_attn_varlen_func(q, k, v, cu, 0, return_lse=True)
+    assert out.shape == (0, 2, 16) and lse.shape == (2, 0)
+
+
+# --- bad inputs ----------------------------------------------------------------------------------
+
+
+def _dense(**over):
+    base = {
+        "q": torch.randn(2, 8, 4, 16),
+        "k": torch.randn(2, 8, 2, 16),
+        "v": torch.randn(2, 8, 2, 16),
+    }
+    base.update(over)
+    return base
+
+
+BAD_DENSE = [
+    ({"q": torch.randn(8, 4, 16)}, "q must be"),
+    ({"k": torch.randn(2, 8, 2, 16, dtype=torch.float16)}, "dtype"),
+    ({"q": torch.randn(2, 8, 4, 16).double()}, "q must be float16"),
+    ({"v": torch.randn(2, 8, 2, 8)}, "k and v"),
+    ({"k": torch.randn(2, 9, 2, 16), "v": torch.randn(2, 9, 2, 16)}, "k must match q"),
+    ({"k": torch.randn(2, 8, 3, 16), "v": torch.randn(2, 8, 3, 16)}, "multiple of k/v heads"),
+    (
+        {
+            "q": torch.randn(1, 4, 2, 257),
+            "k": torch.randn(1, 4, 2, 257),
+            "v": torch.randn(1, 4, 2, 257),
+        },
+        "head dim",
+    ),
+    ({"window_size": (-2, 0)}, "window_size"),
+    ({"window_size": (3,)}, "window_size"),
+    ({"window_size": (1.5, 2)}, "window_size"),
+    ({"softcap": -1.0}, "softcap"),
+    ({"softcap": float("nan")}, "softcap"),
+    ({"softmax_scale": 0.0}, "softmax_scale"),
+    ({"softmax_scale": float("inf")}, "softmax_scale"),
+    ({"key_padding_mask": torch.ones(2, 8)}, "key_padding_mask"),
+    ({"key_padding_mask": torch.ones(2, 7, dtype=torch.bool)}, "key_padding_mask"),
+    ({"deterministic": 1}, "deterministic"),
+    ({"return_lse": "yes"}, "return_lse"),
+]
+
+
+@pytest.mark.parametrize("over,match", BAD_DENSE, ids=[m for _, m in BAD_DENSE])
+def test_bad_dense_inputs(over, match):
+    args = _dense(**over)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises(ValueError, match=match):
+        flash_attn_func(q, k, v, **args)
+
+
+@pytest.mark.gpu
+def test_device_mismatch():
+    q = torch.randn(1, 4, 2, 16, device="cuda")
+    with pytest.raises(ValueError, match="one device"):
+        flash_attn_func(q, q.cpu(), q.cpu())
+
+
+BAD_CU = [
+    (torch.tensor([0, 3, 8], dtype=torch.int64), 5, "int32"),
+    (torch.tensor([[0, 8]], dtype=torch.int32), 8, "1-D"),
+    (torch.tensor([1, 3, 8], dtype=torch.int32), 5, "start at 0"),
+    (torch.tensor([0, 5, 3, 8], dtype=torch.int32), 5, "non-decreasing"),
+    (torch.tensor([0, 3, 7], dtype=torch.int32), 5, "end at the token count"),
+    (torch.tensor([0, 3, 8], dtype=torch.int32), 4, "max_seqlen"),
+    (torch.tensor([0, 3, 8], dtype=torch.int32), -1, "max_seqlen"),
+    ([0, 3, 8], 5, "cu_seqlens must be"),
+]
+
+
+@pytest.mark.parametrize("cu,max_seqlen,match", BAD_CU, ids=[m for *_, m in BAD_CU])
+def test_bad_cu_seqlens(cu, max_seqlen, match):
+    q, k = torch.randn(8, 2, 16), torch.randn(8, 1, 16)
+    with pytest.raises(ValueError, match=match):
+        flash_attn_varlen_func(q, k, k, cu, max_seqlen)
+
+
+def test_varlen_rejects_dense_layout():
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match=r"q must be \[T, H, D\]"):
+        flash_attn_varlen_func(q, q, q, torch.tensor([0, 8], dtype=torch.int32), 8)
+
+
+# --- launch configs ------------------------------------------------------------------------------
+
+
+def test_launch_config_table():
+    for family in ("hopper", "ampere", "cdna", "interpreter"):
+        for d in (32, 64, 80, 128, 256):
+            fwd, bwd = pick_config(family, d, False), pick_config(family, d, True)
+            for cfg in (fwd, bwd):
+                assert cfg.block_m >= 16 and cfg.block_n >= 16 and cfg.num_warps <= 8
+                if family == "cdna":  # AMD: no software pipelining, waves_per_eu set, wave64
+                    assert cfg.num_stages == 1 and cfg.waves_per_eu > 0
+                else:
+                    assert "waves_per_eu" not in cfg.launch_kwargs()
+    assert set(CONFIGS) >= {"hopper", "ampere", "cdna", "amd", "nvidia", "interpreter"}
+    with pytest.raises(ValueError, match="head dim"):
+        pick_config("hopper", 320, False)
+
+
+@pytest.mark.gpu
+def test_autotune_path_matches_reference(monkeypatch, device):
+    monkeypatch.setenv("BIDIRLM_AUTOTUNE", "1")
+    q, k, v = _inputs((2, 300, 4, 64), (2, 300, 2, 64), torch.bfloat16, device)
+    check_against_reference(q, k, v, window_size=(64, 64))
+
+
+# --- random configurations -----------------------------------------------------------------------
+
+
+@settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    lengths=st.lists(st.integers(1, 33), min_size=1, max_size=3),
+    group=st.sampled_from([1, 2]),
+    hkv=st.sampled_from([1, 2]),
+    head_dim=st.sampled_from([16, 24, 40, 64]),
+    left=st.integers(-1, 12),
+    right=st.integers(-1, 12),
+    softcap=st.sampled_from([0.0, 3.0]),
+    deterministic=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+)
+def test_random_packed_configs(
+    lengths, group, hkv, head_dim, left, right, softcap, deterministic, dtype
+):
+    device = torch.device("cuda" if HAS_GPU else "cpu")
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    total = int(cu[-1])
+    q, k, v = _inputs((total, hkv * group, head_dim), (total, hkv, head_dim), dtype, device)
+    check_against_reference(
+        q, k, v, cu_seqlens=cu.to(device), max_seqlen=max(lengths), window_size=(left, right),
+        softcap=softcap, deterministic=deterministic, softmax_scale=1 / math.sqrt(head_dim),
+    )  # fmt: skip
