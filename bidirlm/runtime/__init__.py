@@ -8,13 +8,17 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# `merge` is imported eagerly: the function shares its name with the submodule
+# `bidirlm.runtime.merge`, and importing that submodule later would otherwise rebind the package
+# attribute to the module. merge.py imports only torch and the stdlib, so this stays cheap.
+from .merge import merge as merge
+
 _EXPORTS = {
     "load_model": "models",
     "Encoder": "models",
-    "merge": "merge",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "merge"])
 
 
 def __getattr__(name: str) -> Any:
