@@ -97,12 +97,13 @@ def test_symmetric_none_is_per_pair_average(device) -> None:
 
 
 def test_positive_offset_matches_reference(device) -> None:
-    """The op the cross-device path uses: positives at rows offset + i of the gathered matrix."""
-    q, docs = _inputs(device, torch.float32, b=9)
+    """The op the cross-device path uses: positives at rows offset + i of the gathered matrix.
+    In the interpreter, 150 columns give 4 column splits, the last one empty."""
+    q, docs = _inputs(device, torch.float32, b=9, m=150)
     q64 = q.detach().double().requires_grad_()
     d64 = docs.detach().double().requires_grad_()
-    lse, pos = _infonce_lse_op(q, docs, 30, 20.0, True)
-    lse64, pos64 = infonce_direction_reference(q64, d64, scale=20.0, positive_offset=30)
+    lse, pos = _infonce_lse_op(q, docs, 100, 20.0, True)
+    lse64, pos64 = infonce_direction_reference(q64, d64, scale=20.0, positive_offset=100)
     assert_close_to_ref(lse, lse64, name="lse")
     assert_close_to_ref(pos, pos64, name="pos")
     g_lse, g_pos = torch.rand_like(lse), -torch.rand_like(pos)
