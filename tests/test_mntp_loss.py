@@ -1,0 +1,323 @@
+"""Fused MNTP loss against a float64 reference, torch, Liger-Kernel; memory, compile, errors.
+
+Kernels run on the GPU when present, else in Triton's CPU interpreter (conftest sets
+TRITON_INTERPRET=1). Shapes are odd on purpose: V = 1003 (not a multiple of the vocabulary
+tile), d = 96 (not a power of two), 257 rows.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bidirlm.kernels.reference import mntp_loss_reference
+from tests.helpers import ATOL, DTYPES, assert_close_to_ref
+
+# The module shares its name with the function it exports, so `from bidirlm.kernels import
+# mntp_loss` can yield the (callable) module when the module was imported first; take the
+# function from the module itself. test_module_name_collision_is_harmless covers the package path.
+mntp_module = importlib.import_module("bidirlm.kernels.mntp_loss")
+mntp_loss, MNTPLoss = mntp_module.mntp_loss, mntp_module.MNTPLoss
+
+V, D, ROWS = 1003, 96, 257
+
+
+def _inputs(
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    shape: tuple[int, ...] = (ROWS,),
+    d: int = D,
+    vocab: int = V,
+    labelled: float = 0.4,
+    bias: bool = False,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*shape, d, generator=g)
+    weight = torch.randn(vocab, d, generator=g) * 0.15  # logits ~ N(0, 1.5^2)
+    b = torch.randn(vocab, generator=g) * 0.5 if bias else None
+    labels = torch.randint(0, vocab, shape, generator=g)
+    labels[torch.rand(shape, generator=g) >= labelled] = -100
+    to = lambda t: t.to(device=device, dtype=dtype).requires_grad_()
+    return to(hidden), to(weight), (to(b) if b is not None else None), labels.to(device)
+
+
+def _torch_formula(hidden, weight, labels, bias, softcap, reduction):  # noqa: ANN001, ANN202
+    """The contract, literally: F.cross_entropy(softcap(h @ W.T + b).float(), labels)."""
+    logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    out = F.cross_entropy(logits.float(), labels.reshape(-1), reduction=reduction)
+    return out.reshape(labels.shape) if reduction == "none" else out
+
+
+def _run(fn, tensors, upstream):  # noqa: ANN001, ANN202
+    """Loss and gradients of (hidden, weight, bias) for `(loss * upstream).sum()`."""
+    loss = fn(*tensors)
+    (loss * upstream).sum().backward()
+    grads = [t.grad for t in tensors if t is not None]
+    return loss.detach(), grads
+
+
+def _leaf64(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().double().requires_grad_()
+
+
+def _leaf(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().clone().requires_grad_()
+
+
+CASES = {
+    # name: (dtype, leading shape, labelled fraction, bias, softcap, reduction)
+    "fp32-sum-all-bias-softcap": (torch.float32, (1, ROWS), 1.0, True, 2.0, "sum"),
+    "fp32-mean-some": (torch.float32, (ROWS,), 0.4, False, None, "mean"),
+    "fp32-none-some-softcap": (torch.float32, (ROWS,), 0.3, True, 2.0, "none"),
+    "fp16-mean-some": (torch.float16, (ROWS,), 0.4, False, None, "mean"),
+    "fp16-none-some-bias-softcap": (torch.float16, (ROWS,), 0.3, True, 2.0, "none"),
+    "bf16-mean-some": (torch.bfloat16, (ROWS,), 0.4, False, None, "mean"),
+    "bf16-sum-some-bias-softcap": (torch.bfloat16, (ROWS,), 0.3, True, 2.0, "sum"),
+}
+assert {c[0] for c in CASES.values()} == set(DTYPES)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_float64_reference(device: torch.device, case: str) -> None:
+    dtype, shape, labelled, has_bias, softcap, reduction = CASES[case]
+    h, w, b, y = _inputs(device, dtype, shape=shape, labelled=labelled, bias=has_bias)
+    # an arbitrary upstream gradient for "none" (not the constant of mean/sum)
+    upstream = torch.randn(shape, device=device) if reduction == "none" else torch.tensor(1.0)
+    upstream = upstream.to(device)
+    kw = {"softcap": softcap, "reduction": reduction}
+
+    ours, ours_g = _run(lambda h_, w_, b_: mntp_loss(h_, w_, y, bias=b_, **kw), (h, w, b), upstream)
+    t64 = [_leaf64(t) for t in (h, w, b)]
+    ref, ref_g = _run(
+        lambda h_, w_, b_: mntp_loss_reference(h_, w_, y, bias=b_, **kw), t64, upstream.double()
+    )
+    tt = [_leaf(t) for t in (h, w, b)]
+    pt, pt_g = _run(
+        lambda h_, w_, b_: _torch_formula(h_, w_, y, b_, softcap, reduction), tt, upstream
+    )
+
+    assert ours.dtype == torch.float32 and ours.shape == ref.shape
+    if reduction == "none":
+        assert (ours[y == -100] == 0).all(), "ignored rows have loss 0"
+    assert_close_to_ref(
+        ours, ref, pt, name="loss", atol=ATOL[dtype] * max(1.0, ref.abs().max().item())
+    )
+    for name, g, g64, gpt in zip(("dhidden", "dweight", "dbias"), ours_g, ref_g, pt_g):
+        assert g.dtype == dtype, name
+        # gradients are small (1/rows): scale the absolute floor to their magnitude
+        atol = ATOL[dtype] * g64.abs().max().item()
+        assert_close_to_ref(g, g64, gpt, name=name, atol=atol)
+    assert (ours_g[0].reshape(-1, D)[y.reshape(-1) == -100] == 0).all(), "ignored rows: dH = 0"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_zero_labelled_rows(device: torch.device, reduction: str) -> None:
+    h, w, b, y = _inputs(device, torch.float32, labelled=0.0, bias=True)
+    loss = mntp_loss(h, w, y, bias=b, reduction=reduction)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and (loss == 0).all(), "mean over nothing is 0.0, not NaN"
+    for t in (h, w, b):
+        assert torch.equal(t.grad, torch.zeros_like(t)), "zero gradients"
+
+
+def test_tied_weight_gets_both_gradients(device: torch.device) -> None:
+    """A tied lm_head is the input embedding too: its gradient is the sum of both uses."""
+    ids = torch.randint(0, V, (2, 33), device=device)
+    _, w, _, y = _inputs(device, torch.float32, shape=(2, 33), labelled=0.5)
+
+    def model(weight: torch.Tensor, loss_fn) -> torch.Tensor:  # noqa: ANN001
+        hidden = torch.tanh(F.embedding(ids, weight) * 3.0)
+        return loss_fn(hidden, weight, y)
+
+    model(w, mntp_loss).backward()
+    w64 = _leaf64(w)
+    model(w64, mntp_loss_reference).backward()
+    assert_close_to_ref(w.grad, w64.grad, atol=1e-5 * w64.grad.abs().max().item(), name="dW")
+    # both paths contribute: the embedding rows that were looked up differ from lm_head-only
+    w2 = _leaf(w)
+    mntp_loss(torch.tanh(F.embedding(ids, w.detach()) * 3.0), w2, y).backward()
+    assert not torch.allclose(w2.grad, w.grad)
+
+
+def test_matches_liger_and_torch(device: torch.device) -> None:
+    """Same inputs through Liger-Kernel's fused linear CE, F.linear_cross_entropy and ours."""
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+    h, w, b, y = _inputs(
+        device, torch.float32, shape=(64,), labelled=0.4, bias=True, d=64, vocab=517
+    )
+    # no softcap here: Liger's softcap path fails in the interpreter (it calls .to() on a Python
+    # float); the GPU test below covers it
+    ours, ours_g = _run(lambda h_, w_, b_: mntp_loss(h_, w_, y, bias=b_), (h, w, b), 1)
+    tl = [_leaf(t) for t in (h, w, b)]
+    liger, liger_g = _run(
+        lambda h_, w_, b_: LigerFusedLinearCrossEntropyFunction.apply(h_, w_, y, b_, None, -100,
+                                                                      0.0, 0.0, "mean")[0],
+        tl,
+        1,
+    )  # fmt: skip
+    torch.testing.assert_close(ours, liger, rtol=1e-5, atol=1e-5)
+    for g, gl in zip(ours_g, liger_g):
+        torch.testing.assert_close(g, gl, rtol=1e-4, atol=1e-6)
+    for reduction in ("mean", "sum", "none"):
+        got = mntp_loss(h.detach(), w.detach(), y, bias=b.detach(), reduction=reduction)
+        want = F.cross_entropy(h.detach() @ w.detach().T + b.detach(), y, reduction=reduction)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if hasattr(F, "linear_cross_entropy"):
+        want = F.linear_cross_entropy(
+            h.detach(), w.detach(), y, linear_bias=b.detach(), ignore_index=-100
+        )
+        got = mntp_loss(h.detach(), w.detach(), y, bias=b.detach())
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_matches_liger_gpu_low_precision(device: torch.device, dtype: torch.dtype) -> None:
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+    h, w, _, y = _inputs(device, dtype, shape=(4096,), d=1024, vocab=32003, labelled=0.3)
+    ours, ours_g = _run(lambda h_, w_: mntp_loss(h_, w_, y, softcap=30.0), (h, w), 1)
+    tl = [_leaf(t) for t in (h, w)]
+    liger, liger_g = _run(
+        lambda h_, w_: LigerFusedLinearCrossEntropyFunction.apply(h_, w_, y, None, None, -100,
+                                                                  0.0, 0.0, "mean", 30.0)[0],
+        tl,
+        1,
+    )  # fmt: skip
+    ref, ref_g = _run(
+        lambda h_, w_: mntp_loss_reference(h_, w_, y, softcap=30.0), [_leaf64(h), _leaf64(w)], 1
+    )
+    assert_close_to_ref(ours, ref, liger, name="loss")
+    for name, g, g64, gl in zip(("dhidden", "dweight"), ours_g, ref_g, liger_g):
+        assert_close_to_ref(g, g64, gl, name=name, atol=ATOL[dtype] * g64.abs().max().item())
+
+
+def _largest_allocation(fn) -> int:  # noqa: ANN001
+    """Bytes of the largest single allocation any op makes while `fn()` runs."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        fn()
+    return max(
+        max(e.self_cpu_memory_usage, getattr(e, "self_device_memory_usage", 0))
+        for e in prof.events()
+    )
+
+
+def test_never_allocates_rows_by_vocab(device: torch.device) -> None:
+    # d = 32 keeps [V, d] (weight, its gradient, the scratch) far below rows x V
+    h, w, b, y = _inputs(device, torch.float32, d=32, labelled=0.5, bias=True)
+    rows_by_v = ROWS * V * 4
+    naive = _largest_allocation(lambda: _torch_formula(h, w, y, b, None, "mean").backward())
+    assert naive >= rows_by_v, "the detector must see the unfused [rows, V] logits"
+    h.grad = w.grad = b.grad = None
+    ours = _largest_allocation(lambda: mntp_loss(h, w, y, bias=b, softcap=5.0).backward())
+    assert ours < rows_by_v / 4, f"largest allocation {ours} B is close to rows x V"
+
+
+def test_compile_fullgraph(device: torch.device) -> None:
+    """torch.compile traces the custom ops (fake impls + registered autograd) without breaks."""
+    h, w, b, y = _inputs(device, torch.float32, shape=(3, 11), d=16, vocab=50, bias=True)
+
+    def step(h_, w_, b_):  # noqa: ANN001, ANN202
+        return mntp_loss(h_, w_, y, bias=b_, softcap=4.0) * 2.0
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got, got_g = _run(compiled, [_leaf(t) for t in (h, w, b)], 1)
+    want, want_g = _run(step, (h, w, b), 1)
+    torch.testing.assert_close(got, want)
+    for g, gw in zip(got_g, want_g):
+        torch.testing.assert_close(g, gw)
+
+
+def test_opcheck(device: torch.device) -> None:
+    """torch.library.opcheck: schema, fake tensors, autograd registration, AOT dispatch."""
+    h, w, b, y = _inputs(device, torch.float32, shape=(20,), d=16, vocab=50, bias=True)
+    y = y.reshape(-1)
+    torch.library.opcheck(
+        torch.ops.bidirlm.mntp_loss_fwd, (h.reshape(-1, 16), w, b, y, -100, 2.0),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )  # fmt: skip
+
+
+def test_torch_path_same_op(monkeypatch: pytest.MonkeyPatch, device: torch.device) -> None:
+    """BIDIRLM_KERNELS=torch runs the chunked reference through the same custom op."""
+    h, w, b, y = _inputs(device, torch.float32, shape=(5, 13), d=24, vocab=101, bias=True)
+    args = {"bias": b, "softcap": 3.0, "reduction": "none"}
+    upstream = torch.randn(5, 13, device=device)
+    got, got_g = _run(lambda h_, w_, b_: mntp_loss(h_, w_, y, **{**args, "bias": b_}),
+                      (h, w, b), upstream)  # fmt: skip
+    monkeypatch.setenv("BIDIRLM_KERNELS", "torch")
+    tt = [_leaf(t) for t in (h, w, b)]
+    ref, ref_g = _run(lambda h_, w_, b_: mntp_loss(h_, w_, y, **{**args, "bias": b_}), tt, upstream)
+    torch.testing.assert_close(got, ref)
+    for g, gr in zip(got_g, ref_g):
+        torch.testing.assert_close(g, gr, rtol=1e-4, atol=1e-6)
+    # float64 is allowed on the torch path and is the reference itself
+    t64 = [_leaf64(t) for t in (h, w, b)]
+    f64 = mntp_loss(t64[0], t64[1], y, bias=t64[2], softcap=3.0)
+    assert f64.dtype == torch.float64
+    torch.testing.assert_close(f64, mntp_loss_reference(*t64[:2], y, bias=t64[2], softcap=3.0))
+
+
+def test_module_and_non_contiguous(device: torch.device) -> None:
+    h, w, _, y = _inputs(device, torch.float32, shape=(7, 9), d=24, vocab=101)
+    loss_fn = MNTPLoss(reduction="sum", softcap=5.0)
+    assert "softcap=5.0" in repr(loss_fn)
+    hn = h.detach().transpose(0, 1).contiguous().transpose(0, 1)  # same values, strided
+    assert not hn.is_contiguous()
+    got = loss_fn(hn, w.detach(), y.int())
+    want = mntp_loss(h.detach(), w.detach(), y, reduction="sum", softcap=5.0)
+    torch.testing.assert_close(got, want)
+
+
+def test_module_name_collision_is_harmless() -> None:
+    import bidirlm.kernels as kernels
+    from bidirlm.kernels import mntp_loss as public
+
+    h, w = torch.randn(3, 8), torch.randn(11, 8)
+    y = torch.tensor([1, -100, 4])
+    want = mntp_loss_reference(h, w, y)
+    for fn in (public, kernels.mntp_loss, mntp_module):
+        torch.testing.assert_close(fn(h, w, y), want)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"weight": torch.randn(50, 15)}, "width"),
+        ({"weight": torch.randn(50)}, "weight"),
+        ({"labels": torch.zeros(4, dtype=torch.long)}, "labels shape"),
+        ({"labels": torch.zeros(2, 3)}, "labels must be int"),
+        ({"hidden": torch.zeros(2, 3, 16, dtype=torch.long)}, "hidden dtype"),
+        ({"weight": torch.randn(50, 16, dtype=torch.float16)}, "weight dtype"),
+        ({"bias": torch.randn(49)}, "bias"),
+        ({"bias": torch.randn(50, dtype=torch.float16)}, "bias dtype"),
+        ({"reduction": "avg"}, "reduction"),
+        ({"softcap": 0.0}, "softcap"),
+        ({"softcap": -1.0}, "softcap"),
+        ({"labels": torch.full((2, 3), 50)}, r"labels must be in \[0, 50\)"),
+        ({"labels": torch.full((2, 3), -5)}, "found -5"),
+    ],
+)
+def test_errors(change: dict, match: str) -> None:
+    args = {
+        "hidden": torch.randn(2, 3, 16),
+        "weight": torch.randn(50, 16),
+        "labels": torch.zeros(2, 3, dtype=torch.long),
+    }
+    args.update(change)
+    hidden, weight, labels = args.pop("hidden"), args.pop("weight"), args.pop("labels")
+    with pytest.raises(ValueError, match=match):
+        mntp_loss(hidden, weight, labels, **args)
