@@ -280,3 +280,148 @@ def infonce_reference(
     if reduction == "sum":
         return per_query.sum()
     return per_query
+
+
+# --- MNTP loss -----------------------------------------------------------------------------------
+
+# Labelled rows per chunk: a [chunk, V] logits block is the largest temporary (1024 x 262144
+# float32 = 1 GiB for Gemma3's vocabulary, still far below all rows at once).
+MNTP_CHUNK_ROWS = 1024
+
+
+def _mntp_chunk_logits(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logits, tanh) of `h [n, d]`: `softcap(h @ weight.T + bias)` in float32 (float64 stays)."""
+    acc = torch.promote_types(h.dtype, torch.float32)
+    x = (h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)).to(acc)
+    if softcap is None:
+        return x, None
+    t = torch.tanh(x / softcap)
+    return softcap * t, t
+
+
+def _mntp_rows_loss(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    softcap: float | None,
+) -> torch.Tensor:
+    logits, _ = _mntp_chunk_logits(h, weight, bias, softcap)
+    return torch.nn.functional.cross_entropy(logits, y, reduction="none")
+
+
+def mntp_loss_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    chunk_rows: int = MNTP_CHUNK_ROWS,
+) -> torch.Tensor:
+    """Differentiable `F.cross_entropy(softcap(hidden @ weight.T + bias).float(), labels, ...)`.
+
+    `hidden [..., d]`, `weight [V, d]`, `labels [...]`. Only labelled rows are computed,
+    `chunk_rows` at a time, each chunk under activation checkpointing when gradients are needed, so
+    at most a `[chunk_rows, V]` logits block is alive in the forward and in the backward. `mean`
+    over zero labelled rows is 0.0 (torch: NaN). The loss is float32 (float64 for float64 inputs).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    d = hidden.shape[-1]
+    h = hidden.reshape(-1, d)
+    y = labels.reshape(-1).long()
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    idx = (y != ignore_index).nonzero().squeeze(1)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    parts = []
+    for start in range(0, idx.numel(), chunk_rows):
+        sel = idx[start : start + chunk_rows]
+        args = (h.index_select(0, sel), weight, bias, y.index_select(0, sel), softcap)
+        if needs_grad:
+            parts.append(checkpoint(_mntp_rows_loss, *args, use_reentrant=False))
+        else:
+            parts.append(_mntp_rows_loss(*args))
+    rows = h.new_zeros(h.shape[0], dtype=acc)
+    if parts:
+        rows = rows.index_copy(0, idx, torch.cat(parts))
+    if reduction == "none":
+        return rows.reshape(labels.shape)
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "mean":
+        return rows.sum() / max(idx.numel(), 1)
+    raise ValueError(f"reduction must be one of mean, sum, none, got {reduction!r}")
+
+
+def mntp_loss_reference_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    chunk_rows: int = MNTP_CHUNK_ROWS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """No-autograd forward of the MNTP loss on `hidden [N, d]`, `labels [N]`.
+
+    Returns (loss [N], lse [N]) in float32 (float64 for float64 inputs), 0 at ignored rows.
+    The torch path of `bidirlm::mntp_loss_fwd`; pairs with `mntp_loss_reference_backward`.
+    """
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    loss = hidden.new_zeros(hidden.shape[0], dtype=acc)
+    lse = hidden.new_zeros(hidden.shape[0], dtype=acc)
+    idx = (labels != ignore_index).nonzero().squeeze(1)
+    for start in range(0, idx.numel(), chunk_rows):
+        sel = idx[start : start + chunk_rows]
+        logits, _ = _mntp_chunk_logits(hidden.index_select(0, sel), weight, bias, softcap)
+        row_lse = torch.logsumexp(logits, dim=-1)
+        target = logits.gather(1, labels.index_select(0, sel).long()[:, None]).squeeze(1)
+        lse[sel] = row_lse
+        loss[sel] = row_lse - target
+    return loss, lse
+
+
+def mntp_loss_reference_backward(
+    grad: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    chunk_rows: int = MNTP_CHUNK_ROWS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """No-autograd backward: (dhidden [N, d], dweight [V, d], dbias [V] or None).
+
+    `grad [N]` is d(loss)/d(per-row loss). dweight and dbias accumulate in float32 over chunks
+    (`addmm_` into a float32 buffer: no `[V, d]` temporary per chunk), then cast.
+    """
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    dh = torch.zeros_like(hidden)
+    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if bias is not None else None
+    idx = (labels != ignore_index).nonzero().squeeze(1)
+    for start in range(0, idx.numel(), chunk_rows):
+        sel = idx[start : start + chunk_rows]
+        h = hidden.index_select(0, sel)
+        logits, t = _mntp_chunk_logits(h, weight, bias, softcap)
+        dz = torch.exp(logits - lse.index_select(0, sel).to(acc)[:, None])
+        dz[torch.arange(sel.numel(), device=dz.device), labels.index_select(0, sel).long()] -= 1
+        dz *= grad.index_select(0, sel).to(acc)[:, None]
+        if t is not None:
+            dz *= 1 - t * t
+        dh[sel] = (dz.to(weight.dtype) @ weight).to(dh.dtype)
+        dw.addmm_(dz.T, h.to(acc))
+        if db is not None:
+            db += dz.sum(0)
+    return dh, dw.to(weight.dtype), (db.to(bias.dtype) if db is not None else None)
