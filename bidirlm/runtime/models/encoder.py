@@ -94,6 +94,13 @@ class Encoder(nn.Module):
             self.register_buffer(f"inv_freq_{layer_type}", inv.to(device), persistent=False)
             self._rope_scaling[layer_type] = scaling
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+        # `.to(dtype)` would round the RoPE frequencies too: recompute them in float32 after any
+        # conversion or move (bf16 frequencies shift the angle at position 4096 by up to 4.7 rad)
+        super()._apply(fn, recurse)
+        self.reset_rope(self.embed.weight.device)
+        return self
+
     # --- forward --------------------------------------------------------------------------------
 
     def forward(
