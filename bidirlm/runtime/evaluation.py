@@ -467,6 +467,25 @@ def load_retrieval_jsonl(path: str | Path) -> RetrievalTask:
     return _load_pairs(path)
 
 
+def save_task(task: RetrievalTask, folder: str | Path) -> Path:
+    """Write a task as a BEIR-style folder that `load_retrieval_jsonl` reads back unchanged."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "queries.jsonl": [{"_id": q, "text": t} for q, t in task.queries.items()],
+        "corpus.jsonl": [{"_id": d, "text": t} for d, t in task.corpus.items()],
+        "qrels.jsonl": [
+            {"query-id": q, "corpus-id": d, "score": 1}
+            for q, docs in task.qrels.items()
+            for d in sorted(docs)
+        ],
+    }
+    for name, records in files.items():
+        with (folder / name).open("w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in records)
+    return folder
+
+
 def load_task(task: str | Path | RetrievalTask) -> RetrievalTask:
     """`"embedded"` (the held-out stdlib task), a path to a user set, or a task as is."""
     if isinstance(task, RetrievalTask):

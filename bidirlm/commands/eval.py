@@ -1,0 +1,61 @@
+"""`bidirlm eval MODEL [--task embedded|SET]`: retrieval nDCG@10 / MRR@10 of a model.
+
+SET is a JSON Lines file of pairs (`query`, `positive`, optional `negatives`) or a BEIR-style
+folder (queries.jsonl, corpus.jsonl, qrels.jsonl); see `bidirlm.runtime.evaluation`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bidirlm.cli import CommandError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="Hugging Face checkpoint folder (Qwen3 or Gemma3)")
+    parser.add_argument(
+        "--task",
+        default="embedded",
+        help="'embedded' (held-out stdlib docstrings, default), a pairs .jsonl or a BEIR folder",
+    )
+    parser.add_argument("--pooling", choices=("mean", "last", "first"), default="mean")
+    parser.add_argument("--max-length", type=int, default=512, help="token limit per text")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--query-prefix", default="", help="text prepended to every query")
+    parser.add_argument(
+        "--causal", action="store_true", help="run the model with causal attention (Base variant)"
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
+    parser.add_argument("--output", type=Path, help="also write the metrics to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from bidirlm.runtime.evaluation import evaluate
+    from bidirlm.runtime.models import CheckpointError
+
+    if args.max_length < 1 or args.batch_size < 1:
+        raise CommandError("--max-length and --batch-size must be >= 1")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        metrics = evaluate(
+            args.model,
+            args.task,
+            pooling=args.pooling,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            query_prefix=args.query_prefix,
+            bidirectional=not args.causal,
+            device=device,
+        )
+    except (FileNotFoundError, CheckpointError, ValueError) as exc:
+        raise CommandError(str(exc)) from None
+    text = json.dumps(metrics, indent=2)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return 0

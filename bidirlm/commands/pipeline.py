@@ -1,0 +1,49 @@
+"""`bidirlm pipeline RECIPE [--set table.key=value ...]`: run a recipe's phases in order.
+
+RECIPE is a TOML file or a shipped recipe's name (qwen3-0.6b, qwen3-1.7b, gemma3-270m,
+gemma3-1b). Completed phases are skipped and an interrupted one resumes, so re-running the same
+command continues where it stopped. See `bidirlm.recipe.pipeline` for the file format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from bidirlm.cli import CommandError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe TOML file, or a shipped recipe name (qwen3-0.6b)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="TABLE.KEY=VALUE",
+        help="override a recipe value, e.g. recipe.base=models/Qwen3-0.6B or mntp.train.steps=100",
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="parse the recipe and check its inputs; run nothing"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from bidirlm.recipe.pipeline import RecipeError, check_inputs, load_recipe, run_pipeline
+    from bidirlm.runtime.trainer import TrainingError, TrainingInterrupted
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.check:
+            check_inputs(recipe)
+            for phase in recipe.phases:
+                print(f"{phase.name:<20} {phase.kind:<6} <- {', '.join(phase.inputs)}")
+            print(f"ok: inputs of {recipe.recipe.name} exist; outputs in {recipe.recipe.output}")
+            return 0
+        report = run_pipeline(recipe)
+    except (RecipeError, FileNotFoundError, ValueError, TrainingError) as exc:
+        raise CommandError(str(exc)) from None
+    except TrainingInterrupted as exc:
+        raise CommandError(str(exc)) from None
+    print(json.dumps(report, indent=2))
+    return 0

@@ -1,0 +1,486 @@
+"""Recipes: phases chained in order, each output feeding the next, resumable.
+
+A recipe is a TOML file with a ``[recipe]`` table and one table per phase, named in
+``recipe.phases`` (order of execution)::
+
+    [recipe]
+    name = "qwen3-0.6b"
+    base = "models/Qwen3-0.6B"        # the causal checkpoint to adapt (a local HF folder)
+    output = "runs/bidirlm-qwen3-0.6b"
+    phases = ["mntp", "merge", "contrastive"]
+
+    [mntp]                            # kind = "train" (default): a `bidirlm train` config
+    model = "@base"                   # "@base" or "@<earlier phase>": that phase's output
+    phase = "mntp"
+    ...                               # train.*, optim.*, data.*, mntp.* as in examples/*.toml
+
+    [merge]
+    kind = "merge"                    # linear merge (bidirlm.runtime.merge)
+    models = ["@mntp", "@base"]
+    weights = [0.5, 0.5]
+
+    [eval]
+    kind = "eval"                     # retrieval evaluation (bidirlm.runtime.evaluation)
+    model = "@contrastive"
+    task = "embedded"                 # or a JSON Lines / BEIR retrieval set
+
+Every phase writes under ``<recipe.output>/<phase name>/``: a train phase's model is
+``.../final`` (its `train.output` defaults to the phase folder), a merge's ``.../model``, an
+eval's ``.../metrics.json``. When a phase finishes, ``.../phase.json`` records a fingerprint of
+its resolved configuration (chained with its inputs' fingerprints); a re-run skips phases whose
+record matches, resumes an interrupted train phase from its latest checkpoint, and refuses to
+reuse a phase folder completed with a different configuration. Before any work starts, the whole
+recipe is parsed and every input path (base model, data sources, retrieval sets) is checked, so
+a typo fails in a second, not after hours of training. The run report is written to
+``<output>/report.json`` and ``<output>/report.md``.
+
+`--set` overrides address the tables: ``recipe.base=...``, ``mntp.train.steps=100``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from bidirlm.runtime.config import (
+    SourceConfig,
+    TrainConfig,
+    apply_overrides,
+    dumps_toml,
+    parse_dataclass,
+    read_toml,
+    train_config_from_dict,
+)
+
+PHASE_RECORD = "phase.json"
+RECIPES_DIR = Path(__file__).resolve().parent
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: bad keys, unknown references, missing inputs."""
+
+
+@dataclass
+class RecipeSection:
+    """The ``[recipe]`` table."""
+
+    name: str
+    base: str  # a local Hugging Face folder or "embedded:tiny"
+    output: str
+    phases: list[str]
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.phases:
+            raise ValueError("recipe.phases is empty: list the phase tables to run, in order")
+        if len(set(self.phases)) != len(self.phases):
+            raise ValueError(f"recipe.phases has duplicates: {self.phases}")
+        reserved = {"recipe", "base"} & set(self.phases)
+        if reserved:
+            raise ValueError(f"recipe.phases: {sorted(reserved)} is a reserved name")
+
+
+@dataclass
+class MergePhase:
+    """A linear (or task-arithmetic) merge of earlier outputs, e.g. 50/50 with the base."""
+
+    models: list[str]
+    weights: list[float]
+    method: Literal["linear", "task_arithmetic"] = "linear"
+    base: str | None = None  # task_arithmetic only
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.models) < 2:
+            raise ValueError("a merge needs at least two models")
+        if len(self.weights) != len(self.models):
+            raise ValueError(f"{len(self.weights)} weights for {len(self.models)} models")
+
+
+@dataclass
+class EvalPhase:
+    """Retrieval evaluation of one model (see `bidirlm.runtime.evaluation.evaluate`)."""
+
+    model: str
+    task: str = "embedded"
+    pooling: Literal["mean", "last", "first"] = "mean"
+    bidirectional: bool = True
+    max_length: int = 512
+    batch_size: int = 32
+    query_prefix: str = ""
+
+
+@dataclass
+class Phase:
+    """One resolved phase: its kind, parsed config, input references and folder."""
+
+    name: str
+    kind: Literal["train", "merge", "eval"]
+    config: TrainConfig | MergePhase | EvalPhase
+    inputs: list[str]  # referenced names: "base" or earlier phases
+    folder: Path
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def output(self) -> Path:
+        """The model folder this phase produces (the metrics file for eval)."""
+        if self.kind == "train":
+            return Path(self.config.train.output) / "final"
+        if self.kind == "merge":
+            return self.folder / "model"
+        return self.folder / "metrics.json"
+
+
+@dataclass
+class Recipe:
+    recipe: RecipeSection
+    phases: list[Phase]
+    source: Path | None = None
+    data: dict[str, Any] = field(default_factory=dict)  # the resolved raw tables
+
+
+# ------------------------------------------------------------------------------------------
+# Parsing and checks
+# ------------------------------------------------------------------------------------------
+
+
+def recipe_path(name_or_path: str | os.PathLike) -> Path:
+    """A recipe file: a path, or the name of a shipped recipe (``qwen3-0.6b``)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    shipped = RECIPES_DIR / f"{Path(name_or_path).name.removesuffix('.toml')}.toml"
+    if shipped.is_file() and not path.parent.parts:
+        return shipped
+    names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.toml")))
+    raise FileNotFoundError(f"recipe {name_or_path} does not exist (shipped recipes: {names})")
+
+
+def _ref(value: str, where: str, known: list[str]) -> str:
+    if not value.startswith("@"):
+        raise RecipeError(f"{where}: {value!r} must reference a model as @base or @<phase>")
+    name = value[1:]
+    if name != "base" and name not in known:
+        choices = ", ".join(["@base", *(f"@{k}" for k in known)])
+        raise RecipeError(f"{where}: {value} is not an earlier model phase (choose: {choices})")
+    return name
+
+
+def parse_recipe(data: dict[str, Any], *, source: Path | None = None) -> Recipe:
+    """Parse raw recipe tables (after overrides) into phases with checked references."""
+    data = copy.deepcopy(data)
+    if "recipe" not in data:
+        raise RecipeError("missing the [recipe] table (name, base, output, phases)")
+    try:
+        section = parse_dataclass(RecipeSection, data["recipe"], "recipe")
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
+    extra = sorted(set(data) - {"recipe", *section.phases})
+    if extra:
+        raise RecipeError(
+            f"table(s) {', '.join(extra)} are not listed in recipe.phases {section.phases}"
+        )
+    out_root = Path(section.output).expanduser()
+    phases: list[Phase] = []
+    model_phases: list[str] = []
+    for name in section.phases:
+        if name not in data or not isinstance(data[name], dict):
+            raise RecipeError(f"recipe.phases names {name!r} but there is no [{name}] table")
+        table = data[name]
+        kind = table.pop("kind", "train")
+        folder = out_root / name
+        try:
+            phase = _parse_phase(name, kind, table, folder, model_phases)
+        except RecipeError:
+            raise
+        except ValueError as exc:
+            raise RecipeError(f"[{name}]: {exc}") from None
+        data[name] = {"kind": kind, **table}  # resolved: train.output filled in
+        phases.append(phase)
+        if kind != "eval":
+            model_phases.append(name)
+    return Recipe(recipe=section, phases=phases, source=source, data=data)
+
+
+def _parse_phase(
+    name: str, kind: str, table: dict[str, Any], folder: Path, known: list[str]
+) -> Phase:
+    if kind == "train":
+        model = table.get("model")
+        if not isinstance(model, str):
+            raise RecipeError(f"[{name}]: model must be @base or @<phase>")
+        inputs = [_ref(model, f"{name}.model", known)]
+        table.setdefault("train", {}).setdefault("output", str(folder))
+        config = train_config_from_dict({**table, "model": f"@{inputs[0]}"})
+        return Phase(name, "train", config, inputs, folder, table)
+    if kind == "merge":
+        config = parse_dataclass(MergePhase, table, name)
+        inputs = [_ref(m, f"{name}.models", known) for m in config.models]
+        if config.base is not None:
+            inputs.append(_ref(config.base, f"{name}.base", known))
+        return Phase(name, "merge", config, inputs, folder, table)
+    if kind == "eval":
+        config = parse_dataclass(EvalPhase, table, name)
+        inputs = [_ref(config.model, f"{name}.model", known)]
+        return Phase(name, "eval", config, inputs, folder, table)
+    raise RecipeError(f"[{name}]: kind {kind!r} is not one of 'train', 'merge', 'eval'")
+
+
+def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
+    """Read a recipe file (or a shipped recipe's name), apply `--set` overrides, parse it."""
+    path = recipe_path(path)
+    try:
+        data = apply_overrides(read_toml(path), overrides)
+        return parse_recipe(data, source=path)
+    except ValueError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
+
+
+def check_inputs(recipe: Recipe) -> None:
+    """Every path the recipe reads must exist: checked before any phase starts."""
+    problems: list[str] = []
+    base = recipe.recipe.base
+    if not base.startswith("embedded:") and not (Path(base).expanduser() / "config.json").is_file():
+        problems.append(f"recipe.base: {base} is not a model folder (no config.json)")
+    for phase in recipe.phases:
+        if phase.kind == "train":
+            for source in phase.config.data.sources:
+                if not _source_exists(source):
+                    problems.append(f"{phase.name}.data.sources: {source.path} does not exist")
+        elif phase.kind == "eval" and phase.config.task != "embedded":
+            if not Path(phase.config.task).expanduser().exists():
+                problems.append(f"{phase.name}.task: {phase.config.task} does not exist")
+    if problems:
+        where = f"{recipe.source}: " if recipe.source else ""
+        raise RecipeError(where + "; ".join(problems))
+
+
+def _source_exists(source: SourceConfig) -> bool:
+    if source.path.startswith("embedded:"):
+        return True
+    return Path(source.path).expanduser().exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Running
+# ------------------------------------------------------------------------------------------
+
+
+def _fingerprint(phase: Phase, resolved: dict[str, Any], upstream: dict[str, str]) -> str:
+    payload = {
+        "kind": phase.kind,
+        "config": resolved,
+        "inputs": {k: upstream.get(k, "") for k in phase.inputs},
+    }
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _resolved_config(phase: Phase, paths: dict[str, Path]) -> Any:
+    """The phase config with @references replaced by the input folders."""
+    sub = lambda ref: str(paths[ref[1:]]) if isinstance(ref, str) and ref.startswith("@") else ref
+    cfg = phase.config
+    if phase.kind == "train":
+        cfg = copy.deepcopy(cfg)
+        cfg.model = sub(cfg.model)
+    elif phase.kind == "merge":
+        cfg = copy.deepcopy(cfg)
+        cfg.models = [sub(m) for m in cfg.models]
+        cfg.base = sub(cfg.base) if cfg.base else None
+    else:
+        cfg = copy.deepcopy(cfg)
+        cfg.model = sub(cfg.model)
+    return cfg
+
+
+def _as_dict(cfg: Any) -> dict[str, Any]:
+    from bidirlm.runtime.config import to_dict
+
+    return to_dict(cfg)
+
+
+def _read_record(phase: Phase) -> dict[str, Any] | None:
+    path = phase.folder / PHASE_RECORD
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None  # a torn record counts as "not complete": the phase runs again
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _last_metrics(folder: Path) -> dict[str, Any]:
+    """The last line of a train phase's metrics.jsonl (loss, step...), or {}."""
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    last = {}
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                try:
+                    last = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+    return {k: last[k] for k in ("step", "loss") if k in last}
+
+
+def _run_phase(phase: Phase, cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
+    """Execute one phase; return its result summary (metrics for eval)."""
+    if phase.kind == "train":
+        from bidirlm.runtime.trainer import train
+
+        final = Path(train(cfg))
+        if final.resolve() != phase.output.resolve():
+            raise RecipeError(f"[{phase.name}]: trainer wrote {final}, expected {phase.output}")
+        return _last_metrics(Path(cfg.train.output))
+    if phase.kind == "merge":
+        from bidirlm.runtime.merge import merge
+
+        # `force`: a folder left by a crash after the merge's atomic rename but before our
+        # record was written is incomplete from the pipeline's point of view.
+        merge(
+            cfg.models,
+            cfg.weights,
+            phase.output,
+            method=cfg.method,
+            base=cfg.base,
+            dtype=cfg.dtype,
+            force=True,
+        )
+        return {}
+    from bidirlm.runtime.evaluation import evaluate
+
+    metrics = evaluate(
+        cfg.model,
+        cfg.task,
+        pooling=cfg.pooling,
+        bidirectional=cfg.bidirectional,
+        max_length=cfg.max_length,
+        batch_size=cfg.batch_size,
+        query_prefix=cfg.query_prefix,
+        device="cuda" if _cuda() else None,
+    )
+    _write_json(phase.output, metrics)
+    log(f"  {phase.name}: ndcg@10={metrics['ndcg@10']:.4f} mrr@10={metrics['mrr@10']:.4f}")
+    return metrics
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_pipeline(
+    recipe: str | os.PathLike | Recipe,
+    overrides: Iterable[str] = (),
+    *,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run a recipe's phases in order; return (and write) the run report.
+
+    Complete phases are skipped, an interrupted one resumes; see the module docstring. Raises
+    `RecipeError` for a bad recipe or a missing input, before any phase runs.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    elif overrides:
+        raise RecipeError("overrides apply to a recipe file; apply them before parsing")
+    check_inputs(recipe)
+    from bidirlm.runtime.embedded import resolve_model_path
+
+    out_root = Path(recipe.recipe.output).expanduser()
+    paths: dict[str, Path] = {"base": resolve_model_path(recipe.recipe.base)}
+    fingerprints: dict[str, str] = {"base": str(paths["base"])}
+    plan = []
+    for phase in recipe.phases:
+        cfg = _resolved_config(phase, paths)
+        fp = _fingerprint(phase, _as_dict(cfg), fingerprints)
+        record = _read_record(phase)
+        if record is not None and record.get("fingerprint") != fp:
+            raise RecipeError(
+                f"phase {phase.name!r} in {phase.folder} was completed with a different "
+                f"configuration or inputs; delete that folder to run it again, or set another "
+                f"recipe.output"
+            )
+        plan.append((phase, cfg, fp, record))
+        fingerprints[phase.name] = fp
+        if phase.kind != "eval":
+            paths[phase.name] = phase.output
+    out_root.mkdir(parents=True, exist_ok=True)
+    resolved = dumps_toml(recipe.data)
+    (out_root / "recipe.resolved.toml").write_text(resolved, encoding="utf-8")
+    log(f"[pipeline] recipe {recipe.recipe.name}: {len(plan)} phases -> {out_root}")
+
+    report: dict[str, Any] = {
+        "recipe": recipe.recipe.name,
+        "source": str(recipe.source) if recipe.source else None,
+        "output": str(out_root),
+        "base": str(paths["base"]),
+        "phases": [],
+    }
+    for i, (phase, cfg, fp, record) in enumerate(plan, 1):
+        entry: dict[str, Any] = {
+            "name": phase.name,
+            "kind": phase.kind,
+            "output": str(phase.output),
+        }
+        if record is not None and phase.output.exists():
+            log(f"[pipeline] {i}/{len(plan)} {phase.name} ({phase.kind}): complete, skipped")
+            entry.update(status="skipped", seconds=record.get("seconds"), result=record["result"])
+        else:
+            log(f"[pipeline] {i}/{len(plan)} {phase.name} ({phase.kind}): running")
+            start = time.perf_counter()
+            result = _run_phase(phase, cfg, log)
+            seconds = round(time.perf_counter() - start, 2)
+            _write_json(
+                phase.folder / PHASE_RECORD,
+                {"fingerprint": fp, "seconds": seconds, "result": result, "config": _as_dict(cfg)},
+            )
+            log(f"[pipeline] {i}/{len(plan)} {phase.name}: done in {seconds:.1f} s")
+            entry.update(status="ran", seconds=seconds, result=result)
+        report["phases"].append(entry)
+    _write_json(out_root / "report.json", report)
+    (out_root / "report.md").write_text(format_report(report), encoding="utf-8")
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The run report as a Markdown table."""
+    lines = [
+        f"# Pipeline run: {report['recipe']}",
+        "",
+        f"Base model: `{report['base']}`; outputs under `{report['output']}`.",
+        "",
+        "| phase | kind | status | seconds | result | output |",
+        "|---|---|---|---:|---|---|",
+    ]
+    for p in report["phases"]:
+        result = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in (p.get("result") or {}).items()
+            if k not in ("task",)
+        )
+        seconds = p.get("seconds")
+        secs = f"{seconds:.1f}" if isinstance(seconds, (int, float)) else ""
+        lines.append(
+            f"| {p['name']} | {p['kind']} | {p['status']} | {secs} | {result} | `{p['output']}` |"
+        )
+    return "\n".join(lines) + "\n"
