@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bidirlm.kernels import InfoNCELoss, infonce_loss
-from bidirlm.kernels.infonce import CONFIGS, _infonce_lse_op
+from bidirlm.kernels.infonce import _infonce_lse_op
+from bidirlm.kernels.infonce_triton import CONFIGS
 from bidirlm.kernels.reference import infonce_direction_reference, infonce_reference
 from tests.helpers import DTYPES, assert_close_to_ref
 
