@@ -39,10 +39,13 @@ CONFIGS = {
     "qwen3-gqa": dict(
         _COMMON, num_hidden_layers=3, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False
     ),
-    # MQA, tied head, attention biases, YaRN RoPE
+    # MQA, tied head, attention biases, YaRN RoPE, a sliding-window layer (window 4)
     "qwen3-mqa": dict(
         _COMMON,
         num_hidden_layers=2,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=1,
         num_key_value_heads=1,
         head_dim=16,
         tie_word_embeddings=True,
@@ -262,7 +265,8 @@ def test_save_pretrained_round_trips_through_transformers(ckpts, tmp_path: Path,
     enc.save_pretrained(tmp_path / "causal")
     raw = json.loads((tmp_path / "causal" / "config.json").read_text())
     assert not raw.get("use_bidirectional_attention", False) and raw.get("is_causal", True)
-    assert not load_model(tmp_path / "causal", bidirectional=False).bidirectional
+    assert not load_model(tmp_path / "causal", bidirectional=None).bidirectional
+    assert load_model(out, bidirectional=None).bidirectional  # None follows config.json
 
 
 def test_sharded_save_and_load(ckpts, tmp_path: Path) -> None:
@@ -533,13 +537,23 @@ def test_torch_compile_fullgraph(ckpts, backend: str) -> None:
     assert enc.layers[0].attn.wq.weight.grad is not None
 
 
-def test_encoder_constructed_directly_runs() -> None:
+def test_encoder_constructed_directly_runs_and_saves(tmp_path: Path) -> None:
     from bidirlm.runtime.models.qwen3 import parse_config
 
     config = parse_config(CONFIGS["qwen3-gqa"])
     enc = Encoder(config)
     assert enc.lm_head_weight.shape == (500, 64) and enc.tokenizer is None
-    assert enc(torch.randint(0, 500, (2, 5))).shape == (2, 5, 64)
+    ids = torch.randint(0, 500, (2, 5))
+    with torch.no_grad():
+        out = enc(ids)
+    assert out.shape == (2, 5, 64)
+    enc.save_pretrained(tmp_path)  # a full config.json even without a source dict
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert (
+        raw["hidden_size"] == 64 and raw["num_key_value_heads"] == 2 and raw["is_causal"] is False
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path)(ids), out)
     with pytest.raises(ValueError, match="num_key_value_heads"):
         parse_config({**CONFIGS["qwen3-gqa"], "num_key_value_heads": 3})
     with pytest.raises(ValueError, match="rope_type 'dynamic' is not supported"):

@@ -175,7 +175,6 @@ class ArchSpec:
     name: str
     model_types: tuple[str, ...]
     architectures: tuple[str, ...]
-    causal_lm_class: str
     text_prefixes: tuple[str, ...]
     weights: dict[str, str | None]
     bias_weights: dict[str, str]

@@ -277,12 +277,13 @@ def load_model(
     *,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-    bidirectional: bool = True,
+    bidirectional: bool | None = True,
 ) -> Encoder:
     """Load a Qwen3 or Gemma3 Hugging Face checkpoint folder as an `Encoder`.
 
     `dtype` None keeps the checkpoint's dtype (config.json `dtype`/`torch_dtype`); `device` None
-    is the CPU. `bidirectional` sets the attention direction whatever the checkpoint records.
+    is the CPU. `bidirectional` sets the attention direction whatever the checkpoint records;
+    None follows config.json (Qwen3 `is_causal: false`, Gemma3 `use_bidirectional_attention`).
     The tokenizer is loaded with AutoTokenizer when the folder has tokenizer files.
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -291,6 +292,8 @@ def load_model(
     hf = ckpt.read_config(folder)
     spec = ckpt.spec_for(hf)
     config = spec.parse_config(hf)
+    if bidirectional is None:
+        bidirectional = spec.is_bidirectional(hf)
     device = torch.device(device if device is not None else "cpu")
     dtype = dtype or ckpt.checkpoint_dtype(folder, hf)
     names = ckpt.weight_files(folder)

@@ -162,6 +162,7 @@ def parse_config(hf: dict[str, Any]) -> ModelConfig:
         final_logit_softcap=c["final_logit_softcapping"],
         max_position_embeddings=max_pos,
         pad_token_id=c.get("pad_token_id"),
+        extra={"query_pre_attn_scalar": c["query_pre_attn_scalar"]},
     )
 
 
@@ -193,6 +194,12 @@ def to_hf_config(
         rope_parameters={t: r.to_hf() for t, r in config.rope.items()},
         layer_types=list(config.layer_types),
         sliding_window=config.sliding_window,
+        hidden_activation=config.hidden_act,
+        rms_norm_eps=config.rms_norm_eps,
+        attention_bias=config.attention_bias,
+        max_position_embeddings=config.max_position_embeddings,
+        query_pre_attn_scalar=config.extra.get("query_pre_attn_scalar", config.softmax_scale**-2),
+        final_logit_softcapping=config.final_logit_softcap,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_layers,
@@ -216,7 +223,6 @@ SPEC = ArchSpec(
         "Gemma3ForConditionalGeneration (text part)",
         "Gemma3Model (text part)",
     ),
-    causal_lm_class="Gemma3ForCausalLM",
     text_prefixes=("model.language_model.", "language_model.model.", "model.", ""),
     weights=WEIGHTS,
     bias_weights=BIAS_WEIGHTS,

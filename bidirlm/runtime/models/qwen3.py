@@ -145,14 +145,27 @@ def is_bidirectional(hf: dict[str, Any]) -> bool:
 def to_hf_config(
     config: ModelConfig, hf: dict[str, Any], bidirectional: bool, dtype: torch.dtype
 ) -> dict[str, Any]:
-    """The config.json to write: the source dict with our architecture, rope and direction."""
+    """The config.json to write: the source dict, with every field our config holds restated."""
     out = copy.deepcopy(hf)
     for legacy in ("rope_scaling", "rope_theta", "torch_dtype"):
         out.pop(legacy, None)
     out.update(
         architectures=["Qwen3ForCausalLM"],
         model_type="qwen3",
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        hidden_act=config.hidden_act,
+        rms_norm_eps=config.rms_norm_eps,
+        attention_bias=config.attention_bias,
+        max_position_embeddings=config.max_position_embeddings,
         rope_parameters=next(iter(config.rope.values())).to_hf(),  # one set for all layers
+        use_sliding_window=config.sliding_window is not None,
+        sliding_window=config.sliding_window,
         layer_types=list(config.layer_types),
         tie_word_embeddings=config.tie_word_embeddings,
         dtype=str(dtype).removeprefix("torch."),
@@ -168,7 +181,6 @@ SPEC = ArchSpec(
     name="qwen3",
     model_types=("qwen3",),
     architectures=("Qwen3ForCausalLM", "Qwen3Model"),
-    causal_lm_class="Qwen3ForCausalLM",
     text_prefixes=("model.", ""),
     weights=WEIGHTS,
     bias_weights=BIAS_WEIGHTS,
