@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,7 @@ class Encoder(nn.Module):
             self.register_buffer(f"inv_freq_{layer_type}", inv.to(device), persistent=False)
             self._rope_scaling[layer_type] = scaling
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Encoder:
         # `.to(dtype)` would round the RoPE frequencies too: recompute them in float32 after any
         # conversion or move (bf16 frequencies shift the angle at position 4096 by up to 4.7 rad)
         super()._apply(fn, recurse)
