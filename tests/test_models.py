@@ -513,6 +513,10 @@ def test_bf16_close_to_float32(ckpts) -> None:
     assert out.dtype == torch.bfloat16
     err = (out.float() - expected).abs().max() / expected.abs().max()
     assert err < 0.05, err
+    converted = ref.to(torch.bfloat16)  # .to(dtype) keeps the RoPE frequencies in float32
+    assert converted.inv_freq_full_attention.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(converted(flat, cu_seqlens=cu), out, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
