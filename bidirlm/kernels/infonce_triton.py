@@ -147,6 +147,7 @@ def _infonce_bwd_kernel(
     glse_ptr,
     gpos_ptr,
     e_ptr,
+    escale_ptr,
     row0,
     n_rows,
     col0,
@@ -196,7 +197,9 @@ def _infonce_bwd_kernel(
     p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
     hit = cols[None, :] == (rows + positive_offset)[:, None]
     e = g_lse[:, None] * p + tl.where(hit, g_pos[:, None], 0.0)
-    e = e * row_scale[:, None] * col_scale[None, :]
+    # Times a power of two chosen on the host so that max |E| is 2^14: fp16 E keeps its small
+    # entries out of the subnormals (rx * ry * g is ~1e-7 for wide embeddings and big batches).
+    e = e * row_scale[:, None] * col_scale[None, :] * tl.load(escale_ptr)
     e_ptrs = e_ptr + local_r.to(tl.int64)[:, None] * stride_e + local_c[None, :]
     tl.store(e_ptrs, e.to(e_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -395,8 +398,16 @@ def _launch_backward(
     rx = _inverse_norms(x) if normalize else None
     ry = _inverse_norms(y) if normalize else None
     empty = x.new_empty(0, dtype=torch.float32)
+    lse = lse.float().contiguous()
     grad_lse = grad_lse.float().contiguous()
     grad_pos = grad_pos.float().contiguous()
+    # |E| <= scale * max rx * max ry * max(|g_lse| + |g_pos|) since softmax <= 1; E is stored
+    # times 2^14 / that bound (a power of two, so exact) and the accumulators divided back. Kept
+    # on the device: no host sync.
+    bound = (grad_lse.abs() + grad_pos.abs()).max() * scale
+    if normalize:
+        bound = bound * rx.max() * ry.max()
+    e_scale = torch.exp2(14.0 - torch.ceil(torch.log2(bound.clamp_min(1e-30)))).reshape(1)
     # The interpreter keeps E in fp32: its bf16 stores are not round-to-nearest.
     e_dtype = torch.float32 if interpreting() else x.dtype
     chunk_r, chunk_c = min(cfg.chunk_rows, n_rows), min(cfg.chunk_cols, n_cols)
@@ -411,7 +422,7 @@ def _launch_backward(
             nr = min(chunk_r, n_rows - r0)
             e = e_buf[:nr, :nc]
             args = (x, y, rx if normalize else empty, ry if normalize else empty, lse)
-            args += (grad_lse, grad_pos, e, r0, nr, c0, nc, dim, x.stride(0), y.stride(0))
+            args += (grad_lse, grad_pos, e, e_scale, r0, nr, c0, nc, dim, x.stride(0), y.stride(0))
             args += (e_buf.stride(0), positive_offset, scale)
             if autotune_enabled():
                 grid = lambda meta, nr=nr, nc=nc: (
@@ -434,6 +445,8 @@ def _launch_backward(
                 )
             acc_x[r0 : r0 + nr] += _mm_f32(e, y_c)
             acc_y += _mm_f32(e.T, x[r0 : r0 + nr])
+        acc_y /= e_scale
         _apply_norm_jacobian(acc_y, y_c, None if ry is None else ry[c0 : c0 + nc], dy[c0 : c0 + nc])
+    acc_x /= e_scale
     _apply_norm_jacobian(acc_x, x, rx, dx)
     return dx, dy
