@@ -9,7 +9,6 @@ Nothing here queries a device at import time.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -42,9 +41,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0", "false", "False")
 
 
-@functools.lru_cache(maxsize=1)
+_TRITON_IMPORTABLE: bool | None = None
+
+
 def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    # A plain module-level cache rather than functools.lru_cache: dynamo warns about tracing
+    # through lru_cache-wrapped functions when an op is called under torch.compile.
+    global _TRITON_IMPORTABLE
+    if _TRITON_IMPORTABLE is None:
+        _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+    return _TRITON_IMPORTABLE
 
 
 def decide(device: torch.device | str | None = None) -> Decision:
