@@ -25,6 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cpu", action="store_true", help="stay on the CPU even when a GPU is present"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,6 +39,12 @@ def run(args: argparse.Namespace) -> int:
     from bidirlm.runtime.trainer import TrainingError
 
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise CommandError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     try:
         results = run_demo(args.out, size, prefer_gpu=not args.cpu)
     except (RecipeError, TrainingError, FileNotFoundError) as exc:

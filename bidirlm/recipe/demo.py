@@ -69,8 +69,8 @@ SIZES: dict[str, DemoSize] = {
     "tiny": DemoSize("tiny", 32, 1, 2, 1, 16, 64, 6, 3, 3, 1024, 128, 8, 24, 64, 40, 64,
                      3e-3, 1e-3, 1e-3),
     # `--quick`: under 10 minutes on a 2-core CPU.
-    "quick": DemoSize("quick", 128, 3, 4, 2, 32, 384, 300, 100, 60, 4096, 256, 32, 32, 128,
-                      None, 128, 2e-3, 5e-4, 3e-4),
+    "quick": DemoSize("quick", 96, 2, 4, 2, 24, 256, 100, 30, 25, 2048, 128, 16, 32, 96,
+                      None, 96, 3e-3, 1e-3, 1e-3),
     # The default: a larger model and budget, meant for a GPU (runs anywhere, slowly on a CPU).
     "full": DemoSize("full", 512, 8, 8, 4, 64, 1536, 3000, 800, 400, 16384, 512, 128, 64, 256,
                      None, 256, 1e-3, 2e-4, 1e-4),
@@ -380,7 +380,8 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     device = _device(prefer_gpu)
     start = time.perf_counter()
-    log(f"size {size.name} on {device}; outputs in {out}")
+    threads = f" ({torch.get_num_threads()} torch threads)" if device == "cpu" else ""
+    log(f"size {size.name} on {device}{threads}; outputs in {out}")
     log("1/4 data: stdlib training packages -> JSON Lines; held-out task")
     files = prepare_data(out / "data")
     task = ev.embedded_task(max_queries=size.eval_queries)

@@ -1,0 +1,201 @@
+"""Recipes and the pipeline: shipped recipe values, checks before work, chaining, skip, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bidirlm.recipe import pipeline as pl
+from bidirlm.runtime import evaluation as ev
+
+RECIPES = ["qwen3-0.6b", "qwen3-1.7b", "gemma3-270m", "gemma3-1b"]
+
+
+# ---------------------------------------------------------------------------- shipped recipes
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_shipped_recipes_follow_the_paper(name: str) -> None:
+    recipe = pl.load_recipe(name)
+    phases = {p.name: p for p in recipe.phases}
+    assert [p.name for p in recipe.phases] == ["mntp", "merge", "contrastive"]
+    mntp, merge, con = phases["mntp"].config, phases["merge"].config, phases["contrastive"].config
+    assert mntp.phase == "mntp"
+    assert mntp.mntp.mask_ratio == (0.3 if name.startswith("qwen3") else 0.4)
+    assert mntp.optim.lr == 5e-5 and mntp.optim.schedule == "wsd"
+    assert mntp.data.tokens_per_batch == 8192 and mntp.data.max_seq_len == 8192
+    weights = [s.weight for s in mntp.data.sources]
+    assert weights[0] / sum(weights) == pytest.approx(0.8)  # 80% English, 20% the rest
+    assert merge.models == ["@mntp", "@base"] and merge.weights == [0.5, 0.5]
+    assert phases["contrastive"].inputs == ["merge"]
+    assert con.contrastive.temperature == 0.05 and con.contrastive.mini_batch_size == 16
+    assert con.data.batch_size == 512 and con.data.negatives_per_query >= 1
+    assert con.data.query_max_len == 512 and con.data.document_max_len == 512
+    # The user's data is not here: the check fails before any work, naming every path.
+    with pytest.raises(pl.RecipeError) as info:
+        pl.check_inputs(recipe)
+    for source in [*mntp.data.sources, *con.data.sources]:
+        assert source.path in str(info.value)
+    assert "recipe.base" in str(info.value)
+
+
+def test_overrides_and_unknown_keys() -> None:
+    recipe = pl.load_recipe("qwen3-0.6b", ["mntp.train.steps=7", "recipe.output=/tmp/x"])
+    assert recipe.phases[0].config.train.steps == 7
+    assert recipe.phases[0].config.train.output == "/tmp/x/mntp"
+    with pytest.raises(pl.RecipeError, match="valid keys"):
+        pl.load_recipe("qwen3-0.6b", ["mntp.optim.lrate=1"])
+    with pytest.raises(FileNotFoundError, match="shipped recipes"):
+        pl.recipe_path("qwen9-7b")
+
+
+def _recipe(tmp_path: Path, **tables) -> dict:
+    return {
+        "recipe": {
+            "name": "t",
+            "base": "embedded:tiny",
+            "output": str(tmp_path / "run"),
+            "phases": list(tables),
+        },
+        **tables,
+    }
+
+
+def test_reference_errors(tmp_path: Path) -> None:
+    train = {"phase": "mntp", "train": {"steps": 1}, "data": {"sources": [{"path": "x"}]}}
+    with pytest.raises(pl.RecipeError, match=r"@later is not an earlier model phase.*@base"):
+        pl.parse_recipe(_recipe(tmp_path, a={**train, "model": "@later"}, later=dict(train)))
+    with pytest.raises(pl.RecipeError, match="must reference"):
+        pl.parse_recipe(_recipe(tmp_path, a={**train, "model": "models/x"}))
+    with pytest.raises(pl.RecipeError, match="not listed in recipe.phases"):
+        data = _recipe(tmp_path, a={**train, "model": "@base"})
+        data["stray"] = {}
+        pl.parse_recipe(data)
+    with pytest.raises(pl.RecipeError, match="kind"):
+        pl.parse_recipe(_recipe(tmp_path, a={"kind": "distill", "model": "@base"}))
+    evaluation = {"kind": "eval", "model": "@base"}
+    with pytest.raises(pl.RecipeError, match="not an earlier model phase"):
+        pl.parse_recipe(
+            _recipe(tmp_path, e=evaluation, m={"kind": "merge", "models": ["@e", "@base"],
+                                                "weights": [1, 1]})
+        )  # fmt: skip
+
+
+def test_missing_data_fails_before_any_work(tmp_path: Path) -> None:
+    table = {
+        "model": "@base",
+        "phase": "mntp",
+        "train": {"steps": 1},
+        "data": {"sources": [{"path": str(tmp_path / "nope.jsonl")}]},
+    }
+    with pytest.raises(pl.RecipeError, match="nope.jsonl does not exist"):
+        pl.run_pipeline(pl.parse_recipe(_recipe(tmp_path, mntp=table)))
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------- a real run
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def small_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    monkeypatch.setenv("BIDIRLM_KERNELS", "torch")  # whole models: no Triton interpreter
+    docs = _write_jsonl(
+        tmp_path / "docs.jsonl", [{"text": t} for t in ev.stdlib_texts("train", "docs")[:64]]
+    )
+    pairs = _write_jsonl(tmp_path / "pairs.jsonl", ev.stdlib_pairs("train")[:32])
+    task = ev.save_task(ev.embedded_task(max_queries=8), tmp_path / "heldout")
+    small = {"progress_bar": False, "checkpoint_every": 1, "keep_checkpoints": 2}
+    return _recipe(
+        tmp_path,
+        mntp={
+            "model": "@base",
+            "phase": "mntp",
+            "train": {"steps": 2, **small},
+            "optim": {"lr": 1e-3},
+            "data": {"tokens_per_batch": 256, "max_seq_len": 64, "sources": [{"path": str(docs)}]},
+            "mntp": {"mask_ratio": 0.3},
+        },
+        merge={"kind": "merge", "models": ["@mntp", "@base"], "weights": [0.5, 0.5]},
+        contrastive={
+            "model": "@merge",
+            "phase": "contrastive",
+            "train": {"steps": 3, **small},
+            "optim": {"lr": 1e-3},
+            "data": {
+                "batch_size": 4,
+                "query_max_len": 16,
+                "document_max_len": 32,
+                "sources": [{"path": str(pairs)}],
+            },
+        },
+        evaluate={"kind": "eval", "model": "@contrastive", "task": str(task), "max_length": 32},
+    )
+
+
+def test_pipeline_chains_skips_and_resumes(
+    small_recipe: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bidirlm.runtime import trainer
+    from bidirlm.runtime.embedded import embedded_tiny_model
+
+    real_train = trainer.train
+    calls: list[str] = []
+
+    def interrupting_train(config, **kwargs):
+        calls.append(config.phase)
+        if config.phase == "contrastive" and calls.count("contrastive") == 1:
+            return real_train(config, stop_after=1)  # raises TrainingInterrupted after step 1
+        return real_train(config, **kwargs)
+
+    monkeypatch.setattr(trainer, "train", interrupting_train)
+    logs: list[str] = []
+    with pytest.raises(trainer.TrainingInterrupted):
+        pl.run_pipeline(pl.parse_recipe(small_recipe), log=logs.append)
+    run = tmp_path / "run"
+    assert (run / "mntp" / "phase.json").is_file() and (run / "merge" / "phase.json").is_file()
+    assert not (run / "contrastive" / "phase.json").exists()
+
+    # Second run: mntp and merge are skipped, contrastive resumes from its step-1 checkpoint.
+    logs.clear()
+    report = pl.run_pipeline(pl.parse_recipe(small_recipe), log=logs.append)
+    status = {p["name"]: p["status"] for p in report["phases"]}
+    assert status == {
+        "mntp": "skipped",
+        "merge": "skipped",
+        "contrastive": "ran",
+        "evaluate": "ran",
+    }
+    assert calls == ["mntp", "contrastive", "contrastive"]
+    steps = [json.loads(x)["step"] for x in (run / "contrastive" / "metrics.jsonl").open()]
+    assert steps == [1, 2, 3]  # step 1 is not redone: the run continued from the checkpoint
+
+    # Each output fed the next: the merge is the 50/50 average of the MNTP model and the base.
+    name = "model.layers.0.mlp.down_proj.weight"
+    base = load_file(embedded_tiny_model() / "model.safetensors")[name]
+    mntp = load_file(next((run / "mntp" / "final").glob("*.safetensors")))[name]
+    merged = load_file(next((run / "merge" / "model").glob("*.safetensors")))[name]
+    torch.testing.assert_close(merged.float(), (base.float() + mntp.float()) / 2)
+    assert not torch.equal(mntp, base)
+    result = report["phases"][-1]["result"]
+    assert 0.0 <= result["ndcg@10"] <= 1.0 and result["num_queries"] == 8
+    assert json.loads((run / "report.json").read_text())["phases"][-1]["result"] == result
+    assert "| evaluate | eval | ran |" in (run / "report.md").read_text()
+
+    # Third run: everything is complete; nothing trains.
+    report = pl.run_pipeline(pl.parse_recipe(small_recipe), log=logs.append)
+    assert {p["status"] for p in report["phases"]} == {"skipped"}
+    assert len(calls) == 3
+
+    # A changed phase config must not silently reuse the old output.
+    small_recipe["merge"]["weights"] = [0.7, 0.3]
+    with pytest.raises(pl.RecipeError, match="different configuration"):
+        pl.run_pipeline(pl.parse_recipe(small_recipe), log=logs.append)
