@@ -250,6 +250,46 @@ def test_never_allocates_rows_by_vocab(device: torch.device) -> None:
     assert ours < rows_by_v / 4, f"largest allocation {ours} B is close to rows x V"
 
 
+def test_frozen_inputs_skip_their_gradients(device: torch.device) -> None:
+    """A frozen lm_head (or frozen hidden states) gets no gradient and its kernel is skipped."""
+    h, w, b, y = _inputs(device, torch.float32, shape=(40,), d=24, vocab=101, bias=True)
+    full, full_g = _run(lambda *a: mntp_loss(a[0], a[1], y, bias=a[2]), (h, w, b), 1)
+    hf = _leaf(h)
+    mntp_loss(hf, w.detach(), y, bias=b.detach()).backward()
+    torch.testing.assert_close(hf.grad, full_g[0])
+    wf, bf = _leaf(w), _leaf(b)
+    mntp_loss(h.detach(), wf, y, bias=bf).backward()
+    torch.testing.assert_close(wf.grad, full_g[1])
+    torch.testing.assert_close(bf.grad, full_g[2])
+    grads = torch.ops.bidirlm.mntp_loss_bwd(
+        torch.ones(40, device=device), h.detach(), w.detach(), None, y,
+        torch.zeros(40, device=device), -100, 0.0, False, True,
+    )  # fmt: skip
+    assert [g.numel() for g in grads] == [0, w.numel(), 0]
+
+
+def test_launch_configs_fit_the_scratch_chunks() -> None:
+    """Every fixed and autotune tile divides the chunk alignment: a launch's programs never index
+    past its `[chunk, d]` float32 scratch. tl.dot needs every dimension >= 16."""
+    fixed = [
+        (c.block_m, c.block_v, c.block_k, c.block_d or 16)
+        for table in mntp_module._CONFIGS.values()
+        for c in table.values()
+    ]
+    tuned = [
+        tuple(cfg.kwargs.get(k, 16) for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K", "BLOCK_D"))
+        for kernel in ("fwd", "dh", "dw")
+        for cfg in mntp_module._autotune_configs(kernel)
+    ]
+    assert len(mntp_module._CONFIGS) == 6 and tuned
+    for bm, bv, bk, bd in fixed + tuned:
+        assert mntp_module._CHUNK_ALIGN % bm == 0 and mntp_module._CHUNK_ALIGN % bv == 0
+        for size in (bm, bv, bk, bd):
+            assert size >= 16 and size & (size - 1) == 0
+    amd = mntp_module._CONFIGS["cdna"]["fwd"]
+    assert amd.num_stages == 1 and amd.num_warps <= 8
+
+
 def test_compile_fullgraph(device: torch.device) -> None:
     """torch.compile traces the custom ops (fake impls + registered autograd) without breaks."""
     h, w, b, y = _inputs(device, torch.float32, shape=(3, 11), d=16, vocab=50, bias=True)

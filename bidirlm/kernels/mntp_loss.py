@@ -479,29 +479,36 @@ def _triton_backward(
     lse: torch.Tensor,
     ignore_index: int,
     softcap: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(dhidden [N, d], dweight [V, d], dbias [V] or None) for per-row loss gradients `grad`."""
+    need_dh: bool = True,
+    need_dw: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(dhidden [N, d], dweight [V, d], dbias [V]) for per-row loss gradients `grad`.
+
+    A gradient that is not needed (need_dh / need_dw, the latter covering weight and bias) is
+    None and its kernel is not launched: a frozen lm_head halves the backward.
+    """
     n, d = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
-    dh = torch.zeros_like(hidden)
-    dw = torch.zeros_like(weight)
-    db = torch.zeros_like(bias) if bias is not None else None
-    if n == 0:
+    dh = torch.zeros_like(hidden) if need_dh else None
+    dw = torch.zeros_like(weight) if need_dw else None
+    db = torch.zeros_like(bias) if bias is not None and need_dw else None
+    if n == 0 or not (need_dh or need_dw):
         return dh, dw, db
     grad = grad.to(torch.float32).contiguous()
     order, count = _compact(labels, ignore_index)
     flags = _flags(hidden, bias, softcap)
     b = bias if bias is not None else weight
     row_chunk, vocab_chunk = _chunk(n, d, dev), _chunk(v, d, dev)
-    scratch = torch.empty(max(row_chunk, vocab_chunk) * d, dtype=torch.float32, device=dev)
+    rows_needed = max(row_chunk if need_dh else 0, vocab_chunk if need_dw else 0)
+    scratch = torch.empty(rows_needed * d, dtype=torch.float32, device=dev)
     common = (hidden, weight, b, labels, order, count, grad, lse)
-    for start in range(0, n, row_chunk):
+    for start in range(0, n if need_dh else 0, row_chunk):
         rows = min(row_chunk, n - start)
         args = (*common, dh, scratch, start, v, d, hidden.stride(0), weight.stride(0),
                 dh.stride(0), softcap)  # fmt: skip
         _launch("dh", dev, lambda bm, bv, rows=rows: (triton.cdiv(rows, bm),), args, flags)
-    for start in range(0, v, vocab_chunk):
+    for start in range(0, v if need_dw else 0, vocab_chunk):
         cols = min(vocab_chunk, v - start)
         args = (*common, dw, db if db is not None else dw, scratch, start, v, d,
                 hidden.stride(0), weight.stride(0), dw.stride(0), softcap)  # fmt: skip
@@ -565,24 +572,42 @@ def _mntp_loss_bwd(
     lse: torch.Tensor,
     ignore_index: int,
     softcap: float,
+    need_dh: bool,
+    need_dw: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dhidden [N, d], dweight [V, d], dbias [V] or an empty tensor when bias is None)."""
+    """(dhidden [N, d], dweight [V, d], dbias [V]); an empty tensor for each one not needed
+    (need_dh; need_dw covers weight and bias) or absent (bias None)."""
     if use_triton(hidden):
         dh, dw, db = _triton_backward(
-            grad, hidden, weight, bias, labels, lse, ignore_index, softcap
+            grad, hidden, weight, bias, labels, lse, ignore_index, softcap, need_dh, need_dw
         )
     else:
         dh, dw, db = reference.mntp_loss_reference_backward(
-            grad, hidden, weight, bias, labels, lse,
-            ignore_index=ignore_index, softcap=softcap or None,
+            grad, hidden, weight, bias, labels, lse, ignore_index=ignore_index,
+            softcap=softcap or None, need_dh=need_dh, need_dw=need_dw,
         )  # fmt: skip
-    return dh, dw, db if db is not None else weight.new_empty(0)
+    empty = lambda t: t if t is not None else weight.new_empty(0)
+    return empty(dh), empty(dw), empty(db)
 
 
 @_mntp_loss_bwd.register_fake
-def _(grad, hidden, weight, bias, labels, lse, ignore_index, softcap):  # noqa: ANN001, ANN202
-    db = torch.empty_like(bias) if bias is not None else weight.new_empty(0)
-    return torch.empty_like(hidden), torch.empty_like(weight), db
+def _(  # noqa: ANN202
+    grad,
+    hidden,
+    weight,
+    bias,
+    labels,
+    lse,
+    ignore_index,
+    softcap,
+    need_dh,
+    need_dw,  # noqa: ANN001
+):
+    empty = weight.new_empty(0)
+    dh = torch.empty_like(hidden) if need_dh else empty
+    dw = torch.empty_like(weight) if need_dw else empty.clone()
+    db = torch.empty_like(bias) if bias is not None and need_dw else empty.clone()
+    return dh, dw, db
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -596,10 +621,20 @@ def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
 
 def _backward(ctx, grad_loss, grad_lse):  # noqa: ANN001, ANN202
     hidden, weight, bias, labels, lse = ctx.saved_tensors
+    need_dh = ctx.needs_input_grad[0]
+    need_dw = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
     dh, dw, db = torch.ops.bidirlm.mntp_loss_bwd(
-        grad_loss, hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.softcap
+        grad_loss, hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.softcap, need_dh,
+        need_dw,
+    )  # fmt: skip
+    return (
+        dh if need_dh else None,
+        dw if ctx.needs_input_grad[1] else None,
+        db if bias is not None and ctx.needs_input_grad[2] else None,
+        None,
+        None,
+        None,
     )
-    return dh, dw, (db if bias is not None else None), None, None, None
 
 
 _mntp_loss_fwd.register_autograd(_backward, setup_context=_setup_context)

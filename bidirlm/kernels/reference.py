@@ -400,16 +400,24 @@ def mntp_loss_reference_backward(
     ignore_index: int = -100,
     softcap: float | None = None,
     chunk_rows: int = MNTP_CHUNK_ROWS,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """No-autograd backward: (dhidden [N, d], dweight [V, d], dbias [V] or None).
+    need_dh: bool = True,
+    need_dw: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """No-autograd backward: (dhidden [N, d], dweight [V, d], dbias [V]).
 
     `grad [N]` is d(loss)/d(per-row loss). dweight and dbias accumulate in float32 over chunks
-    (`addmm_` into a float32 buffer: no `[V, d]` temporary per chunk), then cast.
+    (`addmm_` into a float32 buffer: no `[V, d]` temporary per chunk), then cast. Gradients not
+    needed (need_dh; need_dw covers weight and bias) or absent (no bias) are None.
     """
     acc = torch.promote_types(hidden.dtype, torch.float32)
-    dh = torch.zeros_like(hidden)
-    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-    db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if bias is not None else None
+    dev = weight.device
+    dh = torch.zeros_like(hidden) if need_dh else None
+    dw = torch.zeros(weight.shape, dtype=acc, device=dev) if need_dw else None
+    db = (
+        torch.zeros(weight.shape[0], dtype=acc, device=dev)
+        if bias is not None and need_dw
+        else None
+    )
     idx = (labels != ignore_index).nonzero().squeeze(1)
     for start in range(0, idx.numel(), chunk_rows):
         sel = idx[start : start + chunk_rows]
@@ -420,8 +428,11 @@ def mntp_loss_reference_backward(
         dz *= grad.index_select(0, sel).to(acc)[:, None]
         if t is not None:
             dz *= 1 - t * t
-        dh[sel] = (dz.to(weight.dtype) @ weight).to(dh.dtype)
-        dw.addmm_(dz.T, h.to(acc))
+        if dh is not None:
+            dh[sel] = (dz.to(weight.dtype) @ weight).to(dh.dtype)
+        if dw is not None:
+            dw.addmm_(dz.T, h.to(acc))
         if db is not None:
             db += dz.sum(0)
-    return dh, dw.to(weight.dtype), (db.to(bias.dtype) if db is not None else None)
+    dw = dw.to(weight.dtype) if dw is not None else None
+    return dh, dw, (db.to(bias.dtype) if db is not None else None)
