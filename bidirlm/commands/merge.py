@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     gb = result.bytes / 1e9
     print(
         f"merged {len(config.models)} models -> {result.output}: {result.tensors} tensors, "
-        f"{result.shards} shard(s), {gb:.2f} GB in {result.seconds:.1f} s "
+        f"{result.shards} shard(s), {gb:.2f} GB in {result.seconds:.2f} s "
         f"({gb / max(result.seconds, 1e-9):.2f} GB/s written)"
     )
     if result.report is not None:

@@ -78,14 +78,15 @@ __all__ = [
     "MergeConfig",
     "MergeError",
     "MergeResult",
+    "format_report",
     "load_config",
     "merge",
     "merge_from_config",
     "parse_size",
 ]
 
-PIECE_BYTES = 16 * 2**20  # output bytes per work item: bounds memory whatever the tensor size
-CHUNK = 1 << 16  # elements per inner step: the float32 accumulator stays in L2 cache
+PIECE_BYTES = 8 * 2**20  # output bytes per work item: bounds memory whatever the tensor size
+CHUNK = 1 << 15  # elements per inner step: the float32 accumulator stays in L2 cache
 REPORT_NAME = "merge_report.json"
 CONFIG_COPY_NAME = "merge_config.yml"
 TOKENIZER_FILES = (
@@ -132,7 +133,9 @@ class _Task:
     out: OutEntry
     sources: list[TensorInfo]
     merged: bool
+    method: str = "linear"
     weights: list[float] = dataclasses.field(default_factory=list)
+    coef: torch.Tensor | None = None  # weights as a tensor in the arithmetic dtype
     shared: dict[str, Any] = dataclasses.field(default_factory=dict)
     load: torch.dtype | None = None  # `dtype:` cast applied when reading
     align: torch.dtype | None = None  # merge dtype
@@ -267,6 +270,7 @@ def _plan(config: MergeConfig, inputs: list[dict[str, TensorInfo]]) -> list[_Tas
             _entry(n, out_dtype or align, infos[0].shape),
             infos,
             merged=True,
+            method=config.method,
             shared=config.shared(n, t),
             load=load,
             align=align,
@@ -279,10 +283,13 @@ def _plan(config: MergeConfig, inputs: list[dict[str, TensorInfo]]) -> list[_Tas
                 raise MergeError(
                     f"weights of tensor {n} sum to 0 and normalize is true (division by zero)"
                 )
+            acc = torch.float64 if align == torch.float64 else torch.float32
+            task.coef = torch.tensor(task.weights, dtype=acc)
         else:
             task.weights = [
                 config.weight(i, n, t) for i in range(len(infos)) if i != config.base_index
             ]
+            task.coef = torch.tensor(task.weights, dtype=align).unsqueeze(-1)
         tasks.append(task)
     if not tasks:
         raise MergeError("nothing to merge: every tensor is excluded")
@@ -296,28 +303,33 @@ def _entry(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> OutEntry:
 # --- arithmetic -----------------------------------------------------------------------------
 
 
-def _linear(xs: list[torch.Tensor], task: _Task) -> torch.Tensor:
-    # Same operations as mergekit's linear merge, so results are bitwise equal.
-    acc_dtype = torch.float64 if task.align == torch.float64 else torch.float32
-    w = torch.tensor(task.weights, dtype=acc_dtype)
-    acc = torch.zeros(xs[0].shape, dtype=acc_dtype)
+def _linear(xs: list[torch.Tensor], task: _Task, out: torch.Tensor) -> None:
+    """Write the linear merge of `xs` into `out`, with mergekit's operations (bitwise equal)."""
+    w = task.coef
+    acc = torch.zeros(xs[0].shape, dtype=w.dtype)
     for x, c in zip(xs, w.unbind(0)):
         acc.addcmul_(x, c)
-    if task.shared["normalize"]:
-        acc.div_(w.sum())
-    return acc.to(task.align)
+    if task.align != out.dtype:  # mergekit rounds to the merge dtype, then to out_dtype
+        if task.shared["normalize"]:
+            acc.div_(w.sum())
+        out.copy_(acc.to(task.align))
+    elif task.shared["normalize"]:
+        torch.div(acc, w.sum(), out=out)  # divides in float32, rounds once into `out`
+    else:
+        out.copy_(acc)
 
 
-def _task_arithmetic(xs: list[torch.Tensor], task: _Task) -> torch.Tensor:
-    # mergekit's task arithmetic in the merge dtype: deltas, weighted sum, optional normalize.
+def _task_arithmetic(xs: list[torch.Tensor], task: _Task, out: torch.Tensor) -> None:
+    """Write mergekit's task arithmetic of `xs` into `out`, in the merge dtype as mergekit."""
     base = xs[task.base]
     others = [x for i, x in enumerate(xs) if i != task.base]
     if not others:
-        return base
+        out.copy_(base)
+        return
     deltas = base.new_empty((len(others), *base.shape))
     for i, x in enumerate(others):
         torch.sub(x, base, out=deltas[i])
-    w = torch.tensor(task.weights, dtype=deltas.dtype).unsqueeze(-1)
+    w = task.coef
     deltas.mul_(w)
     mixed = deltas.sum(dim=0)
     if task.shared["normalize"]:
@@ -326,7 +338,7 @@ def _task_arithmetic(xs: list[torch.Tensor], task: _Task) -> torch.Tensor:
         mixed /= divisor
     if task.shared["lambda"] != 1:
         mixed *= task.shared["lambda"]
-    return (base + mixed).to(base.dtype)
+    out.copy_((base + mixed).to(base.dtype))
 
 
 class _Stats:
@@ -359,7 +371,7 @@ def _piece(
         for info in task.sources:
             files.release(info, lo, hi)
         return out, None
-    fn = _linear if len(task.weights) == len(views) else _task_arithmetic
+    fn = _linear if task.method == "linear" else _task_arithmetic
     out = torch.empty(hi - lo, dtype=task.out.dtype)
     stats = _Stats(len(views)) if ref is not None else None
     for c in range(0, hi - lo, CHUNK):
@@ -367,7 +379,7 @@ def _piece(
         if task.load is not None:
             xs = [x.to(task.load) for x in xs]
         xs = [x.to(task.align) for x in xs]
-        out[c : c + CHUNK].copy_(fn(xs, task))
+        fn(xs, task, out[c : c + CHUNK])
         if stats is not None:
             r = xs[ref].float()
             for i, x in enumerate(xs):
@@ -508,8 +520,8 @@ def merge_from_config(
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="merge", file=sys.stderr)
     try:
         # Parallelism comes from our reader threads; torch's own pool would oversubscribe cores.
-        if threads > 1:
-            torch.set_num_threads(1)
+        # (work items are cache-sized chunks: intra-op threads would only add sync overhead)
+        torch.set_num_threads(1)
         folder = AtomicFolder(output, force=force)
         with folder as tmp, ThreadPoolExecutor(threads) as pool:
             window = 2 * threads
