@@ -54,10 +54,9 @@ Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _mntp_loss() -> Loss:
-    import importlib
+    from bidirlm.kernels import mntp_loss
 
-    # the function, not the same-named module (see bidirlm/kernels/mntp_loss.py)
-    return importlib.import_module("bidirlm.kernels.mntp_loss").mntp_loss
+    return mntp_loss
 
 
 def _gathered(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from tests.helpers import ATOL, DTYPES, assert_close_to_ref
 # mntp_loss` can yield the (callable) module when the module was imported first; take the
 # function from the module itself. test_module_name_collision_is_harmless covers the package path.
 mntp_module = importlib.import_module("bidirlm.kernels.mntp_loss")
+mntp_triton = importlib.import_module("bidirlm.kernels.mntp_loss_triton")
 mntp_loss, MNTPLoss = mntp_module.mntp_loss, mntp_module.MNTPLoss
 
 V, D, ROWS = 1003, 96, 257
@@ -135,9 +136,9 @@ def test_deterministic_and_chunked_scratch(
     if device.type == "cuda":
         assert all(torch.equal(a, b_) for a, b_ in zip(first, grads())), "not reproducible"
     # a 1-byte budget forces 256-row / 256-entry chunks: 2 dH launches (257 rows), 2 dW (V=300)
-    monkeypatch.setattr(mntp_module, "_SCRATCH_BYTES", 1)
-    monkeypatch.setattr(mntp_module, "_sm_count", lambda device: 1)
-    assert mntp_module._chunk(ROWS, 40, device) == 256
+    monkeypatch.setattr(mntp_triton, "_SCRATCH_BYTES", 1)
+    monkeypatch.setattr(mntp_triton, "_sm_count", lambda device: 1)
+    assert mntp_triton._chunk(ROWS, 40, device) == 256
     chunked = grads()
     for name, a, b_ in zip(("loss", "dhidden", "dweight", "dbias"), first, chunked):
         assert torch.equal(a, b_), f"{name} changed with chunked launches"
@@ -273,20 +274,20 @@ def test_launch_configs_fit_the_scratch_chunks() -> None:
     past its `[chunk, d]` float32 scratch. tl.dot needs every dimension >= 16."""
     fixed = [
         (c.block_m, c.block_v, c.block_k, c.block_d or 16)
-        for table in mntp_module._CONFIGS.values()
+        for table in mntp_triton._CONFIGS.values()
         for c in table.values()
     ]
     tuned = [
         tuple(cfg.kwargs.get(k, 16) for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K", "BLOCK_D"))
         for kernel in ("fwd", "dh", "dw")
-        for cfg in mntp_module._autotune_configs(kernel)
+        for cfg in mntp_triton._autotune_configs(kernel)
     ]
-    assert len(mntp_module._CONFIGS) == 6 and tuned
+    assert len(mntp_triton._CONFIGS) == 6 and tuned
     for bm, bv, bk, bd in fixed + tuned:
-        assert mntp_module._CHUNK_ALIGN % bm == 0 and mntp_module._CHUNK_ALIGN % bv == 0
+        assert mntp_triton._CHUNK_ALIGN % bm == 0 and mntp_triton._CHUNK_ALIGN % bv == 0
         for size in (bm, bv, bk, bd):
             assert size >= 16 and size & (size - 1) == 0
-    amd = mntp_module._CONFIGS["cdna"]["fwd"]
+    amd = mntp_triton._CONFIGS["cdna"]["fwd"]
     assert amd.num_stages == 1 and amd.num_warps <= 8
 
 
@@ -349,13 +350,16 @@ def test_module_and_non_contiguous(device: torch.device) -> None:
 
 
 def test_module_name_collision_is_harmless() -> None:
+    # The submodule bidirlm.kernels.mntp_loss was imported above; the package attribute must
+    # still be the function, whatever the import order.
     import bidirlm.kernels as kernels
     from bidirlm.kernels import mntp_loss as public
 
+    assert public is mntp_module.mntp_loss and kernels.mntp_loss is mntp_module.mntp_loss
     h, w = torch.randn(3, 8), torch.randn(11, 8)
     y = torch.tensor([1, -100, 4])
     want = mntp_loss_reference(h, w, y)
-    for fn in (public, kernels.mntp_loss, mntp_module):
+    for fn in (public, kernels.mntp_loss):
         torch.testing.assert_close(fn(h, w, y), want)
 
 

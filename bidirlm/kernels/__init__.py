@@ -1,7 +1,10 @@
 """Public ops: bidirectional flash attention, fused MNTP loss, fused in-batch InfoNCE.
 
 Names are resolved lazily (PEP 562) so `import bidirlm.kernels` neither imports Triton nor queries
-a device; the op modules load on first attribute access.
+a device; the op modules load on first attribute access. The one exception is `mntp_loss`: the
+function shares its name with its module `bidirlm.kernels.mntp_loss`, and importing that module
+would rebind the package attribute to the module, so the function is bound eagerly (the module
+imports only torch; its Triton kernels live in `mntp_loss_triton.py`).
 """
 
 from __future__ import annotations
@@ -9,18 +12,19 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .mntp_loss import MNTPLoss as MNTPLoss
+from .mntp_loss import mntp_loss as mntp_loss
+
 _EXPORTS = {
     "flash_attn_func": "attention",
     "flash_attn_varlen_func": "attention",
-    "mntp_loss": "mntp_loss",
-    "MNTPLoss": "mntp_loss",
     "infonce_loss": "infonce",
     "InfoNCELoss": "infonce",
     "decide": "dispatch",
     "use_triton": "dispatch",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "mntp_loss", "MNTPLoss"])
 
 
 def __getattr__(name: str) -> Any:
