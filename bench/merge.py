@@ -5,9 +5,11 @@ written to a temporary folder, then each contender runs as a child process on th
 1/3-each YAML: wall time end to end (imports included; the "startup" rows give that fixed cost
 alone) and peak RSS (rusage of that one child, read by a small launcher process). The
 "read-bound" row is a child that only reads every input byte (64 MB `readinto`), the floor for
-any merge; bidirlm's rows also carry its own timer without start-up (`merge_s`). Each contender
-runs with the inputs in the page cache (warm) and, unless `--no-cold`, after evicting the input
-files from it with `posix_fadvise(DONTNEED)` (cold; only our own files are evicted).
+any merge; "write-bound" writes and fsyncs one output's worth of bytes. bidirlm's rows also
+carry its own timer without start-up (`merge_s`). Each contender runs with the inputs in the page
+cache (warm) and, unless `--no-cold`, after evicting the input files from it with
+`posix_fadvise(DONTNEED)` (cold; only our own files are evicted). Rows hold the median of
+`--repeat` interleaved runs (3; 1 with `--quick`), the samples in `extra`.
 
     python bench/merge.py [--quick] [--keep DIR] [--no-cold] [--no-mergekit] [--results-dir D]
 """
@@ -19,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,6 +48,18 @@ for path in sys.argv[1:]:
     with open(path, "rb", buffering=0) as fh:
         while fh.readinto(view):
             pass
+"""
+
+WRITE_SCRIPT = """
+import os, sys
+folder, size = sys.argv[1], int(sys.argv[2])
+os.makedirs(folder, exist_ok=True)
+chunk = os.urandom(8 * 2**20)
+with open(os.path.join(folder, "model.safetensors"), "wb") as fh:
+    for _ in range(size // len(chunk) + 1):
+        fh.write(chunk)
+    fh.flush()
+    os.fsync(fh.fileno())
 """
 
 OURS_SCRIPT = "import sys; from bidirlm.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -165,9 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-mergekit", action="store_true", help="skip mergekit")
     parser.add_argument("--threads", type=int, default=None, help="bidirlm reader threads")
     parser.add_argument("--results-dir", type=Path, help="where rows go (default bench/results)")
+    parser.add_argument("--repeat", type=int, default=None, help="runs per row (median)")
     args = parser.parse_args(argv)
 
     shape = QUICK if args.quick else FULL
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
     root = args.keep or Path(tempfile.mkdtemp(prefix="bidirlm-bench-merge-"))
     repo = Path(__file__).resolve().parent.parent
     try:
@@ -212,54 +230,55 @@ def main(argv: list[str] | None = None) -> int:
         }
         if "mergekit" in contenders:
             startup["mergekit"] = [sys.executable, "-c", "import mergekit.merge, mergekit.options"]
-        for impl, cmd in startup.items():  # interpreter start-up + imports: a fixed cost
-            wall, rss, _ = run_child(cmd, repo)
-            runner.record(
-                case=case,
-                impl=impl,
-                pass_="startup",
-                ms=wall * 1e3,
-                peak_mem_mb=rss,
-                extra={"loadavg": os.getloadavg()[0]},
-            )
+        contenders["write-bound"] = [sys.executable, "-c", WRITE_SCRIPT, str(out), str(sizes[0])]
         caches = ["warm"] if args.no_cold else ["warm", "cold"]
-        results: dict[tuple[str, str], float] = {}
+        # Interleave repetitions so a burst of load on this shared machine hits every contender.
+        samples: dict[tuple[str, str], list[tuple[float, float, float | None]]] = {}
+        for _ in range(args.repeat):
+            for impl, cmd in startup.items():  # interpreter start-up + imports: a fixed cost
+                wall, rss, _ = run_child(cmd, repo)
+                samples.setdefault(("startup", impl), []).append((wall, rss, None))
+            for cache in caches:
+                for impl, cmd in contenders.items():
+                    if impl == "write-bound" and cache == "cold":
+                        continue  # it reads nothing
+                    shutil.rmtree(out, ignore_errors=True)
+                    if cache == "cold":
+                        evict(files)
+                    else:  # warm: every input byte in the page cache
+                        run_child(contenders["read-bound"], repo)
+                    wall, rss, text = run_child(cmd, repo)
+                    m = re.search(r"in ([0-9.]+) s", text) if impl == "bidirlm" else None
+                    merge_s = float(m.group(1)) if m else None  # bidirlm's timer, no start-up
+                    samples.setdefault((cache, impl), []).append((wall, rss, merge_s))
+        medians = {k: statistics.median(w for w, _, _ in v) for k, v in samples.items()}
+        for (cache, impl), runs in samples.items():
+            wall = medians[(cache, impl)]
+            rss = max(r for _, r, _ in runs)
+            extra: dict = {
+                "page_cache": cache,
+                "input_gb": round(in_bytes / 1e9, 3),
+                "wall_s_samples": [round(w, 3) for w, _, _ in runs],
+                "rss_over_input": round(rss * 2**20 / in_bytes, 3),
+                "threads": args.threads or min(4, os.cpu_count() or 1),
+                "cores": os.cpu_count(),
+                "loadavg": round(os.getloadavg()[0], 2),
+            }
+            if cache != "startup" and impl != "write-bound":
+                extra["input_gb_per_s"] = round(in_bytes / 1e9 / wall, 3)
+            merge_s = [x for _, _, x in runs if x is not None]
+            if merge_s:
+                extra["merge_s"] = statistics.median(merge_s)
+            bound = medians.get((cache, "read-bound"))
+            if bound and impl in ("bidirlm", "mergekit"):
+                extra["read_bound_fraction"] = round(bound / wall, 3)
+                if merge_s:
+                    extra["read_bound_fraction_merge_only"] = round(bound / extra["merge_s"], 3)
+            runner.record(
+                case=case, impl=impl, pass_=cache, ms=wall * 1e3, peak_mem_mb=rss, extra=extra
+            )
         for cache in caches:
-            for impl, cmd in contenders.items():
-                shutil.rmtree(out, ignore_errors=True)
-                if cache == "cold":
-                    evict(files)
-                else:  # warm: every input byte in the page cache
-                    run_child(contenders["read-bound"], repo)
-                wall, rss, text = run_child(cmd, repo)
-                results[(cache, impl)] = wall
-                extra = {
-                    "page_cache": cache,
-                    "input_gb": round(in_bytes / 1e9, 3),
-                    "gb_per_s": round(in_bytes / 1e9 / wall, 3),
-                    "rss_over_input": round(rss * 2**20 / in_bytes, 3),
-                    "threads": args.threads or min(4, os.cpu_count() or 1),
-                    "cores": os.cpu_count(),
-                    "loadavg": os.getloadavg()[0],
-                }
-                m = re.search(r"in ([0-9.]+) s", text) if impl == "bidirlm" else None
-                if m:  # our own timer: the merge without interpreter start-up and imports
-                    extra["merge_s"] = float(m.group(1))
-                bound = results.get((cache, "read-bound"))
-                if bound and impl != "read-bound":
-                    extra["read_bound_fraction"] = round(bound / wall, 3)
-                    if "merge_s" in extra:
-                        extra["read_bound_fraction_merge_only"] = round(bound / extra["merge_s"], 3)
-                runner.record(
-                    case=case,
-                    impl=impl,
-                    pass_=cache,
-                    ms=wall * 1e3,
-                    peak_mem_mb=rss,
-                    extra=extra,
-                )
-        for cache in caches:
-            mk, ours = results.get((cache, "mergekit")), results.get((cache, "bidirlm"))
+            mk, ours = medians.get((cache, "mergekit")), medians.get((cache, "bidirlm"))
             if mk and ours:
                 print(f"[merge] {cache}: bidirlm is {mk / ours:.1f}x faster than mergekit")
         shutil.rmtree(out, ignore_errors=True)
