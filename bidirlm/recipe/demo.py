@@ -58,6 +58,7 @@ class DemoSize:
     query_len: int
     doc_len: int
     eval_queries: int | None  # None: every held-out query
+    eval_documents: int | None  # None: every held-out document (else a subset with the answers)
     eval_length: int
     lr_causal: float
     lr_mntp: float
@@ -66,14 +67,14 @@ class DemoSize:
 
 SIZES: dict[str, DemoSize] = {
     # CI: the whole chain on a 2-core CPU in about a minute; numbers are noise at this size.
-    "tiny": DemoSize("tiny", 32, 1, 2, 1, 16, 64, 6, 3, 3, 1024, 128, 8, 24, 64, 40, 64,
+    "tiny": DemoSize("tiny", 32, 1, 2, 1, 16, 64, 6, 3, 3, 1024, 128, 8, 24, 64, 40, 120, 32,
                      3e-3, 1e-3, 1e-3),
     # `--quick`: under 10 minutes on a 2-core CPU.
-    "quick": DemoSize("quick", 96, 2, 4, 2, 24, 256, 100, 30, 25, 2048, 128, 16, 32, 96,
-                      None, 96, 3e-3, 1e-3, 1e-3),
+    "quick": DemoSize("quick", 96, 2, 4, 2, 24, 256, 80, 30, 150, 2048, 128, 32, 24, 64,
+                      None, None, 64, 2e-3, 1e-3, 1e-3),
     # The default: a larger model and budget, meant for a GPU (runs anywhere, slowly on a CPU).
-    "full": DemoSize("full", 512, 8, 8, 4, 64, 1536, 3000, 800, 400, 16384, 512, 128, 64, 256,
-                     None, 256, 1e-3, 2e-4, 1e-4),
+    "full": DemoSize("full", 512, 8, 8, 4, 64, 1536, 3000, 800, 1000, 16384, 512, 128, 64, 256,
+                     None, None, 256, 1e-3, 2e-4, 2e-4),
 }  # fmt: skip
 
 # Variant name (as in the paper's Figure 2) -> (pipeline phase whose model it is, bidirectional).
@@ -139,6 +140,19 @@ def prepare_data(folder: Path) -> dict[str, Path]:
         _write_jsonl(files["code"], [{"text": t} for t in ev.stdlib_texts("train", "code")])
         _write_jsonl(files["pairs"], pairs_with_hard_negatives(ev.stdlib_pairs("train")))
     return files
+
+
+def subsample(task: ev.RetrievalTask, max_documents: int | None) -> ev.RetrievalTask:
+    """Keep every relevant document and the first other ones up to `max_documents` (CI size)."""
+    if max_documents is None or len(task.corpus) <= max_documents:
+        return task
+    keep = {d for docs in task.qrels.values() for d in docs}
+    for doc_id in task.corpus:
+        if len(keep) >= max_documents:
+            break
+        keep.add(doc_id)
+    corpus = {d: t for d, t in task.corpus.items() if d in keep}
+    return dataclasses.replace(task, corpus=corpus)
 
 
 def build_initial_model(folder: Path, size: DemoSize) -> Path:
@@ -328,7 +342,8 @@ def format_report(results: dict[str, Any]) -> str:
         "",
         f"Best variant: **{results['best']}**. Best bidirectional variant "
         f"**{results['export']['variant']}** exported as a sentence-transformers model to "
-        f"`{results['export']['path']}`; `SentenceTransformer(path).encode` gave embeddings of "
+        f"`{Path(results['export']['path']).name}/`; `SentenceTransformer(path).encode` gave "
+        "embeddings of "
         f"shape {results['export']['shape']} (query/document cosines "
         f"{', '.join(f'{c:.3f}' for c in results['export']['cosines'])}).",
         "",
@@ -384,7 +399,7 @@ def run_demo(
     log(f"size {size.name} on {device}{threads}; outputs in {out}")
     log("1/4 data: stdlib training packages -> JSON Lines; held-out task")
     files = prepare_data(out / "data")
-    task = ev.embedded_task(max_queries=size.eval_queries)
+    task = subsample(ev.embedded_task(max_queries=size.eval_queries), size.eval_documents)
     ev.save_task(task, out / "data" / "heldout")
     log(
         f"    {len(task.queries)} held-out queries, {len(task.corpus)} documents from "
