@@ -312,3 +312,16 @@ def test_console_script_error_has_no_traceback(pair, tmp_path):
     assert proc.stderr.startswith("bidirlm merge: error: vocabulary size mismatch")
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
     assert leftovers(tmp_path) == []
+
+
+def test_empty_and_scalar_tensors(tmp_path):
+    a = write_raw(
+        tmp_path / "a", {"e": torch.zeros(0, 4), "s": torch.tensor(2.0), "z": -torch.zeros(3)}
+    )
+    b = write_raw(
+        tmp_path / "b", {"e": torch.zeros(0, 4), "s": torch.tensor(4.0), "z": -torch.zeros(3)}
+    )
+    merge([a, b], [1, 1], tmp_path / "out")
+    out = load_folder(tmp_path / "out")
+    assert out["e"].shape == (0, 4) and out["s"].item() == 3.0
+    assert bits_equal(out["z"], torch.zeros(3))  # +0, as mergekit's 0 + (-0) accumulation gives

@@ -176,6 +176,8 @@ class MappedFiles:
 
     def view(self, info: TensorInfo, lo: int, hi: int) -> torch.Tensor:
         """Elements [lo, hi) of the flattened tensor, as a zero-copy view of the mapped file."""
+        if hi <= lo:  # empty tensors have no bytes to map
+            return torch.empty(0, dtype=info.dtype)
         mm = self._map(info.file)
         isz = info.dtype.itemsize
         start = info.offset + lo * isz
@@ -187,7 +189,7 @@ class MappedFiles:
     def release(self, info: TensorInfo, lo: int, hi: int) -> None:
         """Drop the pages of a merged range from this process (they stay in the page cache)."""
         mm = self._maps.get(info.file)
-        if mm is None:
+        if mm is None or hi <= lo:
             return
         isz = info.dtype.itemsize
         start = info.offset + lo * isz
