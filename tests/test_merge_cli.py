@@ -49,10 +49,12 @@ def leftovers(parent: Path, name: str = "out") -> list[str]:
     return [p.name for p in parent.iterdir() if p.name.startswith((name, f".{name}"))]
 
 
-def run_cli(tmp_path: Path, text: str, *args: str, capsys=None) -> tuple[int, str, str]:
+def run_cli(
+    tmp_path: Path, text: str, *args: str, capsys=None, quiet: bool = True
+) -> tuple[int, str, str]:
     cfg = tmp_path / "merge.yml"
     cfg.write_text(text)
-    rc = cli.main(["merge", str(cfg), str(tmp_path / "out"), "--quiet", *args])
+    rc = cli.main(["merge", str(cfg), str(tmp_path / "out"), *args] + ["--quiet"] * quiet)
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -72,8 +74,11 @@ def test_cli_merges_and_prints_report(pair, tmp_path, capsys):
     # an existing output is refused without --force, replaced with it
     rc, _, err = run_cli(tmp_path, yaml_for(*pair), capsys=capsys)
     assert rc == 1 and "already exists" in err and "--force" in err
-    rc, _, err = run_cli(tmp_path, yaml_for(*pair), "--force", "--dtype", "bf16", capsys=capsys)
+    rc, _, err = run_cli(
+        tmp_path, yaml_for(*pair), "--force", "--dtype", "bf16", capsys=capsys, quiet=False
+    )
     assert rc == 0, err
+    assert err.splitlines()[-1] == "merge: 6/6 tensors (100%)"  # log lines when not a terminal
     assert {t.dtype for t in load_folder(tmp_path / "out").values()} == {torch.bfloat16}
     assert not (tmp_path / "out" / "merge_report.json").exists()
     assert leftovers(tmp_path) == ["out"]

@@ -53,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _log_progress(name: str, done: int, total: int) -> None:
+    """One stderr line per tenth of the tensors (for logs, where a progress bar is noise)."""
+    if done == total or done * 10 // total != (done - 1) * 10 // total:
+        print(f"merge: {done}/{total} tensors ({100 * done // total}%)", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     from bidirlm.runtime.merge import MergeError, format_report, load_config, merge_from_config
 
@@ -65,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
             overrides["out_dtype"] = DTYPE_ALIASES[args.out_dtype]
         if overrides:
             config = dataclasses.replace(config, **overrides)
+        tty = sys.stderr.isatty()
         result = merge_from_config(
             config,
             args.output_dir,
@@ -72,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads,
             force=args.force,
             report=args.report,
-            progress=not args.quiet and sys.stderr.isatty(),
+            progress=not args.quiet and tty,  # a progress bar on a terminal,
+            on_tensor=None if args.quiet or tty else _log_progress,  # else log lines
         )
     except MergeError as exc:
         raise CommandError(str(exc)) from None

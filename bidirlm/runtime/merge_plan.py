@@ -22,7 +22,7 @@ from .merge_io import MappedFiles, OutEntry, TensorInfo
 from .merge_report import Stats
 
 PIECE_BYTES = 8 * 2**20  # output bytes per work item: bounds memory whatever the tensor size
-CHUNK = 1 << 15  # elements per inner step: the float32 accumulator stays in L2 cache
+CHUNK = 1 << 16  # elements per inner step: the float32 accumulator stays in L2 cache
 VOCAB_TENSORS = re.compile(r"(embed_tokens|lm_head|wte|embed_out|word_embeddings)(\.weight)?$")
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 TORCH_DTYPES = {
@@ -43,6 +43,7 @@ class Task:
     method: str = "linear"
     weights: list[float] = dataclasses.field(default_factory=list)
     coef: torch.Tensor | None = None  # weights as a tensor in the arithmetic dtype
+    coef_parts: tuple[torch.Tensor, ...] = ()  # coef.unbind(0), made once (not per chunk)
     shared: dict[str, Any] = dataclasses.field(default_factory=dict)
     load: torch.dtype | None = None  # `dtype:` cast applied when reading
     align: torch.dtype | None = None  # merge dtype
@@ -180,6 +181,7 @@ def plan(config: MergeConfig, inputs: list[dict[str, TensorInfo]]) -> list[Task]
                 )
             acc = torch.float64 if align == torch.float64 else torch.float32
             task.coef = torch.tensor(task.weights, dtype=acc)
+            task.coef_parts = task.coef.unbind(0)
         else:
             task.weights = [
                 config.weight(i, n, t) for i in range(len(infos)) if i != config.base_index
@@ -200,7 +202,7 @@ def linear(xs: list[torch.Tensor], task: Task, out: torch.Tensor) -> None:
     """Write the linear merge of `xs` into `out`, with mergekit's operations (bitwise equal)."""
     w = task.coef
     acc = torch.zeros(xs[0].shape, dtype=w.dtype)
-    for x, c in zip(xs, w.unbind(0)):
+    for x, c in zip(xs, task.coef_parts):
         acc.addcmul_(x, c)
     if task.align != out.dtype:  # mergekit rounds to the merge dtype, then to out_dtype
         if task.shared["normalize"]:
@@ -254,11 +256,13 @@ def compute_piece(
     fn = linear if task.method == "linear" else task_arithmetic
     out = torch.empty(hi - lo, dtype=task.out.dtype)
     stats = Stats(len(views)) if ref is not None else None
+    convert = any(v.dtype != task.align for v in views)
     for c in range(0, hi - lo, CHUNK):
         xs = [v[c : c + CHUNK] for v in views]
-        if task.load is not None:
-            xs = [x.to(task.load) for x in xs]
-        xs = [x.to(task.align) for x in xs]
+        if convert:
+            if task.load is not None:
+                xs = [x.to(task.load) for x in xs]
+            xs = [x.to(task.align) for x in xs]
         fn(xs, task, out[c : c + CHUNK])
         if stats is not None:
             r = xs[ref].float()
