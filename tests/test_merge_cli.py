@@ -209,6 +209,8 @@ def test_api_errors(pair, tmp_path):
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20
     with pytest.raises(MergeError, match="not a size"):
         parse_size("5 parsecs")
+    with pytest.raises(MergeError, match="ambiguous"):
+        parse_size("5B")
     assert leftovers(tmp_path) == []
 
 

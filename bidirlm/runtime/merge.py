@@ -36,8 +36,15 @@ bidirlm's own keys (mergekit ignores them):
     tokenizer_from: PATH           # tokenizer/processor files source (default: config_from)
 
 Every pattern and filter applies to output names (after `rename`). A tensor that is neither
-taken nor excluded must exist in every model with one shape; anything else is a `MergeError`
-naming the model and tensor, raised before the output folder is created.
+taken nor excluded must exist in every model with one shape (integer tensors must also be equal
+and are copied); anything else is a `MergeError` naming the model and tensor, raised before the
+output folder is created.
+
+The output folder holds the safetensors shards (`model.safetensors`, or `model-0000k-of-0000n`
+files and `model.safetensors.index.json`), `config.json` (its `dtype` set when `dtype` or
+`out_dtype` is), `generation_config.json` and tokenizer files when the sources have them,
+`merge_config.yml` (the recipe) and, with `report`, `merge_report.json`: the cosine similarity of
+each model to the base (else the first model), over all merged weights and per layer.
 """
 
 from __future__ import annotations
@@ -122,6 +129,8 @@ def parse_size(value: str | int) -> int:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?I?B?)\s*", str(value).upper())
         if not m:
             raise MergeError(f"shard size {value!r} is not a size like 5GB or 500MiB")
+        if m.group(2) == "B":  # mergekit reads "5B" as 5 billion, transformers as 5 bytes
+            raise MergeError(f"shard size {value!r} is ambiguous: write 5GB or a byte count")
         unit = m.group(2).rstrip("B")
         power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
         size = int(float(m.group(1)) * (1024 if unit.endswith("I") else 1000) ** power)
