@@ -83,4 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m bidirlm.cli`, this file is `__main__`, a second copy of the module whose
+    # CommandError is not the class the commands raise: delegate to the real module.
+    from bidirlm.cli import main as _main
+
+    sys.exit(_main())

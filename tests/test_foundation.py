@@ -144,3 +144,14 @@ def test_report_selects_latest_run(tmp_path) -> None:
 def test_attention_flop_formula() -> None:
     assert attention_flops(10, 2, 8, "fwd") == 4 * 10 * 2 * 8
     assert attention_flops(10, 2, 8, "bwd") == 2.5 * 4 * 10 * 2 * 8
+
+
+def test_command_error_is_one_line_under_python_dash_m() -> None:
+    # `python -m bidirlm.cli` runs the file as __main__; errors must still be one line.
+    out = _cli("bench", "no-such-suite")
+    assert out.returncode == 1
+    assert (
+        out.stderr.strip().splitlines() == [out.stderr.strip().splitlines()[0]]
+        and "unknown suite" in out.stderr
+    )
+    assert "Traceback" not in out.stderr
