@@ -35,8 +35,12 @@ def test_demo_tiny_end_to_end(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("BIDIRLM_KERNELS", "torch")  # whole models: no Triton interpreter
+    import torch
+
     out = tmp_path / "demo"
+    threads = torch.get_num_threads()
     assert main(["demo", "--tiny", "--cpu", "--out", str(out)]) == 0
+    assert torch.get_num_threads() == threads  # the demo's single-thread default is undone
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert results["metric"] == "ndcg@10"

@@ -70,7 +70,7 @@ SIZES: dict[str, DemoSize] = {
     "tiny": DemoSize("tiny", 32, 1, 2, 1, 16, 64, 6, 3, 3, 1024, 128, 8, 24, 64, 40, 120, 32,
                      3e-3, 1e-3, 1e-3),
     # `--quick`: under 10 minutes on a 2-core CPU.
-    "quick": DemoSize("quick", 96, 2, 4, 2, 24, 256, 80, 30, 150, 2048, 128, 32, 24, 64,
+    "quick": DemoSize("quick", 96, 2, 4, 2, 24, 256, 300, 100, 250, 2048, 128, 32, 24, 64,
                       None, None, 64, 2e-3, 1e-3, 1e-3),
     # The default: a larger model and budget, meant for a GPU (runs anywhere, slowly on a CPU).
     "full": DemoSize("full", 512, 8, 8, 4, 64, 1536, 3000, 800, 1000, 16384, 512, 128, 64, 256,
