@@ -251,3 +251,42 @@ def test_beir_errors(tmp_path: Path) -> None:
         ev.load_retrieval_jsonl(folder)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ev.load_retrieval_jsonl(tmp_path / "missing.jsonl")
+
+
+# ---------------------------------------------------------------------------- CLI: eval, encode
+
+
+def test_eval_and_encode_commands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    from bidirlm.cli import main
+    from bidirlm.runtime import load_model
+    from bidirlm.runtime.embedded import embedded_tiny_model
+
+    monkeypatch.setenv("BIDIRLM_KERNELS", "torch")
+    model = str(embedded_tiny_model())
+    texts = tmp_path / "texts.txt"
+    texts.write_text("first line\n\nsecond line\n", encoding="utf-8")
+    out = tmp_path / "emb.npy"
+    assert main(["encode", model, "--input", str(texts), "--output", str(out)]) == 0
+    emb = np.load(out)
+    expected = load_model(model).encode(["first line", "second line"])
+    assert emb.shape == (2, 64)
+    torch.testing.assert_close(torch.from_numpy(emb), expected)
+    assert main(["encode", model, "--input", str(tmp_path / "nope.txt"), "--output", str(out)]) == 1
+    assert "nope.txt does not exist" in capsys.readouterr().err
+
+    task = _write_jsonl(
+        tmp_path / "set.jsonl",
+        [{"query": "sort a list", "positive": "Return a new sorted list."},
+         {"query": "open a file", "positive": "Open file and return a stream."}],
+    )  # fmt: skip
+    metrics_file = tmp_path / "m.json"
+    assert main(["eval", model, "--task", str(task), "--output", str(metrics_file)]) == 0
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["num_queries"] == 2 and 0.0 <= metrics["ndcg@10"] <= 1.0
+    assert json.loads(capsys.readouterr().out) == metrics
+    assert main(["eval", model, "--task", str(tmp_path / "missing.jsonl")]) == 1
+    assert "does not exist" in capsys.readouterr().err
