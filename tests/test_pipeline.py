@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from bidirlm.recipe import pipeline as pl
 from bidirlm.runtime import evaluation as ev
+from bidirlm.runtime.config import dumps_toml
 
 RECIPES = ["qwen3-0.6b", "qwen3-1.7b", "gemma3-270m", "gemma3-1b"]
 
@@ -199,3 +200,35 @@ def test_pipeline_chains_skips_and_resumes(
     small_recipe["merge"]["weights"] = [0.7, 0.3]
     with pytest.raises(pl.RecipeError, match="different configuration"):
         pl.run_pipeline(pl.parse_recipe(small_recipe), log=logs.append)
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def test_pipeline_command_checks_shipped_recipe_inputs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bidirlm.cli import main
+
+    # The shipped recipe names paths of the user's: a missing one is a one-line error.
+    missing = str(tmp_path / "no-such-model")
+    assert main(["pipeline", "qwen3-0.6b", "--check", "--set", f"recipe.base={missing}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1
+        and err[0].startswith("bidirlm pipeline: error:")
+        and "no-such-model" in err[0]
+    )
+
+
+def test_pipeline_command_check_lists_phases(
+    small_recipe: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bidirlm.cli import main
+
+    path = tmp_path / "recipe.toml"
+    path.write_text(dumps_toml(small_recipe), encoding="utf-8")
+    assert main(["pipeline", str(path), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "mntp" in out and "contrastive" in out and out.rstrip().splitlines()[-1].startswith("ok")
+    assert not (tmp_path / "run").exists()  # --check runs nothing
