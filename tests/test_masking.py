@@ -146,6 +146,7 @@ def test_bad_input_ids_and_cu_seqlens() -> None:
 def tokenizer():  # noqa: ANN201 - a transformers tokenizer
     """A tiny word-level tokenizer trained locally on the stdlib's own text (no download)."""
     import pydoc_data.topics
+
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
