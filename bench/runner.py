@@ -32,7 +32,10 @@ from typing import Any
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# BIDIRLM_BENCH_RESULTS redirects rows (e.g. smoke runs that must not land in the committed files).
+RESULTS_DIR = Path(
+    os.environ.get("BIDIRLM_BENCH_RESULTS") or Path(__file__).resolve().parent / "results"
+)
 FIELDS = (
     "suite",
     "case",

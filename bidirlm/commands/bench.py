@@ -1,13 +1,16 @@
 """`bidirlm bench [SUITE ...|all] [-- suite args]`: run benchmark suites from the repo's bench/.
 
 Each suite is `bench/<name>.py` with a `main(argv) -> int`; rows go to
-`bench/results/<device>.jsonl` through the shared runner (bench/runner.py).
+`bench/results/<device>.jsonl` through the shared runner (bench/runner.py). Each suite runs in
+its own Python process: suites set process-wide state (TRITON_INTERPRET must be fixed before any
+`@triton.jit` function is created, CUDA memory stats, compile caches) that must not leak into the
+next one.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,13 +40,12 @@ def run(args: argparse.Namespace) -> int:
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
         raise CommandError(f"unknown suite(s) {unknown}; valid: {', '.join(SUITES)}, all")
-    sys.path.insert(0, str(root.parent))
-    rc = 0
+    failed = []
     for name in suites:
-        if not (root / f"{name}.py").exists():
-            print(f"bench: suite {name!r} has no script yet (bench/{name}.py); skipped")
-            continue
         print(f"bench: running {name}", flush=True)
-        module = importlib.import_module(f"bench.{name}")
-        rc |= int(module.main(["--quick"] if args.quick else []) or 0)
-    return rc
+        cmd = [sys.executable, "-m", f"bench.{name}", *(["--quick"] if args.quick else [])]
+        if subprocess.run(cmd, cwd=root.parent).returncode != 0:
+            failed.append(name)
+    if failed:
+        raise CommandError(f"suite(s) failed: {', '.join(failed)}")
+    return 0
