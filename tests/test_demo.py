@@ -51,12 +51,17 @@ def test_demo_tiny_end_to_end(
         assert name in printed
     assert results["num_queries"] == 40 and results["num_documents"] == 120
     assert results["best"] == max(results["variants"], key=results["variants"].get)
+    # The untrained model is a reference row, never a variant (nor the best).
+    reference = results["reference"]
+    assert reference["name"] == demo.REFERENCE and demo.REFERENCE not in results["variants"]
+    assert 0.0 <= reference["ndcg@10"] <= 1.0 and "reference, not a variant" in printed
     # Held-out data never reaches training: no training pair mentions a held-out module.
     heldout = {q.split(":")[0] for q in ev.load_task(out / "data" / "heldout").queries}
     assert heldout and all(ev.split_of(m) == "heldout" for m in heldout)
     # Report, chart, export.
     report = (out / "report.md").read_text()
     assert "| Bi+MNTP+Contrastive |" in report and "results.png" in report
+    assert f"reference, not a variant: {demo.REFERENCE}" in report
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     export = results["export"]
     assert demo.VARIANTS[export["variant"]][1]  # the exported variant is bidirectional

@@ -58,6 +58,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{'variant':<{width}}  nDCG@10  MRR@10")
     for name, score in results["variants"].items():
         print(f"{name:<{width}}  {score:7.4f}  {results['mrr@10'][name]:6.4f}")
+    reference = results["reference"]
+    print(
+        f"(reference, not a variant: {reference['name']}: nDCG@10 {reference['ndcg@10']:.4f}, "
+        f"MRR@10 {reference['mrr@10']:.4f})"
+    )
     export = results["export"]
     print(
         f"\nbest: {results['best']}; best bidirectional ({export['variant']}) exported to "
