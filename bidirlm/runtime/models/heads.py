@@ -20,14 +20,26 @@ class ClassifierOutput:
     loss: torch.Tensor | None = None
 
 
-def _linear(encoder: Encoder, num_labels: int) -> nn.Linear:
-    head = nn.Linear(encoder.hidden_size, num_labels, device=encoder.device, dtype=encoder.dtype)
-    nn.init.normal_(head.weight, std=0.02)
-    nn.init.zeros_(head.bias)
-    return head
+class _Head(nn.Module):
+    """Shared part of the heads: argument checks, the encoder, dropout and the linear scorer."""
+
+    def __init__(self, encoder: Encoder, num_labels: int, dropout: float) -> None:
+        super().__init__()
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.encoder = encoder
+        self.num_labels = num_labels
+        self.dropout = nn.Dropout(dropout)
+        self.score = nn.Linear(
+            encoder.hidden_size, num_labels, device=encoder.device, dtype=encoder.dtype
+        )
+        nn.init.normal_(self.score.weight, std=0.02)
+        nn.init.zeros_(self.score.bias)
 
 
-class SequenceClassifier(nn.Module):
+class SequenceClassifier(_Head):
     """`encoder` -> pooled vector -> dropout -> linear: logits `[N, num_labels]`.
 
     `num_labels == 1` is regression (MSE against float labels `[N]`); otherwise cross-entropy
@@ -37,20 +49,12 @@ class SequenceClassifier(nn.Module):
     def __init__(
         self, encoder: Encoder, num_labels: int, pooling: str = "mean", dropout: float = 0.0
     ) -> None:
-        super().__init__()
-        if num_labels < 1:
-            raise ValueError(f"num_labels must be >= 1, got {num_labels}")
         if pooling not in POOLINGS:
             raise ValueError(
                 f"pooling={pooling!r} is not valid; choose one of {', '.join(POOLINGS)}"
             )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.encoder = encoder
-        self.num_labels = num_labels
+        super().__init__(encoder, num_labels, dropout)
         self.pooling = pooling
-        self.dropout = nn.Dropout(dropout)
-        self.score = _linear(encoder, num_labels)
 
     def forward(
         self,
@@ -88,22 +92,14 @@ class SequenceClassifier(nn.Module):
         return ClassifierOutput(logits=logits, loss=loss)
 
 
-class TokenClassifier(nn.Module):
+class TokenClassifier(_Head):
     """`encoder` -> dropout -> linear per token: logits `[B, S, C]` (padded) or `[T, C]` (packed).
 
     Loss: cross-entropy over tokens whose label is not `-100` (padding positions are ignored too).
     """
 
     def __init__(self, encoder: Encoder, num_labels: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        if num_labels < 1:
-            raise ValueError(f"num_labels must be >= 1, got {num_labels}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.encoder = encoder
-        self.num_labels = num_labels
-        self.dropout = nn.Dropout(dropout)
-        self.score = _linear(encoder, num_labels)
+        super().__init__(encoder, num_labels, dropout)
 
     def forward(
         self,
