@@ -168,31 +168,22 @@ def build_initial_model(folder: Path, size: DemoSize) -> Path:
     """A random Qwen3 of the demo size with the embedded tokenizer (seed 0), written once."""
     if (folder / "config.json").is_file():
         return folder
-    import torch
-    from transformers import AutoTokenizer, Qwen3ForCausalLM
+    from transformers import AutoTokenizer
 
-    from bidirlm.runtime.embedded import embedded_tiny_model, tiny_qwen3_config
+    from bidirlm.runtime.embedded import embedded_tiny_model, save_random_qwen3
 
     tokenizer = AutoTokenizer.from_pretrained(str(embedded_tiny_model()))
-    vocab = -(-len(tokenizer) // 64) * 64
-    config = tiny_qwen3_config(
-        vocab,
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    save_random_qwen3(
+        tmp,
+        tokenizer,
         hidden_size=size.hidden,
         intermediate_size=size.intermediate,
         num_hidden_layers=size.layers,
         num_attention_heads=size.heads,
         num_key_value_heads=size.kv_heads,
         head_dim=size.head_dim,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = Qwen3ForCausalLM(config)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(str(tmp))
     tmp.replace(folder)
     return folder
 

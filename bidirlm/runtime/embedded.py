@@ -33,6 +33,7 @@ import sysconfig
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # Folders of the stdlib that are tests, demos, tools or vendored packages, not library code.
 _SKIP_DIRS = frozenset(
@@ -257,6 +258,29 @@ def tiny_qwen3_config(vocab_size: int, **overrides):
     return Qwen3Config(**kwargs)
 
 
+def save_random_qwen3(folder: Path, tokenizer: Any, **overrides: Any) -> None:
+    """Write a random Qwen3 (seed 0, `tiny_qwen3_config(**overrides)`) + `tokenizer` to `folder`.
+
+    The vocabulary is the tokenizer's, rounded up to a multiple of 64 (friendlier shapes for the
+    kernels); the global RNG is left untouched.
+    """
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    config = tiny_qwen3_config(
+        -(-len(tokenizer) // 64) * 64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **overrides,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(str(folder))
+
+
 def embedded_tiny_model(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Path of the embedded tiny model (Hugging Face folder), building it on first use.
 
@@ -267,22 +291,7 @@ def embedded_tiny_model(cache_dir: str | os.PathLike[str] | None = None) -> Path
     final = cache_root(cache_dir) / "models" / TINY_MODEL_NAME
 
     def build(tmp: Path) -> None:
-        import torch
-        from transformers import Qwen3ForCausalLM
-
-        tokenizer = _train_tokenizer()
-        vocab = -(-len(tokenizer) // 64) * 64  # round up: friendlier shapes for the kernels
-        config = tiny_qwen3_config(
-            vocab,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = Qwen3ForCausalLM(config)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_random_qwen3(tmp, _train_tokenizer())
         (tmp / "README.md").write_text(
             "Embedded tiny model of bidirlm: random Qwen3 weights, BPE tokenizer trained on "
             "Python's stdlib docs and sources. For tests, examples and the demo only.\n",
