@@ -320,6 +320,8 @@ BAD_CU = [
     (torch.tensor([0, 3, 7], dtype=torch.int32), 5, "end at the token count"),
     (torch.tensor([0, 3, 8], dtype=torch.int32), 4, "max_seqlen"),
     (torch.tensor([0, 3, 8], dtype=torch.int32), -1, "max_seqlen"),
+    (torch.tensor([0, 3, 8], dtype=torch.int32), 9, "max_seqlen"),
+    (torch.tensor([0, 3, 8], dtype=torch.int32), 10**9, "max_seqlen"),
     ([0, 3, 8], 5, "cu_seqlens must be"),
 ]
 

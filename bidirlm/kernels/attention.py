@@ -283,6 +283,12 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int, dev
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"max_seqlen must be an int >= 0, got {max_seqlen!r}")
+    if max_seqlen > total:
+        # The grid is sized by max_seqlen: a huge value launches millions of empty programs.
+        raise ValueError(
+            f"max_seqlen ({max_seqlen}) is larger than the total token count {total}; "
+            "pass the longest sequence length"
+        )
     if not _values_checkable(cu_seqlens):
         return
     bounds = cu_seqlens.tolist()
