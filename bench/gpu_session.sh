@@ -14,7 +14,7 @@ unset TRITON_INTERPRET
   python -m bidirlm env
 } > "$OUT/env.txt" 2>&1
 timeout 240 python -m pytest -q -x tests/test_attention.py tests/test_mntp_loss.py \
-  tests/test_infonce.py tests/test_models.py > "$OUT/tests.txt" 2>&1
+  tests/test_infonce.py tests/models/test_models.py > "$OUT/tests.txt" 2>&1
 echo "tests rc $?" >> "$OUT/tests.txt"
 for suite in attention mntp_loss infonce model; do
   timeout 300 python -m "bench.$suite" > "$OUT/bench-$suite.txt" 2>&1

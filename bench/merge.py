@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             "bidirlm": [
                 sys.executable,
                 "-c",
-                "import bidirlm.commands.merge, bidirlm.runtime.merge",
+                "import bidirlm.commands.merge, bidirlm.runtime.merging.merge",
             ],
         }
         if "mergekit" in contenders:

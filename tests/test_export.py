@@ -10,7 +10,7 @@ import torch
 
 from bidirlm.cli import main
 from bidirlm.runtime.models import load_model
-from tests.test_models import CORPUS, build_checkpoint
+from tests.models.test_models import CORPUS, build_checkpoint
 
 TEXTS = [CORPUS[2], "short one", CORPUS[4], CORPUS[0] + " " + CORPUS[5], "x"]
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from bidirlm.recipe import pipeline as pl
 from bidirlm.runtime import evaluation as ev
-from bidirlm.runtime.config import dumps_toml
+from bidirlm.runtime.training.config import dumps_toml
 
 RECIPES = ["qwen3-0.6b", "qwen3-1.7b", "gemma3-270m", "gemma3-1b"]
 
@@ -145,8 +145,8 @@ def small_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
 def test_pipeline_chains_skips_and_resumes(
     small_recipe: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from bidirlm.runtime import trainer
     from bidirlm.runtime.embedded import embedded_tiny_model
+    from bidirlm.runtime.training import trainer
 
     real_train = trainer.train
     calls: list[str] = []

@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from bidirlm.recipe.demo import run_demo
     from bidirlm.recipe.pipeline import RecipeError
-    from bidirlm.runtime.trainer import TrainingError
+    from bidirlm.runtime.training.trainer import TrainingError
 
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
     threads = 1 if args.threads is None else args.threads

@@ -1,6 +1,6 @@
 """`bidirlm merge CONFIG OUTPUT_DIR`: merge checkpoints shard by shard from a mergekit-style YAML.
 
-See `bidirlm.runtime.merge` for the YAML keys (mergekit's `linear`/`task_arithmetic` plus
+See `bidirlm.runtime.merging.merge` for the YAML keys (mergekit's `linear`/`task_arithmetic` plus
 bidirlm's `rename`, `take`, `exclude`, `config_from`, `tokenizer_from`).
 """
 
@@ -60,7 +60,12 @@ def _log_progress(name: str, done: int, total: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bidirlm.runtime.merge import MergeError, format_report, load_config, merge_from_config
+    from bidirlm.runtime.merging.merge import (
+        MergeError,
+        format_report,
+        load_config,
+        merge_from_config,
+    )
 
     try:
         config = load_config(args.config)

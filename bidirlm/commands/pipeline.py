@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bidirlm.recipe.pipeline import RecipeError, check_inputs, load_recipe, run_pipeline
-    from bidirlm.runtime.trainer import TrainingError, TrainingInterrupted
+    from bidirlm.runtime.training.trainer import TrainingError, TrainingInterrupted
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)

@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bidirlm.runtime.config import load_train_config
-    from bidirlm.runtime.trainer import TrainingError, TrainingInterrupted, train
+    from bidirlm.runtime.training.config import load_train_config
+    from bidirlm.runtime.training.trainer import TrainingError, TrainingInterrupted, train
 
     try:
         config = load_train_config(args.config, args.overrides)

@@ -15,7 +15,7 @@ A recipe is a TOML file with a ``[recipe]`` table and one table per phase, named
     ...                               # train.*, optim.*, data.*, mntp.* as in examples/*.toml
 
     [merge]
-    kind = "merge"                    # linear merge (bidirlm.runtime.merge)
+    kind = "merge"                    # linear merge (bidirlm.runtime.merging.merge)
     models = ["@mntp", "@base"]
     weights = [0.5, 0.5]
 
@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from bidirlm.runtime.config import (
+from bidirlm.runtime.training.config import (
     SourceConfig,
     TrainConfig,
     apply_overrides,
@@ -302,7 +302,7 @@ def _resolved_config(phase: Phase, paths: dict[str, Path]) -> Any:
 
 
 def _as_dict(cfg: Any) -> dict[str, Any]:
-    from bidirlm.runtime.config import to_dict
+    from bidirlm.runtime.training.config import to_dict
 
     return to_dict(cfg)
 
@@ -343,14 +343,14 @@ def _last_metrics(folder: Path) -> dict[str, Any]:
 def _run_phase(phase: Phase, cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
     """Execute one phase; return its result summary (metrics for eval)."""
     if phase.kind == "train":
-        from bidirlm.runtime.trainer import train
+        from bidirlm.runtime.training.trainer import train
 
         final = Path(train(cfg))
         if final.resolve() != phase.output.resolve():
             raise RecipeError(f"[{phase.name}]: trainer wrote {final}, expected {phase.output}")
         return _last_metrics(Path(cfg.train.output))
     if phase.kind == "merge":
-        from bidirlm.runtime.merge import merge
+        from bidirlm.runtime.merging.merge import merge
 
         # `force`: a folder left by a crash after the merge's atomic rename but before our
         # record was written is incomplete from the pipeline's point of view.

@@ -1,4 +1,6 @@
-"""Lean runtime: models, checkpoint I/O, merging, data and training.
+"""Lean runtime, one subpackage per concern: `models` (Qwen3/Gemma3 encoders, checkpoint I/O),
+`training` (loop, configs, data, checkpoints), `merging` (streaming checkpoint merges),
+`evaluation` (retrieval metrics and tasks) and `embedded` (offline corpora and the tiny model).
 
 Names resolve lazily (PEP 562): importing `bidirlm.runtime` stays cheap.
 """
@@ -8,10 +10,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# `merge` is imported eagerly: the function shares its name with the submodule
-# `bidirlm.runtime.merge`, and importing that submodule later would otherwise rebind the package
-# attribute to the module. merge.py imports only torch and the stdlib, so this stays cheap.
-from .merge import merge as merge
+# `merge` is imported eagerly: the function shares its name with the module
+# `bidirlm.runtime.merging.merge`. merging imports only torch and the stdlib, so this stays cheap.
+from .merging import merge as merge
 
 _EXPORTS = {
     "load_model": "models",

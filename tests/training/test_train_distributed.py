@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from bidirlm.runtime.config import load_train_config
+from bidirlm.runtime.training.config import load_train_config
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 RUNS = [
     # (phase, strategy, overrides shared by both runs, single-process extra, per-rank extra)
     (
@@ -61,7 +61,7 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, root: str, ports: list[int]) -> None:
     os.environ["BIDIRLM_KERNELS"] = "torch"
     torch.set_num_threads(1)
-    from bidirlm.runtime.trainer import train
+    from bidirlm.runtime.training.trainer import train
 
     for (phase, strategy, shared, _, per_rank), port in zip(RUNS, ports):
         os.environ.update(
@@ -87,7 +87,7 @@ def test_two_processes_match_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     torch.set_num_threads(1)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
-    from bidirlm.runtime.trainer import train
+    from bidirlm.runtime.training.trainer import train
 
     for phase, _, shared, single, _ in RUNS:
         one = tmp_path / f"{phase}-1"

@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from bidirlm.runtime.merge import MergeResult, format_report, merge, merge_from_config
-from tests.merge_fixtures import bits_equal, load_folder, qwen3, qwen3_asr, qwen3_vl
+from bidirlm.runtime.merging.merge import MergeResult, format_report, merge, merge_from_config
+from tests.merging.fixtures import bits_equal, load_folder, qwen3, qwen3_asr, qwen3_vl
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from bidirlm.runtime import embedded
-from bidirlm.runtime.config import SourceConfig
-from bidirlm.runtime.data import (
+from bidirlm.runtime.training.config import SourceConfig
+from bidirlm.runtime.training.data import (
     ListSource,
     PackedBatches,
     PairBatches,

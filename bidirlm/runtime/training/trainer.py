@@ -5,8 +5,8 @@
 - `causal`: the model in causal mode, packed token batches, loss = next-token cross-entropy
   within each packed sequence (`mntp_loss` with labels = the next token; it is cross-entropy
   through the LM head without materializing the logits);
-- `mntp`: bidirectional, the masking collator (`bidirlm.runtime.masking.mask_for_mntp`), loss at
-  the masked positions through `mntp_loss` (position i predicts masked token i+1);
+- `mntp`: bidirectional, the masking collator (`bidirlm.runtime.training.masking.mask_for_mntp`),
+  loss at the masked positions through `mntp_loss` (position i predicts masked token i+1);
 - `contrastive`: bidirectional, pooled embeddings of queries and documents (positives then hard
   negatives), `infonce_loss` with documents gathered across ranks, optional gradient cache.
 
@@ -42,11 +42,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoint_io as cio
+from bidirlm.runtime.embedded import resolve_model_path
+
+from . import checkpoints as cio
 from . import distributed as dist_utils
 from .config import TrainConfig
 from .data import PackedBatch, PackedBatches, PairBatches, check_sources, pack_texts
-from .embedded import resolve_model_path
 from .schedules import lr_factor
 
 IGNORE_INDEX = -100
@@ -119,7 +120,7 @@ class PhaseModule(nn.Module):
                 ignore_index=IGNORE_INDEX,
                 softcap=self.encoder.final_logit_softcap,
             )
-        from .models import pool
+        from bidirlm.runtime.models import pool
 
         return pool(hidden, pooling=self.pooling, cu_seqlens=cu_seqlens)
 
@@ -212,7 +213,7 @@ class _Run:
     """State of one training run (one process)."""
 
     def __init__(self, config: TrainConfig, info: dist_utils.DistInfo, model_path: Path, sources):
-        from .models import load_model
+        from bidirlm.runtime.models import load_model
 
         self.config, self.info, self.model_path = config, info, model_path
         self.output = Path(config.train.output)
@@ -488,7 +489,7 @@ class _Run:
             shutil.rmtree(tmp, ignore_errors=True)
             encoder = self.encoder
             if self.config.distributed.strategy == "fsdp" and self.info.enabled:
-                from .models import load_model
+                from bidirlm.runtime.models import load_model
 
                 # Sharded parameters cannot be saved directly: load the gathered full weights
                 # into an unsharded copy on the CPU.

@@ -7,9 +7,9 @@ import torch
 
 from bidirlm.kernels import infonce_loss
 from bidirlm.runtime.embedded import tiny_qwen3_config
-from bidirlm.runtime.gradcache import cached_backward
 from bidirlm.runtime.models import Encoder, pool
 from bidirlm.runtime.models.config import ModelConfig
+from bidirlm.runtime.training.gradcache import cached_backward
 
 
 @pytest.fixture(autouse=True)

@@ -63,8 +63,8 @@ from typing import Any
 
 import torch
 
-from .merge_config import MergeConfig, MergeError, config_from_dict, load_config
-from .merge_io import (
+from .config import MergeConfig, MergeError, config_from_dict, load_config
+from .io import (
     INDEX_NAME,
     AtomicFolder,
     MappedFiles,
@@ -76,8 +76,8 @@ from .merge_io import (
     shard_names,
     write_json,
 )
-from .merge_plan import Task, compute_piece, plan, renamed_tensors, split_pieces
-from .merge_report import Stats, build_report, format_report
+from .plan import Task, compute_piece, plan, renamed_tensors, split_pieces
+from .report import Stats, build_report, format_report
 
 __all__ = [
     "MergeConfig",

@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bidirlm.cli import main as cli_main
-from bidirlm.runtime.config import load_train_config
 from bidirlm.runtime.embedded import embedded_tiny_model
-from bidirlm.runtime.trainer import TrainingError, TrainingInterrupted, train
+from bidirlm.runtime.training.config import load_train_config
+from bidirlm.runtime.training.trainer import TrainingError, TrainingInterrupted, train
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # Small batches keep a step well under a second on a CPU (the examples use larger ones).
 SMALL = {
     "causal": ["data.tokens_per_batch=256", "data.max_seq_len=64"],

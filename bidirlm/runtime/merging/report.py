@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .merge_config import MergeConfig
+    from .config import MergeConfig
 
 
 class Stats:

@@ -164,7 +164,7 @@ def open_source(config: SourceConfig) -> RecordSource:
     """Open the source a `[[data.sources]]` table names; errors name the path and the problem."""
     spec = config.path
     if spec.startswith("embedded:"):
-        from . import embedded
+        from bidirlm.runtime import embedded
 
         if spec == "embedded:python-docs":
             records = [{"text": t} for t in embedded.python_docs_texts()]

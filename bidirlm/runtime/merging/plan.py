@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .merge_config import MergeConfig, MergeError
-from .merge_io import MappedFiles, OutEntry, TensorInfo
-from .merge_report import Stats
+from .config import MergeConfig, MergeError
+from .io import MappedFiles, OutEntry, TensorInfo
+from .report import Stats
 
 PIECE_BYTES = 8 * 2**20  # output bytes per work item: bounds memory whatever the tensor size
 CHUNK = 1 << 16  # elements per inner step: the float32 accumulator stays in L2 cache

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from bidirlm import cli
-from bidirlm.runtime.merge import MergeError, merge, merge_from_config, parse_size
-from tests.merge_fixtures import bits_equal, load_folder, write_raw
+from bidirlm.runtime.merging.merge import MergeError, merge, merge_from_config, parse_size
+from tests.merging.fixtures import bits_equal, load_folder, write_raw
 
 BIDIRLM = Path(sys.executable).with_name("bidirlm")
 
@@ -265,7 +265,7 @@ def test_failure_mid_write_leaves_nothing(pair, tmp_path):
 KILL_SCRIPT = """
 import sys, time
 from pathlib import Path
-from bidirlm.runtime.merge import merge_from_config
+from bidirlm.runtime.merging.merge import merge_from_config
 
 def pause(name, done, total):
     if done == 3:
@@ -283,7 +283,7 @@ def test_sigkill_mid_merge_leaves_no_output(pair, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-c", KILL_SCRIPT, str(cfg), str(out), str(marker)],
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
     )
     try:
         deadline = time.monotonic() + 120

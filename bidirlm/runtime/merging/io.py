@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .merge_config import MergeError
+from .config import MergeError
 
 # safetensors dtype codes -> torch dtypes (the ones a checkpoint can hold that torch can view)
 ST_DTYPES: dict[str, torch.dtype] = {

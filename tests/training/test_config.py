@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from bidirlm.runtime.config import (
+from bidirlm.runtime.training.config import (
     TrainConfig,
     apply_overrides,
     load_train_config,
@@ -16,7 +16,7 @@ from bidirlm.runtime.config import (
     train_config_from_dict,
 )
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def minimal() -> dict:

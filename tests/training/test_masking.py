@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bidirlm.runtime.masking import MNTPCollator, mask_for_mntp, resolve_mask_token_id
+from bidirlm.runtime.training.masking import MNTPCollator, mask_for_mntp, resolve_mask_token_id
 
 MASK = 3
 SPECIALS = (0, 1, 2)  # pad, bos, eos in these tests; ordinary tokens are >= 10

@@ -1,8 +1,8 @@
 """Merge configuration: mergekit's YAML for `linear`/`task_arithmetic`, plus bidirlm's own keys.
 
-The YAML keys and their meaning are documented in `bidirlm.runtime.merge`; this module parses them
-into a typed `MergeConfig` and resolves per-tensor parameters the way mergekit does (scalars,
-per-layer gradients, `{filter, value}` lists; per-model settings before global ones).
+The YAML keys and their meaning are documented in `bidirlm.runtime.merging.merge`; this module
+parses them into a typed `MergeConfig` and resolves per-tensor parameters the way mergekit does
+(scalars, per-layer gradients, `{filter, value}` lists; per-model settings before global ones).
 """
 
 from __future__ import annotations
