@@ -37,7 +37,13 @@ def activation(name: str):
 
 
 class RMSNorm(nn.Module):
-    """Qwen-style RMSNorm: `w * (x / rms(x))`, normalized in float32, cast back before scaling."""
+    """Qwen-style RMSNorm: `w * (x / rms(x))`, normalized in float32, cast back before scaling.
+
+    The output keeps the input's dtype, as transformers' `Qwen3RMSNorm` does for a model in that
+    dtype (`weight * x_normed.to(input_dtype)`): with float32 master weights under a bf16/fp16
+    autocast the weight is rounded to the activation dtype first, so bf16 activations stay bf16
+    (a float32 weight times a bf16 tensor would promote to float32 and q/k/v would disagree).
+    """
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -47,11 +53,15 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight.to(x.dtype) * xf.to(x.dtype)
 
 
 class GemmaRMSNorm(nn.Module):
-    """Gemma-style RMSNorm: `(1 + w) * (x / rms(x))`, all in float32 (weights stored as offsets)."""
+    """Gemma-style RMSNorm: `(1 + w) * (x / rms(x))`, all in float32 (weights stored as offsets).
+
+    As transformers' `Gemma3RMSNorm`: the scale is applied in float32, then the result is cast to
+    the input's dtype (`(x * w).to(dtype)`, where Qwen does `x.to(dtype) * w`).
+    """
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
