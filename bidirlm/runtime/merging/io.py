@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import secrets
 import shutil
 import struct
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .. import outputs
 from .config import MergeError
 
 # safetensors dtype codes -> torch dtypes (the ones a checkpoint can hold that torch can view)
@@ -65,31 +65,35 @@ class TensorInfo:
         return n
 
 
-def read_header(path: Path, label: str) -> dict[str, TensorInfo]:
-    """Parse one safetensors file's header and check every tensor lies inside the file."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise MergeError(f"shard {path.name} of model {label} is truncated ({size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                raise MergeError(
-                    f"shard {path.name} of model {label} is truncated or not a safetensors file "
-                    f"(header of {n} bytes, file of {size} bytes)"
-                )
-            raw = fh.read(n)
-    except OSError as exc:
-        raise MergeError(f"cannot read shard {path} of model {label}: {exc.strerror}") from None
+class HeaderError(ValueError):
+    """A safetensors file that is truncated or corrupt; the message continues "FILE ..."."""
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse one safetensors file's header and check every tensor lies inside the file.
+
+    Shared by the merger and `load_model`: a truncated file, a header whose offsets run past the
+    end, a huge header length or a corrupt entry raises `HeaderError("is truncated ...")`
+    (callers prefix the file and model), before any tensor is read. OSError passes through.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise HeaderError(f"is truncated ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or 8 + n > size:
+            raise HeaderError(
+                f"is truncated or not a safetensors file (header of {n} bytes, file of "
+                f"{size} bytes)"
+            )
+        raw = fh.read(n)
     try:
         header = json.loads(raw)
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
     except (ValueError, UnicodeDecodeError) as exc:
-        raise MergeError(
-            f"shard {path.name} of model {label} has a corrupt header: {exc}"
-        ) from None
+        raise HeaderError(f"has a corrupt header: {exc}") from None
     base = 8 + n
     out: dict[str, TensorInfo] = {}
     for name, entry in header.items():
@@ -100,23 +104,32 @@ def read_header(path: Path, label: str) -> dict[str, TensorInfo]:
             shape = tuple(int(d) for d in entry["shape"])
             start, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise MergeError(
-                f"shard {path.name} of model {label} has a corrupt or unsupported entry for "
-                f"tensor {name}: {entry!r}"
+            raise HeaderError(
+                f"has a corrupt or unsupported entry for tensor {name}: {entry!r}"
             ) from None
         info = TensorInfo(name, path, dtype, shape, base + start, end - start)
-        if end < start or info.nbytes != info.numel * dtype.itemsize:
-            raise MergeError(
-                f"shard {path.name} of model {label} is corrupt: tensor {name} has "
-                f"{info.nbytes} bytes for shape {list(shape)} {entry['dtype']}"
+        if start < 0 or end < start or info.nbytes != info.numel * dtype.itemsize:
+            raise HeaderError(
+                f"is corrupt: tensor {name} has {info.nbytes} bytes for shape {list(shape)} "
+                f"{entry['dtype']}"
             )
         if base + end > size:
-            raise MergeError(
-                f"shard {path.name} of model {label} is truncated: tensor {name} ends at byte "
-                f"{base + end} but the file has {size} bytes"
+            raise HeaderError(
+                f"is truncated: tensor {name} ends at byte {base + end} but the file has "
+                f"{size} bytes"
             )
         out[name] = info
     return out
+
+
+def read_header(path: Path, label: str) -> dict[str, TensorInfo]:
+    """`read_safetensors_header` with errors as `MergeError` naming the shard and the model."""
+    try:
+        return read_safetensors_header(path)
+    except HeaderError as exc:
+        raise MergeError(f"shard {path.name} of model {label} {exc}") from None
+    except OSError as exc:
+        raise MergeError(f"cannot read shard {path} of model {label}: {exc.strerror}") from None
 
 
 def read_checkpoint(folder: Path, label: str) -> dict[str, TensorInfo]:
@@ -265,88 +278,9 @@ def copy_file(src: Path, dst: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class AtomicFolder(outputs.AtomicFolder):
+    """`bidirlm.runtime.outputs.AtomicFolder` raising `MergeError` (see there): the output
+    appears only when complete, never replaces an input or the working directory, and leftovers
+    of killed runs are removed by the next run in the same parent folder."""
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class AtomicFolder:
-    """A temporary folder beside `target` that becomes `target` on `commit()`, or disappears.
-
-    The temporary folder `.NAME.tmp-PID-RANDOM` lives in the same parent so the final rename is
-    atomic. Leftovers of killed runs (their PID is gone) are removed when the next run starts.
-    """
-
-    def __init__(self, target: Path, *, force: bool) -> None:
-        self.target = target
-        self.force = force
-        self.tmp: Path | None = None
-        self._made_parents: list[Path] = []
-
-    def __enter__(self) -> Path:
-        target = self.target
-        if target.exists() and not self.force:
-            raise MergeError(f"output {target} already exists (use --force / force=True)")
-        if target.exists() and not target.is_dir():
-            raise MergeError(f"output {target} exists and is not a folder")
-        missing = []
-        for parent in [target.parent, *target.parent.parents]:
-            if parent.exists():
-                break
-            missing.append(parent)
-        for parent in reversed(missing):
-            parent.mkdir()
-            self._made_parents.insert(0, parent)
-        self._remove_stale()
-        self.tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        self.tmp.mkdir()
-        return self.tmp
-
-    def _remove_stale(self) -> None:
-        prefix = f".{self.target.name}.tmp-"
-        for entry in self.target.parent.glob(prefix + "*"):
-            pid = entry.name[len(prefix) :].split("-")[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                shutil.rmtree(entry, ignore_errors=True)
-
-    def commit(self) -> None:
-        """fsync the folder and move it into place (replacing an old output only now)."""
-        assert self.tmp is not None
-        _fsync_dir(self.tmp)
-        old = None
-        if self.target.exists():
-            old = self.target.parent / f".{self.target.name}.old-{secrets.token_hex(4)}"
-            os.rename(self.target, old)
-        try:
-            os.rename(self.tmp, self.target)
-        except OSError:
-            if old is not None:
-                os.rename(old, self.target)
-            raise
-        self.tmp = None
-        _fsync_dir(self.target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self.tmp is not None:  # failed or interrupted: leave nothing behind
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            for parent in self._made_parents:
-                try:
-                    parent.rmdir()
-                except OSError:
-                    break
-            self.tmp = None
+    error = MergeError

@@ -170,6 +170,7 @@ def _stream(
     n_models: int,
     bar: Any,
     on_tensor: Callable[[str, int, int], None] | None,
+    check_finite: bool = True,
 ) -> dict[str, Stats]:
     """Compute every piece on `threads` workers and write them, in order, into the shards.
 
@@ -191,7 +192,8 @@ def _stream(
 
             def fill() -> None:
                 for k, lo, hi in todo:
-                    queue.append((k, pool.submit(compute_piece, tasks[k], lo, hi, files, ref)))
+                    args = (tasks[k], lo, hi, files, ref, check_finite)
+                    queue.append((k, pool.submit(_compute_checked, *args)))
                     if len(queue) >= 2 * threads:
                         return
 
@@ -232,6 +234,23 @@ def _stream(
     return stats
 
 
+FINITE_CHECKED = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def _compute_checked(
+    task: Task, lo: int, hi: int, files: MappedFiles, ref: int | None, check: bool
+) -> tuple[torch.Tensor, Any]:
+    """`compute_piece`, refusing a non-finite result (checked in the worker threads)."""
+    out, stats = compute_piece(task, lo, hi, files, ref)
+    if check and out.dtype in FINITE_CHECKED and not bool(torch.isfinite(out).all()):
+        raise MergeError(
+            f"tensor {task.out.name} of the merge has non-finite values (NaN/Inf): nothing was "
+            "written; check the input models and weights (allow_non_finite=True / "
+            "--allow-non-finite writes it anyway)"
+        )
+    return out, stats
+
+
 def _close_synced(fh: Any) -> None:
     fh.flush()
     os.fsync(fh.fileno())
@@ -248,6 +267,7 @@ def merge_from_config(
     report: bool = False,
     progress: bool = False,
     on_tensor: Callable[[str, int, int], None] | None = None,
+    allow_non_finite: bool = False,
 ) -> MergeResult:
     """Run a merge described by a `MergeConfig` or a YAML file into the folder `output`.
 
@@ -255,6 +275,9 @@ def merge_from_config(
     called after each output tensor is written. Raises `MergeError` for bad inputs before the
     output is created; the output folder appears only when complete. While it runs, torch's
     intra-op thread count is 1 (restored after): the merge's parallelism is its own threads.
+    A non-finite (NaN/Inf) output value is a `MergeError` and nothing is written, unless
+    `allow_non_finite` (for inputs that already hold such values on purpose). The output must
+    not be, or contain, an input model or the working directory.
     """
     if not isinstance(config, MergeConfig):
         config = load_config(config)
@@ -284,7 +307,8 @@ def merge_from_config(
         # Work items are cache-sized chunks: torch's intra-op pool would only add sync overhead
         # and oversubscribe the cores our reader threads already use.
         torch.set_num_threads(1)
-        folder = AtomicFolder(output, force=force)
+        sources = [m.path for m in config.models] + [config.config_from, config.tokenizer_from]
+        folder = AtomicFolder(output, force=force, inputs=[p for p in sources if p is not None])
         with folder as tmp:
             stats = _stream(
                 tasks,
@@ -296,6 +320,7 @@ def merge_from_config(
                 n_models=len(config.models),
                 bar=bar,
                 on_tensor=on_tensor,
+                check_finite=not allow_non_finite,
             )
             if len(shards) > 1:
                 weight_map = {e.name: names[s] for s, entries in enumerate(shards) for e in entries}
@@ -384,6 +409,7 @@ def merge(
     report: bool = False,
     progress: bool = False,
     on_tensor: Callable[[str, int, int], None] | None = None,
+    allow_non_finite: bool = False,
 ) -> MergeResult:
     """Merge Hugging Face checkpoint folders into `output`, streaming shard by shard.
 
@@ -466,4 +492,5 @@ def merge(
         report=report,
         progress=progress,
         on_tensor=on_tensor,
+        allow_non_finite=allow_non_finite,
     )

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from bidirlm.runtime.merging.io import HeaderError, TensorInfo, read_safetensors_header
 from bidirlm.runtime.models import gemma3, qwen3
 from bidirlm.runtime.models.common import ArchSpec
 from bidirlm.runtime.models.config import ModelConfig
@@ -30,6 +31,7 @@ LM_HEAD_NAMES = ("lm_head.weight", "language_model.lm_head.weight")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+ALLOW_NON_FINITE_ENV = "BIDIRLM_ALLOW_NON_FINITE"
 
 
 class CheckpointError(ValueError):
@@ -77,16 +79,40 @@ def spec_for(hf: dict[str, Any]) -> ArchSpec:
     return spec
 
 
-def weight_files(folder: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file that holds it, from the index or the single file."""
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """One safetensors file's tensors, checked against the file size before anything is read
+    (the merger's check: truncated file, offsets past the end, huge header length)."""
+    try:
+        return read_safetensors_header(path)
+    except HeaderError as exc:
+        raise CheckpointError(f"{path} {exc}") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def tensor_infos(folder: Path) -> dict[str, TensorInfo]:
+    """Tensor name -> where it lives, from the index or the single file; every shard's header is
+    checked (CheckpointError naming the file)."""
     index = folder / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        files = {name: folder / fname for name, fname in weight_map.items()}
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = {str(name): folder / str(fname) for name, fname in weight_map.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index}: unreadable ({exc})") from None
         missing = sorted({str(f.name) for f in files.values() if not f.is_file()})
         if missing:
             raise CheckpointError(f"{folder}: {INDEX_FILE} lists missing shard(s) {missing}")
-        return files
+        headers = {f: read_header(f) for f in sorted(set(files.values()))}
+        infos = {}
+        for name, f in files.items():
+            if name not in headers[f]:
+                raise CheckpointError(
+                    f"{folder}: {INDEX_FILE} lists tensor {name} in {f.name}, which does not "
+                    "hold it"
+                )
+            infos[name] = headers[f][name]
+        return infos
     single = folder / SINGLE_FILE
     candidates = [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
     if not candidates:
@@ -95,11 +121,15 @@ def weight_files(folder: Path) -> dict[str, Path]:
         raise CheckpointError(
             f"{folder}: no model weights (model.safetensors or {INDEX_FILE})" + hint
         )
-    files = {}
+    infos: dict[str, TensorInfo] = {}
     for f in candidates:
-        with safe_open(str(f), framework="pt") as fh:
-            files.update({name: f for name in fh.keys()})  # noqa: SIM118 - safe_open API
-    return files
+        infos.update(read_header(f))
+    return infos
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file that holds it, from the index or the single file."""
+    return {name: info.file for name, info in tensor_infos(folder).items()}
 
 
 def name_map(spec: ArchSpec, config: ModelConfig) -> dict[str, str | None]:
@@ -135,11 +165,13 @@ def read_state(
     *,
     dtype: torch.dtype,
     device: torch.device,
+    allow_non_finite: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Our state dict from the folder's safetensors, checked against `expected` shapes.
 
     `expected` maps our parameter names to shapes; `lm_head.weight` in it means the model wants an
-    untied head. Raises CheckpointError naming missing, unknown or mis-shaped tensors.
+    untied head. Raises CheckpointError naming missing, unknown or mis-shaped tensors, and a
+    tensor with NaN/Inf values (also after the cast to `dtype`) unless `allow_non_finite`.
     """
     files = weight_files(folder)
     head_name = next((n for n in LM_HEAD_NAMES if n in files), None)
@@ -172,16 +204,40 @@ def read_state(
     for ours, hf_name in wanted.items():
         by_file.setdefault(files[hf_name], []).append(ours)
     for path, ours_names in by_file.items():
-        with safe_open(str(path), framework="pt", device=load_device) as fh:
-            for ours in ours_names:
-                tensor = fh.get_tensor(wanted[ours])
-                if tuple(tensor.shape) != tuple(expected[ours]):
-                    raise CheckpointError(
-                        f"{folder}: tensor {wanted[ours]} has shape {tuple(tensor.shape)}, "
-                        f"expected {tuple(expected[ours])} from config.json"
-                    )
-                state[ours] = tensor.to(dtype=dtype)
+        try:
+            with safe_open(str(path), framework="pt", device=load_device) as fh:
+                for ours in ours_names:
+                    tensor = fh.get_tensor(wanted[ours])
+                    if tuple(tensor.shape) != tuple(expected[ours]):
+                        raise CheckpointError(
+                            f"{folder}: tensor {wanted[ours]} has shape {tuple(tensor.shape)}, "
+                            f"expected {tuple(expected[ours])} from config.json"
+                        )
+                    state[ours] = tensor.to(dtype=dtype)
+                    if not allow_non_finite:
+                        _check_finite(path, wanted[ours], tensor, state[ours])
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - safetensors' own errors: name the file
+            raise CheckpointError(f"{path}: cannot read ({exc})") from None
     return state
+
+
+def allow_non_finite_default() -> bool:
+    """The `BIDIRLM_ALLOW_NON_FINITE=1` opt-out (for experts loading NaN/Inf weights on purpose)."""
+    return os.environ.get(ALLOW_NON_FINITE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def _check_finite(path: Path, name: str, raw: torch.Tensor, cast: torch.Tensor) -> None:
+    if not cast.is_floating_point() or bool(torch.isfinite(cast).all()):
+        return
+    bad = int((~torch.isfinite(cast)).sum())
+    where = "" if not bool(torch.isfinite(raw).all()) else f" after the cast to {cast.dtype}"
+    raise CheckpointError(
+        f"{path}: tensor {name} has {bad} non-finite value(s) (NaN/Inf){where}; refusing to "
+        f"load it (allow_non_finite=True, --allow-non-finite or {ALLOW_NON_FINITE_ENV}=1 "
+        "loads it anyway)"
+    )
 
 
 def checkpoint_dtype(folder: Path, hf: dict[str, Any]) -> torch.dtype:
@@ -190,12 +246,9 @@ def checkpoint_dtype(folder: Path, hf: dict[str, Any]) -> torch.dtype:
     name = hf.get("dtype") or hf.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
     if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
         return getattr(torch, name)
-    for name, path in weight_files(folder).items():
-        with safe_open(str(path), framework="pt") as fh:
-            t = fh.get_slice(name)
-            dt = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-            if t.get_dtype() in dt:
-                return dt[t.get_dtype()]
+    for info in tensor_infos(folder).values():
+        if info.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            return info.dtype
     return torch.float32
 
 

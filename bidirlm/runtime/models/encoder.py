@@ -213,7 +213,8 @@ class Encoder(nn.Module):
         """Embed `texts` -> float32 `[N, d]` (input order), with the attached tokenizer.
 
         Texts are sorted by token length and packed `batch_size` at a time (`cu_seqlens`, no
-        padding), then pooled (`mean`, `last` or `first`) and optionally L2-normalized.
+        padding), then pooled (`mean`, `last` or `first`) and optionally L2-normalized. An empty
+        list gives an empty float32 `[0, d]`.
         """
         if self.tokenizer is None:
             raise ValueError(
@@ -227,6 +228,8 @@ class Encoder(nn.Module):
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         if pooling not in ("mean", "last", "first"):
             raise ValueError(f"pooling={pooling!r} is not valid; choose one of mean, last, first")
+        if len(texts) == 0:
+            return torch.empty(0, self.config.hidden_size, dtype=torch.float32)
         ids = self.tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
         empty = [i for i, seq in enumerate(ids) if len(seq) == 0]
         if empty:
@@ -278,6 +281,7 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     bidirectional: bool | None = True,
+    allow_non_finite: bool | None = None,
 ) -> Encoder:
     """Load a Qwen3 or Gemma3 Hugging Face checkpoint folder as an `Encoder`.
 
@@ -285,6 +289,9 @@ def load_model(
     is the CPU. `bidirectional` sets the attention direction whatever the checkpoint records;
     None follows config.json (Qwen3 `is_causal: false`, Gemma3 `use_bidirectional_attention`).
     The tokenizer is loaded with AutoTokenizer when the folder has tokenizer files.
+    A truncated or corrupt safetensors file is a `CheckpointError` naming it; so is a tensor with
+    NaN/Inf values (naming the tensor) unless `allow_non_finite` (None: the environment variable
+    `BIDIRLM_ALLOW_NON_FINITE=1`), an opt-out for experts.
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
@@ -301,7 +308,17 @@ def load_model(
     with torch.device("meta"):
         model = Encoder(config, bidirectional=bidirectional, hf_config=hf, lm_head=has_head)
     expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("inv_freq_")}
-    state = ckpt.read_state(folder, spec, config, expected, dtype=dtype, device=device)
+    if allow_non_finite is None:
+        allow_non_finite = ckpt.allow_non_finite_default()
+    state = ckpt.read_state(
+        folder,
+        spec,
+        config,
+        expected,
+        dtype=dtype,
+        device=device,
+        allow_non_finite=allow_non_finite,
+    )
     model.load_state_dict(state, strict=True, assign=True)
     model.reset_rope(device)
     if ckpt.has_tokenizer(folder):
