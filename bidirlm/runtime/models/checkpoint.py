@@ -266,6 +266,8 @@ def write_state(
     for ours, tensor in state.items():
         if ours == "lm_head.weight":
             hf_name = "lm_head.weight"
+        elif ours.startswith("head."):  # a classification head: `score.weight`, as transformers
+            hf_name = ours[len("head.") :]
         elif ours in reverse:
             hf_name = "model." + reverse[ours]
         else:

@@ -55,6 +55,9 @@ class Encoder(nn.Module):
         untied = lm_head and not config.tie_word_embeddings
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False) if untied else None
         self._has_head = lm_head
+        # A fine-tuning head (`bidirlm.runtime.models.heads.ClassificationHead`) or None; saved
+        # with the encoder as a *ForSequenceClassification / *ForTokenClassification folder.
+        self.head: nn.Module | None = None
         self._rope_scaling: dict[str, float] = {}
         self.reset_rope()
 
@@ -262,12 +265,21 @@ class Encoder(nn.Module):
 
         config.json records the current direction (Qwen3 `is_causal: false`, Gemma3
         `use_bidirectional_attention: true` when bidirectional); weights go to safetensors (sharded
-        above `max_shard_size` bytes); the tokenizer's files when one is attached.
+        above `max_shard_size` bytes); the tokenizer's files when one is attached. With a `head`
+        (fine-tuned classifier) the folder is a `*ForSequenceClassification` /
+        `*ForTokenClassification` one instead: `score.*` tensors, labels in config.json, no LM head.
         """
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         hf = self.spec.to_hf_config(self.config, self.hf_config, self.bidirectional, self.dtype)
+        hf.pop("bidirlm_head", None)
         state = {k: v for k, v in self.state_dict().items() if not k.startswith("inv_freq_")}
+        if self.head is not None:
+            hf.update(self.head.hf_fields(self.spec.name))
+            state.pop("lm_head.weight", None)
+            if hf.get("pad_token_id") is None and self.tokenizer is not None:
+                # transformers finds the last token of each row as the last non-pad one
+                hf["pad_token_id"] = self.tokenizer.pad_token_id
         ckpt.write_state(folder, self.spec, self.config, state, max_shard_bytes=max_shard_size)
         text = json.dumps(hf, indent=2, sort_keys=True) + "\n"
         (folder / "config.json").write_text(text, encoding="utf-8")
@@ -288,7 +300,9 @@ def load_model(
     `dtype` None keeps the checkpoint's dtype (config.json `dtype`/`torch_dtype`); `device` None
     is the CPU. `bidirectional` sets the attention direction whatever the checkpoint records;
     None follows config.json (Qwen3 `is_causal: false`, Gemma3 `use_bidirectional_attention`).
-    The tokenizer is loaded with AutoTokenizer when the folder has tokenizer files.
+    The tokenizer is loaded with AutoTokenizer when the folder has tokenizer files. A fine-tuned
+    classifier folder (`*ForSequenceClassification` / `*ForTokenClassification`) comes back with
+    its head as `model.head` (`bidirlm.runtime.models.heads`); `model.head` is None otherwise.
     A truncated or corrupt safetensors file is a `CheckpointError` naming it; so is a tensor with
     NaN/Inf values (naming the tensor) unless `allow_non_finite` (None: the environment variable
     `BIDIRLM_ALLOW_NON_FINITE=1`), an opt-out for experts.
@@ -321,6 +335,11 @@ def load_model(
     )
     model.load_state_dict(state, strict=True, assign=True)
     model.reset_rope(device)
+    from bidirlm.runtime.models.heads import load_head
+
+    head = load_head(folder, hf, config.hidden_size, dtype=dtype, device=device)
+    if head is not None:  # a fine-tuned classifier folder: its head comes back as `model.head`
+        model.head = head
     if ckpt.has_tokenizer(folder):
         from transformers import AutoTokenizer
 
