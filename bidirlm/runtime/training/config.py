@@ -17,6 +17,8 @@ The training config itself is `TrainConfig`; see `examples/tiny-*.toml` for comp
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import sys
 import types
 import typing
@@ -119,6 +121,9 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         raise ValueError(f"{path}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # TOML reads `inf` and `nan`: a non-finite setting would train (or merge) to NaNs
+            if not math.isfinite(value):
+                raise ValueError(f"{path}: must be a finite number, got {value!r}")
             return float(value)
         raise ValueError(f"{path}: expected a number, got {value!r}")
     if tp is str:
@@ -282,6 +287,23 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 Phase = Literal["causal", "mntp", "contrastive"]
 
 
+def check_device(device: str, key: str) -> None:
+    """`auto`, `cpu`, `cuda`, `cuda:N`, `mps`...: a device torch can name (ValueError naming `key`).
+
+    Whether that device exists on this machine is checked when the run starts.
+    """
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"{key}: {device!r} is not a device; use auto, cpu, cuda or cuda:N"
+        ) from None
+
+
 @dataclass
 class SourceConfig:
     """One data source of a mixture.
@@ -289,7 +311,9 @@ class SourceConfig:
     `path` is a file or folder (`.jsonl`/`.json` JSON Lines, `.parquet`, `.txt`, a folder written
     by `datasets.Dataset.save_to_disk`, or a folder of `.txt` files) or an embedded corpus:
     `embedded:python-docs`, `embedded:python-code`, `embedded:python-pairs` (contrastive).
-    Relative paths are resolved against the config file's folder.
+    Relative paths written in a config file are resolved against that file's folder (by
+    `load_train_config`); a path given with `--set data.sources.N.path=...` is relative to the
+    working directory, like any command-line path.
     """
 
     path: str
@@ -313,15 +337,23 @@ class TrainSection:
     grad_accum: int = 1
     max_grad_norm: float = 1.0  # <= 0 disables clipping
     max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop the run
-    log_every: int = 1
+    log_every: int = 1  # console: one line (or progress-bar update) every N steps; 0: none
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast dtype
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     gradient_checkpointing: bool = False
-    progress_bar: bool = True
+    progress_bar: bool = True  # a tqdm bar when stderr is a terminal (else one line per log)
+    # Resuming with a config that differs from OUTPUT/config.toml is refused unless this is
+    # true; the change is then recorded in OUTPUT/config-changes.jsonl.
+    allow_config_change: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"train.steps must be >= 1, got {self.steps}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"train.seed must be in [0, 2**63), got {self.seed}")
+        if self.log_every < 0:
+            raise ValueError(f"train.log_every must be >= 0, got {self.log_every}")
+        check_device(self.device, "train.device")
         if self.checkpoint_every < 0:
             raise ValueError("train.checkpoint_every must be >= 0")
         if self.keep_checkpoints < 1:
@@ -347,6 +379,13 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if not self.lr > 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        for i, beta in enumerate(self.betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"optim.betas[{i}] must be in [0, 1), got {beta}")
+        if not self.eps > 0:
+            raise ValueError(f"optim.eps must be > 0, got {self.eps}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         if not 0.0 <= self.decay_fraction <= 1.0:
             raise ValueError("optim.decay_fraction must be in [0, 1]")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -364,6 +403,9 @@ class DataConfig:
     query_max_len: int = 64  # contrastive: token limits
     document_max_len: int = 256
     negatives_per_query: int = 1  # contrastive: hard negatives taken from each example (<=)
+    # A JSON Lines record that is not valid JSON (or UTF-8), not an object, or lacks its text
+    # fields is an error naming the file and line; true skips such records and counts them.
+    skip_bad_records: bool = False
 
     def __post_init__(self) -> None:
         if self.tokens_per_batch < 2:
@@ -379,11 +421,16 @@ class DataConfig:
 @dataclass
 class MNTPConfig:
     mask_ratio: float = 0.2
-    mask_token: str | None = None  # default: the tokenizer's mask token, else "_"
+    # The tokenizer's own mask token when it has one; otherwise this string, which must be one
+    # existing vocabulary entry (Qwen3 and Gemma3 tokenizers have no mask token: "_" as in
+    # LLM2Vec and BidirLM).
+    mask_token: str = "_"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mntp.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if not self.mask_token:
+            raise ValueError("mntp.mask_token must be a non-empty string")
 
 
 @dataclass
@@ -449,6 +496,21 @@ def train_config_from_dict(
     return config
 
 
+def _resolve_source_paths(data: dict[str, Any], folder: Path) -> None:
+    """Make the relative `data.sources[*].path` strings of a raw config absolute from `folder`."""
+    section = data.get("data")
+    sources = section.get("sources") if isinstance(section, dict) else None
+    if not isinstance(sources, list):
+        return
+    for source in sources:
+        if isinstance(source, dict) and isinstance(source.get("path"), str):
+            path = source["path"]
+            if path and not path.startswith("embedded:"):
+                expanded = Path(path).expanduser()
+                if not expanded.is_absolute():
+                    source["path"] = os.path.abspath(folder / expanded)
+
+
 def _resolve(value: str, base: Path) -> str:
     if value.startswith("embedded:") or Path(value).expanduser().is_absolute():
         return str(Path(value).expanduser()) if not value.startswith("embedded:") else value
@@ -458,12 +520,15 @@ def _resolve(value: str, base: Path) -> str:
 def load_train_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> TrainConfig:
     """Read a TOML training config, apply `--set` style overrides, and parse it.
 
-    Relative paths in the file (output, model, sources) are taken relative to the working
-    directory, like command-line paths, so `bidirlm train examples/x.toml` writes `runs/...` in
-    the current directory. Raises FileNotFoundError for a missing file and ValueError for invalid
-    TOML, unknown keys (listing the valid ones) or bad values.
+    Relative data source paths written in the file are resolved against the file's folder (a
+    config and its data travel together); `train.output` and `model` are taken relative to the
+    working directory, so `bidirlm train examples/x.toml` writes `runs/...` in the current
+    directory. Values given as overrides are relative to the working directory. Raises
+    FileNotFoundError for a missing file and ValueError for invalid TOML, unknown keys (listing
+    the valid ones) or bad values.
     """
     data = read_toml(path)
+    _resolve_source_paths(data, Path(path).parent)
     apply_overrides(data, overrides)
     try:
         return train_config_from_dict(data)
