@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "env": "print versions, the device and which kernel implementation runs",
     "train": "run a training phase (causal, mntp, contrastive) from a TOML config",
     "merge": "merge checkpoints shard by shard (mergekit YAML for linear/task_arithmetic)",
+    "compose": "compose an omnimodal encoder from text, vision and audio specialists",
     "pipeline": "run a recipe's phases in order, resuming completed ones",
     "export": "export a model as a sentence-transformers folder",
     "encode": "embed a text file into a .npy array",

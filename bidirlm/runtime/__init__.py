@@ -17,6 +17,7 @@ from .merging import merge as merge
 _EXPORTS = {
     "load_model": "models",
     "Encoder": "models",
+    "compose_omni": "compose",
 }
 
 __all__ = sorted([*_EXPORTS, "merge"])

@@ -52,11 +52,20 @@ def qwen3(
     return folder
 
 
+# Placeholder token ids inside the tiny vocabulary (the real ones, 151655..., are beyond 128).
+VISION_IDS = dict(
+    image_token_id=120, video_token_id=121, vision_start_token_id=122, vision_end_token_id=123
+)
+AUDIO_IDS = dict(audio_token_id=124, audio_start_token_id=125, audio_end_token_id=126)
+
+
 def qwen3_vl(folder: Path, seed: int) -> Path:
-    """A tiny Qwen3-VL: `model.language_model.*` + `model.visual.*` (tied embeddings)."""
+    """A tiny Qwen3-VL: `model.language_model.*` + `model.visual.*` (tied embeddings), the same
+    rope_theta as `qwen3` (10000) and placeholder ids inside the vocabulary."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    text = {**TEXT, "rope_scaling": {"rope_type": "default", "mrope_section": [1, 1, 2]}}
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}
+    text = {**TEXT, "rope_parameters": rope}
     vision = dict(
         depth=1,
         hidden_size=16,
@@ -69,7 +78,9 @@ def qwen3_vl(folder: Path, seed: int) -> Path:
         spatial_merge_size=1,
     )
     torch.manual_seed(0)
-    cfg = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True)
+    cfg = Qwen3VLConfig(
+        text_config=text, vision_config=vision, tie_word_embeddings=True, **VISION_IDS
+    )
     model = Qwen3VLForConditionalGeneration(cfg)
     _perturb(model, 2000 + seed, 0.05)
     model.to(torch.bfloat16).save_pretrained(folder)
@@ -112,7 +123,13 @@ def qwen3_asr(folder: Path, seed: int) -> Path:
         tensors[name] = t.contiguous()
     folder.mkdir(parents=True)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps({"model_type": "qwen3_asr"}))
+    thinker = {
+        "audio_config": model.config.audio_config.to_dict(),
+        "text_config": model.config.text_config.to_dict(),
+        **AUDIO_IDS,
+    }
+    config = {"model_type": "qwen3_asr", "thinker_config": thinker}
+    (folder / "config.json").write_text(json.dumps(config))
     return folder
 
 

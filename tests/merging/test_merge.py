@@ -190,7 +190,8 @@ def test_report_cosine_per_layer(ckpts, tmp_path):
 
 def test_vl_asr_text_merge_takes_towers_unmerged(ckpts, tmp_path):
     """The omnimodal recipe: text backbones of a VLM, an ASR model and an encoder merged 1/3
-    each (names aligned by `rename`), vision and audio towers copied over unmerged."""
+    each (names aligned on the Qwen3-VL layout by `rename`), vision and audio towers copied over
+    unmerged; the output loads in transformers' Qwen3-VL with every text tensor present."""
     enc = ckpts["bf16"][0]
     vl = qwen3_vl(tmp_path / "vl", 1)
     asr = qwen3_asr(tmp_path / "asr", 2)
@@ -201,13 +202,13 @@ merge_method: linear
 models:
   - model: {enc}
     parameters: {{weight: 1.0}}
+    rename: {{"model.": "model.language_model."}}
   - model: {vl}
     parameters: {{weight: 1.0}}
-    rename: {{"model.language_model.": "model."}}
     take: ["model.visual.*"]
   - model: {asr}
     parameters: {{weight: 1.0}}
-    rename: {{"thinker.model.": "model."}}
+    rename: {{"thinker.model.": "model.language_model."}}
     take: ["thinker.audio_tower.*", "thinker.multi_modal_projector.*"]
 config_from: {vl}
 """
@@ -217,8 +218,9 @@ config_from: {vl}
     e, v, a = load_folder(enc), load_folder(vl), load_folder(asr)
     visual = {n for n in v if n.startswith("model.visual.")}
     audio = {n for n in a if not n.startswith("thinker.model.")}
+    text = {n.replace("model.", "model.language_model.", 1) for n in e}
     assert visual and audio
-    assert set(out) == set(e) | visual | audio and result.tensors == len(out)
+    assert set(out) == text | visual | audio and result.tensors == len(out)
     for n in visual:
         assert bits_equal(out[n], v[n]), n
     for n in audio:
@@ -227,9 +229,19 @@ config_from: {vl}
         vn = n.replace("model.", "model.language_model.", 1)
         an = n.replace("model.", "thinker.model.", 1)
         ref = (e[n].float() + v[vn].float() + a[an].float()) / 3
-        assert bits_equal(out[n], ref.bfloat16()), n
+        assert bits_equal(out[vn], ref.bfloat16()), n
     cfg = json.loads((tmp_path / "omni" / "config.json").read_text())
     assert cfg["model_type"] == "qwen3_vl"
+    from transformers import Qwen3VLForConditionalGeneration
+
+    model, info = Qwen3VLForConditionalGeneration.from_pretrained(
+        tmp_path / "omni", output_loading_info=True
+    )
+    assert not [k for k in info["missing_keys"] if "language_model" in k], info["missing_keys"]
+    state = model.state_dict()
+    for n in e:
+        vn = n.replace("model.", "model.language_model.", 1)
+        assert torch.equal(state[vn], out[vn]), vn
 
 
 def test_tokenizer_and_config_sources(tmp_path, ckpts):

@@ -1,0 +1,496 @@
+"""Compose one omnimodal checkpoint from specialists (`bidirlm compose`, `compose_omni(...)`).
+
+BidirLM-Omni: the text backbones of a text encoder (Qwen3, `model.*`), a vision-language model
+(Qwen3-VL, `model.language_model.*`) and a speech model (Qwen3-ASR: `thinker.model.*` in the
+released checkpoints, `model.language_model.*` as transformers names it) are averaged with the
+streaming merger (`bidirlm.runtime.merging`, linear, normalized weights), while the vision tower
+(with its merger and DeepStack mergers) and the audio tower (with its projector) are copied over
+bit for bit. Either specialist may be left out.
+
+The output folder:
+
+- tensors `model.language_model.*` (Qwen3 names after the prefix), `lm_head.weight` when every
+  source has an untied head, `model.visual.*` (transformers' Qwen3-VL names), `model.audio_tower.*`
+  and `model.multi_modal_projector.{linear_1,linear_2}` (transformers' Qwen3-ASR names; the
+  released checkpoints' `audio_tower.proj1/proj2` are renamed to them);
+- `config.json`: `model_type: "bidirlm_omni"` with `text_config` (the text source's Qwen3
+  config, `is_causal: false`), `vision_config` / `audio_config` (the towers' configs, as
+  transformers' `Qwen3VLVisionConfig` / `Qwen3ASREncoderConfig` read them), the placeholder
+  token ids (`image_token_id`, `vision_start_token_id`, `vision_end_token_id`, `audio_token_id`,
+  `audio_start_token_id`, `audio_end_token_id`), `mrope_section` and `merge_weights`;
+- the text source's tokenizer files, `preprocessor_config.json` (the image processor, from the
+  vision source or derived from its tower config) and `audio_preprocessor_config.json` (the log-mel
+  feature extractor, from the audio source or derived from its tower config), `merge_config.yml`.
+
+The folder appears only once complete (a temporary folder renamed into place, as `merge`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .merging.config import MergeError, config_from_dict
+from .merging.io import read_checkpoint
+from .merging.merge import MergeResult, merge_from_config
+from .outputs import AtomicFolder
+
+TEXT_OUT = "model.language_model."
+VISION_OUT = "model.visual."
+AUDIO_OUT = "model.audio_tower."
+PROJECTOR_OUT = "model.multi_modal_projector."
+HEAD_OUT = "lm_head.weight"
+UNUSED_OUT = "unused."
+MODEL_TYPE = "bidirlm_omni"
+IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
+AUDIO_PROCESSOR_FILE = "audio_preprocessor_config.json"
+# Text-backbone prefixes, most specific first (Qwen3-VL / ASR-hf, released ASR, Qwen3, bare).
+TEXT_PREFIXES = ("model.language_model.", "thinker.model.", "language_model.model.", "model.", "")
+HEAD_NAMES = ("lm_head.weight", "thinker.lm_head.weight", "language_model.lm_head.weight")
+VISION_PREFIXES = ("model.visual.", "visual.", "thinker.visual.")
+AUDIO_PREFIXES = ("model.audio_tower.", "thinker.audio_tower.", "audio_tower.")
+PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "thinker.multi_modal_projector.")
+# Architecture fields that must agree between the text backbones for an average to make sense.
+ARCH_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+)
+SPECIAL_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+
+
+class ComposeError(MergeError):
+    """Specialists that cannot be composed; the message names the source and the mismatch."""
+
+
+@dataclass
+class Source:
+    """One input checkpoint: its role, config, tensor names and where its text backbone lives."""
+
+    role: str  # "text" | "vision" | "audio"
+    path: Path
+    config: dict[str, Any]
+    names: set[str]
+    text_prefix: str
+    head: str | None
+    text_config: dict[str, Any]
+    rename: dict[str, str] = field(default_factory=dict)
+    take: list[str] = field(default_factory=list)
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ComposeError(f"{what} {path.parent}: missing config.json") from None
+    except (OSError, ValueError) as exc:
+        raise ComposeError(f"{what} {path}: unreadable ({exc})") from None
+
+
+def _sub(config: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """`config[key]`, or `config["thinker_config"][key]` (released Qwen3-ASR / Omni layout)."""
+    value = config.get(key)
+    if value is None and isinstance(config.get("thinker_config"), dict):
+        value = config["thinker_config"].get(key)
+    return dict(value) if isinstance(value, dict) else None
+
+
+def _top(config: dict[str, Any], key: str) -> Any:
+    value = config.get(key)
+    if value is None and isinstance(config.get("thinker_config"), dict):
+        value = config["thinker_config"].get(key)
+    return value
+
+
+def _load_source(role: str, path: str | os.PathLike) -> Source:
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ComposeError(f"{role} model {str(path)!r} is not a local checkpoint folder")
+    config = _read_json(folder / "config.json", f"{role} model")
+    names = set(read_checkpoint(folder, f"{role} model {path}"))
+    prefix = next((p for p in TEXT_PREFIXES if p + "embed_tokens.weight" in names), None)
+    if prefix is None:
+        raise ComposeError(
+            f"{role} model {path}: no text backbone (embed_tokens.weight under any of "
+            f"{[p or '(none)' for p in TEXT_PREFIXES]})"
+        )
+    text_config = _sub(config, "text_config") or (config if role == "text" else None)
+    if text_config is None:
+        raise ComposeError(f"{role} model {path}: config.json has no text_config")
+    head = next((h for h in HEAD_NAMES if h in names), None)
+    return Source(role, folder, config, names, prefix, head, text_config)
+
+
+def _rope_theta(text: dict[str, Any]) -> float:
+    params = text.get("rope_parameters") or {}
+    value = params.get("rope_theta", text.get("rope_theta"))
+    return float(value) if value is not None else 10000.0
+
+
+def _mrope_section(text: dict[str, Any]) -> list[int] | None:
+    for key in ("rope_parameters", "rope_scaling"):
+        params = text.get(key) or {}
+        if params.get("mrope_section"):
+            return [int(x) for x in params["mrope_section"]]
+    return None
+
+
+def check_compatible(sources: Sequence[Source]) -> None:
+    """A one-line `ComposeError` naming the first field on which the text backbones differ."""
+    ref = sources[0]
+
+    def value(src: Source, key: str) -> Any:
+        c = src.text_config
+        if key == "head_dim":
+            return c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+        if key == "num_key_value_heads":
+            return c.get(key) or c.get("num_attention_heads")
+        return c.get(key)
+
+    for src in sources[1:]:
+        for key in ARCH_FIELDS:
+            a, b = value(ref, key), value(src, key)
+            if a != b:
+                raise ComposeError(
+                    f"text backbones differ: {key} is {a} in the text model and {b} in the "
+                    f"{src.role} model ({src.path})"
+                )
+        a, b = _rope_theta(ref.text_config), _rope_theta(src.text_config)
+        if a != b:
+            raise ComposeError(
+                f"text backbones differ: rope_theta is {a:g} in the text model and {b:g} in the "
+                f"{src.role} model ({src.path})"
+            )
+        for key in SPECIAL_FIELDS:
+            a, b = ref.text_config.get(key), src.text_config.get(key)
+            if a is not None and b is not None and a != b:
+                raise ComposeError(
+                    f"special-token ids differ: {key} is {a} in the text model and {b} in the "
+                    f"{src.role} model ({src.path})"
+                )
+
+
+def _placeholders(
+    text: Source, vision: Source | None, audio: Source | None, overrides: dict[str, int]
+) -> dict[str, int]:
+    ids: dict[str, int] = {}
+    if vision is not None:
+        for key in ("image_token_id", "vision_start_token_id", "vision_end_token_id"):
+            if vision.config.get(key) is not None:
+                ids[key] = int(vision.config[key])
+    if audio is not None:
+        for key in ("audio_token_id", "audio_start_token_id", "audio_end_token_id"):
+            if _top(audio.config, key) is not None:
+                ids[key] = int(_top(audio.config, key))
+        tok = text.path / "tokenizer.json"
+        if tok.is_file():  # released Qwen3-ASR frames audio with <|audio_start|> / <|audio_end|>
+            added = {
+                t["content"]: t["id"]
+                for t in json.loads(tok.read_text(encoding="utf-8")).get("added_tokens", [])
+            }
+            for key, token in (
+                ("audio_start_token_id", "<|audio_start|>"),
+                ("audio_end_token_id", "<|audio_end|>"),
+            ):
+                if key not in ids and token in added:
+                    ids[key] = int(added[token])
+    for key, v in overrides.items():
+        if not key.endswith("_token_id"):
+            raise ComposeError(f"placeholder_ids: unknown key {key!r} (keys end in _token_id)")
+        ids[key] = int(v)
+    vocab = int(text.text_config["vocab_size"])
+    for key, v in ids.items():
+        if not 0 <= v < vocab:
+            raise ComposeError(
+                f"{key} {v} is outside the text vocabulary (vocab_size {vocab}); set it with "
+                "placeholder_ids"
+            )
+    if vision is not None and "image_token_id" not in ids:
+        raise ComposeError(f"vision model {vision.path}: config.json has no image_token_id")
+    if audio is not None and "audio_token_id" not in ids:
+        raise ComposeError(f"audio model {audio.path}: config.json has no audio_token_id")
+    return ids
+
+
+def _plan_names(src: Source) -> None:
+    """Fill `src.rename` / `src.take`: text -> TEXT_OUT, towers -> their output prefixes, the
+    head -> lm_head.weight, anything else -> unused.<role>.* (excluded)."""
+    src.rename[src.text_prefix or "embed_tokens."] = (
+        TEXT_OUT if src.text_prefix else TEXT_OUT + "embed_tokens."
+    )
+    if src.text_prefix == "":  # a bare *Model checkpoint: map each top-level text name
+        for name in src.names:
+            if name.startswith(("layers.", "norm.")):
+                src.rename[name.split(".")[0] + "."] = TEXT_OUT + name.split(".")[0] + "."
+    if src.head is not None:
+        src.rename[src.head] = HEAD_OUT
+    if src.role == "vision":
+        prefix = next((p for p in VISION_PREFIXES if any(n.startswith(p) for n in src.names)), None)
+        if prefix is None:
+            raise ComposeError(
+                f"vision model {src.path}: no vision tower (tensors under {VISION_PREFIXES})"
+            )
+        src.rename[prefix] = VISION_OUT
+        src.take.append(VISION_OUT + "*")
+    if src.role == "audio":
+        prefix = next((p for p in AUDIO_PREFIXES if any(n.startswith(p) for n in src.names)), None)
+        if prefix is None:
+            raise ComposeError(
+                f"audio model {src.path}: no audio tower (tensors under {AUDIO_PREFIXES})"
+            )
+        src.rename[prefix] = AUDIO_OUT
+        for old, new in (("proj1.", "linear_1."), ("proj2.", "linear_2.")):
+            if any(n.startswith(prefix + old) for n in src.names):
+                src.rename[prefix + old] = PROJECTOR_OUT + new
+        proj = next(
+            (p for p in PROJECTOR_PREFIXES if any(n.startswith(p) for n in src.names)), None
+        )
+        if proj is not None:
+            src.rename[proj] = PROJECTOR_OUT
+        src.take += [AUDIO_OUT + "*"]
+        if proj is not None or any(v.startswith(PROJECTOR_OUT) for v in src.rename.values()):
+            src.take.append(PROJECTOR_OUT + "*")
+        else:
+            raise ComposeError(
+                f"audio model {src.path}: no audio projector (multi_modal_projector.* or "
+                "audio_tower.proj1/proj2)"
+            )
+    covered = list(src.rename)
+    for name in sorted(src.names):
+        if not any(name.startswith(old) for old in covered):
+            src.rename[name] = f"{UNUSED_OUT}{src.role}.{name}"
+
+
+def _vision_processor(src: Source, vision_config: dict[str, Any]) -> dict[str, Any]:
+    path = src.path / IMAGE_PROCESSOR_FILE
+    if path.is_file():
+        return _read_json(path, "vision model")
+    patch = int(vision_config.get("patch_size", 16))
+    merge = int(vision_config.get("spatial_merge_size", 2))
+    return {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "patch_size": patch,
+        "temporal_patch_size": int(vision_config.get("temporal_patch_size", 2)),
+        "merge_size": merge,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "size": {"shortest_edge": (patch * merge) ** 2 * 4, "longest_edge": 16384 * 28 * 28},
+    }
+
+
+def _audio_processor(src: Source, audio_config: dict[str, Any]) -> dict[str, Any]:
+    path = src.path / IMAGE_PROCESSOR_FILE  # Qwen3-ASR ships its feature extractor there
+    if path.is_file():
+        cfg = _read_json(path, "audio model")
+        if "feature_size" in cfg:
+            return cfg
+    return {
+        "feature_extractor_type": "Qwen3ASRFeatureExtractor",
+        "feature_size": int(audio_config.get("num_mel_bins", 128)),
+        "sampling_rate": 16000,
+        "hop_length": 160,
+        "n_fft": 400,
+        "n_window": int(audio_config.get("n_window", 50)),
+    }
+
+
+def composite_config(
+    text: Source,
+    vision: Source | None,
+    audio: Source | None,
+    ids: dict[str, int],
+    weights: list[float],
+    dtype: str | None,
+) -> dict[str, Any]:
+    """The config.json of the composed checkpoint (see the module docstring)."""
+    text_config = {k: v for k, v in text.text_config.items() if k != "architectures"}
+    text_config["model_type"] = "qwen3"
+    text_config["is_causal"] = False
+    out: dict[str, Any] = {
+        "model_type": MODEL_TYPE,
+        "architectures": ["BidirLMOmniModel"],
+        "text_config": text_config,
+        "merge_weights": {"text": weights[0]},
+        **ids,
+    }
+    i = 1
+    if vision is not None:
+        vc = _sub(vision.config, "vision_config")
+        if vc is None:
+            raise ComposeError(f"vision model {vision.path}: config.json has no vision_config")
+        out["vision_config"] = vc
+        section = _mrope_section(vision.text_config)
+        head_dim = text_config.get("head_dim") or (
+            text_config["hidden_size"] // text_config["num_attention_heads"]
+        )
+        if section is None:
+            section = [24, 20, 20]  # Qwen3-VL's default
+        if sum(section) != head_dim // 2:
+            raise ComposeError(
+                f"vision model {vision.path}: mrope_section {section} does not sum to head_dim/2 "
+                f"= {head_dim // 2}"
+            )
+        out["mrope_section"] = section
+        out["merge_weights"]["vision"] = weights[i]
+        i += 1
+    if audio is not None:
+        ac = _sub(audio.config, "audio_config")
+        if ac is None:
+            raise ComposeError(f"audio model {audio.path}: config.json has no audio_config")
+        ac["model_type"] = "qwen3_asr_encoder"
+        out["audio_config"] = ac
+        out["merge_weights"]["audio"] = weights[i]
+    if dtype:
+        out["dtype"] = dtype
+        out["text_config"]["dtype"] = dtype
+    return out
+
+
+def compose_omni(
+    text: str | os.PathLike,
+    vision: str | os.PathLike | None = None,
+    audio: str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
+    *,
+    weights: Sequence[float] | None = None,
+    dtype: str | None = None,
+    out_dtype: str | None = None,
+    placeholder_ids: dict[str, int] | None = None,
+    shard_size: str | int = "5GB",
+    threads: int | None = None,
+    force: bool = False,
+) -> MergeResult:
+    """Compose the omnimodal checkpoint `output` from a text encoder and specialists.
+
+    `weights` (one per given source, in the order text, vision, audio; default equal) weigh the
+    linear average of the text backbones (normalized by their sum); `dtype` / `out_dtype` are the
+    merger's (arithmetic in float32 by default, output in the inputs' promoted dtype).
+    `placeholder_ids` overrides token ids read from the specialists' configs (keys such as
+    `image_token_id`). Raises `ComposeError` (a `ValueError`) naming the mismatch before anything
+    is written. Returns the merger's `MergeResult` (its `output` is `output`).
+    """
+    if output is None:
+        raise ComposeError("output: the folder to write is required")
+    if vision is None and audio is None:
+        raise ComposeError("compose needs a vision model, an audio model or both besides text")
+    sources = [_load_source("text", text)]
+    if vision is not None:
+        sources.append(_load_source("vision", vision))
+    if audio is not None:
+        sources.append(_load_source("audio", audio))
+    resolved = [s.path.resolve() for s in sources]
+    if len(set(resolved)) != len(resolved):
+        raise ComposeError("the text, vision and audio models must be different folders")
+    if weights is None:
+        weights = [1.0] * len(sources)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(sources):
+        raise ComposeError(
+            f"weights: got {len(weights)} values for {len(sources)} models "
+            f"({', '.join(s.role for s in sources)})"
+        )
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ComposeError(f"weights must be >= 0 with a positive sum, got {weights}")
+    check_compatible(sources)
+    by_role = {s.role: s for s in sources}
+    ids = _placeholders(
+        by_role["text"], by_role.get("vision"), by_role.get("audio"), dict(placeholder_ids or {})
+    )
+    for src in sources:
+        _plan_names(src)
+    excludes = []
+    if any(s.head is None for s in sources) and any(s.head is not None for s in sources):
+        excludes.append(HEAD_OUT)  # a head only some sources have cannot be averaged
+    if any(v.startswith(UNUSED_OUT) for s in sources for v in s.rename.values()):
+        excludes.append(UNUSED_OUT + "*")
+    data: dict[str, Any] = {
+        "merge_method": "linear",
+        "models": [
+            {
+                "model": str(s.path),
+                "parameters": {"weight": w},
+                "rename": s.rename,
+                **({"take": s.take} if s.take else {}),
+            }
+            for s, w in zip(sources, weights)
+        ],
+        "parameters": {"normalize": True},
+        "tokenizer_from": str(sources[0].path),
+    }
+    if excludes:
+        data["exclude"] = excludes
+    if dtype:
+        data["dtype"] = dtype
+    if out_dtype:
+        data["out_dtype"] = out_dtype
+    config = config_from_dict(data)
+    final = composite_config(
+        by_role["text"],
+        by_role.get("vision"),
+        by_role.get("audio"),
+        ids,
+        weights,
+        out_dtype or dtype,
+    )
+    if HEAD_OUT in excludes:
+        final["text_config"]["tie_word_embeddings"] = True
+    output = Path(output)
+    folder = AtomicFolder(output, force=force, inputs=[s.path for s in sources])
+    folder.error = ComposeError
+    with folder as tmp:
+        staged = tmp / "weights"
+        result = merge_from_config(config, staged, shard_size=shard_size, threads=threads)
+        for entry in staged.iterdir():
+            if entry.name == "config.json":  # replaced by the composite config below
+                entry.unlink()
+            else:
+                os.replace(entry, tmp / entry.name)
+        staged.rmdir()
+        if not any((tmp / f).is_file() for f in TOKENIZER_FILES):
+            for fname in TOKENIZER_FILES:
+                if (sources[0].path / fname).is_file():
+                    shutil.copyfile(sources[0].path / fname, tmp / fname)
+        for stale in (
+            "preprocessor_config.json",
+            "processor_config.json",
+            "generation_config.json",
+        ):
+            (tmp / stale).unlink(missing_ok=True)
+        if "vision" in by_role:
+            image = _vision_processor(by_role["vision"], final["vision_config"])
+            (tmp / IMAGE_PROCESSOR_FILE).write_text(json.dumps(image, indent=2) + "\n")
+        if "audio" in by_role:
+            feats = _audio_processor(by_role["audio"], final["audio_config"])
+            (tmp / AUDIO_PROCESSOR_FILE).write_text(json.dumps(feats, indent=2) + "\n")
+        text = json.dumps(final, indent=2, sort_keys=True) + "\n"
+        (tmp / "config.json").write_text(text, encoding="utf-8")
+        folder.commit()
+    return MergeResult(
+        output=output,
+        tensors=result.tensors,
+        shards=result.shards,
+        bytes=result.bytes,
+        seconds=result.seconds,
+    )
+
+
+__all__ = ["ComposeError", "compose_omni", "composite_config", "check_compatible"]
