@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as exc:
         print(f"bidirlm {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # read-only or full output folder, permissions: one line, the path
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"bidirlm {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"bidirlm {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -52,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
         results = run_demo(args.out, size, prefer_gpu=not args.cpu)
     except (RecipeError, TrainingError, FileNotFoundError) as exc:
         raise CommandError(str(exc)) from None
+    except OSError as exc:  # read-only or full output folder: one line naming the path
+        from bidirlm.runtime.outputs import write_error
+
+        raise CommandError(str(write_error(exc, args.out))) from None
     finally:
         torch.set_num_threads(previous)  # the process may go on (tests call main() in-process)
     width = max(len(n) for n in results["variants"])

@@ -28,21 +28,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--causal", action="store_true", help="run the model with causal attention (Base variant)"
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
-    parser.add_argument("--output", type=Path, help="also write the metrics to this JSON file")
+    parser.add_argument(
+        "--output", type=Path, help="also write the metrics to this JSON file (atomically)"
+    )
+    parser.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="load a model whose weights hold NaN/Inf (refused by default); metrics are never "
+        "computed from non-finite embeddings",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from bidirlm.commands.encode import check_device
     from bidirlm.runtime.evaluation import evaluate
     from bidirlm.runtime.models import CheckpointError
+    from bidirlm.runtime.outputs import atomic_write_text
 
     if args.max_length < 1 or args.batch_size < 1:
         raise CommandError("--max-length and --batch-size must be >= 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.output is not None and args.output.is_dir():
+        raise CommandError(f"--output {args.output} is a directory; expected a JSON file path")
+    device = check_device(args.device) if args.device else None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        model = args.model
+        if args.allow_non_finite:
+            from bidirlm.runtime import load_model
+
+            model = load_model(
+                args.model, bidirectional=not args.causal, device=device, allow_non_finite=True
+            )
         metrics = evaluate(
-            args.model,
+            model,
             args.task,
             pooling=args.pooling,
             batch_size=args.batch_size,
@@ -55,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     text = json.dumps(metrics, indent=2)
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n", encoding="utf-8")
+        try:
+            atomic_write_text(args.output, text + "\n")
+        except ValueError as exc:  # OutputError: read-only or full output folder
+            raise CommandError(str(exc)) from None
     print(text)
     return 0

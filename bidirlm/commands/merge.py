@@ -43,7 +43,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="output dtype: overrides the YAML `out_dtype`",
     )
     parser.add_argument("--threads", type=int, default=None, help="reader threads (default 4)")
-    parser.add_argument("--force", action="store_true", help="replace an existing OUTPUT_DIR")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing OUTPUT_DIR (after the merge is complete; never an input model "
+        "or the working directory)",
+    )
+    parser.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="write the merge even if a merged tensor holds NaN/Inf (refused by default)",
+    )
     parser.add_argument(
         "--report",
         action="store_true",
@@ -86,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             report=args.report,
             progress=not args.quiet and tty,  # a progress bar on a terminal,
             on_tensor=None if args.quiet or tty else _log_progress,  # else log lines
+            allow_non_finite=args.allow_non_finite,
         )
     except MergeError as exc:
         raise CommandError(str(exc)) from None

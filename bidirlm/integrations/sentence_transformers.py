@@ -11,13 +11,13 @@ short texts and change their embeddings.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
 from bidirlm.runtime.models import Encoder, load_model
+from bidirlm.runtime.outputs import AtomicFolder
 
 # our pooling name -> sentence-transformers Pooling mode
 ST_POOLING = {"mean": "mean", "last": "lasttoken", "first": "cls"}
@@ -43,6 +43,8 @@ def export_sentence_transformers(
     normalize: bool = False,
     max_length: int = 512,
     dtype: torch.dtype | None = None,
+    force: bool = False,
+    allow_non_finite: bool | None = None,
 ) -> Path:
     """Write a sentence-transformers model folder to `output` and return its path.
 
@@ -50,12 +52,39 @@ def export_sentence_transformers(
     exported model is always bidirectional; `pooling` is `mean`, `last` or `first`; `normalize`
     appends a Normalize module; `max_length` becomes `max_seq_length` (truncation, as in
     `encode`). `dtype` sets the exported weights' dtype (None keeps the encoder's).
+
+    The folder is written beside `output` and swapped in only when complete: an existing
+    non-empty `output` needs `force` and is removed only after the new one is in place; an
+    output that is (or contains) the input model or the working directory is refused
+    (`OutputError`). `allow_non_finite` is `load_model`'s opt-out for NaN/Inf weights.
     """
     if pooling not in ST_POOLING:
         raise ValueError(f"pooling={pooling!r} is not valid; choose one of {', '.join(ST_POOLING)}")
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
-    encoder = model if isinstance(model, Encoder) else load_model(model, dtype=dtype)
+    out = Path(output)
+    inputs = [] if isinstance(model, Encoder) else [model]
+    empty = out.is_dir() and not any(out.iterdir())
+    folder = AtomicFolder(out, force=force or empty, inputs=inputs)
+    with folder as tmp:  # checks the output before the model is even loaded
+        _export(tmp, model, pooling, normalize, max_length, dtype, allow_non_finite)
+        folder.commit()
+    return out
+
+
+def _export(
+    target: Path,
+    model: Encoder | str | os.PathLike,
+    pooling: str,
+    normalize: bool,
+    max_length: int,
+    dtype: torch.dtype | None,
+    allow_non_finite: bool | None,
+) -> None:
+    if isinstance(model, Encoder):
+        encoder = model
+    else:
+        encoder = load_model(model, dtype=dtype, allow_non_finite=allow_non_finite)
     if encoder.tokenizer is None:
         raise ValueError(
             "the model has no tokenizer (no tokenizer files in its folder): sentence-transformers "
@@ -64,7 +93,6 @@ def export_sentence_transformers(
     from sentence_transformers import SentenceTransformer
 
     Transformer, Pooling, Normalize = _modules()
-    out = Path(output)
     with tempfile.TemporaryDirectory(prefix="bidirlm-export-") as tmp:
         was_bidirectional, was_side = encoder.bidirectional, encoder.tokenizer.padding_side
         encoder.bidirectional = True
@@ -79,7 +107,4 @@ def export_sentence_transformers(
         if normalize:
             modules.append(Normalize())
         st = SentenceTransformer(modules=modules, device="cpu")
-        if out.exists():
-            shutil.rmtree(out)
-        st.save(str(out))
-    return out
+        st.save(str(target))

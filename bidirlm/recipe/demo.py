@@ -382,7 +382,8 @@ def export_best(model_path: Path, out: Path, max_length: int) -> dict[str, Any]:
 
     from bidirlm.integrations.sentence_transformers import export_sentence_transformers
 
-    export_sentence_transformers(model_path, out, pooling="mean", max_length=max_length)
+    # force: the folder is the demo's own export (a re-run replaces it, atomically)
+    export_sentence_transformers(model_path, out, pooling="mean", max_length=max_length, force=True)
     st = SentenceTransformer(str(out), device="cpu", local_files_only=True)
     emb = torch.as_tensor(st.encode([EXAMPLE_QUERY, *EXAMPLE_DOCS], normalize_embeddings=True))
     cosines = (emb[1:] @ emb[0]).tolist()

@@ -65,7 +65,14 @@ def pid_alive(pid: int) -> bool:
 def write_error(exc: OSError, path: str | os.PathLike) -> OutputError:
     """One-line error for a failed write (read-only folder, disk full, permissions)."""
     reason = exc.strerror or (errno.errorcode.get(exc.errno or 0)) or str(exc)
-    return OutputError(f"cannot write {exc.filename or path}: {reason}")
+    name = exc.filename
+    if (
+        name is None
+        or _TEMP.match(Path(str(name)).name)
+        or _TEMP.match(Path(str(name)).parent.name)
+    ):
+        name = path  # our temporary beside the output: name the output the user gave
+    return OutputError(f"cannot write {name}: {reason}")
 
 
 def check_output(

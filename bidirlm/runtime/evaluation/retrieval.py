@@ -20,11 +20,21 @@ def embed(
     pooling: str = "mean",
     max_length: int = 512,
 ) -> torch.Tensor:
-    """L2-normalized float32 embeddings `[len(texts), d]` from an `Encoder`."""
+    """L2-normalized float32 embeddings `[len(texts), d]` from an `Encoder`; ValueError when any
+    is not finite (metrics from NaN/Inf embeddings would be meaningless, yet look plausible)."""
     out = model.encode(
         list(texts), batch_size=batch_size, pooling=pooling, normalize=True, max_length=max_length
     )
-    return torch.as_tensor(out).float().cpu()
+    out = torch.as_tensor(out).float().cpu()
+    finite = torch.isfinite(out).all(dim=-1) if out.numel() else torch.ones(0, dtype=torch.bool)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        raise ValueError(
+            f"{len(bad)} of {len(out)} embeddings are not finite (NaN/Inf; first: text "
+            f"{bad[0]} {str(texts[bad[0]])[:40]!r}): no metrics from them (check the model's "
+            "weights, or evaluate in float32)"
+        )
+    return out
 
 
 def evaluate(

@@ -44,8 +44,14 @@ class RetrievalTask:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(
+                    f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -145,9 +151,13 @@ def _read_qrels(folder: Path) -> Iterator[tuple[str, str, float]]:
         return
     if not tsv.is_file():
         raise FileNotFoundError(f"retrieval set {folder}: missing qrels.jsonl (or qrels/test.tsv)")
-    with tsv.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            cols = line.rstrip("\n").split("\t")
+    with tsv.open("rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{tsv}:{n}: not UTF-8 text ({exc.reason})") from None
+            cols = line.rstrip("\r\n").split("\t")
             if n == 1 and cols[0] == "query-id":
                 continue  # BEIR header
             if len(cols) != 3:
