@@ -19,6 +19,13 @@ of exactly `tokens_per_batch` tokens, each sequence at most `max_seq_len` long, 
 continue in the next sequence. `PairBatches` (contrastive phase) draws one dataset per batch, by
 weight, and takes `batch_size` consecutive records of it.
 
+Bad records: a JSON Lines line that is not valid UTF-8 or JSON, not an object, or lacks the
+phase's text fields raises `BadRecordError` naming the file and the 1-based line (other sources
+name the 1-based row). `check_sources` reads every line of JSON Lines files up to
+`FULL_CHECK_BYTES` (256 MiB, a few seconds) before training, so such a record fails in seconds,
+not mid-run; larger files are checked as they stream. With `skip_bad_records` the streams skip
+bad records instead and count them (`bad_records` in their state).
+
 Both are deterministic from the seed and resumable: every random choice is derived from
 `(seed, counter)` (numpy's counter-seeded generators), so the state is a few integers
 (`state_dict()` / `load_state_dict()`, JSON-serializable). Each source is read in a fresh random
@@ -39,6 +46,35 @@ import torch
 from .config import SourceConfig
 
 EMBEDDED_SOURCES = ("embedded:python-docs", "embedded:python-code", "embedded:python-pairs")
+# JSON Lines files up to this size are read whole before training (json parses ~100 MB/s).
+FULL_CHECK_BYTES = 256 * 2**20
+CONTRASTIVE_FIELDS = ("query", "positive")
+
+
+class BadRecordError(ValueError):
+    """A record that cannot be used; the message names the file and the 1-based line or row."""
+
+
+def record_problem(record: Any, fields: Sequence[str]) -> str | None:
+    """Why `record` cannot be used by a phase reading `fields` (None when it can).
+
+    Every field must hold text; a contrastive record (`query`, `positive`) may add `negatives`,
+    a list of texts.
+    """
+    if not isinstance(record, dict):
+        return f"is a JSON {type(record).__name__}, not an object"
+    missing = [f for f in fields if f not in record]
+    if missing:
+        has = ", ".join(sorted(record)) or "nothing"
+        return f"lacks field(s) {', '.join(missing)} (it has: {has})"
+    for f in fields:
+        if not isinstance(record[f], str):
+            return f"field {f!r} is {type(record[f]).__name__}, not text"
+    if tuple(fields) == CONTRASTIVE_FIELDS:
+        negatives = record.get("negatives") or []
+        if not isinstance(negatives, list) or not all(isinstance(n, str) for n in negatives):
+            return "'negatives' is not a list of text"
+    return None
 
 
 class RecordSource:
@@ -51,6 +87,10 @@ class RecordSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         raise NotImplementedError
+
+    def where(self, index: int) -> str:
+        """Where record `index` (0-based) is, for messages: `row N`, 1-based."""
+        return f"row {index + 1}"
 
 
 class ListSource(RecordSource):
@@ -66,34 +106,68 @@ class ListSource(RecordSource):
 
 
 class JsonLinesSource(RecordSource):
-    """JSON Lines read lazily: only the byte offsets of the lines are kept in memory."""
+    """JSON Lines read lazily: only the byte offsets (and line numbers) of records are kept."""
 
     def __init__(self, path: Path) -> None:
         self.name = str(path)
         self.path = path
-        offsets = []
+        offsets, lines = [], []
         with path.open("rb") as fh:
             pos = 0
-            for line in fh:
+            for number, line in enumerate(fh, 1):
                 if line.strip():
                     offsets.append(pos)
+                    lines.append(number)
                 pos += len(line)
         self._offsets = np.asarray(offsets, dtype=np.int64)
+        self._lines = np.asarray(lines, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self._offsets)
+
+    def where(self, index: int) -> str:
+        return f"line {int(self._lines[index])}"
+
+    def parse(self, line: bytes, index: int) -> dict[str, Any]:
+        """One line's record; `BadRecordError` naming the file and line when it is not one."""
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise BadRecordError(
+                f"{self.path}: {self.where(index)} is not valid UTF-8 "
+                f"(byte {exc.object[exc.start]:#04x} at column {exc.start + 1})"
+            ) from None
+        except json.JSONDecodeError as exc:
+            raise BadRecordError(
+                f"{self.path}: {self.where(index)} is not valid JSON: {exc}"
+            ) from None
+        if not isinstance(record, dict):
+            raise BadRecordError(f"{self.path}: {self.where(index)} is not a JSON object")
+        return record
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         with self.path.open("rb") as fh:
             fh.seek(int(self._offsets[index]))
             line = fh.readline()
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{self.path}: record {index} is not valid JSON: {exc}") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{self.path}: record {index} is not a JSON object")
-        return record
+        return self.parse(line, index)
+
+    def scan(self, fields: Sequence[str]) -> list[str]:
+        """Read every record in order; the problem of each bad one (`file: line N ...`)."""
+        problems = []
+        with self.path.open("rb") as fh:
+            index = 0
+            for line in fh:
+                if not line.strip():
+                    continue
+                try:
+                    problem = record_problem(self.parse(line, index), fields)
+                except BadRecordError as exc:
+                    problems.append(str(exc))
+                else:
+                    if problem is not None:
+                        problems.append(f"{self.path}: {self.where(index)} {problem}")
+                index += 1
+        return problems
 
 
 class ParquetSource(RecordSource):
@@ -203,23 +277,50 @@ def open_source(config: SourceConfig) -> RecordSource:
     )
 
 
-def check_sources(configs: Sequence[SourceConfig], *, fields: Sequence[str]) -> list[RecordSource]:
+def check_sources(
+    configs: Sequence[SourceConfig],
+    *,
+    fields: Sequence[str],
+    skip_bad_records: bool = False,
+    full_check_bytes: int = FULL_CHECK_BYTES,
+    log: Any = None,
+) -> list[RecordSource]:
     """Open every source and check it is non-empty and its first record has `fields`.
 
-    Run before training starts so a bad path or field fails in seconds, not mid-run.
+    JSON Lines files up to `full_check_bytes` are read whole: a bad record anywhere is an error
+    naming the file and line (with `skip_bad_records`, a count passed to `log`). Run before
+    training starts so a bad path, field or record fails in seconds, not mid-run.
     """
     sources = []
     for config in configs:
         source = open_source(config)
         if len(source) == 0:
             raise ValueError(f"data source {config.path} has no records")
-        first = source[0]
-        missing = [f for f in fields if f not in first]
-        if missing:
-            raise ValueError(
-                f"data source {config.path}: records lack field(s) {', '.join(missing)} "
-                f"(first record has: {', '.join(sorted(first)) or 'nothing'})"
-            )
+        scanned = (
+            isinstance(source, JsonLinesSource) and source.path.stat().st_size <= full_check_bytes
+        )
+        if not (skip_bad_records and scanned):
+            first = source[0]
+            missing = [f for f in fields if f not in first]
+            if missing:
+                raise ValueError(
+                    f"data source {config.path}: records lack field(s) {', '.join(missing)} "
+                    f"(first record has: {', '.join(sorted(first)) or 'nothing'})"
+                )
+        if scanned:
+            problems = source.scan(fields)
+            if problems and not skip_bad_records:
+                more = f" ({len(problems)} bad records in all)" if len(problems) > 1 else ""
+                raise BadRecordError(
+                    f"{problems[0]}{more}; fix the data or set data.skip_bad_records = true"
+                )
+            if problems and len(problems) == len(source):
+                raise ValueError(f"data source {config.path}: every record is bad: {problems[0]}")
+            if problems and log is not None:
+                log(
+                    f"data source {config.path}: {len(problems)} bad record(s) will be skipped "
+                    f"(first: {problems[0]})"
+                )
         source.name = config.name or config.path
         sources.append(source)
     return sources
@@ -322,8 +423,12 @@ class PackedBatches:
         max_seq_len: int,
         seed: int,
         text_fields: Sequence[str] | None = None,
+        skip_bad_records: bool = False,
     ) -> None:
         self._mix = _Mixture(sources, weights, seed)
+        self.skip_bad_records = bool(skip_bad_records)
+        self.bad_records = 0  # skipped so far (with skip_bad_records)
+        self.first_bad: str | None = None
         self.tokenizer = tokenizer
         self.tokens_per_batch = int(tokens_per_batch)
         self.max_seq_len = int(max_seq_len)
@@ -341,18 +446,20 @@ class PackedBatches:
         raise ValueError("10000 documents in a row tokenized to nothing: are the sources empty?")
 
     def _tokens(self, source: int, index: int) -> list[int]:
-        record = self._mix.sources[source][index]
+        src = self._mix.sources[source]
         field = self.text_fields[source]
-        if field not in record:
-            raise ValueError(
-                f"data source {self._mix.sources[source].name}: record {index} has no {field!r}"
-            )
+        try:
+            record = src[index]
+            problem = record_problem(record, (field,))
+            if problem is not None:
+                raise BadRecordError(f"data source {src.name}: {src.where(index)} {problem}")
+        except BadRecordError as exc:
+            if not self.skip_bad_records:
+                raise
+            self.bad_records += 1
+            self.first_bad = self.first_bad or str(exc)
+            return []  # skipped like an empty document
         text = record[field]
-        if not isinstance(text, str):
-            raise ValueError(
-                f"data source {self._mix.sources[source].name}: record {index} field {field!r} "
-                f"is {type(text).__name__}, not text"
-            )
         return tokenize_document(self.tokenizer, text) if text.strip() else []
 
     def next_batch(self) -> PackedBatch:
@@ -376,10 +483,15 @@ class PackedBatches:
 
     def state_dict(self) -> dict[str, Any]:
         pending = None if self._pending is None else list(self._pending[:2]) + [self._pending[3]]
-        return {"mixture": self._mix.state_dict(), "pending": pending}
+        return {
+            "mixture": self._mix.state_dict(),
+            "pending": pending,
+            "bad_records": self.bad_records,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._mix.load_state_dict(state["mixture"])
+        self.bad_records = int(state.get("bad_records", 0))
         self._pending = None
         if state.get("pending") is not None:
             source, index, offset = (int(v) for v in state["pending"])
@@ -435,25 +547,32 @@ class PairBatches:
         seed: int,
         negatives_per_query: int = 1,
         instructions: Sequence[str] | None = None,
+        skip_bad_records: bool = False,
     ) -> None:
         self._mix = _Mixture(sources, weights, seed)
+        self.skip_bad_records = bool(skip_bad_records)
+        self.bad_records = 0  # skipped so far (with skip_bad_records)
+        self.first_bad: str | None = None
         self.batch_size = int(batch_size)
         self.negatives_per_query = int(negatives_per_query)
         self.instructions = list(instructions or [""] * len(sources))
 
     def _record(self, source: int) -> dict[str, Any]:
-        index = self._mix.next_index(source)
-        record = self._mix.sources[source][index]
-        name = self._mix.sources[source].name
-        for key in ("query", "positive"):
-            if not isinstance(record.get(key), str):
-                raise ValueError(f"data source {name}: record {index} has no text field {key!r}")
-        negatives = record.get("negatives") or []
-        if not isinstance(negatives, list) or not all(isinstance(n, str) for n in negatives):
-            raise ValueError(
-                f"data source {name}: record {index} 'negatives' is not a list of text"
-            )
-        return record
+        src = self._mix.sources[source]
+        for _ in range(max(len(src), 1)):  # with skip_bad_records: at most one epoch of skips
+            index = self._mix.next_index(source)
+            try:
+                record = src[index]
+                problem = record_problem(record, CONTRASTIVE_FIELDS)
+                if problem is not None:
+                    raise BadRecordError(f"data source {src.name}: {src.where(index)} {problem}")
+                return record
+            except BadRecordError as exc:
+                if not self.skip_bad_records:
+                    raise
+                self.bad_records += 1
+                self.first_bad = self.first_bad or str(exc)
+        raise ValueError(f"data source {src.name}: every record is bad ({self.first_bad})")
 
     def next_batch(self) -> PairBatch:
         source = self._mix.choose_source()
@@ -469,10 +588,11 @@ class PairBatches:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mixture": self._mix.state_dict()}
+        return {"mixture": self._mix.state_dict(), "bad_records": self.bad_records}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._mix.load_state_dict(state["mixture"])
+        self.bad_records = int(state.get("bad_records", 0))
 
 
 def pack_texts(
