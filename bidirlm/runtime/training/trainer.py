@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from bidirlm.runtime.embedded import resolve_model_path
-from bidirlm.runtime.outputs import lock_output
+from bidirlm.runtime.outputs import check_output, lock_output
 
 from . import checkpoints as cio
 from . import distributed as dist_utils
@@ -542,6 +542,8 @@ def train(
     model_path, sources = validate(config)
     info = dist_utils.init_distributed(config.train.device, config.distributed.backend)
     try:
+        # OUTPUT/final is replaced at the end: never when it is the model or the working folder
+        check_output(Path(config.train.output) / "final", inputs=[model_path], what="train.output")
         # one run per output folder (a second run would interleave metrics and checkpoints)
         with lock_output(config.train.output, enabled=info.is_main):
             return _train(config, info, model_path, sources, stop_after, on_step)
