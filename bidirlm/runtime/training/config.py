@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
+from .task_config import TaskConfig, resolve_dev_path
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -284,7 +286,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 # The training config
 # --------------------------------------------------------------------------------------------
 
-Phase = Literal["causal", "mntp", "contrastive"]
+Phase = Literal["causal", "mntp", "contrastive", "sequence-classification", "token-classification"]
 
 
 def check_device(device: str, key: str) -> None:
@@ -465,6 +467,7 @@ class TrainConfig:
     mntp: MNTPConfig = field(default_factory=MNTPConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)  # the fine-tuning phases
 
     def __post_init__(self) -> None:
         if not self.data.sources:
@@ -493,6 +496,8 @@ def train_config_from_dict(
         config.model = _resolve(config.model, base)
         for source in config.data.sources:
             source.path = _resolve(source.path, base)
+        if config.task.dev:
+            config.task.dev = _resolve(config.task.dev, base)
     return config
 
 
@@ -529,6 +534,7 @@ def load_train_config(path: str | Path, overrides: typing.Iterable[str] = ()) ->
     """
     data = read_toml(path)
     _resolve_source_paths(data, Path(path).parent)
+    resolve_dev_path(data, Path(path).parent)
     apply_overrides(data, overrides)
     try:
         return train_config_from_dict(data)

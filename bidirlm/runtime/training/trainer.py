@@ -50,6 +50,7 @@ from . import distributed as dist_utils
 from .config import TrainConfig
 from .data import PackedBatch, PackedBatches, PairBatches, check_sources, pack_texts
 from .schedules import lr_factor
+from .task_config import TASK_PHASES
 
 IGNORE_INDEX = -100
 
@@ -149,6 +150,14 @@ def validate(config: TrainConfig) -> tuple[Path, list]:
     if not (model_path / "config.json").is_file():
         what = "does not exist" if not model_path.exists() else "has no config.json"
         raise FileNotFoundError(f"model {config.model}: {model_path} {what}")
+    if config.phase in TASK_PHASES:  # fine-tuning: labelled records, checked by task_data
+        from .task_data import check_task
+
+        paths = [s.path for s in config.data.sources]
+        spec = check_task(
+            config.phase, config.task, paths, names=[s.name for s in config.data.sources]
+        )
+        return model_path, [spec]
     if config.phase == "contrastive":
         sources = check_sources(config.data.sources, fields=("query", "positive"))
     else:
@@ -222,6 +231,8 @@ class _Run:
         self.device = info.device
         self.autocast = _autocast_dtype(config, self.device)
         bidirectional = self.phase != "causal"
+        if self.phase in TASK_PHASES:
+            bidirectional = config.task.attention == "bidirectional"
         self.encoder = load_model(
             model_path, dtype=torch.float32, device=self.device, bidirectional=bidirectional
         )
@@ -230,20 +241,29 @@ class _Run:
         self.tokenizer = self.encoder.tokenizer
         self.encoder.gradient_checkpointing = config.train.gradient_checkpointing
         self.encoder.train()
-        self.module = dist_utils.wrap_model(
-            PhaseModule(self.encoder, config.contrastive.pooling), config.distributed.strategy, info
-        )
+        self.task = None  # the fine-tuning phases' side of the run (finetune.TaskRun)
+        phase_module: nn.Module = PhaseModule(self.encoder, config.contrastive.pooling)
+        if self.phase in TASK_PHASES:
+            from .finetune import TaskRun
+
+            self.task = TaskRun(config, self.encoder, sources[0], info)  # attaches the head
+            phase_module = self.task.module()
+        self.module = dist_utils.wrap_model(phase_module, config.distributed.strategy, info)
         opt = config.optim
         fused = self.device.type == "cuda" if opt.fused == "auto" else bool(opt.fused)
         self.optimizer = torch.optim.AdamW(
-            _param_groups(self.module, opt.weight_decay),
+            self.task.param_groups(self.module, opt.weight_decay)
+            if self.task is not None
+            else _param_groups(self.module, opt.weight_decay),
             lr=opt.lr,
             betas=tuple(opt.betas),
             eps=opt.eps,
             fused=fused,
         )
         weights = [s.weight for s in config.data.sources]
-        if self.phase == "contrastive":
+        if self.task is not None:
+            self.stream = self.task.stream
+        elif self.phase == "contrastive":
             self.stream: PackedBatches | PairBatches = PairBatches(
                 sources,
                 weights,
@@ -289,6 +309,8 @@ class _Run:
         return torch.autocast(self.device.type, dtype=self.autocast)
 
     def _lm_loss(self, batch: PackedBatch, micro: int) -> torch.Tensor:
+        if self.task is not None:  # fine-tuning: the head's loss on labelled examples
+            return self.task.loss(self.module, batch, self.device, self._amp)
         ids, cu = batch.input_ids, batch.cu_seqlens
         if self.phase == "causal":
             inputs, labels = ids, next_token_labels(ids, cu)
@@ -371,7 +393,7 @@ class _Run:
             min_lr_ratio=config.optim.min_lr_ratio,
         )
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # the head's multiplier
         self.optimizer.zero_grad(set_to_none=True)
         self._step_tokens = 0
         start = time.perf_counter()
@@ -450,6 +472,7 @@ class _Run:
                 "tokens_seen": self.tokens_seen,
                 "world_size": info.world_size,
                 "phase": self.phase,
+                "task": self.task.state_dict() if self.task is not None else None,
             }
             cio.write_main_files(
                 tmp,
@@ -478,15 +501,18 @@ class _Run:
         self.nonfinite_total = int(ckpt.state.get("nonfinite_total", 0))
         self.nonfinite_in_row = int(ckpt.state.get("nonfinite_in_row", 0))
         self.tokens_seen = int(ckpt.state.get("tokens_seen", 0))
+        if self.task is not None:
+            self.task.load_state_dict(ckpt.state.get("task"))
         if ckpt.rng_data is not None:
             cio.restore_rng(ckpt.rng_tensors, ckpt.rng_data)
 
-    def save_final(self) -> Path:
-        """`OUTPUT/final` in Hugging Face layout (written to a temporary folder, then renamed)."""
-        final = self.output / "final"
+    def save_final(self, name: str = "final") -> Path:
+        """`OUTPUT/<name>` (`final`; fine-tuning also writes `best`) in Hugging Face layout
+        (written to a temporary folder, then renamed)."""
+        final = self.output / name
         state = dist_utils.full_state_dict(self.module, self.info)
         if self.info.is_main:
-            tmp = self.output / ".final.tmp"
+            tmp = self.output / f".{name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             encoder = self.encoder
             if self.config.distributed.strategy == "fsdp" and self.info.enabled:
@@ -498,6 +524,10 @@ class _Run:
                     self.model_path, dtype=torch.float32, bidirectional=self.encoder.bidirectional
                 )
                 prefix = "encoder."
+                if self.task is not None:  # a fresh head for the gathered head weights
+                    from .finetune import attach_head
+
+                    attach_head(encoder, self.config, self.task.spec)
                 encoder.load_state_dict(
                     {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)},
                     strict=False,
@@ -562,7 +592,8 @@ def _train(config, info, model_path, sources, stop_after, on_step) -> Path:
     latest = cio.latest_checkpoint(output)
     if latest is not None and final.joinpath("config.json").is_file():
         done = cio.load_checkpoint(latest).step
-        if done >= config.train.steps:
+        task_state = cio.load_checkpoint(latest).state.get("task") or {}
+        if done >= config.train.steps or task_state.get("stopped"):
             log(f"{output} already holds a finished run ({done} steps): nothing to do", main=main)
             return final
     if main:
@@ -590,6 +621,8 @@ def _train(config, info, model_path, sources, stop_after, on_step) -> Path:
     with _SigtermFlag() as sigterm, bar:
         while run.step < config.train.steps:
             row = run.run_step()
+            if run.task is not None:  # dev evaluation, best model, early stopping
+                run.task.after_step(run, row)
             if main:
                 with metrics_path.open("a", encoding="utf-8") as fh:
                     fh.write(json.dumps(row) + "\n")
@@ -605,10 +638,15 @@ def _train(config, info, model_path, sources, stop_after, on_step) -> Path:
                 )
             every = config.train.checkpoint_every
             stop = (stop_after is not None and run.step - started >= stop_after) or sigterm.raised
-            if (every and run.step % every == 0) or stop or run.step == config.train.steps:
+            early = run.task is not None and run.task.stopped
+            if (every and run.step % every == 0) or stop or early or run.step == config.train.steps:
                 path = run.save_checkpoint()
                 if stop and run.step < config.train.steps:
                     raise TrainingInterrupted(run.step, path)
+            if early:
+                log(f"early stop at step {run.step}: task.patience evaluations without a "
+                    "better dev score", main=main)  # fmt: skip
+                break
     if run.nonfinite_total and main:
         log(f"{run.nonfinite_total} step(s) were skipped for a non-finite loss", main=main)
     path = run.save_final()

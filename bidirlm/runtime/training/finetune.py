@@ -1,0 +1,244 @@
+"""The fine-tuning phases inside the shared training loop (`trainer.py`).
+
+`sequence-classification` and `token-classification` run the same loop as the other phases
+(optimizer steps of `train.grad_accum` micro-batches on every rank, checkpoints, exact resume,
+DDP / FSDP2, autocast); this module supplies what differs:
+
+- `TaskModule`: the encoder with its head (`encoder.head`, `models.heads.ClassificationHead`);
+  `forward(ids, cu_seqlens, max_seqlen, labels)` returns the micro-batch loss (cross-entropy,
+  binary cross-entropy or MSE, with the optional class weights), or the logits when `labels`
+  is None (evaluation), inside one forward so DDP and FSDP2 see every parameter use;
+- `TaskRun`: built by the trainer for these phases. It attaches a fresh head (initialized from
+  `train.seed` alone, identical on every rank; a model that already has a head of the same shape
+  and labels keeps it), freezes an untied LM head (unused), tokenizes the data
+  (`task_data`), makes the head's parameter group (learning rate x `task.head_lr_multiplier`)
+  and evaluates the dev set every `task.eval_every` steps and at the end: the metrics go into
+  that step's metrics.jsonl row under `dev` (with `dev_score`, the `task.metric`), a better
+  score saves `OUTPUT/best/` (Hugging Face layout, like `final/`) and `OUTPUT/best.json`, and
+  `task.patience` evaluations without improvement stop the run early (`early_stop` in the row;
+  `final/` is the last model, `best/` the best one). The best score, its step and the patience
+  counter are part of the checkpoint state, so a resumed run decides as an uninterrupted one.
+
+Every rank evaluates the whole dev set (FSDP2 needs all ranks in each forward); rank 0's
+decision is broadcast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .task_config import TaskConfig
+from .task_data import TaskBatches, TaskSpec, encode_records, phase_kind
+
+
+class TaskModule(nn.Module):
+    """`encoder` (with `encoder.head`) -> loss of a packed micro-batch, or logits."""
+
+    def __init__(self, encoder: nn.Module, class_weights: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        hidden = self.encoder(input_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        logits = self.encoder.head(hidden, cu_seqlens=cu_seqlens)
+        if labels is None:
+            return logits
+        return self.encoder.head.loss(logits, labels, self.class_weights)
+
+
+def _same_head(head: Any, kind: str, labels: list[str], task: TaskConfig, problem: str) -> bool:
+    return (
+        head is not None
+        and head.kind == kind
+        and list(head.labels) == list(labels)
+        and head.problem_type == problem
+        and (kind == "token" or head.pooling == task.pooling)
+    )
+
+
+def attach_head(encoder: nn.Module, config: Any, spec: TaskSpec) -> None:
+    """Give `encoder` the task's head (kept when it already has a matching one)."""
+    from bidirlm.runtime.models.heads import ClassificationHead
+
+    task: TaskConfig = config.task
+    if _same_head(getattr(encoder, "head", None), spec.kind, spec.labels, task, spec.problem_type):
+        encoder.head.dropout.p = task.dropout
+        encoder.head.dropout_p = task.dropout
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.train.seed)  # the same initial head on every rank
+        head = ClassificationHead(
+            encoder.hidden_size,
+            len(spec.labels),
+            kind=spec.kind,
+            pooling=task.pooling,
+            problem_type=spec.problem_type,
+            dropout=task.dropout,
+            labels=spec.labels,
+            dtype=encoder.dtype,
+        )
+    encoder.head = head.to(encoder.device)
+
+
+class TaskRun:
+    """The fine-tuning side of a training run (see the module docstring)."""
+
+    def __init__(self, config: Any, encoder: nn.Module, spec: TaskSpec, info: Any) -> None:
+        from bidirlm.runtime.evaluation.classification import primary_metric
+
+        self.config, self.spec, self.info = config, spec, info
+        self.task: TaskConfig = config.task
+        self.kind = phase_kind(config.phase)
+        self.encoder = encoder
+        attach_head(encoder, config, spec)
+        if getattr(encoder, "lm_head", None) is not None:
+            encoder.lm_head.requires_grad_(False)  # untied LM head: unused by the task
+        weights = None
+        if self.task.class_weights:
+            weights = torch.tensor(self.task.class_weights, dtype=torch.float32)
+        self.class_weights = weights
+        tokenizer = encoder.tokenizer
+        encode = dict(
+            kind=self.kind,
+            labels=spec.labels,
+            problem_type=spec.problem_type,
+            max_len=config.data.max_seq_len,
+            label_all_subwords=self.task.label_all_subwords,
+        )
+        examples = [encode_records(src, tokenizer, **encode) for src in spec.sources]
+        self.stream = TaskBatches(
+            examples,
+            [s.weight for s in config.data.sources],
+            batch_size=config.data.batch_size,
+            seed=config.train.seed,
+            kind=self.kind,
+            problem_type=spec.problem_type,
+        )
+        self.dev = encode_records(spec.dev, tokenizer, **encode) if spec.dev else None
+        self.metric = (
+            self.task.metric
+            if self.task.metric != "auto"
+            else primary_metric(self.kind, spec.problem_type, spec.labels)
+        )
+        self.best: float | None = None
+        self.best_step = 0
+        self.bad_evals = 0
+        self.stopped = False
+
+    # --- pieces the trainer asks for ----------------------------------------------------------
+
+    def module(self) -> TaskModule:
+        weights = None if self.class_weights is None else self.class_weights.to(self.encoder.device)
+        return TaskModule(self.encoder, weights)
+
+    def param_groups(self, module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups: decay on matrices only; the head's groups get `lr_scale`."""
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, param in module.named_parameters():
+            if param.requires_grad:
+                key = ("encoder.head." in name or name.startswith("head."), param.dim() >= 2)
+                groups.setdefault(key, []).append(param)
+        out = []
+        for (is_head, decay), params in sorted(groups.items()):
+            out.append(
+                {
+                    "params": params,
+                    "weight_decay": weight_decay if decay else 0.0,
+                    "lr_scale": self.task.head_lr_multiplier if is_head else 1.0,
+                }
+            )
+        return out
+
+    def loss(self, module: nn.Module, batch: Any, device: torch.device, amp: Any) -> torch.Tensor:
+        with amp():
+            return module(
+                batch.input_ids.to(device),
+                batch.cu_seqlens.to(device),
+                batch.max_seqlen,
+                batch.labels.to(device),
+            )
+
+    # --- evaluation, best checkpoint, early stopping ------------------------------------------
+
+    def evaluate(self, run: Any) -> dict[str, float]:
+        from bidirlm.runtime.evaluation.classify import score_examples
+
+        return score_examples(
+            run.module,
+            self.dev,
+            kind=self.kind,
+            problem_type=self.spec.problem_type,
+            labels=self.spec.labels,
+            batch_size=self.task.eval_batch_size,
+            device=run.device,
+            amp=run._amp,
+        )
+
+    def after_step(self, run: Any, row: dict[str, Any]) -> None:
+        """Evaluate when due; adds `dev`, `dev_score` (and `best`, `early_stop`) to `row`."""
+        if self.dev is None:
+            return
+        step, total = run.step, self.config.train.steps
+        every = self.task.eval_every
+        if not ((every and step % every == 0) or step == total):
+            return
+        metrics = self.evaluate(run)
+        score = float(metrics[self.metric])
+        improved = self.best is None or (math.isfinite(score) and score > self.best)
+        improved = _broadcast(improved, self.info)
+        row["dev"] = metrics
+        row["dev_score"] = score
+        if improved:
+            self.best, self.best_step, self.bad_evals = score, step, 0
+            row["best"] = True
+            run.save_final("best")
+            if self.info.is_main:
+                record = {"step": step, "metric": self.metric, "score": score, "dev": metrics}
+                tmp = run.output / ".best.json.tmp"
+                tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+                tmp.replace(run.output / "best.json")
+        else:
+            self.bad_evals += 1
+            if self.task.patience and self.bad_evals >= self.task.patience:
+                self.stopped = True
+                row["early_stop"] = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best": self.best,
+            "best_step": self.best_step,
+            "bad_evals": self.bad_evals,
+            "stopped": self.stopped,
+        }
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        state = state or {}
+        self.best = state.get("best")
+        self.best_step = int(state.get("best_step", 0))
+        self.bad_evals = int(state.get("bad_evals", 0))
+        self.stopped = bool(state.get("stopped", False))
+
+
+def _broadcast(flag: bool, info: Any) -> bool:
+    """Rank 0's value of a boolean, on every rank."""
+    if not info.enabled:
+        return flag
+    import torch.distributed as dist
+
+    value = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    if info.backend == "nccl":
+        value = value.to(info.device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
