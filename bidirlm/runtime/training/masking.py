@@ -184,6 +184,32 @@ def resolve_mask_token_id(tokenizer: Any, mask_token: str | None = None) -> int:
     return int(pieces[0])
 
 
+def mask_token_id_for(tokenizer: Any, mask_token: str | None, key: str = "mntp.mask_token") -> int:
+    """`resolve_mask_token_id` for a config: a problem is a ValueError naming the key `key`."""
+    try:
+        return resolve_mask_token_id(tokenizer, mask_token)
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}") from None
+
+
+def check_mask_token(model_path: Any, mask_token: str | None, key: str = "mntp.mask_token") -> int:
+    """Load the tokenizer of the model folder `model_path` and resolve the MNTP mask token.
+
+    Run before training (and by `bidirlm pipeline --check`): a tokenizer without a mask token and
+    a `mask_token` that is not one vocabulary entry fail in seconds, naming `key`.
+    """
+    from pathlib import Path
+
+    from bidirlm.runtime.models.checkpoint import has_tokenizer
+
+    folder = Path(model_path)
+    if not has_tokenizer(folder):
+        raise ValueError(f"model {folder} has no tokenizer files (needed for MNTP masking)")
+    from transformers import AutoTokenizer
+
+    return mask_token_id_for(AutoTokenizer.from_pretrained(str(folder)), mask_token, key)
+
+
 @dataclass
 class MNTPCollator:
     """Turns a batch of token ids into `{"input_ids", "labels", ...}` for MNTP training.

@@ -20,7 +20,17 @@ Outputs under `train.output`: `config.toml` (the resolved config), `metrics.json
 object per step: step, loss, lr, tokens_per_s, grad_norm, skipped, ...; `mfu` on GPUs with a
 bf16/fp16 autocast), `checkpoints/step-N/` (the last `keep_checkpoints`), `final/` (Hugging Face
 layout with the tokenizer). Re-running the same command resumes from the latest checkpoint; a
-finished run returns at once. SIGTERM checkpoints and raises `TrainingInterrupted`.
+finished run returns at once. SIGTERM and a first Ctrl-C (SIGINT) checkpoint and raise
+`TrainingInterrupted`; a second Ctrl-C aborts at once.
+
+Safety: resuming with a config that differs from the run's (`config.toml`) is refused, listing
+the differing keys, unless `train.allow_config_change = true` (the change is then appended to
+`config-changes.jsonl`, `config.toml` keeps the original). A checkpoint or final model with
+non-finite parameters is never written (`TrainingError` naming the step). A bad data record
+found mid-run first checkpoints the steps done since the last checkpoint, then raises.
+
+Console: a one-line summary of the config (the full resolved config is `OUTPUT/config.toml`),
+then every `train.log_every` steps a progress-bar update (stderr is a terminal) or one line.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -48,7 +59,14 @@ from bidirlm.runtime.outputs import check_output, lock_output
 from . import checkpoints as cio
 from . import distributed as dist_utils
 from .config import TrainConfig
-from .data import PackedBatch, PackedBatches, PairBatches, check_sources, pack_texts
+from .data import (
+    BadRecordError,
+    PackedBatch,
+    PackedBatches,
+    PairBatches,
+    check_sources,
+    pack_texts,
+)
 from .schedules import lr_factor
 from .task_config import TASK_PHASES
 
@@ -69,15 +87,21 @@ PEAK_BF16_FLOPS = {
 
 
 class TrainingInterrupted(Exception):
-    """The run stopped early (SIGTERM or `stop_after`) after writing a checkpoint."""
+    """The run stopped early (SIGTERM, Ctrl-C or `stop_after`) after writing a checkpoint.
 
-    def __init__(self, step: int, checkpoint: Path | None) -> None:
+    `reason` is "SIGTERM", "Ctrl-C" or "" (`stop_after`).
+    """
+
+    def __init__(self, step: int, checkpoint: Path | None, reason: str = "") -> None:
+        why = f" ({reason})" if reason else ""
         super().__init__(
-            f"training stopped at step {step}; checkpoint {checkpoint}; "
-            "run the same command again to resume"
+            f"training stopped at step {step}{why}; saved checkpoint {checkpoint} (model, "
+            f"optimizer and data position after step {step}); run the same command again to "
+            "resume"
         )
         self.step = step
         self.checkpoint = checkpoint
+        self.reason = reason
 
 
 class TrainingError(RuntimeError):
@@ -109,8 +133,16 @@ class PhaseModule(nn.Module):
         cu_seqlens: torch.Tensor,
         max_seqlen: int,
         labels: torch.Tensor | None = None,
+        items: dict[str, Any] | None = None,
     ) -> torch.Tensor:
+        if items is not None:  # an OmniEncoder batch of text/image/audio (training.multimodal)
+            return self.encoder.embed_prepared(items, pooling=self.pooling)
         hidden = self.encoder(input_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):
+            # The final norm of the float32 residual stream gives float32; the LM head (and the
+            # pooled embeddings) run in the autocast dtype, as an autocast `nn.Linear` would.
+            hidden = hidden.to(torch.get_autocast_dtype(device_type))
         if labels is not None:
             from bidirlm.kernels import mntp_loss
 
@@ -150,6 +182,7 @@ def validate(config: TrainConfig) -> tuple[Path, list]:
     if not (model_path / "config.json").is_file():
         what = "does not exist" if not model_path.exists() else "has no config.json"
         raise FileNotFoundError(f"model {config.model}: {model_path} {what}")
+    skip = config.data.skip_bad_records
     if config.phase in TASK_PHASES:  # fine-tuning: labelled records, checked by task_data
         from .task_data import check_task
 
@@ -159,11 +192,19 @@ def validate(config: TrainConfig) -> tuple[Path, list]:
         )
         return model_path, [spec]
     if config.phase == "contrastive":
-        sources = check_sources(config.data.sources, fields=("query", "positive"))
+        sources = check_sources(
+            config.data.sources, fields=("query", "positive"), skip_bad_records=skip, log=log
+        )
     else:
         sources = []
         for source_config in config.data.sources:
-            sources += check_sources([source_config], fields=(source_config.text_field,))
+            sources += check_sources(
+                [source_config], fields=(source_config.text_field,), skip_bad_records=skip, log=log
+            )
+    if config.phase == "mntp":
+        from .masking import check_mask_token
+
+        check_mask_token(model_path, config.mntp.mask_token)
     return model_path, sources
 
 
@@ -193,25 +234,43 @@ def _peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-class _SigtermFlag:
-    """Sets `.raised` on SIGTERM while active (main thread only; restores the old handler)."""
+class _StopSignals:
+    """Sets `.raised` on SIGTERM or a first Ctrl-C while active; a second Ctrl-C raises
+    KeyboardInterrupt at once (main thread only; restores the old handlers)."""
 
-    def __init__(self) -> None:
+    SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}
+
+    def __init__(self, *, main: bool = True) -> None:
         self.raised = False
-        self._old: Any = None
+        self.reason = ""
+        self.main = main
+        self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> _SigtermFlag:
+    def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+            for signum in self.SIGNALS:
+                self._old[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        del signum, frame
+        del frame
+        if signum == signal.SIGINT and self.raised:
+            raise KeyboardInterrupt  # the second Ctrl-C: abort without saving
         self.raised = True
+        self.reason = self.SIGNALS.get(signum, str(signum))
+        again = " (press Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""
+        log(
+            f"{self.reason}: saving a checkpoint after this step, then stopping{again}",
+            main=self.main,
+        )
 
     def __exit__(self, *exc: object) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for signum, old in self._old.items():
+            signal.signal(signum, old)
+        self._old = {}
+
+
+_SigtermFlag = _StopSignals  # the former name
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,6 +330,7 @@ class _Run:
                 seed=config.train.seed,
                 negatives_per_query=config.data.negatives_per_query,
                 instructions=[s.instruction for s in config.data.sources],
+                skip_bad_records=config.data.skip_bad_records,
             )
             if config.data.batch_size % info.world_size:
                 raise ValueError(
@@ -286,15 +346,18 @@ class _Run:
                 max_seq_len=config.data.max_seq_len,
                 seed=config.train.seed,
                 text_fields=[s.text_field for s in config.data.sources],
+                skip_bad_records=config.data.skip_bad_records,
             )
         if self.phase == "mntp":
-            from .masking import resolve_mask_token_id
+            from .masking import mask_token_id_for
 
-            self.mask_token_id = resolve_mask_token_id(self.tokenizer, config.mntp.mask_token)
+            self.mask_token_id = mask_token_id_for(self.tokenizer, config.mntp.mask_token)
             self.special_ids = tuple(
                 i for i in self.tokenizer.all_special_ids if i != self.mask_token_id
             )
         self.step = 0
+        self.saved_step = 0  # the step of the last checkpoint written or resumed from
+        self._step_start: tuple[dict[str, Any], Any] | None = None
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
         self.tokens_seen = 0
@@ -332,6 +395,10 @@ class _Run:
             return self.module(inputs.to(dev), cu.to(dev), batch.max_seqlen, labels.to(dev))
 
     def _embed(self, texts: list[str], max_len: int, *, count: bool = True) -> torch.Tensor:
+        from .multimodal import embed_mixed, has_media
+
+        if has_media(texts):  # image/audio records: the OmniEncoder path
+            return embed_mixed(self, texts, max_len, count=count)
         ids, cu, longest = pack_texts(self.tokenizer, texts, max_len)
         if count:
             self._step_tokens += ids.numel()
@@ -394,6 +461,8 @@ class _Run:
         )
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # the head's multiplier
+        # Where this step starts, to checkpoint exactly here if a bad record stops it midway.
+        self._step_start = (json.loads(json.dumps(self.stream.state_dict())), cio.capture_rng())
         self.optimizer.zero_grad(set_to_none=True)
         self._step_tokens = 0
         start = time.perf_counter()
@@ -447,6 +516,8 @@ class _Run:
             "skipped": not finite,
             "nonfinite_total": self.nonfinite_total,
         }
+        if config.data.skip_bad_records:
+            row["bad_records"] = self.stream.bad_records
         if self.peak_flops:
             # 6 N FLOPs per token (Kaplan et al.): forward + backward of the matmuls, attention
             # scores ignored; an underestimate for long sequences.
@@ -455,7 +526,41 @@ class _Run:
 
     # --- checkpoints ------------------------------------------------------------------------
 
+    def nonfinite_parameters(self) -> list[str]:
+        """Names of parameters holding NaN/Inf (all ranks agree: the count is all-reduced)."""
+        names = []
+        for name, param in self.module.named_parameters():
+            local = param.to_local() if hasattr(param, "to_local") else param
+            if not bool(torch.isfinite(local.detach()).all()):
+                names.append(name)
+        count = torch.tensor(float(len(names)), device=self.device)
+        if float(dist_utils.all_reduce_sum(count, self.info)) > 0 and not names:
+            names.append("(on another rank)")
+        return names
+
+    def check_finite(self, what: str) -> None:
+        """TrainingError (one line, naming the step) when a parameter is non-finite."""
+        bad = self.nonfinite_parameters()
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            last = f"step {self.saved_step}" if self.saved_step else "none"
+            raise TrainingError(
+                f"step {self.step}: the parameters are non-finite ({shown}); {what} not "
+                f"written (last checkpoint: {last}); lower optim.lr or check the data and model"
+            )
+
+    def checkpoint_before_failed_step(self) -> Path | None:
+        """Checkpoint the state at the start of the step that just failed, if not saved yet."""
+        if self._step_start is None or self.step <= self.saved_step:
+            return None
+        data_state, (rng_tensors, rng_data) = self._step_start
+        self.stream.load_state_dict(data_state)
+        cio.restore_rng(rng_tensors, rng_data)
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.save_checkpoint()
+
     def save_checkpoint(self) -> Path | None:
+        self.check_finite("checkpoint")
         info = self.info
         model_state = dist_utils.full_state_dict(self.module, info)
         optim_state = dist_utils.full_optimizer_state(self.module, self.optimizer, info)
@@ -486,6 +591,7 @@ class _Run:
         if info.is_main:
             path = cio.publish(self.output, self.step, self.config.train.keep_checkpoints)
         dist_utils.barrier(info)
+        self.saved_step = self.step
         return path or cio.checkpoint_dir(self.output) / cio.step_name(self.step)
 
     def resume(self, path: Path) -> None:
@@ -495,9 +601,18 @@ class _Run:
                 f"{path} is a {ckpt.state.get('phase')} checkpoint but the config's phase is "
                 f"{self.phase}: use another train.output"
             )
-        dist_utils.load_full_state(self.module, self.optimizer, ckpt.model, ckpt.optimizer)
+        _check_shapes(path, ckpt.model, self.encoder, self.config.model)
+        try:
+            dist_utils.load_full_state(self.module, self.optimizer, ckpt.model, ckpt.optimizer)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(
+                f"{path} does not fit the model {self.config.model}: {first}; use another "
+                "train.output"
+            ) from None
         self.stream.load_state_dict(ckpt.state["data"])
         self.step = ckpt.step
+        self.saved_step = ckpt.step
         self.nonfinite_total = int(ckpt.state.get("nonfinite_total", 0))
         self.nonfinite_in_row = int(ckpt.state.get("nonfinite_in_row", 0))
         self.tokens_seen = int(ckpt.state.get("tokens_seen", 0))
@@ -510,6 +625,7 @@ class _Run:
         """`OUTPUT/<name>` (`final`; fine-tuning also writes `best`) in Hugging Face layout
         (written to a temporary folder, then renamed)."""
         final = self.output / name
+        self.check_finite("final model")
         state = dist_utils.full_state_dict(self.module, self.info)
         if self.info.is_main:
             tmp = self.output / f".{name}.tmp"
@@ -541,16 +657,150 @@ class _Run:
         return final
 
 
+def _check_shapes(
+    path: Path, state: dict[str, torch.Tensor], encoder: nn.Module, model: str
+) -> None:
+    """A checkpoint of another model (other shapes or tensors) is a one-line ValueError."""
+    own = {f"encoder.{k}": tuple(v.shape) for k, v in encoder.state_dict().items()}
+    saved = {k: tuple(v.shape) for k, v in state.items()}
+    for key in sorted(own.keys() & saved.keys()):
+        if own[key] != saved[key]:
+            raise ValueError(
+                f"{path} is a checkpoint of another model: {key} is {list(saved[key])} there but "
+                f"{list(own[key])} in {model}; use another train.output"
+            )
+    missing = sorted(own.keys() - saved.keys())
+    if missing and saved.keys() & own.keys():
+        raise ValueError(
+            f"{path} is a checkpoint of another model: it lacks {missing[0]}"
+            f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}; use another "
+            "train.output"
+        )
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from (they will be redone)."""
+    """Drop rows logged after the checkpoint we resume from (they will be redone).
+
+    An incomplete last line (a crash in the middle of writing it) is dropped; a bad line
+    elsewhere is a ValueError naming the file and line. The file is rewritten atomically.
+    """
     if not path.is_file():
         return
-    keep = [
-        line
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
-    path.write_text("".join(f"{line}\n" for line in keep), encoding="utf-8")
+    lines = path.read_bytes().split(b"\n")
+    keep = []
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            if all(not rest.strip() for rest in lines[number:]):
+                log(f"{path}: dropped the incomplete last line {number} (a crash mid-write)")
+                continue
+            raise ValueError(f"{path}: line {number} is not valid JSON") from None
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            keep.append(raw.decode("utf-8"))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+VOLATILE_KEYS = ("train.progress_bar", "train.log_every", "train.allow_config_change")
+CONFIG_CHANGES = "config-changes.jsonl"
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(data, (list, tuple)) and any(isinstance(v, dict) for v in data):
+        out = {}
+        for i, value in enumerate(data):
+            out.update(_flatten(value, f"{prefix}.{i}"))
+        return out
+    return {prefix: list(data) if isinstance(data, tuple) else data}
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between two config dicts -> (old, new); None = absent.
+
+    Keys that only change the console output (`train.progress_bar`, `train.log_every`) and
+    `train.allow_config_change` itself are ignored.
+    """
+    a, b = _flatten(old), _flatten(new)
+    return {
+        key: (a.get(key), b.get(key))
+        for key in sorted(a.keys() | b.keys())
+        if key not in VOLATILE_KEYS and a.get(key) != b.get(key)
+    }
+
+
+def _run_config(output: Path) -> dict[str, Any] | None:
+    """The config the run in `output` last ran with: config.toml, or the last recorded change."""
+    from .config import tomllib
+
+    changes = output / CONFIG_CHANGES
+    if changes.is_file():
+        rows = [ln for ln in changes.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        for line in reversed(rows):
+            try:
+                return json.loads(line)["config"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a torn last line: the one before it
+    path = output / "config.toml"
+    if not path.is_file():
+        return None
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(
+            f"{path}: not a readable config ({exc}); use another train.output"
+        ) from None
+
+
+def _check_config_change(config: TrainConfig, output: Path, step: int, main: bool) -> None:
+    """Refuse to resume under a changed config unless allowed; record an allowed change."""
+    old = _run_config(output)
+    if old is None:
+        return
+    changes = config_changes(old, config.to_dict())
+    if not changes:
+        return
+    shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+    if not config.train.allow_config_change:
+        raise ValueError(
+            f"{output} holds a run (step {step}) made with another config: {shown}; resume "
+            "with the same config, use another train.output, or set "
+            "train.allow_config_change=true (--allow-config-change) to continue with this one"
+        )
+    log(f"continuing {output} with a changed config: {shown}", main=main)
+    if main:
+        record = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "step": step,
+            "changes": {k: {"old": a, "new": b} for k, (a, b) in changes.items()},
+            "config": config.to_dict(),
+        }
+        with (output / CONFIG_CHANGES).open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def _summary(config: TrainConfig, info: dist_utils.DistInfo, output: Path) -> str:
+    """The run on one line; the full resolved config is in OUTPUT/config.toml."""
+    t, o = config.train, config.optim
+    return (
+        f"{config.phase} | model {config.model} | {t.steps} steps | lr {o.lr:g} {o.schedule} | "
+        f"dtype {t.dtype} | {info.device} x{info.world_size} | "
+        f"full config: {output / 'config.toml'}"
+    )
+
+
+def _write_config(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def train(
@@ -590,6 +840,8 @@ def _train(config, info, model_path, sources, stop_after, on_step) -> Path:
     random.seed(seed + info.rank)
     final = output / "final"
     latest = cio.latest_checkpoint(output)
+    if latest is not None:
+        _check_config_change(config, output, cio.load_checkpoint(latest).step, main)
     if latest is not None and final.joinpath("config.json").is_file():
         done = cio.load_checkpoint(latest).step
         task_state = cio.load_checkpoint(latest).state.get("task") or {}
@@ -598,8 +850,9 @@ def _train(config, info, model_path, sources, stop_after, on_step) -> Path:
             return final
     if main:
         output.mkdir(parents=True, exist_ok=True)
-        (output / "config.toml").write_text(config.to_toml(), encoding="utf-8")
-        log("config:\n" + config.to_toml(), main=main)
+        if latest is None or not (output / "config.toml").is_file():
+            _write_config(output / "config.toml", config.to_toml())
+        log(_summary(config, info, output), main=main)
         log(f"model {model_path} on {info.device} (world size {info.world_size})", main=main)
     run = _Run(config, info, model_path, sources)
     metrics_path = output / "metrics.jsonl"
@@ -610,24 +863,43 @@ def _train(config, info, model_path, sources, stop_after, on_step) -> Path:
         _truncate_metrics(metrics_path, run.step)
     from tqdm.auto import tqdm
 
+    log_every = config.train.log_every
+    # A bar only on a terminal: in a log file its carriage-return frames pile up.
+    use_bar = main and config.train.progress_bar and log_every > 0 and sys.stderr.isatty()
     bar = tqdm(
         total=config.train.steps,
         initial=run.step,
-        disable=not (main and config.train.progress_bar),
+        disable=not use_bar,
         desc=f"{config.phase}",
         file=sys.stderr,
     )
     started = run.step
-    with _SigtermFlag() as sigterm, bar:
+    with _StopSignals(main=main) as stop_signal, bar:
         while run.step < config.train.steps:
-            row = run.run_step()
+            try:
+                row = run.run_step()
+            except BadRecordError as exc:
+                saved = run.checkpoint_before_failed_step()
+                kept = f"saved checkpoint {saved}" if saved else "nothing new to save"
+                raise ValueError(
+                    f"{exc} (found at step {run.step + 1}; {kept}; fix the record or set "
+                    "data.skip_bad_records=true, then run the same command to resume)"
+                ) from None
             if run.task is not None:  # dev evaluation, best model, early stopping
                 run.task.after_step(run, row)
             if main:
                 with metrics_path.open("a", encoding="utf-8") as fh:
                     fh.write(json.dumps(row) + "\n")
                 bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                if log_every and (run.step % log_every == 0 or run.step == config.train.steps):
+                    if use_bar:
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                    else:
+                        log(
+                            f"step {run.step}/{config.train.steps} loss {row['loss']:.4f} "
+                            f"lr {row['lr']:.2e} grad_norm {row['grad_norm']:.3g} "
+                            f"tokens/s {row['tokens_per_s']:.0f}"
+                        )
             if on_step is not None:
                 on_step(row)
             if run.nonfinite_in_row >= config.train.max_nonfinite_steps:
@@ -637,18 +909,26 @@ def _train(config, info, model_path, sources, stop_after, on_step) -> Path:
                     "check the data, or raise train.max_nonfinite_steps"
                 )
             every = config.train.checkpoint_every
-            stop = (stop_after is not None and run.step - started >= stop_after) or sigterm.raised
+            stop = (
+                stop_after is not None and run.step - started >= stop_after
+            ) or stop_signal.raised
             early = run.task is not None and run.task.stopped
             if (every and run.step % every == 0) or stop or early or run.step == config.train.steps:
                 path = run.save_checkpoint()
                 if stop and run.step < config.train.steps:
-                    raise TrainingInterrupted(run.step, path)
+                    raise TrainingInterrupted(run.step, path, stop_signal.reason)
             if early:
                 log(f"early stop at step {run.step}: task.patience evaluations without a "
                     "better dev score", main=main)  # fmt: skip
                 break
     if run.nonfinite_total and main:
         log(f"{run.nonfinite_total} step(s) were skipped for a non-finite loss", main=main)
+    if run.stream.bad_records and main:
+        log(
+            f"skipped {run.stream.bad_records} bad data record(s) (data.skip_bad_records); "
+            f"first: {run.stream.first_bad or 'before the last resume'}",
+            main=main,
+        )
     path = run.save_final()
     log(f"final model: {path}", main=main)
     return path
