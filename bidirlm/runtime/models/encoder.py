@@ -311,6 +311,11 @@ def load_model(
         raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
     folder = ckpt.resolve(path)
     hf = ckpt.read_config(folder)
+    if hf.get("model_type") == "bidirlm_omni":  # a composed text+vision+audio checkpoint
+        from bidirlm.runtime.models.omni import load_omni
+
+        dev = torch.device(device if device is not None else "cpu")
+        return load_omni(folder, hf, dtype=dtype, device=dev, bidirectional=bidirectional)
     spec = ckpt.spec_for(hf)
     config = spec.parse_config(hf)
     if bidirectional is None:

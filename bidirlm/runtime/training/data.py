@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from .config import SourceConfig
+from .multimodal import is_item, localize
 
 EMBEDDED_SOURCES = ("embedded:python-docs", "embedded:python-code", "embedded:python-pairs")
 # JSON Lines files up to this size are read whole before training (json parses ~100 MB/s).
@@ -67,12 +68,14 @@ def record_problem(record: Any, fields: Sequence[str]) -> str | None:
     if missing:
         has = ", ".join(sorted(record)) or "nothing"
         return f"lacks field(s) {', '.join(missing)} (it has: {has})"
+    # contrastive fields may also be {"image": path} / {"audio": path} (training.multimodal)
+    ok = is_item if tuple(fields) == CONTRASTIVE_FIELDS else (lambda v: isinstance(v, str))
     for f in fields:
-        if not isinstance(record[f], str):
+        if not ok(record[f]):
             return f"field {f!r} is {type(record[f]).__name__}, not text"
     if tuple(fields) == CONTRASTIVE_FIELDS:
         negatives = record.get("negatives") or []
-        if not isinstance(negatives, list) or not all(isinstance(n, str) for n in negatives):
+        if not isinstance(negatives, list) or not all(is_item(n) for n in negatives):
             return "'negatives' is not a list of text"
     return None
 
@@ -566,7 +569,8 @@ class PairBatches:
                 problem = record_problem(record, CONTRASTIVE_FIELDS)
                 if problem is not None:
                     raise BadRecordError(f"data source {src.name}: {src.where(index)} {problem}")
-                return record
+                path = getattr(src, "path", None)  # media paths relative to the data file
+                return localize(record, Path(path).parent if path is not None else None)
             except BadRecordError as exc:
                 if not self.skip_bad_records:
                     raise
@@ -580,7 +584,9 @@ class PairBatches:
         k = min([self.negatives_per_query] + [len(r.get("negatives") or []) for r in records])
         prefix = self.instructions[source]
         return PairBatch(
-            queries=[prefix + r["query"] for r in records],
+            queries=[
+                prefix + q if isinstance(q, str) else q for q in (r["query"] for r in records)
+            ],
             positives=[r["positive"] for r in records],
             negatives=[n for r in records for n in (r.get("negatives") or [])[:k]],
             negatives_per_query=k,
