@@ -7,24 +7,23 @@ parses them into a typed `MergeConfig` and resolves per-tensor parameters the wa
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("linear", "task_arithmetic")
+from .methods import METHODS, REQUIRED, SPECS
+
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 
-# Parameters each method reads. Task arithmetic also accepts the parameters mergekit defines for
-# its whole family but ignores for plain task arithmetic (no sparsification, no sign consensus),
-# so a file written for mergekit runs unchanged.
-METHOD_PARAMETERS = {
-    "linear": ("weight", "normalize"),
-    "task_arithmetic": ("weight", "normalize", "lambda", "density", "rescale", "int8_mask"),
-}
-SHARED_PARAMETERS = ("normalize", "lambda", "rescale", "int8_mask")  # one value per tensor
-DEFAULT_NORMALIZE = {"linear": True, "task_arithmetic": False}
+# Parameters each method reads (mergekit's specs: the whole task-arithmetic family accepts
+# density/rescale/int8_mask, so a file written for mergekit runs unchanged).
+METHOD_PARAMETERS = {m: (*s.shared, *s.per_input) for m, s in SPECS.items()}
+BOOL_PARAMETERS = ("normalize", "rescale", "int8_mask", "nuslerp_row_wise", "nuslerp_flatten")
+BOOL_PARAMETERS += ("filter_wise",)
+DEFAULT_NORMALIZE = {m: s.shared["normalize"] for m, s in SPECS.items() if "normalize" in s.shared}
 
 TOP_KEYS = (
     "merge_method",
@@ -37,10 +36,13 @@ TOP_KEYS = (
     "exclude",
     "config_from",
     "tokenizer_from",
+    "slices",
+    "random_seed",
 )
 MODEL_KEYS = ("model", "parameters", "rename", "take")
+SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
+SOURCE_KEYS = ("model", "layer_range", "parameters")
 UNSUPPORTED_TOP_KEYS = {
-    "slices": "layer slices are not supported; list whole models under `models:`",
     "modules": "`modules:` is not supported; list whole models under `models:`",
     "tokenizer": "tokenizer surgery (`tokenizer:`) is not supported; use `tokenizer_from`",
     "chat_template": "`chat_template` is not supported; edit tokenizer_config.json afterwards",
@@ -71,8 +73,35 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class SourceSpec:
+    """One source of a `slices:` entry: model `index`, its layers [start, end), parameters."""
+
+    index: int
+    start: int
+    end: int
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """One output slice: layers merged from its sources (equal layer counts), an optional
+    slice-level base and parameters (consulted before the global ones)."""
+
+    sources: tuple[SourceSpec, ...]
+    base_index: int | None = None
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> int:
+        return self.sources[0].end - self.sources[0].start
+
+
+@dataclass(frozen=True)
 class MergeConfig:
-    """A validated merge: inputs in mergekit's order (a base not listed is appended last)."""
+    """A validated merge: inputs in mergekit's order (a base not listed is appended last).
+
+    With `slices`, `models` lists each distinct model once and the slices say which layers of
+    which models make each output layer (mergekit's layer-stacking form)."""
 
     method: str
     models: tuple[ModelSpec, ...]
@@ -84,38 +113,81 @@ class MergeConfig:
     config_from: Path | None = None
     tokenizer_from: Path | None = None
     source_text: str | None = None  # the YAML as written, saved beside the output
+    slices: tuple[SliceSpec, ...] = ()
+    tokenizer_source: str | None = None  # "base", "union" or a folder: vocabulary alignment
+    random_seed: int = 0  # masks of dare_* / della*, drawn per tensor
 
     @property
     def reference_index(self) -> int:
         """The model the similarity report compares against: the base, else the first model."""
         return 0 if self.base_index is None else self.base_index
 
-    def shared(self, name: str, t: float) -> dict[str, Any]:
-        """Method parameters that take one value per tensor (normalize, lambda)."""
-        out: dict[str, Any] = {
-            "normalize": _as_bool(
-                _resolve(self.parameters, (), "normalize", name, t),
-                "normalize",
-                DEFAULT_NORMALIZE[self.method],
+    def shared(
+        self, name: str, t: float, scopes: Sequence[Mapping[str, Any] | None] | None = None
+    ) -> dict[str, Any]:
+        """The method's parameters that take one value per tensor (normalize, lambda, t, ...),
+        resolved in `scopes` (default: the global `parameters:`), else their defaults."""
+        scopes = (self.parameters,) if scopes is None else scopes
+        out: dict[str, Any] = {}
+        for key, default in SPECS[self.method].shared.items():
+            value = _convert(key, _resolve_scopes(scopes, key, name, t), key)
+            if value is None:
+                if default is REQUIRED:
+                    raise MergeError(
+                        f"merge_method {self.method} needs parameter `{key}` (tensor {name})"
+                    )
+                value = default
+            out[key] = value
+        return out
+
+    def input_params(
+        self,
+        index: int,
+        name: str,
+        t: float,
+        scopes: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> dict[str, Any]:
+        """Per-input parameters (weight, density, ...) of model `index` for tensor `name`,
+        resolved in `scopes` (default: the model's parameters, then the global ones)."""
+        spec = self.models[index]
+        scopes = (spec.parameters, self.parameters) if scopes is None else scopes
+        out: dict[str, Any] = {}
+        for key, default in SPECS[self.method].per_input.items():
+            value = _convert(
+                key, _resolve_scopes(scopes, key, name, t), f"{key} of model {spec.label}"
             )
-        }
-        if self.method == "task_arithmetic":
-            out["lambda"] = _as_float(_resolve(self.parameters, (), "lambda", name, t), "lambda")
-            if out["lambda"] is None:
-                out["lambda"] = 1.0
+            if value is None:
+                if default is REQUIRED:
+                    raise MergeError(
+                        f"model {spec.label} has no `{key}` for tensor {name} "
+                        f"(set parameters.{key} on the model or globally)"
+                    )
+                value = default
+            out[key] = value
         return out
 
     def weight(self, index: int, name: str, t: float) -> float:
         """The `weight` of input `index` for output tensor `name` at layer position `t`."""
-        spec = self.models[index]
-        value = _resolve(spec.parameters, self.parameters, "weight", name, t)
-        weight = _as_float(value, f"weight of model {spec.label}")
-        if weight is None:
-            raise MergeError(
-                f"model {spec.label} has no `weight` for tensor {name} "
-                "(set parameters.weight on the model or globally)"
-            )
-        return weight
+        return self.input_params(index, name, t)["weight"]
+
+
+def _convert(key: str, value: Any, what: str) -> Any:
+    if value is None:
+        return None
+    if key in BOOL_PARAMETERS:
+        return _as_bool(value, what, False)
+    return _as_float(value, what)
+
+
+def _resolve_scopes(
+    scopes: Sequence[Mapping[str, Any] | None], key: str, name: str, t: float
+) -> Any:
+    for scope in scopes:
+        if scope and key in scope:
+            value = evaluate_setting(scope[key], name, t)
+            if value is not None:
+                return value
+    return None
 
 
 def _as_float(value: Any, what: str) -> float | None:
@@ -124,9 +196,12 @@ def _as_float(value: Any, what: str) -> float | None:
     if isinstance(value, bool):
         raise MergeError(f"{what} must be a number, got {value!r}")
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise MergeError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(number):  # YAML .nan / .inf would silently give an all-NaN merge
+        raise MergeError(f"{what} must be a finite number, got {value!r}")
+    return number
 
 
 def _as_bool(value: Any, what: str, default: bool) -> bool:
@@ -255,16 +330,29 @@ def config_from_dict(data: Mapping[str, Any], *, source_text: str | None = None)
     method = data.get("merge_method")
     if method not in METHODS:
         raise MergeError(f"merge_method {method!r} is not supported; valid: {', '.join(METHODS)}")
-    entries = data.get("models")
-    if not isinstance(entries, list) or not entries:
-        raise MergeError("`models:` must list at least one model")
-    models = [_model_spec(e, i) for i, e in enumerate(entries)]
     params = data.get("parameters") or {}
     if not isinstance(params, Mapping):
         raise MergeError("`parameters:` must be a mapping")
-    for where, scope in [("parameters", params)] + [
+    slices: list[SliceSpec] = []
+    if data.get("slices") is not None:
+        if data.get("models") is not None:
+            raise MergeError("give either `models:` or `slices:`, not both")
+        models, slices = _slices(data["slices"])
+    else:
+        entries = data.get("models")
+        if not isinstance(entries, list) or not entries:
+            raise MergeError("`models:` must list at least one model (or give `slices:`)")
+        models = [_model_spec(e, i) for i, e in enumerate(entries)]
+    scopes = [("parameters", params)] + [
         (f"parameters of model {m.label}", m.parameters) for m in models
-    ]:
+    ]
+    for k, sl in enumerate(slices):
+        scopes.append((f"parameters of slices[{k}]", sl.parameters))
+        scopes += [
+            (f"parameters of slices[{k}] source {models[src.index].label}", src.parameters)
+            for src in sl.sources
+        ]
+    for where, scope in scopes:
         for key in scope:
             if key not in METHOD_PARAMETERS[method]:
                 raise MergeError(
@@ -275,16 +363,38 @@ def config_from_dict(data: Mapping[str, Any], *, source_text: str | None = None)
     if len(set(resolved)) != len(resolved):
         raise MergeError("a model is listed twice in `models:`")
 
+    def index_of(ref: Any, what: str) -> int:
+        path = _model_path(ref, what)
+        if path.resolve() in resolved:
+            return resolved.index(path.resolve())
+        # mergekit appends a base that is not listed, without parameters
+        models.append(ModelSpec(path=path, label=str(ref)))
+        resolved.append(path.resolve())
+        return len(models) - 1
+
     base_index = None
     if data.get("base_model") is not None:
-        base_path = _model_path(data["base_model"], "base_model")
-        if base_path.resolve() in resolved:
-            base_index = resolved.index(base_path.resolve())
-        else:  # mergekit appends a base that is not listed, without parameters
-            models.append(ModelSpec(path=base_path, label=str(data["base_model"])))
-            base_index = len(models) - 1
-    if method == "task_arithmetic" and base_index is None:
-        raise MergeError("merge_method task_arithmetic needs `base_model:`")
+        base_index = index_of(data["base_model"], "base_model")
+    spec = SPECS[method]
+    if slices:
+        raw = data["slices"]
+        for k, sl in enumerate(slices):
+            if raw[k].get("base_model") is not None:
+                sl = SliceSpec(
+                    sl.sources,
+                    index_of(raw[k]["base_model"], f"slices[{k}] base_model"),
+                    sl.parameters,
+                )
+                slices[k] = sl
+            base = sl.base_index if sl.base_index is not None else base_index
+            ids = [src.index for src in sl.sources]
+            if spec.base != "ignored" and base is not None and base not in ids:
+                raise MergeError(
+                    f"slices[{k}]: the base model {models[base].label} must be one of its sources"
+                )
+            _check_contract(method, ids, base, f"slices[{k}]")
+    else:
+        _check_contract(method, list(range(len(models))), base_index, "models")
 
     def ref(key: str) -> Path | None:
         value = data.get(key)
@@ -292,12 +402,23 @@ def config_from_dict(data: Mapping[str, Any], *, source_text: str | None = None)
             return None
         if value == "base":
             if base_index is None:
+                if key == "tokenizer_source":  # mergekit: the base, else the first model
+                    return models[0].path
                 raise MergeError(f"{key}: base needs `base_model:`")
             return models[base_index].path
         if value == "union":
-            raise MergeError(f"{key}: union (tokenizer merging) is not supported")
+            if key == "tokenizer_source":
+                return None
+            raise MergeError(f"{key}: union is only valid for tokenizer_source")
         return _model_path(value, key)
 
+    tokenizer_source = None
+    if data.get("tokenizer_source") is not None:
+        value = data["tokenizer_source"]
+        tokenizer_source = value if value in ("base", "union") else str(ref("tokenizer_source"))
+    seed = data.get("random_seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise MergeError(f"random_seed must be a non-negative integer, got {seed!r}")
     tokenizer_from = ref("tokenizer_from") or ref("tokenizer_source")
     return MergeConfig(
         method=method,
@@ -310,7 +431,77 @@ def config_from_dict(data: Mapping[str, Any], *, source_text: str | None = None)
         config_from=ref("config_from"),
         tokenizer_from=tokenizer_from,
         source_text=source_text,
+        slices=tuple(slices),
+        tokenizer_source=tokenizer_source,
+        random_seed=seed,
     )
+
+
+def _check_contract(method: str, ids: list[int], base: int | None, where: str) -> None:
+    """mergekit's input contract of `method` for the inputs `ids` (model indices)."""
+    spec = SPECS[method]
+    has_base = spec.base != "ignored" and base is not None and base in ids
+    if spec.base == "required" and not has_base:
+        raise MergeError(f"merge_method {method} needs `base_model:`")
+    count, non_base = len(ids), len(ids) - int(has_base)
+    checks = [
+        ("inputs", count, spec.min_inputs, spec.max_inputs),
+        ("non-base inputs", non_base, spec.min_non_base, spec.max_non_base),
+    ]
+    for what, n, lo, hi in checks:
+        if (lo is not None and n < lo) or (hi is not None and n > hi):
+            want = (
+                f"exactly {lo}"
+                if lo == hi
+                else (f"at least {lo}" if hi is None else f"at most {hi}")
+            )
+            if lo is None:
+                want = f"at most {hi}"
+            raise MergeError(f"merge_method {method} takes {want} {what}; {where} has {n}")
+
+
+def _slices(raw: Any) -> tuple[list[ModelSpec], list[SliceSpec]]:
+    """Parse mergekit's `slices:` into distinct models and slices of model indices."""
+    if not isinstance(raw, list) or not raw:
+        raise MergeError("`slices:` must list at least one slice")
+    models: list[ModelSpec] = []
+    paths: list[Path] = []
+    slices = []
+    for k, entry in enumerate(raw):
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("sources"), list):
+            raise MergeError(f"slices[{k}] must be a mapping with a `sources:` list")
+        _check_keys(entry, SLICE_KEYS, f"slices[{k}]")
+        if not entry["sources"]:
+            raise MergeError(f"slices[{k}].sources must list at least one source")
+        sources = []
+        for j, src in enumerate(entry["sources"]):
+            where = f"slices[{k}].sources[{j}]"
+            if not isinstance(src, Mapping) or "model" not in src:
+                raise MergeError(f"{where} must be a mapping with a `model:` path")
+            _check_keys(src, SOURCE_KEYS, where)
+            path = _model_path(src["model"], f"model in {where}")
+            if path.resolve() not in paths:
+                paths.append(path.resolve())
+                models.append(ModelSpec(path=path, label=str(src["model"])))
+            lr = src.get("layer_range")
+            if (
+                not isinstance(lr, (list, tuple))
+                or len(lr) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+                or not 0 <= lr[0] < lr[1]
+            ):
+                raise MergeError(f"{where}.layer_range must be [start, end) with 0 <= start < end")
+            sp = src.get("parameters") or {}
+            if not isinstance(sp, Mapping):
+                raise MergeError(f"{where}.parameters must be a mapping")
+            sources.append(SourceSpec(paths.index(path.resolve()), lr[0], lr[1], dict(sp)))
+        if len({s.end - s.start for s in sources}) != 1:
+            raise MergeError(f"slices[{k}]: every source must span the same number of layers")
+        sp = entry.get("parameters") or {}
+        if not isinstance(sp, Mapping):
+            raise MergeError(f"slices[{k}].parameters must be a mapping")
+        slices.append(SliceSpec(tuple(sources), None, dict(sp)))
+    return models, slices
 
 
 def load_config(path: str | os.PathLike) -> MergeConfig:

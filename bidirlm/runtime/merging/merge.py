@@ -76,8 +76,9 @@ from .io import (
     shard_names,
     write_json,
 )
-from .plan import Task, compute_piece, plan, renamed_tensors, split_pieces
+from .plan import Task, compute_piece, output_layers, plan, renamed_tensors, split_pieces
 from .report import Stats, build_report, format_report
+from .vocab import Alignment, build_alignment
 
 __all__ = [
     "MergeConfig",
@@ -139,7 +140,9 @@ def parse_size(value: str | int) -> int:
     return size
 
 
-def _copy_side_files(config: MergeConfig, tmp: Path, dtype_name: str | None) -> None:
+def _copy_side_files(
+    config: MergeConfig, tmp: Path, dtype_name: str | None, alignment: Alignment | None = None
+) -> None:
     cfg_src = config.config_from or config.models[config.reference_index].path
     cfg_path = cfg_src / "config.json"
     if cfg_path.is_file():
@@ -148,11 +151,30 @@ def _copy_side_files(config: MergeConfig, tmp: Path, dtype_name: str | None) -> 
             cfg["dtype"] = dtype_name
             if "torch_dtype" in cfg:
                 cfg["torch_dtype"] = dtype_name
+        text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else None
+        if alignment is not None:  # mergekit: vocab_size = the output tokenizer's length
+            target = text if "vocab_size" not in cfg and text is not None else cfg
+            target["vocab_size"] = alignment.rows
+        layers = output_layers(config)
+        if layers is not None:  # slices stack layers: num_hidden_layers is their count
+            target = text if "num_hidden_layers" not in cfg and text is not None else cfg
+            target["num_hidden_layers"] = layers
+            types = target.get("layer_types")
+            if isinstance(types, list) and len(types) != layers:
+                target["layer_types"] = [
+                    types[min(src.start + o, len(types) - 1)]
+                    for sl in config.slices
+                    for src in sl.sources[:1]
+                    for o in range(sl.layers)
+                ]
         write_json(tmp / "config.json", cfg)
     elif config.config_from is not None:
         raise MergeError(f"config_from {config.config_from} has no config.json")
     if (cfg_src / "generation_config.json").is_file():
         copy_file(cfg_src / "generation_config.json", tmp / "generation_config.json")
+    if alignment is not None and alignment.tokenizer is not None:  # union or stripped
+        alignment.tokenizer.save_pretrained(str(tmp))
+        return
     tok_src = config.tokenizer_from or cfg_src
     for fname in TOKENIZER_FILES:
         if (tok_src / fname).is_file():
@@ -292,7 +314,10 @@ def merge_from_config(
         renamed_tensors(config, i, read_checkpoint(spec.path, spec.label))
         for i, spec in enumerate(config.models)
     ]
-    tasks = plan(config, inputs)
+    if report and config.slices:
+        raise MergeError("the similarity report compares whole models: not with `slices:`")
+    alignment = build_alignment(config)
+    tasks = plan(config, inputs, alignment)
     shards = plan_shards([t.out for t in tasks], max_bytes)
     names = shard_names(len(shards))
     total_bytes = sum(t.out.nbytes for t in tasks)
@@ -326,7 +351,7 @@ def merge_from_config(
                 weight_map = {e.name: names[s] for s, entries in enumerate(shards) for e in entries}
                 index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
                 write_json(tmp / INDEX_NAME, index)
-            _copy_side_files(config, tmp, config.out_dtype or config.dtype)
+            _copy_side_files(config, tmp, config.out_dtype or config.dtype, alignment)
             _save_config_copy(config, tmp)
             result_report = build_report(config, stats) if report else None
             if result_report is not None:

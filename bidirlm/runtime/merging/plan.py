@@ -19,7 +19,9 @@ import torch
 
 from .config import MergeConfig, MergeError
 from .io import MappedFiles, OutEntry, TensorInfo
+from .methods import SPECS, merge_tensor, tensor_generator
 from .report import Stats
+from .vocab import Alignment, align_rows
 
 PIECE_BYTES = 8 * 2**20  # output bytes per work item: bounds memory whatever the tensor size
 CHUNK = 1 << 16  # elements per inner step: the float32 accumulator stays in L2 cache
@@ -49,6 +51,11 @@ class Task:
     align: torch.dtype | None = None  # merge dtype
     base: int | None = None
     group: str = "other"  # report bucket
+    params: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # per bound input
+    whole: bool = False  # merged from whole tensors (sorts, norms, vocabulary permutation)
+    model_ids: list[int] = dataclasses.field(default_factory=list)  # config model per source
+    alignment: Alignment | None = None  # rows permuted/filled per tokenizer_source
+    seed: int = 0
 
 
 def renamed_tensors(
@@ -90,9 +97,14 @@ def check_shapes(name: str, infos: list[TensorInfo], labels: list[str]) -> None:
         )
 
 
-def plan(config: MergeConfig, inputs: list[dict[str, TensorInfo]]) -> list[Task]:
+def plan(
+    config: MergeConfig, inputs: list[dict[str, TensorInfo]], alignment: Alignment | None = None
+) -> list[Task]:
     """One `Task` per output tensor, in output order, or a `MergeError` naming the model and
-    tensor at fault. `inputs[i]` are model i's tensors keyed by output name."""
+    tensor at fault. `inputs[i]` are model i's tensors keyed by output name; `alignment` the
+    vocabulary of `tokenizer_source` (`vocab.build_alignment`)."""
+    if config.slices:
+        return plan_slices(config, inputs, alignment)
     labels = [m.label for m in config.models]
     ref = config.reference_index
     # Output order: the reference model's storage order, then names only other models have.
@@ -136,6 +148,7 @@ def plan(config: MergeConfig, inputs: list[dict[str, TensorInfo]]) -> list[Task]
             layers.setdefault(n[: m.start()], set()).add(int(m.group(1)))
     load = TORCH_DTYPES[config.dtype] if config.dtype else None
     out_dtype = TORCH_DTYPES[config.out_dtype] if config.out_dtype else None
+    model_ids = list(range(len(inputs)))
     tasks = []
     for n in names:
         m = LAYER.search(n)
@@ -147,50 +160,187 @@ def plan(config: MergeConfig, inputs: list[dict[str, TensorInfo]]) -> list[Task]
                 dt = out_dtype or load or dt
             tasks.append(Task(out_entry(n, dt, info.shape), [info], merged=False, group=group))
             continue
-        infos = [t[n] for t in inputs]
-        check_shapes(n, infos, labels)
-        if not all(i.dtype.is_floating_point for i in infos):
-            # Integer buffers are not averaged: like mergekit, they must agree and are copied.
-            tasks.append(Task(out_entry(n, infos[0].dtype, infos[0].shape), infos, False))
-            continue
-        align = load
-        if align is None:
-            align = infos[0].dtype
-            for i in infos[1:]:
-                align = torch.promote_types(align, i.dtype)
         t = 0.0
         if m:
             count = len(layers[n[: m.start()]])
             t = int(m.group(1)) / (count - 1) if count > 1 else 1.0
-        task = Task(
-            out_entry(n, out_dtype or align, infos[0].shape),
-            infos,
-            merged=True,
-            method=config.method,
-            shared=config.shared(n, t),
-            load=load,
-            align=align,
-            base=config.base_index,
-            group=group,
+        infos = [tensors[n] for tensors in inputs]
+        tasks.append(
+            merged_task(
+                config,
+                n,
+                infos,
+                model_ids,
+                config.base_index,
+                t,
+                [None] * len(infos),
+                None,
+                alignment,
+                group,
+            )
         )
-        if config.method == "linear":
-            task.weights = [config.weight(i, n, t) for i in range(len(infos))]
-            if task.shared["normalize"] and sum(task.weights) == 0:
-                raise MergeError(
-                    f"weights of tensor {n} sum to 0 and normalize is true (division by zero)"
-                )
-            acc = torch.float64 if align == torch.float64 else torch.float32
-            task.coef = torch.tensor(task.weights, dtype=acc)
-            task.coef_parts = task.coef.unbind(0)
-        else:
-            task.weights = [
-                config.weight(i, n, t) for i in range(len(infos)) if i != config.base_index
-            ]
-            task.coef = torch.tensor(task.weights, dtype=align).unsqueeze(-1)
-        tasks.append(task)
     if not tasks:
         raise MergeError("nothing to merge: every tensor is excluded")
     return tasks
+
+
+def merged_task(
+    config: MergeConfig,
+    n: str,
+    infos: list[TensorInfo],
+    model_ids: list[int],
+    base_model: int | None,
+    t: float,
+    input_scopes: list[Any],
+    shared_scopes: Any,
+    alignment: Alignment | None,
+    group: str,
+) -> Task:
+    """The task of output tensor `n` merged from `infos` (input k is config model
+    `model_ids[k]`): parameters resolved at layer position `t` in the given scopes (None: the
+    model's, then the global ones), dtypes and vocabulary rows decided."""
+    labels = [config.models[i].label for i in model_ids]
+    vocab = alignment is not None and VOCAB_TENSORS.search(n) and len(infos[0].shape) >= 1
+    if vocab:  # rows may differ (tokenizer alignment); the other dimensions may not
+        check_shapes(n, [TensorInfo(i.name, i.file, i.dtype, i.shape[1:], 0, 0) for i in infos],
+                     labels)  # fmt: skip
+    else:
+        check_shapes(n, infos, labels)
+    if not all(i.dtype.is_floating_point for i in infos):
+        # Integer buffers are not averaged: like mergekit, they must agree and are copied.
+        return Task(out_entry(n, infos[0].dtype, infos[0].shape), infos, False)
+    load = TORCH_DTYPES[config.dtype] if config.dtype else None
+    out_dtype = TORCH_DTYPES[config.out_dtype] if config.out_dtype else None
+    align = load
+    if align is None:
+        align = infos[0].dtype
+        for i in infos[1:]:
+            align = torch.promote_types(align, i.dtype)
+    spec = SPECS[config.method]
+    base = None
+    if base_model is not None and base_model in model_ids:
+        base = model_ids.index(base_model)
+    shape = infos[0].shape
+    task = Task(
+        out_entry(n, out_dtype or align, shape),
+        infos,
+        merged=True,
+        method=config.method,
+        shared=config.shared(n, t, shared_scopes),
+        load=load,
+        align=align,
+        base=base,
+        group=group,
+        whole=not spec.streamable,
+        model_ids=list(model_ids),
+        seed=config.random_seed,
+    )
+    if vocab:
+        assert alignment is not None
+        task.out = out_entry(n, task.out.dtype, (alignment.rows, *shape[1:]))
+        if not alignment.prefix or any(i.shape[0] < alignment.rows for i in infos):
+            task.whole, task.alignment = True, alignment
+    bound = [
+        k for k in range(len(infos)) if spec.per_input_base or spec.base == "ignored" or k != base
+    ]
+    params = {k: config.input_params(model_ids[k], n, t, input_scopes[k]) for k in bound}
+    if config.method == "linear":
+        task.weights = [params[k]["weight"] for k in range(len(infos))]
+        if task.shared["normalize"] and sum(task.weights) == 0:
+            raise MergeError(
+                f"weights of tensor {n} sum to 0 and normalize is true (division by zero)"
+            )
+        acc = torch.float64 if align == torch.float64 else torch.float32
+        task.coef = torch.tensor(task.weights, dtype=acc)
+        task.coef_parts = task.coef.unbind(0)
+    elif config.method == "task_arithmetic":
+        task.weights = [params[k]["weight"] for k in bound]
+        task.coef = torch.tensor(task.weights, dtype=align).unsqueeze(-1)
+    else:
+        task.params = [params[k] for k in bound]
+    return task
+
+
+def _non_layer(tensors: dict[str, TensorInfo]) -> list[str]:
+    return [
+        n
+        for n, _ in sorted(tensors.items(), key=lambda kv: (kv[1].file, kv[1].offset))
+        if not LAYER.search(n)
+    ]
+
+
+def plan_slices(
+    config: MergeConfig, inputs: list[dict[str, TensorInfo]], alignment: Alignment | None
+) -> list[Task]:
+    """mergekit's `slices:`: output layer k (counted over the slices in order) merges layer
+    `start + offset` of every source of its slice, with `t = offset / (L - 1)` inside the slice;
+    tensors before the layers (names with `embed`) come from the first slice's sources, the
+    others outside layers (final norm, LM head) from the last slice's."""
+    models = config.models
+    tasks: list[Task] = []
+
+    def add(out_name: str, sl_index: int, in_names: list[str], t: float, group: str) -> None:
+        sl = config.slices[sl_index]
+        if any(fnmatch.fnmatchcase(out_name, p) for p in config.exclude):
+            return
+        infos = []
+        for src, name in zip(sl.sources, in_names):
+            if name not in inputs[src.index]:
+                raise MergeError(
+                    f"tensor {name} is missing from model {models[src.index].label} "
+                    f"(slices[{sl_index}], layer_range [{src.start}, {src.end}])"
+                )
+            infos.append(inputs[src.index][name])
+        base = sl.base_index if sl.base_index is not None else config.base_index
+        scopes = [(src.parameters, sl.parameters, config.parameters) for src in sl.sources]
+        ids = [src.index for src in sl.sources]
+        shared = (sl.parameters, config.parameters)
+        tasks.append(
+            merged_task(config, out_name, infos, ids, base, t, scopes, shared, alignment, group)
+        )
+
+    first, last = config.slices[0], config.slices[-1]
+    outside_first = _non_layer(inputs[first.sources[0].index])
+    outside_last = _non_layer(inputs[last.sources[0].index])
+    for n in outside_first:
+        if "embed" in n:
+            add(n, 0, [n] * len(first.sources), 0.0, "other")
+    k = 0
+    for s, sl in enumerate(config.slices):
+        lead = inputs[sl.sources[0].index]
+        for offset in range(sl.layers):
+            t = offset / (sl.layers - 1) if sl.layers > 1 else 1.0
+            layer = sl.sources[0].start + offset
+            names = []
+            for n, _ in sorted(lead.items(), key=lambda kv: (kv[1].file, kv[1].offset)):
+                m = LAYER.search(n)
+                if m and int(m.group(1)) == layer:
+                    names.append((n, m))
+            if not names:
+                raise MergeError(
+                    f"model {models[sl.sources[0].index].label} has no layer {layer} "
+                    f"(slices[{s}] layer_range [{sl.sources[0].start}, {sl.sources[0].end}])"
+                )
+            for n, m in names:
+
+                def at(i: int, n: str = n, m: re.Match = m) -> str:
+                    return n[: m.start(1)] + str(i) + n[m.end(1) :]
+
+                out_name = at(k)
+                group = out_name[: m.start(1)] + str(k)
+                add(out_name, s, [at(src.start + offset) for src in sl.sources], t, group)
+            k += 1
+    for n in outside_last:
+        if "embed" not in n:
+            add(n, len(config.slices) - 1, [n] * len(last.sources), 0.0, "other")
+    if not tasks:
+        raise MergeError("nothing to merge: every tensor is excluded")
+    return tasks
+
+
+def output_layers(config: MergeConfig) -> int | None:
+    """The output's layer count with `slices:` (None without)."""
+    return sum(sl.layers for sl in config.slices) if config.slices else None
 
 
 def out_entry(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> OutEntry:
@@ -240,6 +390,9 @@ def compute_piece(
     task: Task, lo: int, hi: int, files: MappedFiles, ref: int | None
 ) -> tuple[torch.Tensor, Stats | None]:
     """Output elements [lo, hi) of one task (and its similarity sums when `ref` is set)."""
+    if task.whole:  # inputs may have more rows than the output (vocabulary alignment)
+        views = [files.view(info, 0, info.numel) for info in task.sources]
+        return compute_whole(task, views, files, ref)
     views = [files.view(info, lo, hi) for info in task.sources]
     if not task.merged:
         x = views[0]
@@ -275,11 +428,54 @@ def compute_piece(
     return out, stats
 
 
+def compute_whole(
+    task: Task, views: list[torch.Tensor], files: MappedFiles, ref: int | None
+) -> tuple[torch.Tensor, Stats | None]:
+    """A whole-tensor task: inputs read whole, cast to `dtype:` (mergekit casts on load),
+    vocabulary rows aligned, cast to the merge dtype, merged by `methods.merge_tensor`."""
+    xs = [v.reshape(info.shape) for v, info in zip(views, task.sources)]
+    if task.load is not None:
+        xs = [x.to(task.load) for x in xs]
+    if task.alignment is not None:
+        base = task.model_ids[task.base] if task.base is not None else None
+        xs = align_rows(xs, task.model_ids, base, task.alignment)
+    xs = [x.to(task.align) for x in xs]
+    if task.method in ("linear", "task_arithmetic"):
+        fn = linear if task.method == "linear" else task_arithmetic
+        out = torch.empty(task.out.shape, dtype=task.out.dtype)
+        fn([x.reshape(-1) for x in xs], task, out.view(-1))
+    else:
+        generators = []
+        if SPECS[task.method].random:
+            generators = [
+                tensor_generator(task.seed, task.out.name, k)
+                for k in range(len(xs))
+                if k != task.base
+            ]
+        merged = merge_tensor(task.method, xs, task.base, task.params, task.shared, generators)
+        out = merged.to(task.out.dtype).contiguous()
+    stats = None
+    if ref is not None and ref < len(xs):
+        stats = Stats(len(xs))
+        r = xs[ref].float().reshape(-1)
+        for i, x in enumerate(xs):
+            xf = x.float().reshape(-1)
+            stats.dot[i] += float(torch.dot(xf, r))
+            stats.sq[i] += float(torch.dot(xf, xf))
+    for info in task.sources:
+        files.release(info, 0, info.numel)
+    return out.reshape(-1), stats
+
+
 def split_pieces(tasks: list[Task]) -> list[tuple[int, int, int]]:
-    """Work items `(task index, lo, hi)`: element ranges of at most PIECE_BYTES output bytes."""
+    """Work items `(task index, lo, hi)`: element ranges of at most PIECE_BYTES output bytes
+    (whole tensors for the methods that need them)."""
     out = []
     for k, task in enumerate(tasks):
         numel = math.prod(task.out.shape)
+        if task.whole:
+            out.append((k, 0, numel))
+            continue
         step = max(1, PIECE_BYTES // task.out.dtype.itemsize)
         out.extend((k, lo, min(numel, lo + step)) for lo in range(0, numel, step))
         if numel == 0:
