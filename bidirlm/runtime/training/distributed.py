@@ -51,11 +51,24 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
         return (
             torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
         )
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"train.device: {requested!r} is not a device; use auto, cpu, cuda or cuda:N"
+        ) from None
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"train.device: {requested!r} cannot train; use auto, cpu or cuda[:N]")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={requested!r} but no GPU is visible to torch")
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local_rank}")
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"train.device={requested!r} but torch sees {torch.cuda.device_count()} GPU(s)"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"train.device={requested!r} but MPS is not available")
     return device
 
 
