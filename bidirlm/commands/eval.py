@@ -61,16 +61,28 @@ def run(args: argparse.Namespace) -> int:
             model = load_model(
                 args.model, bidirectional=not args.causal, device=device, allow_non_finite=True
             )
-        metrics = evaluate(
-            model,
-            args.task,
-            pooling=args.pooling,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            query_prefix=args.query_prefix,
-            bidirectional=not args.causal,
-            device=device,
-        )
+        from bidirlm.runtime.evaluation.crossmodal import evaluate_crossmodal, is_crossmodal_task
+
+        if is_crossmodal_task(args.task):  # image/audio-text pairs: an omni model's retrieval
+            metrics = evaluate_crossmodal(
+                model,
+                args.task,
+                pooling=args.pooling,
+                batch_size=args.batch_size,
+                max_length=args.max_length,
+                device=device,
+            )
+        else:
+            metrics = evaluate(
+                model,
+                args.task,
+                pooling=args.pooling,
+                batch_size=args.batch_size,
+                max_length=args.max_length,
+                query_prefix=args.query_prefix,
+                bidirectional=not args.causal,
+                device=device,
+            )
     except (FileNotFoundError, CheckpointError, ValueError) as exc:
         raise CommandError(str(exc)) from None
     text = json.dumps(metrics, indent=2)

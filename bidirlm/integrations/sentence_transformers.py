@@ -85,6 +85,8 @@ def _export(
         encoder = model
     else:
         encoder = load_model(model, dtype=dtype, allow_non_finite=allow_non_finite)
+    if hasattr(encoder, "text_encoder"):  # an omnimodal model: export its text path
+        encoder = encoder.text_encoder()
     if encoder.tokenizer is None:
         raise ValueError(
             "the model has no tokenizer (no tokenizer files in its folder): sentence-transformers "

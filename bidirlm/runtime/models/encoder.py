@@ -315,7 +315,14 @@ def load_model(
         from bidirlm.runtime.models.omni import load_omni
 
         dev = torch.device(device if device is not None else "cpu")
-        return load_omni(folder, hf, dtype=dtype, device=dev, bidirectional=bidirectional)
+        return load_omni(
+            folder,
+            hf,
+            dtype=dtype,
+            device=dev,
+            bidirectional=bidirectional,
+            allow_non_finite=allow_non_finite,
+        )
     spec = ckpt.spec_for(hf)
     config = spec.parse_config(hf)
     if bidirectional is None:

@@ -412,6 +412,27 @@ class OmniEncoder(Encoder):
             raise ValueError("encode produced non-finite embeddings (check the checkpoint)")
         return out
 
+    def text_encoder(self) -> Encoder:
+        """The text path as a plain `Encoder` sharing this model's weights (for exports that
+        only know text models, e.g. sentence-transformers)."""
+        with torch.device("meta"):
+            plain = Encoder(
+                self.config,
+                bidirectional=self.bidirectional,
+                hf_config=self.hf_config,
+                tokenizer=self.tokenizer,
+                lm_head=self._has_head,
+            )
+        towers = tuple(TOWER_PREFIXES)
+        state = {
+            k: v
+            for k, v in self.state_dict(keep_vars=True).items()
+            if not k.startswith(towers) and not k.startswith("inv_freq_")
+        }
+        plain.load_state_dict(state, strict=True, assign=True)
+        plain.reset_rope(self.device)
+        return plain.train(self.training)
+
     # --- saving -----------------------------------------------------------------------------
 
     def save_pretrained(self, path: str | os.PathLike, *, max_shard_size: int = 5 * 2**30) -> None:
@@ -498,6 +519,7 @@ def load_omni(
     dtype: torch.dtype | None,
     device: torch.device,
     bidirectional: bool | None,
+    allow_non_finite: bool | None = None,
 ) -> OmniEncoder:
     """Read a composed checkpoint folder (see `bidirlm.runtime.compose`) as an `OmniEncoder`."""
     text = hf.get("text_config")
@@ -508,6 +530,8 @@ def load_omni(
     if bidirectional is None:
         bidirectional = spec.is_bidirectional(text)
     dtype = dtype or ckpt.checkpoint_dtype(folder, hf)
+    if allow_non_finite is None:
+        allow_non_finite = ckpt.allow_non_finite_default()
     files = ckpt.weight_files(folder)
     has_head = config.tie_word_embeddings or "lm_head.weight" in files
     with torch.device("meta"):
@@ -553,6 +577,11 @@ def load_omni(
                         f"{tuple(expected[ours].shape)} from config.json"
                     )
                 # the text backbone in `dtype`; frozen towers keep their stored dtype (bit-exact)
+                if not allow_non_finite and t.is_floating_point() and not t.isfinite().all():
+                    raise ckpt.CheckpointError(
+                        f"{folder}: tensor {wanted[ours]} holds NaN/Inf values "
+                        "(allow_non_finite=True or BIDIRLM_ALLOW_NON_FINITE=1 to load it anyway)"
+                    )
                 tower = any(ours.startswith(p) for p in TOWER_PREFIXES)
                 state[ours] = t.to(dtype=dtype) if t.is_floating_point() and not tower else t
     model.load_state_dict(state, strict=True, assign=True)
