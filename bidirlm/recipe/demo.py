@@ -368,7 +368,9 @@ def format_report(results: dict[str, Any]) -> str:
         "Phases (seconds): "
         + ", ".join(f"{k} {v:.0f}" for k, v in results["phase_seconds"].items()),
         "",
-        f"Total {results['seconds']:.0f} s on {results['device']}; Python {results['python']}, "
+        f"Total {sum(results['phase_seconds'].values()):.0f} s of phase time (the sum above; a "
+        "phase skipped on a re-run counts the time it took when it ran); this run took "
+        f"{results['seconds']:.0f} s on {results['device']}; Python {results['python']}, "
         f"torch {results['torch']}; kernels: {results['kernels']}.",
         "",
     ]

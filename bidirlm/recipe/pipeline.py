@@ -35,6 +35,12 @@ a typo fails in a second, not after hours of training. The run report is written
 ``<output>/report.json`` and ``<output>/report.md``.
 
 `--set` overrides address the tables: ``recipe.base=...``, ``mntp.train.steps=100``.
+
+Phase names are plain names (letters, digits, ``_``, ``-``, ``.``; not starting with a dot), so
+every phase folder is a direct child of ``recipe.output``; a train phase's ``train.output``
+must stay inside ``recipe.output`` too. MNTP phases use the tokenizer's mask token, else
+``mntp.mask_token`` (default ``"_"``, as LLM2Vec and BidirLM do for Qwen3 and Gemma3, whose
+tokenizers have none); ``check_inputs`` resolves it on the base tokenizer before any work.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -62,6 +69,8 @@ from bidirlm.runtime.training.config import (
 
 PHASE_RECORD = "phase.json"
 RECIPES_DIR = Path(__file__).resolve().parent
+# A phase name becomes a folder name under recipe.output: no separators, no leading dot.
+PHASE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 class RecipeError(ValueError):
@@ -86,6 +95,12 @@ class RecipeSection:
         reserved = {"recipe", "base"} & set(self.phases)
         if reserved:
             raise ValueError(f"recipe.phases: {sorted(reserved)} is a reserved name")
+        for name in self.phases:
+            if not isinstance(name, str) or not PHASE_NAME.match(name):
+                raise ValueError(
+                    f"recipe.phases: {name!r} is not a plain name (letters, digits, _, - and ., "
+                    "not starting with a dot): each phase writes to recipe.output/<name>"
+                )
 
 
 @dataclass
@@ -191,6 +206,7 @@ def parse_recipe(data: dict[str, Any], *, source: Path | None = None) -> Recipe:
     out_root = Path(section.output).expanduser()
     phases: list[Phase] = []
     model_phases: list[str] = []
+    resolved: dict[str, Any] = {"recipe": _plain(section)}
     for name in section.phases:
         if name not in data or not isinstance(data[name], dict):
             raise RecipeError(f"recipe.phases names {name!r} but there is no [{name}] table")
@@ -203,11 +219,23 @@ def parse_recipe(data: dict[str, Any], *, source: Path | None = None) -> Recipe:
             raise
         except ValueError as exc:
             raise RecipeError(f"[{name}]: {exc}") from None
-        data[name] = {"kind": kind, **table}  # resolved: train.output filled in
+        # resolved plain values (no `--set` wrappers), train.output filled in
+        resolved[name] = {"kind": kind, **_plain(phase.config)}
         phases.append(phase)
         if kind != "eval":
             model_phases.append(name)
-    return Recipe(recipe=section, phases=phases, source=source, data=data)
+    return Recipe(recipe=section, phases=phases, source=source, data=resolved)
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    from bidirlm.runtime.training.config import to_dict
+
+    return to_dict(cfg)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    path, root = Path(os.path.abspath(path)), Path(os.path.abspath(root))
+    return path == root or root in path.parents
 
 
 def _parse_phase(
@@ -218,8 +246,16 @@ def _parse_phase(
         if not isinstance(model, str):
             raise RecipeError(f"[{name}]: model must be @base or @<phase>")
         inputs = [_ref(model, f"{name}.model", known)]
-        table.setdefault("train", {}).setdefault("output", str(folder))
+        train_table = table.setdefault("train", {})
+        if not isinstance(train_table, dict):
+            raise RecipeError(f"[{name}]: train must be a table")
+        train_table.setdefault("output", str(folder))
         config = train_config_from_dict({**table, "model": f"@{inputs[0]}"})
+        if not _inside(Path(config.train.output).expanduser(), folder.parent):
+            raise RecipeError(
+                f"[{name}]: train.output {config.train.output} is outside recipe.output "
+                f"{folder.parent}; leave it unset (it defaults to {folder})"
+            )
         return Phase(name, "train", config, inputs, folder, table)
     if kind == "merge":
         config = parse_dataclass(MergePhase, table, name)
@@ -248,13 +284,27 @@ def check_inputs(recipe: Recipe) -> None:
     """Every path the recipe reads must exist: checked before any phase starts."""
     problems: list[str] = []
     base = recipe.recipe.base
-    if not base.startswith("embedded:") and not (Path(base).expanduser() / "config.json").is_file():
+    base_ok = base.startswith("embedded:") or (Path(base).expanduser() / "config.json").is_file()
+    if not base_ok:
         problems.append(f"recipe.base: {base} is not a model folder (no config.json)")
     for phase in recipe.phases:
         if phase.kind == "train":
             for source in phase.config.data.sources:
                 if not _source_exists(source):
                     problems.append(f"{phase.name}.data.sources: {source.path} does not exist")
+            if phase.config.phase == "mntp" and base_ok:
+                # every model of a recipe carries the base's tokenizer
+                from bidirlm.runtime.embedded import resolve_model_path
+                from bidirlm.runtime.training.masking import check_mask_token
+
+                try:
+                    check_mask_token(
+                        resolve_model_path(base),
+                        phase.config.mntp.mask_token,
+                        key=f"{phase.name}.mntp.mask_token",
+                    )
+                except ValueError as exc:
+                    problems.append(str(exc))
         elif phase.kind == "eval" and phase.config.task != "embedded":
             if not Path(phase.config.task).expanduser().exists():
                 problems.append(f"{phase.name}.task: {phase.config.task} does not exist")
@@ -424,10 +474,11 @@ def run_pipeline(
         fingerprints[phase.name] = fp
         if phase.kind != "eval":
             paths[phase.name] = phase.output
+    resolved = dumps_toml(recipe.data)  # before any folder is made: a failure leaves nothing
     out_root.mkdir(parents=True, exist_ok=True)
-    resolved = dumps_toml(recipe.data)
-    (out_root / "recipe.resolved.toml").write_text(resolved, encoding="utf-8")
+    _write_text(out_root / "recipe.resolved.toml", resolved)
     log(f"[pipeline] recipe {recipe.recipe.name}: {len(plan)} phases -> {out_root}")
+    started = time.perf_counter()
 
     report: dict[str, Any] = {
         "recipe": recipe.recipe.name,
@@ -457,9 +508,20 @@ def run_pipeline(
             log(f"[pipeline] {i}/{len(plan)} {phase.name}: done in {seconds:.1f} s")
             entry.update(status="ran", seconds=seconds, result=result)
         report["phases"].append(entry)
+    recorded = [
+        p["seconds"] for p in report["phases"] if isinstance(p.get("seconds"), (int, float))
+    ]
+    report["phase_seconds_total"] = round(sum(recorded), 2)
+    report["run_seconds"] = round(time.perf_counter() - started, 2)
     _write_json(out_root / "report.json", report)
-    (out_root / "report.md").write_text(format_report(report), encoding="utf-8")
+    _write_text(out_root / "report.md", format_report(report))
     return report
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -483,4 +545,11 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             f"| {p['name']} | {p['kind']} | {p['status']} | {secs} | {result} | `{p['output']}` |"
         )
+    if "phase_seconds_total" in report:
+        lines += [
+            "",
+            f"Phase time: {report['phase_seconds_total']:.1f} s in all (the sum of the seconds "
+            "column; a skipped phase shows the time it took when it ran). This run: "
+            f"{report['run_seconds']:.1f} s.",
+        ]
     return "\n".join(lines) + "\n"
