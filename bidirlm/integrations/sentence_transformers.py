@@ -110,3 +110,134 @@ def _export(
             modules.append(Normalize())
         st = SentenceTransformer(modules=modules, device="cpu")
         st.save(str(target))
+
+
+# --- sentence-transformers losses on the fused InfoNCE kernel ---------------------------------
+#
+# The classes subclass sentence-transformers' own losses, so they take the same arguments, have
+# the same config and model card entries, and pass every `isinstance` check; only the loss math
+# changes: `bidirlm.kernels.infonce_loss`, which never allocates the [B, M] score matrix. They
+# are built on first access (module `__getattr__`): importing sentence-transformers takes
+# seconds, and this module is also imported for `export_sentence_transformers`.
+
+LOSS_CLASSES = (
+    "FusedMultipleNegativesRankingLoss",
+    "FusedCachedMultipleNegativesRankingLoss",
+    "FusedMultipleNegativesSymmetricRankingLoss",
+    "InfoNCELoss",  # = FusedMultipleNegativesRankingLoss
+)
+_loss_classes: dict[str, type] = {}
+
+
+def fused_settings(loss) -> dict | None:  # noqa: ANN001
+    """`infonce_loss` keyword arguments equivalent to a sentence-transformers MNRL-family loss's
+    settings, or None when the kernel does not cover them (other similarity functions, the
+    query_to_query / doc_to_doc directions, a joint softmax over two directions, hardness
+    weighting): those run sentence-transformers' own computation, unchanged."""
+    from sentence_transformers import util
+
+    if loss.similarity_fct is util.cos_sim:
+        normalize = True
+    elif loss.similarity_fct is util.dot_score:
+        normalize = False
+    else:
+        return None
+    if loss.hardness_mode is not None and loss.hardness_strength > 0.0:
+        return None
+    directions = set(loss.directions)
+    if directions == {"query_to_doc"}:
+        symmetric = False
+    elif directions == {"query_to_doc", "doc_to_query"} and loss.partition_mode == "per_direction":
+        symmetric = True
+    else:
+        return None
+    return {
+        "temperature": 1.0 / float(loss.scale),
+        "symmetric": symmetric,
+        "normalize": normalize,
+        "gather_across_devices": bool(loss.gather_across_devices),
+    }
+
+
+def _fused_loss(embeddings: list[torch.Tensor], settings: dict) -> torch.Tensor:
+    """Anchors `embeddings[0]` against the positives `embeddings[1]` and every hard negative
+    column after it (all rows of every column are negatives of every other anchor)."""
+    from bidirlm.kernels import infonce_loss
+
+    if len(embeddings) < 2:
+        raise ValueError(f"expected at least 2 embedding columns, got {len(embeddings)}")
+    queries = embeddings[0]
+    docs = torch.cat(embeddings[1:], dim=0) if len(embeddings) > 2 else embeddings[1]
+    return infonce_loss(queries, docs, **settings)
+
+
+def _build_loss_classes() -> dict[str, type]:
+    if _loss_classes:
+        return _loss_classes
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MultipleNegativesRankingLoss,
+        MultipleNegativesSymmetricRankingLoss,
+    )
+
+    class _FusedMixin:
+        def compute_loss_from_embeddings(
+            self, embeddings: list[torch.Tensor], labels: torch.Tensor
+        ) -> torch.Tensor:
+            settings = fused_settings(self)
+            if settings is None:
+                return super().compute_loss_from_embeddings(embeddings, labels)
+            return _fused_loss(list(embeddings), settings)
+
+    class FusedMultipleNegativesRankingLoss(_FusedMixin, MultipleNegativesRankingLoss):
+        """sentence-transformers' `MultipleNegativesRankingLoss` (same arguments: model, scale,
+        similarity_fct, gather_across_devices, directions, partition_mode, hardness_mode,
+        hardness_strength) computed by bidirlm's fused InfoNCE kernel: the same loss and
+        gradients without the `[B, B * (1 + negatives)]` score matrix. Settings the kernel does
+        not cover (see `fused_settings`) fall back to sentence-transformers' computation."""
+
+    class FusedMultipleNegativesSymmetricRankingLoss(
+        _FusedMixin, MultipleNegativesSymmetricRankingLoss
+    ):
+        """sentence-transformers' `MultipleNegativesSymmetricRankingLoss` (model, scale,
+        similarity_fct, gather_across_devices) on the fused kernel (`symmetric=True`)."""
+
+    class FusedCachedMultipleNegativesRankingLoss(CachedMultipleNegativesRankingLoss):
+        """sentence-transformers' `CachedMultipleNegativesRankingLoss` (GradCache: same arguments,
+        `mini_batch_size` and `mini_batch_num_tokens` bound the embedding passes) whose loss
+        stage is the fused kernel over the whole batch at once: it never materializes a score
+        matrix, so it needs no chunking over `mini_batch_size` rows."""
+
+        def calculate_loss(
+            self,
+            reps: list[list[torch.Tensor]],
+            labels: torch.Tensor | None = None,
+            *,
+            with_backward: bool = False,
+        ) -> torch.Tensor:
+            settings = fused_settings(self)
+            if settings is None:
+                return super().calculate_loss(reps, labels, with_backward=with_backward)
+            loss = _fused_loss([torch.cat(r) for r in reps], settings)
+            if with_backward:
+                loss.backward()
+                loss = loss.detach()
+            return loss
+
+    classes = {
+        "FusedMultipleNegativesRankingLoss": FusedMultipleNegativesRankingLoss,
+        "FusedCachedMultipleNegativesRankingLoss": FusedCachedMultipleNegativesRankingLoss,
+        "FusedMultipleNegativesSymmetricRankingLoss": FusedMultipleNegativesSymmetricRankingLoss,
+    }
+    for name, cls in classes.items():  # importable (and picklable) from this module
+        cls.__module__ = __name__
+        cls.__qualname__ = name
+    classes["InfoNCELoss"] = FusedMultipleNegativesRankingLoss
+    _loss_classes.update(classes)
+    return _loss_classes
+
+
+def __getattr__(name: str) -> type:
+    if name in LOSS_CLASSES:
+        return _build_loss_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
