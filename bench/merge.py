@@ -12,6 +12,7 @@ cache (warm) and, unless `--no-cold`, after evicting the input files from it wit
 `--repeat` interleaved runs (3; 1 with `--quick`), the samples in `extra`.
 
     python bench/merge.py [--quick] [--keep DIR] [--no-cold] [--no-mergekit] [--results-dir D]
+    python bench/merge.py --methods all [--quick]   # one row per mergekit method, both tools
 """
 
 from __future__ import annotations
@@ -172,6 +173,90 @@ def evict(paths: list[Path]) -> None:
             os.close(fd)
 
 
+def method_yaml(method: str, models: list[Path]) -> str:
+    """The YAML of one merge method over three checkpoints (the first is the base)."""
+    m0, m1, m2 = models
+    if method == "slerp":
+        return f"merge_method: slerp\nbase_model: {m0}\nmodels:\n  - model: {m0}\n" + (
+            f"  - model: {m1}\nparameters: {{t: [0.2, 0.8]}}\ndtype: bfloat16\n"
+        )
+    if method == "nuslerp":
+        body = "".join(f"  - model: {m}\n    parameters: {{weight: 0.5}}\n" for m in (m1, m2))
+        return f"merge_method: nuslerp\nmodels:\n{body}dtype: bfloat16\n"
+    if method == "model_stock":
+        body = "".join(f"  - model: {m}\n" for m in (m1, m2))
+        return f"merge_method: model_stock\nbase_model: {m0}\nmodels:\n{body}dtype: bfloat16\n"
+    params = "{weight: 0.5, density: 0.5}" if method != "task_arithmetic" else "{weight: 0.5}"
+    if method.startswith("della"):
+        params = "{weight: 0.5, density: 0.5, epsilon: 0.1}"
+    body = "".join(f"  - model: {m}\n    parameters: {params}\n" for m in (m1, m2))
+    return f"merge_method: {method}\nbase_model: {m0}\nmodels:\n{body}dtype: bfloat16\n"
+
+
+BENCH_METHODS = (
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "slerp",
+    "nuslerp",
+    "model_stock",
+)
+
+
+def bench_methods(
+    models: list[Path], sizes: list[int], root: Path, repo: Path, runner: Runner, args
+) -> None:
+    """One row per (method, contender): bidirlm and mergekit on the same YAML, warm page cache,
+    interleaved, median of `--repeat` runs (wall time with start-up, peak RSS)."""
+    methods = BENCH_METHODS if args.methods == "all" else tuple(args.methods.split(","))
+    files = sorted(p for m in models for p in m.glob("*.safetensors"))
+    in_bytes = sum(sizes)
+    out = root / "out"
+    mergekit = shutil.which("mergekit-yaml") or str(Path(sys.executable).with_name("mergekit-yaml"))
+    for method in methods:
+        cfg = root / f"{method}.yml"
+        cfg.write_text(method_yaml(method, models))
+        contenders = {
+            "bidirlm": [sys.executable, "-c", OURS_SCRIPT, "merge", str(cfg), str(out), "--force"]
+            + ["--quiet", "--out-shard-size", "5GB"]
+        }
+        if not args.no_mergekit and Path(mergekit).exists():
+            contenders["mergekit"] = [mergekit, str(cfg), str(out), "--out-shard-size", "5B"]
+        samples: dict[str, list[tuple[float, float]]] = {}
+        for _ in range(args.repeat):
+            for impl, cmd in contenders.items():
+                shutil.rmtree(out, ignore_errors=True)
+                run_child([sys.executable, "-c", READ_SCRIPT, *map(str, files)], repo)  # warm
+                wall, rss, _ = run_child(cmd, repo)
+                samples.setdefault(impl, []).append((wall, rss))
+        case = f"3x{sizes[0] / 1e6:.0f}MB-bf16-{method}"
+        for impl, runs in samples.items():
+            wall = statistics.median(w for w, _ in runs)
+            rss = max(r for _, r in runs)
+            extra = {
+                "page_cache": "warm",
+                "method": method,
+                "input_gb": round(in_bytes / 1e9, 3),
+                "wall_s_samples": [round(w, 3) for w, _ in runs],
+                "rss_over_input": round(rss * 2**20 / in_bytes, 3),
+                "cores": os.cpu_count(),
+                "loadavg": round(os.getloadavg()[0], 2),
+            }
+            runner.record(case=case, impl=impl, pass_="warm", ms=wall * 1e3, peak_mem_mb=rss,
+                          extra=extra)  # fmt: skip
+        if len(samples) == 2:
+            ratio = statistics.median(w for w, _ in samples["mergekit"]) / statistics.median(
+                w for w, _ in samples["bidirlm"]
+            )
+            print(f"[merge] {method}: bidirlm is {ratio:.1f}x faster than mergekit (warm)")
+    shutil.rmtree(out, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="~20 MB checkpoints (smoke run)")
@@ -181,6 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="bidirlm reader threads")
     parser.add_argument("--results-dir", type=Path, help="where rows go (default bench/results)")
     parser.add_argument("--repeat", type=int, default=None, help="runs per row (median)")
+    parser.add_argument(
+        "--methods",
+        help="instead of the linear suite, one row per merge method vs mergekit (warm cache): "
+        f"'all' or a comma list of {', '.join(BENCH_METHODS)}",
+    )
     args = parser.parse_args(argv)
 
     shape = QUICK if args.quick else FULL
@@ -197,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
                 sizes.append(json.loads(done.read_text())["metadata"]["total_size"])
             else:
                 sizes.append(make_checkpoint(m, shape, seed=i))
+        if args.methods:
+            runner = Runner("merge", results_dir=args.results_dir)
+            bench_methods(models, sizes, root, repo, runner, args)
+            return 0
         files = sorted(p for m in models for p in m.glob("*.safetensors"))
         in_bytes = sum(sizes)
         cfg = root / "linear.yml"
