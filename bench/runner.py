@@ -122,8 +122,10 @@ class Runner:
         device: torch.device | str | None = None,
         results_dir: Path | str | None = None,
         cpu_rep: int = 5,
+        filename: str | None = None,
     ) -> None:
         self.suite = suite
+        self.filename = filename  # default: <device>.jsonl
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -141,7 +143,7 @@ class Runner:
 
     @property
     def path(self) -> Path:
-        return self.results_dir / f"{self.stamp['device']}.jsonl"
+        return self.results_dir / (self.filename or f"{self.stamp['device']}.jsonl")
 
     def _peak_reset(self) -> None:
         gc.collect()

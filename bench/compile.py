@@ -1,0 +1,272 @@
+"""Static GPU compile suite: every Triton launch of our ops compiled for sm_90/gfx942/gfx90a on CPU.
+
+    python -m bench.compile [--quick] [--check] [--targets sm90,gfx942,gfx90a] [--jobs N]
+                            [--known-issues bench/compile_known_issues.toml] [--no-host]
+
+How launches are found: each case (an op, a dtype, a head dim, a variant: dense, key padding
+mask, softcap, window, packed varlen, GQA, deterministic; MNTP with/without bias/softcap; InfoNCE
+cosine/dot) runs the public op forward + backward on small CPU tensors while Triton launches are
+recorded instead of run and the kernels' architecture is reported as the target's; each distinct
+launch is then specialized with Triton's binder and compiled with `triton.compile` for the target
+(see `bidirlm/kernels/compile_check.py`). Nothing runs on a GPU.
+
+One row per distinct launch and target, in `bench/results/compile-<triton version>.jsonl`
+(`BIDIRLM_BENCH_RESULTS` redirects): `suite="compile"`, `case` (the first op call that makes the
+launch), `impl` (the kernel), `pass` (fwd/bwd), `ms` (compile wall time), and in `extra`:
+`target, triton, op, kernel, dtype, head_dim, variant, cases, config` (constexprs, num_warps,
+num_stages, waves_per_eu), `compiled, error, registers, spill_bytes, shared_bytes, mma`
+(wgmma / mma.sync / mfma / none), `tma, fences_main_loop, dots16, dots16_not_wgmma, violations`
+and per target extras (NVIDIA: stack/spill load bytes, CTA-scope fences, MUFU count; AMD: SGPRs,
+scratch bytes). Host overhead rows (`pass="host"`): microseconds of Python per op call with the
+launch itself replaced by a recorder.
+
+`--check` fails (exit 1) on any rule violation (`compile_check.RULES`) that the allow-list file
+does not list, and on any listed violation that this run shows fixed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+try:
+    from bench.runner import Runner, _version
+except ModuleNotFoundError:  # run as a script: python bench/compile.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.runner import Runner, _version
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bidirlm.kernels import compile_check as cc
+
+KNOWN_ISSUES = Path(__file__).resolve().parent / "compile_known_issues.toml"
+_SPECS: list[cc.Spec] = []  # read by forked workers by index
+
+
+def _compile_index(i: int) -> dict[str, Any]:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        return cc.compile_spec(_SPECS[i])
+    except Exception as exc:  # noqa: BLE001 - an analysis failure is reported in the row
+        return {"compiled": False, "error": f"analysis failed: {type(exc).__name__}: {exc}"}
+
+
+def compile_all(specs: list[cc.Spec], jobs: int) -> list[dict[str, Any]]:
+    """Facts of every spec, compiled in `jobs` forked processes (a crashing compiler takes
+    only its own launch down: the survivors are retried one process each)."""
+    _SPECS[:] = specs
+    if jobs <= 1:
+        return [_compile_index(i) for i in range(len(specs))]
+    results: dict[int, dict[str, Any]] = {}
+    ctx = multiprocessing.get_context("fork")
+    pending = list(range(len(specs)))
+    while pending:
+        crashed = []
+        with cf.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+            futures = {pool.submit(_compile_index, i): i for i in pending}
+            for fut in cf.as_completed(futures):
+                i = futures[fut]
+                try:
+                    results[i] = fut.result()
+                except cf.process.BrokenProcessPool:
+                    crashed.append(i)
+        if len(crashed) == len(pending) and jobs == 1:
+            for i in crashed:
+                results[i] = {"compiled": False, "error": "the compiler process crashed"}
+            break
+        pending, jobs = crashed, 1  # retry one by one to find the launch that crashes
+    return [results[i] for i in range(len(specs))]
+
+
+def spec_row(spec: cc.Spec, facts: dict[str, Any], triton_version: str) -> dict[str, Any]:
+    first = spec.cases[0]
+    row: dict[str, Any] = {
+        "target": spec.target,
+        "triton": triton_version,
+        "op": first.op,
+        "kernel": spec.kernel,
+        "case": first.label,
+        "pass": spec.phase,
+        "dtype": first.dtype,
+        "head_dim": first.head_dim or None,
+        "variant": first.variant,
+        "cases": [c.label for c in spec.cases],
+        "config": spec.config,
+        **facts,
+    }
+    row["compile_s"] = round(row.get("compile_s") or 0.0, 3)
+    row["violations"] = cc.violations(row)
+    return row
+
+
+def host_overhead(runner: Runner, reps: int) -> list[dict[str, Any]]:
+    """Microseconds of host work per op call (Python layers, torch ops, Triton's argument
+    binding), on CPU tensors with the launch replaced by a recorder: what a GPU run pays
+    before the first kernel starts. aten ops are counted with a dispatch mode."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    rows = []
+    backend = make_backend(cc.gpu_target("sm90"))
+    cases = [
+        cc.Case("attention", "bf16", "dense", 128),
+        cc.Case("mntp_loss", "bf16", "plain"),
+        cc.Case("infonce", "bf16", "cosine"),
+    ]
+    for case in cases:  # forward + backward of each
+        with cc.recording(cc.TARGETS["sm90"][3]) as calls:
+            case.run()  # warm-up: imports, first-call caches
+            times = []
+            for _ in range(reps):
+                calls.clear()
+                t0 = time.perf_counter()
+                case.run()
+                times.append(time.perf_counter() - t0)
+            launches = list(calls)
+            counter = _OpCounter()
+            with counter:
+                case.run()
+        bind = []
+        for fn, args, kwargs, _grid, _phase in launches:
+            kw = {"debug": False, **kwargs}
+            binder = create_function_from_signature(fn.signature, fn.params, backend)
+            t0 = time.perf_counter()
+            for _ in range(20):
+                binder(*args, **kw)
+            bind.append((time.perf_counter() - t0) / 20)
+        host_us = statistics.median(times) * 1e6
+        extra = {
+            "host_us": round(host_us, 1),
+            "binder_us": round(sum(bind) * 1e6, 1),
+            "launches": len(launches),
+            "aten_ops": counter.count,
+            "note": "CPU tensors, sm_90 configs, Triton launch replaced by a recorder; "
+            "binder_us = Triton's argument binding of those launches (part of a real launch)",
+        }
+        row = runner.record(
+            case=f"{case.label} host", impl="bidirlm", pass_="host", ms=host_us / 1e3, extra=extra
+        )
+        rows.append(row)
+    return rows
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench.compile", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a representative subset (~2 min)")
+    p.add_argument("--check", action="store_true", help="exit 1 on a rule violation")
+    p.add_argument("--targets", default=",".join(cc.TARGETS), help="comma-separated targets")
+    p.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8))
+    p.add_argument("--known-issues", default=str(KNOWN_ISSUES), help="allow-list TOML file")
+    p.add_argument("--no-host", action="store_true", help="skip the host overhead rows")
+    p.add_argument("--ops", default="attention,mntp_loss,infonce", help="ops to compile")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        # The interpreter replaces @triton.jit kernels with Python: nothing to compile.
+        print("bench.compile: TRITON_INTERPRET is set; run it without the interpreter")
+        return 2
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    for t in targets:
+        cc.gpu_target(t)  # ValueError naming the bad target
+    ops = {o.strip() for o in args.ops.split(",") if o.strip()}
+    cases = [c for c in cc.all_cases(args.quick) if c.op in ops]
+    known = cc.load_known_issues(args.known_issues)
+    version = _version("triton")
+    runner = Runner("compile", filename=f"compile-{version}.jsonl")
+    print(f"bench.compile: triton {version}, {len(cases)} cases, targets {', '.join(targets)}")
+    rows: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    for target in targets:
+        specs, failures = cc.unique_specs(cases, target)
+        print(f"bench.compile: {target}: {len(specs)} distinct launches", flush=True)
+        for fail in failures:  # the op raised before launching: a launch we could not compile
+            row = {
+                **fail,
+                "triton": version,
+                "kernel": "(launcher)",
+                "cases": [fail["case"]],
+                "compiled": False,
+            }
+            row["violations"] = cc.violations(row)
+            rows.append(runner.record(case=fail["case"], impl="(launcher)", pass_="compile",
+                                      ms=None, extra=row)["extra"])  # fmt: skip
+        for spec, facts in zip(specs, compile_all(specs, args.jobs)):
+            row = spec_row(spec, facts, version)
+            rec = runner.record(
+                case=f"{target} {row['case']}",
+                impl=spec.kernel,
+                pass_=spec.phase,
+                ms=row["compile_s"] * 1e3,
+                extra=row,
+            )
+            rows.append(rec["extra"])
+    print(f"bench.compile: compiled in {time.perf_counter() - t_start:.0f} s")
+    if not args.no_host:
+        host_overhead(runner, reps=20)
+    print()
+    print(table(rows))
+    if args.check:
+        report = cc.check(rows, known)
+        print(report.text())
+        return 0 if report.ok else 1
+    return 0
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of compile rows (what the README shows)."""
+    head = (
+        "| target | kernel | case | warps/stages | regs | spill B | smem KB | mma | TMA | fences |"
+    )
+    lines = [head, "|---" * 10 + "|"]
+    for r in sorted(rows, key=lambda r: (r["target"], r["kernel"], r["case"])):
+        cfg = r.get("config") or {}
+        if not r.get("compiled"):
+            err = (r.get("error") or "")[:60].replace("|", "/")
+            lines.append(
+                f"| {r['target']} | {r['kernel']} | {r['case']} | | | | | error: {err} | | |"
+            )
+            continue
+        lines.append(
+            f"| {r['target']} | {r['kernel']} | {r['case']} | "
+            f"{cfg.get('num_warps', '')}/{cfg.get('num_stages', '')} | {r.get('registers')} | "
+            f"{r.get('spill_bytes')} | {r.get('shared_bytes', 0) / 1024:.0f} | {r.get('mma')} | "
+            f"{'yes' if r.get('tma') else 'no'} | {r.get('fences_main_loop')} |"
+        )
+    return "\n".join(lines)
+
+
+def load_compile_rows(path: Path | str) -> list[dict[str, Any]]:
+    """The `extra` dicts of the compile rows of a results file (latest run only)."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("suite") == "compile" and r.get("pass") != "host"]
+    if not rows:
+        return []
+    last = rows[-1]["run_id"]
+    return [r["extra"] for r in rows if r["run_id"] == last]
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    sys.exit(main())
