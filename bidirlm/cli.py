@@ -15,13 +15,14 @@ import sys
 # name -> one-line help (kept here so `bidirlm --help` needs no imports)
 COMMANDS: dict[str, str] = {
     "env": "print versions, the device and which kernel implementation runs",
-    "train": "run a training phase (causal, mntp, contrastive) from a TOML config",
+    "train": "run a training phase (causal, mntp, contrastive, sequence-/token-classification)",
     "merge": "merge checkpoints shard by shard (mergekit YAML for linear/task_arithmetic)",
     "compose": "compose an omnimodal encoder from text, vision and audio specialists",
     "pipeline": "run a recipe's phases in order, resuming completed ones",
     "export": "export a model as a sentence-transformers folder",
     "encode": "embed a text file into a .npy array",
     "eval": "evaluate a model on the embedded retrieval task or a JSON Lines retrieval set",
+    "predict": "label a JSON Lines file with a fine-tuned classifier (labels and scores)",
     "bench": "run benchmark suites and append rows under bench/results/",
     "demo": "the main job: the BidirLM recipe end to end on the embedded corpora",
 }

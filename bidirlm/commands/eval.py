@@ -1,5 +1,9 @@
 """`bidirlm eval MODEL [--task embedded|SET]`: retrieval nDCG@10 / MRR@10 of a model.
 
+For a fine-tuned classifier (`bidirlm train` with a `*-classification` phase), `--task FILE` is a
+labelled JSON Lines file (or `embedded:python-packages:heldout`, ...) and the output its metrics
+(accuracy, macro-F1, entity F1, Spearman, ... as `bidirlm.runtime.evaluation.classification`).
+
 SET is a JSON Lines file of pairs (`query`, `positive`, optional `negatives`) or a BEIR-style
 folder (queries.jsonl, corpus.jsonl, qrels.jsonl); see `bidirlm.runtime.evaluation`.
 """
@@ -61,9 +65,17 @@ def run(args: argparse.Namespace) -> int:
             model = load_model(
                 args.model, bidirectional=not args.causal, device=device, allow_non_finite=True
             )
+        from bidirlm.runtime.evaluation.classify import evaluate_classifier, is_classifier
         from bidirlm.runtime.evaluation.crossmodal import evaluate_crossmodal, is_crossmodal_task
 
-        if is_crossmodal_task(args.task):  # image/audio-text pairs: an omni model's retrieval
+        if is_classifier(model):  # fine-tuned classifier: task metrics on a labelled file
+            if args.task == "embedded":
+                raise CommandError("a classifier needs --task FILE (labelled JSON Lines)")
+            metrics = evaluate_classifier(
+                model, args.task, batch_size=args.batch_size, max_length=args.max_length,
+                device=device,
+            )  # fmt: skip
+        elif is_crossmodal_task(args.task):  # image/audio-text pairs: an omni model's retrieval
             metrics = evaluate_crossmodal(
                 model,
                 args.task,

@@ -263,3 +263,19 @@ def write_jsonl(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     tmp.replace(path)
+
+
+def is_classifier(model: Any) -> bool:
+    """True for a fine-tuned classifier: a loaded model with a head, or a folder whose
+    config.json describes one (`*ForSequenceClassification` / `*ForTokenClassification`)."""
+    if isinstance(model, nn.Module):
+        return getattr(model, "head", None) is not None
+    config = Path(str(model)).expanduser() / "config.json"
+    if not config.is_file():
+        return False
+    from bidirlm.runtime.models.heads import head_kind
+
+    try:
+        return head_kind(json.loads(config.read_text(encoding="utf-8"))) is not None
+    except (OSError, ValueError):
+        return False
