@@ -16,7 +16,7 @@ import sys
 COMMANDS: dict[str, str] = {
     "env": "print versions, the device and which kernel implementation runs",
     "train": "run a training phase (causal, mntp, contrastive, sequence-/token-classification)",
-    "merge": "merge checkpoints shard by shard (mergekit YAML for linear/task_arithmetic)",
+    "merge": "merge checkpoints shard by shard (mergekit YAML: its methods, slices, tokenizers)",
     "compose": "compose an omnimodal encoder from text, vision and audio specialists",
     "pipeline": "run a recipe's phases in order, resuming completed ones",
     "export": "export a model as a sentence-transformers folder",

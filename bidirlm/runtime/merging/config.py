@@ -1,4 +1,5 @@
-"""Merge configuration: mergekit's YAML for `linear`/`task_arithmetic`, plus bidirlm's own keys.
+"""Merge configuration: mergekit's YAML (every method in `methods.SPECS`, `slices:`,
+`tokenizer_source:`), plus bidirlm's own keys.
 
 The YAML keys and their meaning are documented in `bidirlm.runtime.merging.merge`; this module
 parses them into a typed `MergeConfig` and resolves per-tensor parameters the way mergekit does

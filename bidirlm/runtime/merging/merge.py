@@ -8,6 +8,17 @@ Methods, with mergekit's exact semantics (the same YAML gives the same tensors i
   by `sum_i w_i` when `normalize` (default false), computed in the merge dtype as mergekit does
   (set `dtype: float32` for float32 arithmetic on bf16 checkpoints).
 
+- `ties`, `dare_ties`, `dare_linear`, `breadcrumbs`, `breadcrumbs_ties`, `della`,
+  `della_linear`, `slerp`, `nuslerp`, `model_stock`, `passthrough`: mergekit's methods with its
+  parameters (density, gamma, epsilon, rescale, int8_mask, t, nuslerp_flatten,
+  nuslerp_row_wise, filter_wise, scale), merged from whole tensors (they sort, take norms or
+  draw masks over the whole tensor); formulas in `bidirlm.runtime.merging.methods`. The random
+  ones (dare_*, della*) draw per-tensor seeded masks (`random_seed:`, default 0): reproducible,
+  mergekit's own stream cannot be reproduced (see `methods`).
+- `slices:` (mergekit's layer stacking, `layer_range: [start, end)` per source) and
+  `tokenizer_source: base | union | PATH` (vocabulary tensors rebuilt for that tokenizer, as
+  mergekit; see `bidirlm.runtime.merging.vocab`).
+
 The merge dtype is `dtype` (inputs are cast to it when read), else the promoted dtype of the
 inputs; outputs are cast to `out_dtype` if set. Tensors stream one slice at a time from memory-
 mapped shards through reader threads into output shards written as they fill; the output folder
@@ -15,7 +26,7 @@ appears only once complete (see `merge_io`).
 
 YAML keys (mergekit's):
 
-    merge_method: linear | task_arithmetic
+    merge_method: linear | task_arithmetic | ties | dare_ties | ... (see above)
     base_model: PATH               # task_arithmetic; linear treats it as one more input
     models:
       - model: PATH                # a local Hugging Face folder with safetensors weights
@@ -23,7 +34,10 @@ YAML keys (mergekit's):
     parameters: {normalize: true, lambda: 1.0, weight: ...}   # defaults for every model
     dtype: float32 | bfloat16 | float16 | float64
     out_dtype: ...
-    tokenizer_source: base | PATH  # tokenizer files copied from that model
+    tokenizer_source: base | union | PATH  # output tokenizer; vocabulary rows follow it
+    slices:                        # instead of models: layer stacking
+      - sources: [{model: PATH, layer_range: [0, 16], parameters: {...}}]
+        parameters: {...}          # per-slice (then global) parameters; base_model: per slice
 
 bidirlm's own keys (mergekit ignores them):
 
@@ -34,6 +48,7 @@ bidirlm's own keys (mergekit ignores them):
     exclude: ["mtp.*"]             # output names dropped (glob)
     config_from: PATH              # config.json source (default: the base, else the first model)
     tokenizer_from: PATH           # tokenizer/processor files source (default: config_from)
+    random_seed: 0                 # masks of dare_* / della*
 
 Every pattern and filter applies to output names (after `rename`). A tensor that is neither
 taken nor excluded must exist in every model with one shape (integer tensors must also be equal
