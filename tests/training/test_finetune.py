@@ -379,3 +379,43 @@ def test_transformers_pools_the_last_token(pooling: str, tmp_path: Path) -> None
         at_last = encoder.head.score(hidden[torch.arange(2), last])
     torch.testing.assert_close(theirs, at_last, rtol=1e-4, atol=1e-5)
     assert (theirs - ours).abs().max() > 1e-3
+
+
+def test_transformers_loads_saved_gemma3_sequence_classifier(tmp_path: Path) -> None:
+    """Gemma3 (text) has `Gemma3TextForSequenceClassification` in transformers: same logits,
+    bidirectional (`use_bidirectional_attention`). It has no token-classification class, so a
+    Gemma3 token model is read back by `load_model` only."""
+    import transformers
+
+    from bidirlm.runtime.models import (
+        SequenceClassifier,
+        TokenClassifier,
+        as_classifier,
+        load_model,
+    )
+    from tests.models.test_models import build_checkpoint
+
+    source = build_checkpoint("gemma3", tmp_path / "base")
+    encoder = load_model(source, dtype=torch.float32)
+    torch.manual_seed(0)
+    clf = SequenceClassifier(encoder, 2, pooling="last").eval()
+    encoder.save_pretrained(tmp_path / "seq")
+    batch = encoder.tokenizer(["the quick brown fox jumps", "a cat"], padding=True,
+                              return_tensors="pt")  # fmt: skip
+    ours = clf(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "seq", dtype=torch.float32
+    ).eval()
+    assert type(hf).__name__ == "Gemma3TextForSequenceClassification"
+    with torch.no_grad():
+        theirs = hf(**batch).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=2e-5)
+    encoder = load_model(source, dtype=torch.float32)
+    tok_clf = TokenClassifier(encoder, 3).eval()
+    encoder.save_pretrained(tmp_path / "tok")
+    back = as_classifier(load_model(tmp_path / "tok"))
+    ids = batch["input_ids"]
+    torch.testing.assert_close(
+        back(ids, attention_mask=batch["attention_mask"]).logits,
+        tok_clf(ids, attention_mask=batch["attention_mask"]).logits,
+    )
