@@ -49,7 +49,7 @@ def _lse_shape(q: torch.Tensor, packed: bool) -> tuple[int, ...]:
     return (q.shape[0], q.shape[2], q.shape[1])
 
 
-def _reference(q, k, v, cu_seqlens, key_padding_mask, scale, left, right, softcap):
+def _reference(q, k, v, cu_seqlens, key_padding_mask, scale, left, right, softcap, cu_k, alibi):
     out, lse = attention_reference(
         q,
         k,
@@ -60,6 +60,8 @@ def _reference(q, k, v, cu_seqlens, key_padding_mask, scale, left, right, softca
         window_size=(left, right),
         softcap=softcap,
         return_lse=True,
+        cu_seqlens_k=cu_k,
+        alibi_slopes=alibi,
     )
     return out.contiguous(), lse.contiguous()
 
@@ -76,25 +78,35 @@ def _flash_attn_fwd(
     window_left: int,
     window_right: int,
     softcap: float,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    max_seqlen_k: int = -1,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out like q, lse float32) on validated inputs; Triton or the torch reference."""
+    """(out like q, lse float32) on validated inputs; Triton or the torch reference.
+
+    The last three arguments serve cross-attention and ALiBi: packed keys with their own
+    `cu_seqlens_k` / `max_seqlen_k` (None / -1: the query ones), `alibi_slopes` float32 `[Hq]`
+    or `[B, Hq]`. Dense cross-attention reads Sk from k.
+    """
     if use_triton(q):
         from .attention_triton import attention_forward
 
         return attention_forward(
             q, k, v, cu_seqlens, key_padding_mask, max_seqlen, softmax_scale,
-            (window_left, window_right), softcap,
+            (window_left, window_right), softcap, cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_k=None if max_seqlen_k < 0 else max_seqlen_k, alibi_slopes=alibi_slopes,
         )  # fmt: skip
     with torch.no_grad():
         return _reference(
-            q, k, v, cu_seqlens, key_padding_mask, softmax_scale, window_left, window_right, softcap
-        )
+            q, k, v, cu_seqlens, key_padding_mask, softmax_scale, window_left, window_right,
+            softcap, cu_seqlens_k, alibi_slopes,
+        )  # fmt: skip
 
 
 @_flash_attn_fwd.register_fake
 def _flash_attn_fwd_fake(
     q, k, v, cu_seqlens, key_padding_mask, max_seqlen, softmax_scale, window_left, window_right,
-    softcap,
+    softcap, cu_seqlens_k=None, max_seqlen_k=-1, alibi_slopes=None,
 ):  # fmt: skip
     lse = q.new_empty(_lse_shape(q, cu_seqlens is not None), dtype=torch.float32)
     return torch.empty_like(q, memory_format=torch.contiguous_format), lse
@@ -116,6 +128,9 @@ def _flash_attn_bwd(
     window_right: int,
     softcap: float,
     deterministic: bool,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    max_seqlen_k: int = -1,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) shaped like (q, k, v); Triton or the analytic torch reference backward."""
     if use_triton(q):
@@ -123,18 +138,20 @@ def _flash_attn_bwd(
 
         return attention_backward(
             dout, q, k, v, out, lse, cu_seqlens, key_padding_mask, max_seqlen, softmax_scale,
-            (window_left, window_right), softcap, deterministic,
+            (window_left, window_right), softcap, deterministic, cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_k=None if max_seqlen_k < 0 else max_seqlen_k, alibi_slopes=alibi_slopes,
         )  # fmt: skip
     return attention_reference_backward(
         dout, q, k, v, cu_seqlens=cu_seqlens, key_padding_mask=key_padding_mask,
         softmax_scale=softmax_scale, window_size=(window_left, window_right), softcap=softcap,
+        cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes,
     )  # fmt: skip
 
 
 @_flash_attn_bwd.register_fake
 def _flash_attn_bwd_fake(
     dout, q, k, v, out, lse, cu_seqlens, key_padding_mask, max_seqlen, softmax_scale, window_left,
-    window_right, softcap, deterministic,
+    window_right, softcap, deterministic, cu_seqlens_k=None, max_seqlen_k=-1, alibi_slopes=None,
 ):  # fmt: skip
     fmt = torch.contiguous_format
     return (
@@ -145,25 +162,29 @@ def _flash_attn_bwd_fake(
 
 
 def _op_backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_seqlens, key_padding_mask = ctx.saved_tensors
+    q, k, v, out, lse, cu_seqlens, key_padding_mask, cu_seqlens_k, alibi = ctx.saved_tensors
     if dout is None:  # only lse was used downstream; it carries no gradient
         dout = torch.zeros_like(out)
     dq, dk, dv = torch.ops.bidirlm.flash_attn_bwd(
-        dout, q, k, v, out, lse, cu_seqlens, key_padding_mask, *ctx.params
-    )
+        dout, q, k, v, out, lse, cu_seqlens, key_padding_mask, *ctx.params, cu_seqlens_k,
+        ctx.max_seqlen_k, alibi,
+    )  # fmt: skip
     return dq, dk, dv
 
 
 def _op_setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_seqlens, key_padding_mask, max_seqlen, scale, left, right, softcap = inputs
+    q, k, v, cu_seqlens, key_padding_mask, max_seqlen, scale, left, right, softcap = inputs[:10]
+    # the defaults of the trailing arguments, when a caller left them out
+    cu_seqlens_k, max_seqlen_k, alibi = (*inputs[10:], *(None, -1, None)[len(inputs) - 10 :])
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, key_padding_mask)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, key_padding_mask, cu_seqlens_k, alibi)
     ctx.params = (max_seqlen, scale, left, right, softcap, False)
+    ctx.max_seqlen_k = max_seqlen_k
 
 
 def _op_autograd_backward(ctx, dout, dlse):
     dq, dk, dv = _op_backward(ctx, dout, dlse)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 # Direct users of torch.ops.bidirlm.flash_attn_fwd get gradients too (non-deterministic mode).
@@ -190,20 +211,26 @@ class FlashAttnFunction(torch.autograd.Function):
         window_right: int,
         softcap: float,
         deterministic: bool,
+        cu_seqlens_k: torch.Tensor | None = None,
+        max_seqlen_k: int = -1,
+        alibi_slopes: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         out, lse = torch.ops.bidirlm.flash_attn_fwd(
             q, k, v, cu_seqlens, key_padding_mask, max_seqlen, softmax_scale, window_left,
-            window_right, softcap,
+            window_right, softcap, cu_seqlens_k, max_seqlen_k, alibi_slopes,
         )  # fmt: skip
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, key_padding_mask)
+        ctx.save_for_backward(
+            q, k, v, out, lse, cu_seqlens, key_padding_mask, cu_seqlens_k, alibi_slopes
+        )
         ctx.params = (max_seqlen, softmax_scale, window_left, window_right, softcap, deterministic)
+        ctx.max_seqlen_k = max_seqlen_k
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor, dlse: torch.Tensor | None):
         dq, dk, dv = _op_backward(ctx, dout, dlse)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        return (dq, dk, dv) + (None,) * 11
 
 
 # --- validation ----------------------------------------------------------------------------------

@@ -3,17 +3,25 @@
 Layer 1 and 2 of the attention op (see `attention.py` for the autograd function, the
 `torch.library` ops and the public API). One code path serves both layouts:
 
-- dense: q `[B, S, Hq, D]`, k/v `[B, S, Hkv, D]`, optional key padding mask `[B, S]`;
-  lse/delta `[B, Hq, S]` float32.
-- packed: q `[T, Hq, D]`, k/v `[T, Hkv, D]`, int32 `cu_seqlens [N+1]`; lse/delta `[Hq, T]`.
+- dense: q `[B, Sq, Hq, D]`, k/v `[B, Sk, Hkv, D]`, optional key padding mask `[B, Sk]` (which
+  also zeroes the padded query rows when Sq == Sk); lse/delta `[B, Hq, Sq]` float32.
+- packed: q `[Tq, Hq, D]`, k/v `[Tk, Hkv, D]`, int32 `cu_seqlens_q / cu_seqlens_k [N+1]`;
+  lse/delta `[Hq, Tq]`.
 
 A program owns one block of queries (forward, dQ) or keys (dK/dV) of one sequence and one head;
-the sequence's start and length come from `cu_seqlens` (packed) or are `b * stride_b` and `S`
-(dense). Key j is visible from query i iff `j >= i - left and j <= i + right` (the launcher turns
-a negative side into 2**30, i.e. unbounded) and the key is a real token; blocks outside the
-window's band are never visited. GQA: q head h reads kv head `h // GROUP`; the dK/dV program
-loops over the GROUP q heads of its kv head, so dK/dV need no atomics. dQ comes either from a
-separate kernel (deterministic) or from fp32 atomics inside the dK/dV kernel (fast).
+the sequence's start and lengths come from the cu_seqlens (packed) or are `b * stride_b`, Sq and
+Sk (dense). Query i sits at key position `i + Sk - Sq` (flash-attn's bottom-right alignment; 0
+for self-attention); key j is visible from it iff `j >= pos - left and j <= pos + right` (the
+launcher turns a negative side into 2**30, i.e. unbounded) and the key is a real token. ALiBi
+adds `-slope * |pos - j|` after the softcap.
+
+Each key (or query) loop is split into edge blocks, which are masked, and interior blocks that
+every row of the tile sees entirely, which run without masks, bounds checks or -inf guards. Blocks
+outside the window's band are never visited. GQA: q head h reads kv head `h // GROUP`; the dK/dV
+program loops over the GROUP q heads of its kv head, so dK/dV need no atomics. dQ comes either
+from a separate kernel (deterministic) or from relaxed fp32 atomics inside the dK/dV kernel
+(fast; relaxed because nothing reads dQ before the kernel ends, and the default acq_rel
+semantics put a `MEMBAR.ALL.GPU` pair around every atomic).
 
 Scores live in log2 units (`exp2` is one instruction, `exp` is `exp2` plus a multiply).
 """
@@ -37,19 +45,40 @@ UNBOUNDED = 1 << 30  # a window side of -1 becomes this: |i - j| never reaches i
 
 @triton.jit
 def _tanh(x):
-    # libdevice tanh is neither in the interpreter nor portable to ROCm; exp2 is. e = exp(2x)
-    # saturates to inf or 0, so the result saturates to +-1 instead of inf/inf.
-    e = tl.exp2(x * 2.8853900817779268)
-    return 1.0 - 2.0 / (e + 1.0)
+    """tanh in float32 to a few ulp, from one exp2 and one division (portable: interpreter, ROCm).
+
+    (1 - e) / (1 + e) with e = exp(-2|x|) in (0, 1] saturates cleanly to 1 for large |x|; below
+    |x| = 0.2 the subtraction 1 - e cancels, so a degree-9 Taylor polynomial (next term < 2e-10)
+    takes over there.
+    """
+    a = tl.abs(x)
+    e = tl.exp2(a * -2.8853900817779268)
+    t = (1.0 - e) / (1.0 + e)
+    t = tl.where(x < 0.0, -t, t)
+    x2 = x * x
+    poly = 0.021869488536155203 * x2 - 0.05396825396825397
+    poly = poly * x2 + 0.13333333333333333
+    poly = poly * x2 - 0.3333333333333333
+    poly = x + x * (poly * x2)
+    return tl.where(a < 0.2, poly, t)
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
+def _tanh_fast(x):
+    # One MUFU.TANH (sm_75+), max relative error 2**-10.99: the approximation flash-attn's own
+    # softcap uses (cutlass::fast_tanh). Only for 16-bit inputs, whose scores round coarser.
+    return tl.inline_asm_elementwise(
+        "tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+    )
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
     # fp32 inputs would otherwise run in tf32 (10-bit mantissa) on NVIDIA tensor cores.
     if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision="ieee")
     else:
-        return tl.dot(a, b)
+        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -65,106 +94,196 @@ def _seq_bounds(CU_SEQLENS, batch, seqlen_dense, PACKED: tl.constexpr):
 
 
 @triton.jit
-def _scores(
-    s_raw,
-    softcap,
-    sm_scale,
-    HAS_SOFTCAP: tl.constexpr,
+def _block_ranges(
+    p_first, p_last, reach_lo, reach_hi, limit, partial, NO_FULL: tl.constexpr, BLOCK: tl.constexpr
 ):
-    """Raw q.k products -> scores in log2 units (and tanh for the softcap derivative)."""
-    if HAS_SOFTCAP:
-        t = _tanh(s_raw * (sm_scale / softcap))
-        s = t * (softcap * 1.4426950408889634)
+    """Blocks of the other axis seen from positions p_first..p_last (both inclusive).
+
+    Position p sees [p - reach_lo, p + reach_hi] of `0..limit-1`. Returns (lo, full_lo, full_hi,
+    hi): the band is [lo, hi) with lo a multiple of BLOCK; blocks starting in [full_lo, full_hi)
+    are entirely visible from every position (no mask needed); [lo, min(full_lo, hi)) and
+    [full_hi, hi) are the edge blocks. A key padding mask (NO_FULL) or a partial tile
+    (`partial`) makes every block an edge block. Operands stay >= 0 before // (floor and C
+    division differ below 0).
+    """
+    lo = (tl.maximum(p_first - reach_lo, 0) // BLOCK) * BLOCK
+    hi = tl.minimum(p_last + reach_hi + 1, limit)
+    full_lo = tl.maximum(tl.cdiv(tl.maximum(p_last - reach_lo, 0), BLOCK) * BLOCK, lo)
+    if NO_FULL:
+        full_hi = full_lo
     else:
-        t = s_raw  # unused
-        s = s_raw * (sm_scale * 1.4426950408889634)
-    return s, t
+        full_hi = (tl.maximum(tl.minimum(p_first + reach_hi + 1, limit), 0) // BLOCK) * BLOCK
+        full_hi = tl.where(partial, full_lo, tl.maximum(full_hi, full_lo))
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _scores(
+    s,
+    pos,
+    cols,
+    qk_scale,
+    cap_in,
+    cap_out,
+    slope2,
+    HAS_SOFTCAP: tl.constexpr,
+    FAST_TANH: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+):
+    """Raw q.k products (tile of rows `pos` x `cols`, either orientation) -> scores in log2
+    units, and the tanh of the softcap (for its derivative; `s` itself when there is none)."""
+    if HAS_SOFTCAP:
+        if FAST_TANH:
+            t = _tanh_fast(s * cap_in)
+        else:
+            t = _tanh(s * cap_in)
+        s2 = t * cap_out
+    else:
+        t = s
+        s2 = s * qk_scale
+    if HAS_ALIBI:
+        s2 = s2 - slope2 * tl.abs(pos - cols).to(tl.float32)
+    return s2, t
+
+
+@triton.jit
+def _fwd_blocks(
+    acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
+    pos, start, end, seqlen_k, qk_scale, cap_in, cap_out, slope2, window_left, window_right,
+    offs_n, offs_d, d_ok,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_KPM: tl.constexpr, WINDOWED: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Online softmax over key blocks [start, end); MASKED for edge blocks only."""
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        kT_ptrs = k_base + cols[None, :] * stride_kt + offs_d[:, None]
+        v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
+        if MASKED:
+            col_ok = cols < seqlen_k
+            kT = tl.load(kT_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        elif EVEN_D:
+            kT = tl.load(kT_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        if UPCAST:
+            kT = kT.to(tl.float32)
+            v = v.to(tl.float32)
+        s = _dot(q, kT, None, IEEE)
+        if HAS_SOFTCAP or HAS_ALIBI:
+            s, _t = _scores(
+                s, pos[:, None], cols[None, :], qk_scale, cap_in, cap_out, slope2,
+                HAS_SOFTCAP, FAST_TANH, HAS_ALIBI,
+            )  # fmt: skip
+            scale = 1.0
+        else:
+            scale = qk_scale  # folded into the exp2 argument below: one FMA per score
+        if MASKED:
+            valid = col_ok[None, :]
+            if HAS_KPM:
+                valid = valid & (tl.load(kpm_base + cols, mask=col_ok, other=0) != 0)[None, :]
+            if WINDOWED:
+                valid = valid & (cols[None, :] >= pos[:, None] - window_left)
+                valid = valid & (cols[None, :] <= pos[:, None] + window_right)
+            s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
+        if MASKED:
+            # A row with no visible key so far keeps m = -inf; subtract 0 there, never -inf - -inf.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_sub = m_new  # an interior block gives every row a finite maximum
+        alpha = tl.exp2(m_i - m_sub)
+        p = tl.exp2(s * scale - m_sub[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = _dot(p.to(v.dtype), v, acc, IEEE)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, CU_SEQLENS, KPM,
+    Q, K, V, O, LSE, CU_Q, CU_K, KPM, ALIBI,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
-    stride_lb, stride_lh, stride_mb,
-    seqlen_dense, sm_scale, softcap, window_left, window_right, seq_bucket,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    PACKED: tl.constexpr, HAS_KPM: tl.constexpr, WINDOWED: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_lb, stride_lh, stride_mb, stride_ab,
+    seqlen_q_dense, seqlen_k_dense, sm_scale, softcap, window_left, window_right, seq_bucket,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    PACKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_QPM: tl.constexpr, WINDOWED: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
     batch = tl.program_id(2)
-    row0, seqlen = _seq_bounds(CU_SEQLENS, batch, seqlen_dense, PACKED)
+    row0, seqlen_q = _seq_bounds(CU_Q, batch, seqlen_q_dense, PACKED)
     m_start = pid_m * BLOCK_M
-    if m_start >= seqlen:
+    if m_start >= seqlen_q:
         return
+    col0, seqlen_k = _seq_bounds(CU_K, batch, seqlen_k_dense, PACKED)
     kv_head = head // GROUP
     b64 = batch.to(tl.int64)
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM  # head dims that are not powers of two (80, 96) mask the tail
-    row_ok = offs_m < seqlen
+    row_ok = offs_m < seqlen_q
+    shift = seqlen_k - seqlen_q  # bottom-right alignment of queries on keys (0: self-attention)
+    pos = offs_m + shift
 
     q_ptrs = Q + b64 * stride_qb + row0 * stride_qt + head * stride_qh
     q_ptrs += offs_m[:, None] * stride_qt + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:  # bf16 arithmetic is wrong in the interpreter: compute on fp32 tiles there
         q = q.to(tl.float32)
-    k_base = K + b64 * stride_kb + row0 * stride_kt + kv_head * stride_kh
-    v_base = V + b64 * stride_vb + row0 * stride_vt + kv_head * stride_vh
+    k_base = K + b64 * stride_kb + col0 * stride_kt + kv_head * stride_kh
+    v_base = V + b64 * stride_vb + col0 * stride_vt + kv_head * stride_vh
+    kpm_base = KPM + b64 * stride_mb
+    qk_scale = sm_scale * 1.4426950408889634
+    cap_in = sm_scale / softcap
+    cap_out = softcap * 1.4426950408889634
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(ALIBI + b64 * stride_ab + head) * 1.4426950408889634
 
+    last = tl.minimum(m_start + BLOCK_M, seqlen_q) - 1
+    lo, full_lo, full_hi, hi = _block_ranges(
+        m_start + shift, last + shift, window_left, window_right, seqlen_k, pid_m < 0, HAS_KPM,
+        BLOCK_N,
+    )  # fmt: skip
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if WINDOWED:  # only key blocks that intersect the band of this query block
-        lo = tl.maximum(m_start - window_left, 0)
-        lo = (lo // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(m_start + BLOCK_M + window_right, seqlen)
-    else:
-        lo = 0
-        hi = seqlen
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < seqlen
-        kT = tl.load(
-            k_base + cols[None, :] * stride_kt + offs_d[:, None],
-            mask=col_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
-        v = tl.load(
-            v_base + cols[:, None] * stride_vt + offs_d[None, :],
-            mask=col_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            kT = kT.to(tl.float32)
-            v = v.to(tl.float32)
-        s, _t = _scores(_dot(q, kT, IEEE), softcap, sm_scale, HAS_SOFTCAP)
-        valid = col_ok[None, :]
-        if HAS_KPM:
-            key_ok = tl.load(KPM + b64 * stride_mb + cols, mask=col_ok, other=0) != 0
-            valid = valid & key_ok[None, :]
-        if WINDOWED:
-            valid = valid & (cols[None, :] >= offs_m[:, None] - window_left)
-            valid = valid & (cols[None, :] <= offs_m[:, None] + window_right)
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with no visible key so far keeps m = -inf; subtract 0 there, never -inf - -inf.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-        m_i = m_new
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, pos, lo,
+        tl.minimum(full_lo, hi), seqlen_k, qk_scale, cap_in, cap_out, slope2, window_left,
+        window_right, offs_n, offs_d, d_ok,
+        True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE, BLOCK_N,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, pos, full_lo,
+        full_hi, seqlen_k, qk_scale, cap_in, cap_out, slope2, window_left, window_right,
+        offs_n, offs_d, d_ok,
+        False, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE, BLOCK_N,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, pos, full_hi, hi,
+        seqlen_k, qk_scale, cap_in, cap_out, slope2, window_left, window_right,
+        offs_n, offs_d, d_ok,
+        True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE, BLOCK_N,
+    )  # fmt: skip
 
     has_key = l_i > 0.0  # a query with no visible key outputs zeros and lse = -inf
+    if HAS_QPM:  # a padded query row (dense key padding mask, Sq == Sk) too
+        has_key = has_key & (tl.load(kpm_base + offs_m, mask=row_ok, other=0) != 0)
     l_safe = tl.where(has_key, l_i, 1.0)
-    out = acc / l_safe[:, None]
+    out = tl.where(has_key[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     o_ptrs = O + b64 * stride_ob + row0 * stride_ot + head * stride_oh
     o_ptrs += offs_m[:, None] * stride_ot + offs_d[None, :]
@@ -205,20 +324,86 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _bwd_kv_blocks(
+    dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
+    stride_qt, stride_dot, stride_dqt,
+    cols, col_ok, key_ok, start, end, seqlen_q, shift, sm_scale, qk_scale, cap_in, cap_out,
+    slope2, window_left, window_right, offs_m, offs_d, d_ok,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_KPM: tl.constexpr, WINDOWED: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """dK/dV (and atomic dQ) contributions of query blocks [start, end) to one key block."""
+    for start_m in range(start, end, BLOCK_M):
+        rows = start_m + offs_m
+        q_ptrs = q_base + rows[:, None] * stride_qt + offs_d[None, :]
+        do_ptrs = do_base + rows[:, None] * stride_dot + offs_d[None, :]
+        if MASKED:
+            row_ok = rows < seqlen_q
+            q_mask = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+            do = tl.load(do_ptrs, mask=q_mask, other=0.0)
+            # lse = -inf (rows past the end included) marks a query without visible keys: push
+            # it to +inf so its P row is exp2(-inf) = 0, never exp2(-inf - -inf) = NaN.
+            lse = tl.load(lse_base + rows, mask=row_ok, other=float("-inf"))
+            delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        elif EVEN_D:
+            q_mask = None
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
+        else:
+            q_mask = d_ok[None, :]
+            q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+            do = tl.load(do_ptrs, mask=q_mask, other=0.0)
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        sT, tT = _scores(
+            _dot(k, tl.trans(q), None, IEEE), cols[:, None], (rows + shift)[None, :], qk_scale,
+            cap_in, cap_out, slope2, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI,
+        )  # fmt: skip
+        pT = tl.exp2(sT - lse2[None, :])
+        if MASKED:
+            valid = key_ok[:, None] & row_ok[None, :]
+            if WINDOWED:
+                pos = rows + shift
+                valid = valid & (cols[:, None] >= pos[None, :] - window_left)
+                valid = valid & (cols[:, None] <= pos[None, :] + window_right)
+            pT = tl.where(valid, pT, 0.0)
+        dv = _dot(pT.to(do.dtype), do, dv, IEEE)
+        dpT = _dot(v, tl.trans(do), None, IEEE)
+        dsT = pT * (dpT - delta[None, :])
+        if HAS_SOFTCAP:  # d/dx [c * tanh(x / c)] = 1 - tanh^2
+            dsT = dsT * (1.0 - tT * tT)
+        dk = _dot(dsT.to(q.dtype), q, dk, IEEE)
+        if ATOMIC_DQ:
+            dq = _dot(tl.trans(dsT).to(k.dtype), k, None, IEEE) * sm_scale
+            dq_ptrs = dq_base + rows[:, None] * stride_dqt + offs_d[None, :]
+            tl.atomic_add(dq_ptrs, dq, mask=q_mask, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_SEQLENS, KPM,
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, KPM, ALIBI,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh,
     stride_dqb, stride_dqt, stride_dqh,
     stride_dkb, stride_dkt, stride_dkh,
-    stride_lb, stride_lh, stride_mb,
-    seqlen_dense, sm_scale, softcap, window_left, window_right, seq_bucket,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_lb, stride_lh, stride_mb, stride_ab,
+    seqlen_q_dense, seqlen_k_dense, sm_scale, softcap, window_left, window_right, seq_bucket,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     PACKED: tl.constexpr, HAS_KPM: tl.constexpr, WINDOWED: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One key block of one kv head: dK, dV summed over the GROUP q heads (+ dQ by atomics).
 
@@ -228,19 +413,21 @@ def _attn_bwd_dkdv_kernel(
     pid_n = tl.program_id(0)
     kv_head = tl.program_id(1)
     batch = tl.program_id(2)
-    row0, seqlen = _seq_bounds(CU_SEQLENS, batch, seqlen_dense, PACKED)
+    col0, seqlen_k = _seq_bounds(CU_K, batch, seqlen_k_dense, PACKED)
     n_start = pid_n * BLOCK_N
-    if n_start >= seqlen:
+    if n_start >= seqlen_k:
         return
+    row0, seqlen_q = _seq_bounds(CU_Q, batch, seqlen_q_dense, PACKED)
+    shift = seqlen_k - seqlen_q
     b64 = batch.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     cols = n_start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    col_ok = cols < seqlen
+    col_ok = cols < seqlen_k
     kv_mask = col_ok[:, None] & d_ok[None, :]
-    k_ptrs = K + b64 * stride_kb + (row0 + cols[:, None]) * stride_kt + kv_head * stride_kh
-    v_ptrs = V + b64 * stride_vb + (row0 + cols[:, None]) * stride_vt + kv_head * stride_vh
+    k_ptrs = K + b64 * stride_kb + (col0 + cols[:, None]) * stride_kt + kv_head * stride_kh
+    v_ptrs = V + b64 * stride_vb + (col0 + cols[:, None]) * stride_vt + kv_head * stride_vh
     k = tl.load(k_ptrs + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_ptrs + offs_d[None, :], mask=kv_mask, other=0.0)
     if UPCAST:
@@ -249,16 +436,18 @@ def _attn_bwd_dkdv_kernel(
     key_ok = col_ok
     if HAS_KPM:
         key_ok = key_ok & (tl.load(KPM + b64 * stride_mb + cols, mask=col_ok, other=0) != 0)
+    qk_scale = sm_scale * 1.4426950408889634
+    cap_in = sm_scale / softcap
+    cap_out = softcap * 1.4426950408889634
 
+    # Query i (key position i + shift) sees key j iff j - shift - right <= i <= j - shift + left.
+    n_last = tl.minimum(n_start + BLOCK_N, seqlen_k) - 1
+    lo, full_lo, full_hi, hi = _block_ranges(
+        n_start - shift, n_last - shift, window_right, window_left, seqlen_q,
+        n_start + BLOCK_N > seqlen_k, HAS_KPM, BLOCK_M,
+    )  # fmt: skip
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    if WINDOWED:  # queries i that see key j satisfy j - right <= i <= j + left
-        lo = tl.maximum(n_start - window_right, 0)
-        lo = (lo // BLOCK_M) * BLOCK_M
-        hi = tl.minimum(n_start + BLOCK_N + window_left, seqlen)
-    else:
-        lo = 0
-        hi = seqlen
     for g in range(GROUP):
         head = kv_head * GROUP + g
         q_base = Q + b64 * stride_qb + row0 * stride_qt + head * stride_qh
@@ -266,77 +455,120 @@ def _attn_bwd_dkdv_kernel(
         dq_base = DQ + b64 * stride_dqb + row0 * stride_dqt + head * stride_dqh
         lse_base = LSE + b64 * stride_lb + head * stride_lh + row0
         delta_base = DELTA + b64 * stride_lb + head * stride_lh + row0
-        for start_m in range(lo, hi, BLOCK_M):
-            rows = start_m + offs_m
-            row_ok = rows < seqlen
-            q_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(
-                q_base + rows[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0
-            )
-            do = tl.load(
-                do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0
-            )
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
-            delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-            # lse = -inf marks a query without visible keys: its P row must be 0, and
-            # exp2(-inf - -inf) would be NaN, so push lse to +inf instead.
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            sT, tT = _scores(_dot(k, tl.trans(q), IEEE), softcap, sm_scale, HAS_SOFTCAP)
-            valid = key_ok[:, None] & row_ok[None, :]
-            if WINDOWED:
-                valid = valid & (cols[:, None] >= rows[None, :] - window_left)
-                valid = valid & (cols[:, None] <= rows[None, :] + window_right)
-            pT = tl.where(valid, tl.exp2(sT - lse2[None, :]), 0.0)
-            dv += _dot(pT.to(do.dtype), do, IEEE)
-            dpT = _dot(v, tl.trans(do), IEEE)
-            dsT = pT * (dpT - delta[None, :])
-            if HAS_SOFTCAP:  # d/dx [c * tanh(x / c)] = 1 - tanh^2
-                dsT = dsT * (1.0 - tT * tT)
-            dk += _dot(dsT.to(q.dtype), q, IEEE)
-            if ATOMIC_DQ:
-                dq = _dot(tl.trans(dsT).to(k.dtype), k, IEEE) * sm_scale
-                dq_ptrs = dq_base + rows[:, None] * stride_dqt + offs_d[None, :]
-                tl.atomic_add(dq_ptrs, dq, mask=q_mask)
+        slope2 = 0.0
+        if HAS_ALIBI:
+            slope2 = tl.load(ALIBI + b64 * stride_ab + head) * 1.4426950408889634
+        dk, dv = _bwd_kv_blocks(
+            dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
+            stride_qt, stride_dot, stride_dqt, cols, col_ok, key_ok, lo,
+            tl.minimum(full_lo, hi), seqlen_q, shift, sm_scale, qk_scale, cap_in, cap_out,
+            slope2, window_left, window_right, offs_m, offs_d, d_ok,
+            True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
+            ATOMIC_DQ, BLOCK_M,
+        )  # fmt: skip
+        dk, dv = _bwd_kv_blocks(
+            dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
+            stride_qt, stride_dot, stride_dqt, cols, col_ok, key_ok, full_lo, full_hi,
+            seqlen_q, shift, sm_scale, qk_scale, cap_in, cap_out,
+            slope2, window_left, window_right, offs_m, offs_d, d_ok,
+            False, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
+            ATOMIC_DQ, BLOCK_M,
+        )  # fmt: skip
+        dk, dv = _bwd_kv_blocks(
+            dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
+            stride_qt, stride_dot, stride_dqt, cols, col_ok, key_ok, full_hi, hi,
+            seqlen_q, shift, sm_scale, qk_scale, cap_in, cap_out,
+            slope2, window_left, window_right, offs_m, offs_d, d_ok,
+            True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
+            ATOMIC_DQ, BLOCK_M,
+        )  # fmt: skip
     dk = dk * sm_scale
-    dk_ptrs = DK + b64 * stride_dkb + (row0 + cols[:, None]) * stride_dkt + kv_head * stride_dkh
-    dv_ptrs = DV + b64 * stride_dkb + (row0 + cols[:, None]) * stride_dkt + kv_head * stride_dkh
+    dk_ptrs = DK + b64 * stride_dkb + (col0 + cols[:, None]) * stride_dkt + kv_head * stride_dkh
+    dv_ptrs = DV + b64 * stride_dkb + (col0 + cols[:, None]) * stride_dkt + kv_head * stride_dkh
     tl.store(dk_ptrs + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptrs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
+def _bwd_q_blocks(
+    dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kt, stride_vt,
+    pos, start, end, seqlen_k, qk_scale, cap_in, cap_out, slope2, window_left, window_right,
+    offs_n, offs_d, d_ok,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_KPM: tl.constexpr, WINDOWED: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dQ contributions of key blocks [start, end) in a fixed order (deterministic mode)."""
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
+        if MASKED:
+            col_ok = cols < seqlen_k
+            k = tl.load(k_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s, t = _scores(
+            _dot(q, tl.trans(k), None, IEEE), pos[:, None], cols[None, :], qk_scale, cap_in,
+            cap_out, slope2, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI,
+        )  # fmt: skip
+        p = tl.exp2(s - lse2[:, None])
+        if MASKED:
+            valid = col_ok[None, :]
+            if HAS_KPM:
+                valid = valid & (tl.load(kpm_base + cols, mask=col_ok, other=0) != 0)[None, :]
+            if WINDOWED:
+                valid = valid & (cols[None, :] >= pos[:, None] - window_left)
+                valid = valid & (cols[None, :] <= pos[:, None] + window_right)
+            p = tl.where(valid, p, 0.0)
+        dp = _dot(do, tl.trans(v), None, IEEE)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = _dot(ds.to(k.dtype), k, dq, IEEE)
+    return dq
+
+
+@triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS, KPM,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, KPM, ALIBI,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh,
     stride_dqb, stride_dqt, stride_dqh,
-    stride_lb, stride_lh, stride_mb,
-    seqlen_dense, sm_scale, softcap, window_left, window_right, seq_bucket,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_lb, stride_lh, stride_mb, stride_ab,
+    seqlen_q_dense, seqlen_k_dense, sm_scale, softcap, window_left, window_right, seq_bucket,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     PACKED: tl.constexpr, HAS_KPM: tl.constexpr, WINDOWED: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One query block of one q head: dQ = scale * sum_j dS[:, j] K[j] in a fixed key order."""
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
     batch = tl.program_id(2)
-    row0, seqlen = _seq_bounds(CU_SEQLENS, batch, seqlen_dense, PACKED)
+    row0, seqlen_q = _seq_bounds(CU_Q, batch, seqlen_q_dense, PACKED)
     m_start = pid_m * BLOCK_M
-    if m_start >= seqlen:
+    if m_start >= seqlen_q:
         return
+    col0, seqlen_k = _seq_bounds(CU_K, batch, seqlen_k_dense, PACKED)
+    shift = seqlen_k - seqlen_q
     kv_head = head // GROUP
     b64 = batch.to(tl.int64)
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    row_ok = offs_m < seqlen
+    row_ok = offs_m < seqlen_q
     q_mask = row_ok[:, None] & d_ok[None, :]
     q_ptrs = Q + b64 * stride_qb + (row0 + offs_m[:, None]) * stride_qt + head * stride_qh
     do_ptrs = DO + b64 * stride_dob + (row0 + offs_m[:, None]) * stride_dot + head * stride_doh
@@ -345,44 +577,46 @@ def _attn_bwd_dq_kernel(
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse = tl.load(LSE + b64 * stride_lb + head * stride_lh + row0 + offs_m, mask=row_ok, other=0.0)
+    lse_ptrs = LSE + b64 * stride_lb + head * stride_lh + row0 + offs_m
+    lse = tl.load(lse_ptrs, mask=row_ok, other=float("-inf"))
     delta = tl.load(
         DELTA + b64 * stride_lb + head * stride_lh + row0 + offs_m, mask=row_ok, other=0.0
     )
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    k_base = K + b64 * stride_kb + row0 * stride_kt + kv_head * stride_kh
-    v_base = V + b64 * stride_vb + row0 * stride_vt + kv_head * stride_vh
+    k_base = K + b64 * stride_kb + col0 * stride_kt + kv_head * stride_kh
+    v_base = V + b64 * stride_vb + col0 * stride_vt + kv_head * stride_vh
+    kpm_base = KPM + b64 * stride_mb
+    qk_scale = sm_scale * 1.4426950408889634
+    cap_in = sm_scale / softcap
+    cap_out = softcap * 1.4426950408889634
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(ALIBI + b64 * stride_ab + head) * 1.4426950408889634
+    pos = offs_m + shift
+    last = tl.minimum(m_start + BLOCK_M, seqlen_q) - 1
+    lo, full_lo, full_hi, hi = _block_ranges(
+        m_start + shift, last + shift, window_left, window_right, seqlen_k, pid_m < 0, HAS_KPM,
+        BLOCK_N,
+    )  # fmt: skip
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if WINDOWED:
-        lo = tl.maximum(m_start - window_left, 0)
-        lo = (lo // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(m_start + BLOCK_M + window_right, seqlen)
-    else:
-        lo = 0
-        hi = seqlen
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < seqlen
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s, t = _scores(_dot(q, tl.trans(k), IEEE), softcap, sm_scale, HAS_SOFTCAP)
-        valid = col_ok[None, :] & row_ok[:, None]
-        if HAS_KPM:
-            key_ok = tl.load(KPM + b64 * stride_mb + cols, mask=col_ok, other=0) != 0
-            valid = valid & key_ok[None, :]
-        if WINDOWED:
-            valid = valid & (cols[None, :] >= offs_m[:, None] - window_left)
-            valid = valid & (cols[None, :] <= offs_m[:, None] + window_right)
-        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), IEEE)
-        ds = p * (dp - delta[:, None])
-        if HAS_SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dq += _dot(ds.to(k.dtype), k, IEEE)
+    dq = _bwd_q_blocks(
+        dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kt, stride_vt, pos, lo,
+        tl.minimum(full_lo, hi), seqlen_k, qk_scale, cap_in, cap_out, slope2, window_left,
+        window_right, offs_n, offs_d, d_ok,
+        True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE, BLOCK_N,
+    )  # fmt: skip
+    dq = _bwd_q_blocks(
+        dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kt, stride_vt, pos, full_lo,
+        full_hi, seqlen_k, qk_scale, cap_in, cap_out, slope2, window_left, window_right,
+        offs_n, offs_d, d_ok,
+        False, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE, BLOCK_N,
+    )  # fmt: skip
+    dq = _bwd_q_blocks(
+        dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kt, stride_vt, pos, full_hi, hi,
+        seqlen_k, qk_scale, cap_in, cap_out, slope2, window_left, window_right,
+        offs_n, offs_d, d_ok,
+        True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE, BLOCK_N,
+    )  # fmt: skip
     dq = dq * sm_scale
     dq_ptrs = DQ + b64 * stride_dqb + (row0 + offs_m[:, None]) * stride_dqt + head * stride_dqh
     tl.store(dq_ptrs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
@@ -408,43 +642,79 @@ class LaunchConfig:
         return kw
 
 
-# (largest head dim, forward config, backward config) per family, first matching row wins.
-# NVIDIA: large query tiles keep the tensor cores busy; D=256 halves them to fit shared memory
-# (a 128x256 bf16 tile is 64 KiB per pipeline stage). The backward keeps K, V, dK, dV of a key
-# block on chip, so its tiles are smaller. AMD CDNA: no TMA / warp specialization, software
-# pipelining does not pay on its LDS (num_stages=1), waves_per_eu=2 trades registers for occupancy,
-# and never more than 8 warps (wave64: 8 warps are already 512 threads).
-# Interpreter: 32x32 tiles make tests cross block boundaries at small S.
-# These NVIDIA/AMD rows are starting points that have not been tuned on hardware yet.
-CONFIGS: dict[str, list[tuple[int, LaunchConfig, LaunchConfig]]] = {
+C = LaunchConfig
+# (largest head dim, forward, dK/dV (+ atomic dQ), deterministic dQ) per family, first matching
+# row wins. Rows of the tiles that feed the tensor cores set the warps: a Hopper warpgroup
+# (4 warps) computes 64 rows per wgmma and Triton gives every warp of a chained-dot kernel its
+# own rows (warpsPerCTA [num_warps, 1]), so more than rows/16 warps duplicate the work. The
+# dK/dV kernel's dots have BLOCK_N rows (S^T, dP^T), the dQ kernel's BLOCK_M rows.
+# 128x128 forward tiles at D <= 128 (a 64-wide key block costs 1.8x the instructions per FLOP);
+# D=256 halves the key block to fit shared memory and registers. AMD CDNA: no TMA or warp
+# specialisation, no software pipelining on its LDS (num_stages=1), waves_per_eu sized so no
+# kernel spills VGPRs, never more than 8 warps (wave64). Checked by compiling for sm_90, gfx942
+# and gfx90a (registers, spills, wgmma); not yet timed on hardware.
+CONFIGS: dict[str, list[tuple[int, LaunchConfig, LaunchConfig, LaunchConfig]]] = {
     "hopper": [
-        (64, LaunchConfig(128, 64, 4, 3), LaunchConfig(64, 64, 4, 2)),
-        (128, LaunchConfig(128, 64, 8, 3), LaunchConfig(64, 64, 8, 2)),
-        (256, LaunchConfig(64, 64, 8, 2), LaunchConfig(32, 64, 8, 1)),
+        (64, C(128, 128, 8, 3), C(64, 128, 8, 2), C(128, 64, 8, 2)),
+        (128, C(128, 128, 8, 2), C(64, 128, 8, 2), C(128, 64, 8, 2)),
+        (256, C(128, 64, 8, 2), C(64, 64, 4, 1), C(64, 64, 4, 1)),
     ],
     "ampere": [
-        (64, LaunchConfig(128, 64, 4, 3), LaunchConfig(64, 64, 4, 2)),
-        (128, LaunchConfig(128, 32, 8, 2), LaunchConfig(64, 32, 8, 2)),
-        (256, LaunchConfig(64, 32, 8, 1), LaunchConfig(32, 32, 8, 1)),
+        (64, C(128, 64, 8, 3), C(64, 128, 8, 2), C(128, 64, 8, 2)),
+        (128, C(128, 64, 8, 2), C(64, 128, 8, 2), C(128, 32, 8, 2)),
+        (256, C(64, 32, 4, 1), C(32, 64, 4, 1), C(64, 32, 4, 1)),
     ],
     "cdna": [
-        (64, LaunchConfig(128, 64, 4, 1, 2), LaunchConfig(64, 64, 4, 1, 2)),
-        (128, LaunchConfig(128, 64, 8, 1, 2), LaunchConfig(64, 64, 8, 1, 2)),
-        (256, LaunchConfig(64, 32, 8, 1, 2), LaunchConfig(32, 32, 8, 1, 2)),
+        (64, C(128, 64, 8, 1, 2), C(64, 128, 8, 1, 1), C(128, 64, 8, 1, 1)),
+        (128, C(128, 64, 8, 1, 2), C(64, 64, 4, 1, 1), C(64, 64, 4, 1, 1)),
+        (256, C(64, 32, 4, 1, 1), C(32, 32, 4, 1, 1), C(32, 32, 4, 1, 1)),
     ],
     "interpreter": [
-        (256, LaunchConfig(32, 32, 1, 1), LaunchConfig(32, 32, 1, 1)),
+        (256, C(32, 32, 1, 1), C(32, 32, 1, 1), C(32, 32, 1, 1)),
     ],
 }
+# float32 inputs: 4-byte tiles and IEEE (non-tensor-core or 3-pass) dots need about twice the
+# registers of 16-bit ones; these tiles keep every kernel free of heavy spills.
+CONFIGS_FP32: dict[str, list[tuple[int, LaunchConfig, LaunchConfig, LaunchConfig]]] = {
+    "nvidia": [
+        (64, C(64, 64, 4, 2), C(32, 64, 4, 1), C(64, 32, 4, 1)),
+        (128, C(64, 32, 4, 2), C(32, 64, 4, 1), C(64, 32, 4, 1)),
+        (256, C(32, 32, 4, 1), C(16, 32, 2, 1), C(32, 16, 2, 1)),
+    ],
+    "cdna": [
+        (64, C(64, 32, 4, 1, 1), C(32, 32, 4, 1, 1), C(32, 32, 4, 1, 1)),
+        (128, C(64, 32, 4, 1, 1), C(32, 32, 4, 1, 1), C(32, 32, 4, 1, 1)),
+        (256, C(32, 16, 4, 1, 1), C(16, 32, 4, 1, 1), C(32, 16, 4, 1, 1)),
+    ],
+}
+del C
 CONFIGS["nvidia"] = CONFIGS["ampere"]
 CONFIGS["amd"] = CONFIGS["cdna"]
+CONFIGS_FP32["hopper"] = CONFIGS_FP32["ampere"] = CONFIGS_FP32["nvidia"]
+CONFIGS_FP32["amd"] = CONFIGS_FP32["cdna"]
+CONFIGS_FP32["interpreter"] = CONFIGS["interpreter"]
+
+_KERNEL_INDEX = {"fwd": 1, "dkdv": 2, "dq": 3}
 
 
-def pick_config(family: str, head_dim: int, backward: bool) -> LaunchConfig:
-    """The fixed config of `family` for `head_dim` (the forward or the backward one)."""
-    for max_d, fwd, bwd in CONFIGS.get(family, CONFIGS["ampere"]):
-        if head_dim <= max_d:
-            return bwd if backward else fwd
+def pick_config(
+    family: str,
+    head_dim: int,
+    backward: bool,
+    *,
+    dtype: torch.dtype | None = None,
+    kernel: str | None = None,
+) -> LaunchConfig:
+    """The fixed config of `family` for `head_dim` and `dtype` (16-bit when None).
+
+    `kernel` is "fwd", "dkdv" or "dq"; without it, `backward` picks "dkdv" or "fwd".
+    """
+    table = CONFIGS_FP32 if dtype == torch.float32 else CONFIGS
+    rows = table.get(family, table["ampere"])
+    index = _KERNEL_INDEX[kernel or ("dkdv" if backward else "fwd")]
+    for row in rows:
+        if head_dim <= row[0]:
+            return row[index]
     raise ValueError(f"head dim {head_dim} > 256 is not supported")
 
 
@@ -454,19 +724,18 @@ def autotune_configs(family: str, head_dim: int) -> list[triton.Config]:
     configs = []
     for bm in (32, 64, 128):
         for bn in (32, 64, 128):
-            if head_dim > 128 and bm * bn > 64 * 64:
-                continue  # D=256 tiles beyond 64x64 exceed shared memory / registers
+            if head_dim > 128 and bm * bn > 128 * 64:
+                continue  # D=256 tiles beyond 128x64 exceed shared memory / registers
             for warps in (4, 8):
+                if warps * 16 > max(bm, bn):
+                    continue  # more warps than tile rows duplicate the tensor-core work
                 for stages in (1,) if amd else (1, 2, 3):
-                    kw = {"waves_per_eu": 2} if amd else {}
-                    configs.append(
-                        triton.Config(
-                            {"BLOCK_M": bm, "BLOCK_N": bn},
-                            num_warps=warps,
-                            num_stages=stages,
-                            **kw,
-                        )
-                    )
+                    # AMD options such as waves_per_eu travel in the kwargs dict: Config()
+                    # itself has no such keyword (TypeError).
+                    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn}
+                    if amd:
+                        kwargs["waves_per_eu"] = 1 if head_dim > 64 else 2
+                    configs.append(triton.Config(kwargs, num_warps=warps, num_stages=stages))
     return configs
 
 
@@ -478,6 +747,7 @@ _TUNE_KEY = [
     "HAS_KPM",
     "WINDOWED",
     "HAS_SOFTCAP",
+    "HAS_ALIBI",
     "UPCAST",
     "IEEE",
 ]
@@ -491,97 +761,171 @@ def _tuned(kernel_name: str, family: str, head_dim: int) -> triton.runtime.Autot
     return triton.autotune(autotune_configs(family, head_dim), key=key, reset_to_zero=reset)(kernel)
 
 
-def _launch(
-    name: str,
-    grid_axis: str,
-    extent: int,
-    rest: tuple[int, int],
-    args: tuple,
-    meta: dict,
-    cfg: LaunchConfig,
-    family: str,
-) -> None:
-    """Launch kernel `name` on a grid of cdiv(extent, grid_axis) x rest with the fixed config
-    `cfg`, or through triton.autotune when BIDIRLM_AUTOTUNE=1 (GPU only)."""
-    if autotune_enabled():
-        tuned = _tuned(name, family, meta["HEAD_DIM"])
-        grid = lambda m: (triton.cdiv(extent, m[grid_axis]), *rest)
-        tuned[grid](*args, **meta)
-        return
-    block = cfg.block_m if grid_axis == "BLOCK_M" else cfg.block_n
-    grid = (triton.cdiv(extent, block), *rest)
-    globals()[name][grid](
-        *args, **meta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cfg.launch_kwargs()
-    )
-
-
 # --- host launchers ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class AttnShape:
-    """Geometry of one call: batch (sequences), max length, heads, head dim, layout."""
+    """Geometry of one call: batch (sequences), max lengths, heads, head dim, layout."""
 
     batch: int
-    seqlen: int  # S (dense) or max_seqlen (packed)
+    seqlen: int  # Sq (dense) or max_seqlen_q (packed)
     hq: int
     hkv: int
     head_dim: int
     packed: bool
+    seqlen_k: int = -1  # Sk (dense) or max_seqlen_k (packed); -1: same as seqlen
+
+    @property
+    def kv_len(self) -> int:
+        return self.seqlen if self.seqlen_k < 0 else self.seqlen_k
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything about a launch that depends only on the cache key: computed once per key."""
+
+    grid_fwd: tuple[int, int, int]
+    grid_dkdv: tuple[int, int, int]
+    grid_dq: tuple[int, int, int]
+    grid_pre: tuple[int, int, int]
+    meta: dict  # constexprs shared by the three kernels
+    fwd: dict  # meta + tiles + launch options, per kernel
+    dkdv: dict
+    dq: dict
+    pre: dict
+    family: str
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(
+    family: str,
+    interp: bool,
+    dtype: torch.dtype,
+    shape: AttnShape,
+    windowed: bool,
+    has_softcap: bool,
+    has_kpm: bool,
+    has_qpm: bool,
+    has_alibi: bool,
+) -> _Plan:
+    block_d = max(16, triton.next_power_of_2(shape.head_dim))  # tl.dot needs K >= 16
+    meta = {
+        "GROUP": shape.hq // shape.hkv,
+        "HEAD_DIM": shape.head_dim,
+        "BLOCK_D": block_d,
+        "EVEN_D": block_d == shape.head_dim,
+        "PACKED": shape.packed,
+        "HAS_KPM": has_kpm,
+        "WINDOWED": windowed,
+        "HAS_SOFTCAP": has_softcap,
+        # tanh.approx.f32 (sm_75+): NVIDIA only, never in the interpreter, and only for 16-bit
+        # inputs; float32 keeps the few-ulp exp2 form.
+        "FAST_TANH": has_softcap and family in ("hopper", "ampere") and dtype != torch.float32,
+        "HAS_ALIBI": has_alibi,
+        # bf16 arithmetic is silently wrong in the interpreter; fp16 and fp32 are exact there.
+        "UPCAST": interp and dtype == torch.bfloat16,
+        "IEEE": dtype == torch.float32,
+    }
+    cfgs = {
+        k: pick_config(family, shape.head_dim, False, dtype=dtype, kernel=k) for k in _KERNEL_INDEX
+    }
+
+    def full(cfg: LaunchConfig, extra: dict) -> dict:
+        return {
+            **meta,
+            **extra,
+            "BLOCK_M": cfg.block_m,
+            "BLOCK_N": cfg.block_n,
+            **cfg.launch_kwargs(),
+        }
+
+    bq, bk = shape.seqlen, shape.kv_len
+    pre_rows = 64 if not interp else 32
+    return _Plan(
+        grid_fwd=(triton.cdiv(bq, cfgs["fwd"].block_m), shape.hq, shape.batch),
+        grid_dkdv=(triton.cdiv(bk, cfgs["dkdv"].block_n), shape.hkv, shape.batch),
+        grid_dq=(triton.cdiv(bq, cfgs["dq"].block_m), shape.hq, shape.batch),
+        grid_pre=(triton.cdiv(bq, pre_rows), shape.hq, shape.batch),
+        meta=meta,
+        fwd=full(cfgs["fwd"], {"HAS_QPM": has_qpm}),
+        dkdv=full(cfgs["dkdv"], {}),
+        dq=full(cfgs["dq"], {}),
+        pre={
+            "HEAD_DIM": shape.head_dim,
+            "BLOCK_D": block_d,
+            "PACKED": shape.packed,
+            "BLOCK_M": pre_rows,
+            "num_warps": 1 if interp else 4,
+        },  # fmt: skip
+        family=family,
+    )
 
 
 def _strides(t: torch.Tensor, packed: bool) -> tuple[int, int, int]:
     """(batch, token, head) element strides; the head dim must be unit-stride."""
+    s = t.stride()
     if packed:
-        return 0, t.stride(0), t.stride(1)
-    return t.stride(0), t.stride(1), t.stride(2)
+        return 0, s[0], s[1]
+    return s[0], s[1], s[2]
 
 
-def _lse_strides(shape: AttnShape, total: int) -> tuple[int, int]:
-    # dense lse [B, Hq, S]; packed lse [Hq, T] (flash-attention's layouts)
+def _lse_strides(shape: AttnShape, total_q: int) -> tuple[int, int]:
+    # dense lse [B, Hq, Sq]; packed lse [Hq, Tq] (flash-attention's layouts)
     if shape.packed:
-        return 0, total
+        return 0, total_q
     return shape.hq * shape.seqlen, shape.seqlen
-
-
-def _common_meta(
-    q: torch.Tensor, shape: AttnShape, window: tuple[int, int], softcap: float, has_kpm: bool
-) -> dict:
-    return {
-        "GROUP": shape.hq // shape.hkv,
-        "HEAD_DIM": shape.head_dim,
-        "BLOCK_D": max(16, triton.next_power_of_2(shape.head_dim)),  # tl.dot needs K >= 16
-        "PACKED": shape.packed,
-        "HAS_KPM": has_kpm,
-        "WINDOWED": window != (-1, -1),
-        "HAS_SOFTCAP": softcap > 0,
-        # bf16 arithmetic is silently wrong in the interpreter; fp16 and fp32 are exact there.
-        "UPCAST": interpreting() and q.dtype == torch.bfloat16,
-        "IEEE": q.dtype == torch.float32,
-    }
 
 
 def _scalars(shape: AttnShape, scale: float, window: tuple[int, int], softcap: float) -> tuple:
     left = window[0] if window[0] >= 0 else UNBOUNDED
     right = window[1] if window[1] >= 0 else UNBOUNDED
     bucket = triton.next_power_of_2(max(shape.seqlen, 1))
-    return (shape.seqlen, float(scale), float(softcap) or 1.0, left, right, bucket)
+    return (shape.seqlen, shape.kv_len, float(scale), float(softcap) or 1.0, left, right, bucket)
 
 
-def _geometry(q: torch.Tensor, k: torch.Tensor, cu_seqlens, max_seqlen: int) -> AttnShape:
-    packed = cu_seqlens is not None
-    if packed:
-        batch, seqlen = cu_seqlens.numel() - 1, int(max_seqlen)
-    else:
-        batch, seqlen = q.shape[0], q.shape[1]
-    return AttnShape(batch, seqlen, q.shape[-2], k.shape[-2], q.shape[-1], packed)
+def _geometry(
+    q: torch.Tensor, k: torch.Tensor, cu_seqlens, max_seqlen: int, cu_seqlens_k, max_seqlen_k
+) -> AttnShape:
+    if cu_seqlens is not None:
+        kv = -1 if max_seqlen_k is None or cu_seqlens_k is None else int(max_seqlen_k)
+        return AttnShape(
+            cu_seqlens.shape[0] - 1, int(max_seqlen), q.shape[1], k.shape[1], q.shape[2], True, kv
+        )
+    b, s, hq, d = q.shape
+    sk = k.shape[1]
+    return AttnShape(b, s, hq, k.shape[2], d, False, -1 if sk == s else sk)
 
 
-def _kpm_arg(kpm: torch.Tensor | None, dummy: torch.Tensor) -> tuple[torch.Tensor, int]:
-    if kpm is None:
-        return dummy, 0
-    kpm = kpm.contiguous().view(torch.uint8)  # bool -> uint8 without a copy
-    return kpm, kpm.stride(0)
+def _aux_args(
+    key_padding_mask: torch.Tensor | None, alibi_slopes: torch.Tensor | None, dummy: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(kpm, alibi, stride_mb, stride_ab); absent tensors are replaced by a never-read dummy."""
+    kpm, stride_mb = dummy, 0
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.contiguous().view(torch.uint8)  # bool -> uint8 without a copy
+        stride_mb = kpm.stride(0)
+    alibi, stride_ab = dummy, 0
+    if alibi_slopes is not None:
+        alibi = alibi_slopes.contiguous()
+        stride_ab = alibi.shape[-1] if alibi.dim() == 2 else 0
+    return kpm, alibi, stride_mb, stride_ab
+
+
+_TILE_KW = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "waves_per_eu")
+
+
+def _run(
+    name: str, grid: tuple, extent: int, axis: str, args: tuple, kw: dict, family: str
+) -> None:
+    """Launch kernel `name` with its fixed config, or through triton.autotune when
+    BIDIRLM_AUTOTUNE=1 (GPU only; the grid then follows the tuned tile along `axis`)."""
+    if autotune_enabled():
+        tuned = _tuned(name, family, kw["HEAD_DIM"])
+        meta = {k: v for k, v in kw.items() if k not in _TILE_KW}
+        tuned[lambda m: (triton.cdiv(extent, m[axis]), *grid[1:])](*args, **meta)
+        return
+    _KERNELS[name][grid](*args, **kw)
 
 
 def attention_forward(
@@ -594,28 +938,43 @@ def attention_forward(
     softmax_scale: float,
     window: tuple[int, int],
     softcap: float,
+    *,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward on validated inputs -> (out like q (contiguous), lse float32)."""
-    shape = _geometry(q, k, cu_seqlens, max_seqlen)
+    """Triton forward on validated inputs -> (out like q (contiguous), lse float32).
+
+    Packed cross-attention takes `cu_seqlens_k` / `max_seqlen_k` for the keys (default: the
+    query ones); dense cross-attention reads Sk from k. A key padding mask also zeroes the padded
+    query rows when Sq == Sk. `alibi_slopes` is float32 `[Hq]` or `[B, Hq]`.
+    """
+    packed = cu_seqlens is not None
+    shape = _geometry(q, k, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    total = q.shape[0] if shape.packed else shape.seqlen
-    lse_shape = (shape.hq, total) if shape.packed else (shape.batch, shape.hq, shape.seqlen)
+    total_q = q.shape[0] if packed else shape.seqlen
+    lse_shape = (shape.hq, total_q) if packed else (shape.batch, shape.hq, shape.seqlen)
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     if q.numel() == 0 or shape.batch == 0 or shape.seqlen == 0:
         return out, lse.fill_(float("-inf"))
-    cu = cu_seqlens if shape.packed else q
-    kpm, stride_mb = _kpm_arg(key_padding_mask, q)
-    meta = _common_meta(q, shape, window, softcap, key_padding_mask is not None)
+    if k.numel() == 0 or shape.kv_len == 0:  # no key anywhere: zeros, lse = -inf
+        return out.zero_(), lse.fill_(float("-inf"))
+    has_kpm = key_padding_mask is not None
+    plan = _plan(
+        arch_family(q.device), interpreting(), q.dtype, shape, window != (-1, -1), softcap > 0,
+        has_kpm, has_kpm and not packed and shape.kv_len == shape.seqlen,
+        alibi_slopes is not None,
+    )  # fmt: skip
+    cu_q = cu_seqlens if packed else q
+    cu_k = cu_seqlens_k if cu_seqlens_k is not None else cu_q
+    kpm, alibi, stride_mb, stride_ab = _aux_args(key_padding_mask, alibi_slopes, q)
     args = (
-        q, k, v, out, lse, cu, kpm,
-        *_strides(q, shape.packed), *_strides(k, shape.packed), *_strides(v, shape.packed),
-        *_strides(out, shape.packed), *_lse_strides(shape, total), stride_mb,
+        q, k, v, out, lse, cu_q, cu_k, kpm, alibi,
+        *_strides(q, packed), *_strides(k, packed), *_strides(v, packed),
+        *_strides(out, packed), *_lse_strides(shape, total_q), stride_mb, stride_ab,
         *_scalars(shape, softmax_scale, window, softcap),
     )  # fmt: skip
-    family = arch_family(q.device)
-    cfg = pick_config(family, shape.head_dim, backward=False)
-    grid_rest = (shape.hq, shape.batch)
-    _launch("_attn_fwd_kernel", "BLOCK_M", shape.seqlen, grid_rest, args, meta, cfg, family)
+    _run("_attn_fwd_kernel", plan.grid_fwd, shape.seqlen, "BLOCK_M", args, plan.fwd, plan.family)
     return out, lse
 
 
@@ -633,34 +992,49 @@ def attention_backward(
     window: tuple[int, int],
     softcap: float,
     deterministic: bool,
+    *,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward -> (dq, dk, dv) shaped like q, k, v; scores are recomputed from lse."""
-    shape = _geometry(q, k, cu_seqlens, max_seqlen)
+    packed = cu_seqlens is not None
+    shape = _geometry(q, k, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    if q.numel() == 0 or shape.batch == 0 or shape.seqlen == 0:
+    if q.numel() == 0 or k.numel() == 0 or shape.batch == 0 or shape.seqlen == 0:
+        return torch.zeros_like(q), dk.zero_(), dv.zero_()
+    if shape.kv_len == 0:
         return torch.zeros_like(q), dk.zero_(), dv.zero_()
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    total = q.shape[0] if shape.packed else shape.seqlen
-    cu = cu_seqlens if shape.packed else q
-    kpm, stride_mb = _kpm_arg(key_padding_mask, q)
-    meta = _common_meta(q, shape, window, softcap, key_padding_mask is not None)
-    family = arch_family(q.device)
-    cfg = pick_config(family, shape.head_dim, backward=True)
+    has_kpm = key_padding_mask is not None
+    plan = _plan(
+        arch_family(q.device), interpreting(), q.dtype, shape, window != (-1, -1), softcap > 0,
+        has_kpm, has_kpm and not packed and shape.kv_len == shape.seqlen,
+        alibi_slopes is not None,
+    )  # fmt: skip
+    total_q = q.shape[0] if packed else shape.seqlen
+    cu_q = cu_seqlens if packed else q
+    cu_k = cu_seqlens_k if cu_seqlens_k is not None else cu_q
+    kpm, alibi, stride_mb, stride_ab = _aux_args(key_padding_mask, alibi_slopes, q)
     scalars = _scalars(shape, softmax_scale, window, softcap)
-    lse_strides = _lse_strides(shape, total)
-    strides_q, strides_k = _strides(q, shape.packed), _strides(k, shape.packed)
-    strides_v, strides_do = _strides(v, shape.packed), _strides(dout, shape.packed)
+    lse_strides = _lse_strides(shape, total_q)
+    strides_q, strides_k = _strides(q, packed), _strides(k, packed)
+    strides_v, strides_do = _strides(v, packed), _strides(dout, packed)
 
     delta = torch.empty_like(lse)
-    pre = LaunchConfig(cfg.block_m, cfg.block_n, 4 if family != "interpreter" else 1, 1)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(shape.seqlen, pre.block_m), shape.hq, shape.batch)](
-        out, dout, delta, cu,
-        *_strides(out, shape.packed), *strides_do, *lse_strides, shape.seqlen,
-        HEAD_DIM=shape.head_dim, BLOCK_D=meta["BLOCK_D"], PACKED=shape.packed,
-        BLOCK_M=pre.block_m, num_warps=pre.num_warps,
-    )  # fmt: skip
+    _attn_bwd_preprocess_kernel[plan.grid_pre](
+        out,
+        dout,
+        delta,
+        cu_q,
+        *_strides(out, packed),
+        *strides_do,
+        *lse_strides,
+        shape.seqlen,
+        **plan.pre,
+    )
 
     # Fast mode: dQ accumulates in fp32 by atomics from every key block (order varies run to
     # run). Deterministic mode: a second kernel sums dQ over key blocks in a fixed order.
@@ -669,32 +1043,40 @@ def attention_backward(
         dq_buf = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     else:
         dq_buf = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    strides_dq = _strides(dq_buf, shape.packed)
+    strides_dq = _strides(dq_buf, packed)
     dkdv_args = (
-        q, k, v, dout, lse, delta, dq_buf, dk, dv, cu, kpm,
+        q, k, v, dout, lse, delta, dq_buf, dk, dv, cu_q, cu_k, kpm, alibi,
         *strides_q, *strides_k, *strides_v, *strides_do, *strides_dq,
-        *_strides(dk, shape.packed), *lse_strides, stride_mb, *scalars,
+        *_strides(dk, packed), *lse_strides, stride_mb, stride_ab, *scalars,
     )  # fmt: skip
-    _launch(
-        "_attn_bwd_dkdv_kernel",
-        "BLOCK_N",
-        shape.seqlen,
-        (shape.hkv, shape.batch),
-        dkdv_args,
-        {**meta, "ATOMIC_DQ": atomic},
-        cfg,
-        family,
+    kw = {**plan.dkdv, "ATOMIC_DQ": atomic}
+    _run(
+        "_attn_bwd_dkdv_kernel", plan.grid_dkdv, shape.kv_len, "BLOCK_N", dkdv_args, kw, plan.family
     )
     if atomic:
         return dq_buf.to(q.dtype), dk, dv
     dq_args = (
-        q, k, v, dout, lse, delta, dq_buf, cu, kpm,
+        q, k, v, dout, lse, delta, dq_buf, cu_q, cu_k, kpm, alibi,
         *strides_q, *strides_k, *strides_v, *strides_do, *strides_dq,
-        *lse_strides, stride_mb, *scalars,
+        *lse_strides, stride_mb, stride_ab, *scalars,
     )  # fmt: skip
-    grid_rest = (shape.hq, shape.batch)
-    _launch("_attn_bwd_dq_kernel", "BLOCK_M", shape.seqlen, grid_rest, dq_args, meta, cfg, family)
+    _run(
+        "_attn_bwd_dq_kernel", plan.grid_dq, shape.seqlen, "BLOCK_M", dq_args, plan.dq, plan.family
+    )
     return dq_buf, dk, dv
 
 
-__all__ = ["LaunchConfig", "CONFIGS", "pick_config", "attention_forward", "attention_backward"]
+_KERNELS = {
+    "_attn_fwd_kernel": _attn_fwd_kernel,
+    "_attn_bwd_dkdv_kernel": _attn_bwd_dkdv_kernel,
+    "_attn_bwd_dq_kernel": _attn_bwd_dq_kernel,
+}
+
+__all__ = [
+    "LaunchConfig",
+    "CONFIGS",
+    "CONFIGS_FP32",
+    "pick_config",
+    "attention_forward",
+    "attention_backward",
+]

@@ -17,23 +17,84 @@ def attention_visibility(
     window_size: tuple[int, int] = (-1, -1),
     key_valid: torch.Tensor | None = None,
     device: torch.device | str | None = None,
+    length_k: int | None = None,
+    query_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Bool `[..., length, length]` mask: key j visible from query i.
+    """Bool `[..., length, length_k]` mask: key j visible from query i.
 
-    Visible iff `(left < 0 or j >= i - left) and (right < 0 or j <= i + right)` and, when
-    `key_valid [..., length]` is given, `key_valid[..., j]`.
+    Query i sits at key position `p = i + length_k - length` (flash-attn's bottom-right
+    alignment; p = i when `length_k` is None or equal). Visible iff
+    `(left < 0 or j >= p - left) and (right < 0 or j <= p + right)`, and, when given,
+    `key_valid[..., j]` and `query_valid[..., i]` (`[..., length_k]` / `[..., length]`).
     """
     left, right = window_size
-    i = torch.arange(length, device=device)[:, None]
-    j = torch.arange(length, device=device)[None, :]
-    visible = torch.ones(length, length, dtype=torch.bool, device=device)
+    length_k = length if length_k is None else length_k
+    i = torch.arange(length, device=device)[:, None] + (length_k - length)
+    j = torch.arange(length_k, device=device)[None, :]
+    visible = torch.ones(length, length_k, dtype=torch.bool, device=device)
     if left >= 0:
         visible &= j >= i - left
     if right >= 0:
         visible &= j <= i + right
     if key_valid is not None:
         visible = visible & key_valid[..., None, :].bool()
+    if query_valid is not None:
+        visible = visible & query_valid[..., :, None].bool()
     return visible
+
+
+def _alibi_bias(
+    slopes: torch.Tensor, length: int, length_k: int, dtype: torch.dtype, device
+) -> torch.Tensor:
+    """`-slope * |i + length_k - length - j|` as `[B or 1, Hq, length, length_k]`."""
+    i = torch.arange(length, device=device)[:, None] + (length_k - length)
+    j = torch.arange(length_k, device=device)[None, :]
+    dist = (i - j).abs().to(dtype)
+    slopes = slopes.to(dtype)
+    if slopes.dim() == 1:
+        slopes = slopes[None]
+    return -slopes[:, :, None, None] * dist
+
+
+def _attention_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    query_valid: torch.Tensor | None,
+    softmax_scale: float,
+    window_size: tuple[int, int],
+    softcap: float,
+    alibi_slopes: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(probs `[B, Hq, Sq, Sk]`, lse `[B, Hq, Sq]`, tanh of the softcap or None, kh) of
+    q `[B, Sq, Hq, D]`, k `[B, Sk, Hkv, D]`, in q's dtype."""
+    batch, seqlen, hq, _ = q.shape
+    seqlen_k = k.shape[1]
+    group = hq // k.shape[2]
+    # [B, H, S, D]; repeat_interleave maps q head h to kv head h // group, as in the kernels.
+    qh = q.transpose(1, 2)
+    kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
+    scores = (qh @ kh.transpose(-1, -2)) * softmax_scale
+    tanh = None
+    if softcap > 0:
+        tanh = torch.tanh(scores / softcap)
+        scores = softcap * tanh
+    if alibi_slopes is not None:
+        scores = scores + _alibi_bias(alibi_slopes, seqlen, seqlen_k, scores.dtype, q.device)
+    kv = key_valid[:, None, :] if key_valid is not None else None  # [B, 1, Sk] -> [B, 1, Sq, Sk]
+    qv = query_valid[:, None, :] if query_valid is not None else None
+    visible = attention_visibility(seqlen, window_size, kv, q.device, seqlen_k, qv)
+    if visible.dim() == 2:
+        visible = visible[None, None]
+    row_has_key = visible.any(dim=-1, keepdim=True)  # [B or 1, 1, Sq, 1]
+    # Rows without any visible key get zeros (not NaN): softmax over a dummy all-zero row, then
+    # multiply by 0, so neither the forward nor the backward ever sees exp(-inf - -inf).
+    scores = scores.masked_fill(~visible, float("-inf"))
+    scores = torch.where(row_has_key, scores, torch.zeros((), dtype=scores.dtype, device=q.device))
+    probs = torch.softmax(scores, dim=-1) * row_has_key
+    lse = torch.logsumexp(scores, dim=-1)
+    lse = lse.masked_fill(~row_has_key[..., 0], float("-inf"))
+    return probs, lse.expand(batch, hq, seqlen), tanh, kh
 
 
 def _attention_dense_reference(
@@ -44,32 +105,30 @@ def _attention_dense_reference(
     softmax_scale: float,
     window_size: tuple[int, int],
     softcap: float,
+    query_valid: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q `[B, S, Hq, D]`, k/v `[B, S, Hkv, D]`, key_valid `[B, S]` -> (out `[B, S, Hq, D]`,
-    lse `[B, Hq, S]`), computed in q's dtype (callers upcast)."""
-    batch, seqlen, hq, _ = q.shape
-    group = hq // k.shape[2]
-    # [B, H, S, D]; repeat_interleave maps q head h to kv head h // group, as in the kernels.
-    qh = q.transpose(1, 2)
-    kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
-    vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
-    scores = (qh @ kh.transpose(-1, -2)) * softmax_scale
-    if softcap > 0:
-        scores = softcap * torch.tanh(scores / softcap)
-    kv = key_valid[:, None, :] if key_valid is not None else None  # [B, 1, S] -> [B, 1, S, S]
-    visible = attention_visibility(seqlen, window_size, kv, device=q.device)
-    if visible.dim() == 2:
-        visible = visible[None, None]
-    row_has_key = visible.any(dim=-1, keepdim=True)  # [B or 1, 1, S, 1]
-    # Rows without any visible key get zeros (not NaN): softmax over a dummy all-zero row, then
-    # multiply by 0, so neither the forward nor the backward ever sees exp(-inf - -inf).
-    scores = scores.masked_fill(~visible, float("-inf"))
-    scores = torch.where(row_has_key, scores, torch.zeros((), dtype=scores.dtype, device=q.device))
-    probs = torch.softmax(scores, dim=-1) * row_has_key
-    lse = torch.logsumexp(scores, dim=-1)
-    lse = lse.masked_fill(~row_has_key[..., 0], float("-inf"))
-    out = (probs @ vh).transpose(1, 2)
-    return out, lse.expand(batch, hq, seqlen)
+    """q `[B, Sq, Hq, D]`, k/v `[B, Sk, Hkv, D]`, key_valid `[B, Sk]`, query_valid `[B, Sq]` ->
+    (out `[B, Sq, Hq, D]`, lse `[B, Hq, Sq]`), computed in q's dtype (callers upcast)."""
+    probs, lse, _, _ = _attention_probs(
+        q, k, key_valid, query_valid, softmax_scale, window_size, softcap, alibi_slopes
+    )
+    vh = v.transpose(1, 2).repeat_interleave(q.shape[2] // k.shape[2], dim=1)
+    return (probs @ vh).transpose(1, 2), lse
+
+
+def _sequences(cu_seqlens: torch.Tensor, cu_seqlens_k: torch.Tensor | None):
+    """(n, q slice, k slice) per packed sequence."""
+    bounds = cu_seqlens.tolist()
+    bounds_k = bounds if cu_seqlens_k is None else cu_seqlens_k.tolist()
+    for n, (a, b, c, d) in enumerate(zip(bounds[:-1], bounds[1:], bounds_k[:-1], bounds_k[1:])):
+        yield n, slice(a, b), slice(c, d)
+
+
+def _slopes_of(alibi_slopes: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    if alibi_slopes is None or alibi_slopes.dim() == 1:
+        return alibi_slopes
+    return alibi_slopes[n : n + 1]
 
 
 def attention_reference(
@@ -84,43 +143,45 @@ def attention_reference(
     softcap: float = 0.0,
     return_lse: bool = False,
     compute_dtype: torch.dtype | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch attention with the semantics of `flash_attn_func` / `flash_attn_varlen_func`.
 
-    Dense: q `[B, S, Hq, D]`, k/v `[B, S, Hkv, D]`, optional `key_padding_mask [B, S]` (True =
-    real token); lse `[B, Hq, S]`. Packed (`cu_seqlens [N+1]` given): q `[T, Hq, D]`, k/v
-    `[T, Hkv, D]`; lse `[Hq, T]`. Equals `softmax(cap(q @ k.T * scale) + mask) @ v` per sequence
-    and head, with kv head `h // (Hq // Hkv)`; a query with no visible key gives zeros and
-    lse = -inf. Low-precision inputs are computed in float32 and cast back (float64 stays
-    float64) unless `compute_dtype` says otherwise (tests pass q.dtype to measure PyTorch's own
-    low-precision error). Differentiable through plain torch ops; packed input is processed one
-    sequence at a time so memory stays O(max_len^2) per head.
+    Dense: q `[B, Sq, Hq, D]`, k/v `[B, Sk, Hkv, D]`, optional `key_padding_mask [B, Sk]` (True =
+    real token; when Sq == Sk it also marks the real queries: padded query rows output zeros);
+    lse `[B, Hq, Sq]`. Packed (`cu_seqlens [N+1]` given, `cu_seqlens_k` for the keys when they
+    differ): q `[Tq, Hq, D]`, k/v `[Tk, Hkv, D]`; lse `[Hq, Tq]`. Equals
+    `softmax(cap(q @ k.T * scale) + alibi + mask) @ v` per sequence and head, with kv head
+    `h // (Hq // Hkv)`, queries aligned bottom-right on keys (query i at key position
+    `i + Sk - Sq`) and ALiBi `-slope[h] * |i + Sk - Sq - j|` (`alibi_slopes [Hq]` or `[B, Hq]`);
+    a query with no visible key gives zeros and lse = -inf. Low-precision inputs are computed in
+    float32 and cast back (float64 stays float64) unless `compute_dtype` says otherwise (tests
+    pass q.dtype to measure PyTorch's own low-precision error). Differentiable through plain
+    torch ops; packed input is processed one sequence at a time so memory stays O(max_len^2)
+    per head.
     """
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     compute = compute_dtype or torch.promote_types(q.dtype, torch.float32)
     qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+    window = tuple(window_size)
     if cu_seqlens is None:
         valid = key_padding_mask.bool() if key_padding_mask is not None else None
+        query_valid = valid if valid is not None and q.shape[1] == k.shape[1] else None
         out, lse = _attention_dense_reference(
-            qc, kc, vc, valid, softmax_scale, tuple(window_size), softcap
+            qc, kc, vc, valid, softmax_scale, window, softcap, query_valid, alibi_slopes
         )
         out, lse = out.to(q.dtype), lse.float()
     else:
-        bounds = cu_seqlens.tolist()
         outs, lses = [], []
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            if end == start:
+        for n, sq, sk in _sequences(cu_seqlens, cu_seqlens_k):
+            if sq.stop == sq.start:
                 continue
             o, lse_i = _attention_dense_reference(
-                qc[None, start:end],
-                kc[None, start:end],
-                vc[None, start:end],
-                None,
-                softmax_scale,
-                tuple(window_size),
-                softcap,
-            )
+                qc[None, sq], kc[None, sk], vc[None, sk], None, softmax_scale, window, softcap,
+                None, _slopes_of(alibi_slopes, n),
+            )  # fmt: skip
             outs.append(o[0])
             lses.append(lse_i[0])
         if outs:
@@ -141,28 +202,18 @@ def _attention_dense_reference_backward(
     softmax_scale: float,
     window_size: tuple[int, int],
     softcap: float,
+    query_valid: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Analytic gradients of `_attention_dense_reference` (same shapes and dtype rules)."""
-    batch, seqlen, hq, dim = q.shape
-    hkv = k.shape[2]
-    group = hq // hkv
+    batch, seqlen_k, hkv, dim = k.shape
+    group = q.shape[2] // hkv
+    probs, _, tanh, kh = _attention_probs(
+        q, k, key_valid, query_valid, softmax_scale, window_size, softcap, alibi_slopes
+    )
     qh = q.transpose(1, 2)
-    kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
     vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
     doh = dout.transpose(1, 2)
-    scores = (qh @ kh.transpose(-1, -2)) * softmax_scale
-    tanh = None
-    if softcap > 0:
-        tanh = torch.tanh(scores / softcap)
-        scores = softcap * tanh
-    kv = key_valid[:, None, :] if key_valid is not None else None
-    visible = attention_visibility(seqlen, window_size, kv, device=q.device)
-    if visible.dim() == 2:
-        visible = visible[None, None]
-    row_has_key = visible.any(dim=-1, keepdim=True)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    scores = torch.where(row_has_key, scores, torch.zeros((), dtype=scores.dtype, device=q.device))
-    probs = torch.softmax(scores, dim=-1) * row_has_key
     dprobs = doh @ vh.transpose(-1, -2)
     # softmax Jacobian: dS = P * (dP - rowsum(P * dP)); rowsum(P * dP) = rowsum(dO * O).
     dscores = probs * (dprobs - (probs * dprobs).sum(dim=-1, keepdim=True))
@@ -171,8 +222,8 @@ def _attention_dense_reference_backward(
     dscores = dscores * softmax_scale
     dq = (dscores @ kh).transpose(1, 2)
     # GQA: the q heads of a group share one kv head, so their dK/dV contributions add up.
-    dk = (dscores.transpose(-1, -2) @ qh).view(batch, hkv, group, seqlen, dim).sum(2)
-    dv = (probs.transpose(-1, -2) @ doh).view(batch, hkv, group, seqlen, dim).sum(2)
+    dk = (dscores.transpose(-1, -2) @ qh).view(batch, hkv, group, seqlen_k, dim).sum(2)
+    dv = (probs.transpose(-1, -2) @ doh).view(batch, hkv, group, seqlen_k, dim).sum(2)
     return dq, dk.transpose(1, 2), dv.transpose(1, 2)
 
 
@@ -187,6 +238,8 @@ def attention_reference_backward(
     softmax_scale: float | None = None,
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
+    cu_seqlens_k: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of `attention_reference` for the output gradient `dout` (shaped like q).
 
@@ -200,24 +253,21 @@ def attention_reference_backward(
     window = tuple(window_size)
     if cu_seqlens is None:
         valid = key_padding_mask.bool() if key_padding_mask is not None else None
+        query_valid = valid if valid is not None and q.shape[1] == k.shape[1] else None
         grads = _attention_dense_reference_backward(
-            dc, qc, kc, vc, valid, softmax_scale, window, softcap
+            dc, qc, kc, vc, valid, softmax_scale, window, softcap, query_valid, alibi_slopes
         )
     else:
         grads = tuple(torch.zeros_like(t) for t in (qc, kc, vc))
-        bounds = cu_seqlens.tolist()
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            if end == start:
+        for n, sq, sk in _sequences(cu_seqlens, cu_seqlens_k):
+            if sq.stop == sq.start or sk.stop == sk.start:
                 continue
             parts = _attention_dense_reference_backward(
-                *(t[None, start:end] for t in (dc, qc, kc, vc)),
-                None,
-                softmax_scale,
-                window,
-                softcap,
-            )
-            for full, part in zip(grads, parts):
-                full[start:end] = part[0]
+                dc[None, sq], qc[None, sq], kc[None, sk], vc[None, sk], None, softmax_scale,
+                window, softcap, None, _slopes_of(alibi_slopes, n),
+            )  # fmt: skip
+            for full, part, rows in zip(grads, parts, (sq, sk, sk)):
+                full[rows] = part[0]
     return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v)))
 
 
@@ -307,9 +357,16 @@ def _mntp_rows_loss(
     bias: torch.Tensor | None,
     y: torch.Tensor,
     softcap: float | None,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
 ) -> torch.Tensor:
     logits, _ = _mntp_chunk_logits(h, weight, bias, softcap)
-    return torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    loss = torch.nn.functional.cross_entropy(
+        logits, y, reduction="none", label_smoothing=label_smoothing
+    )
+    if lse_square_scale:
+        loss = loss + lse_square_scale * torch.logsumexp(logits, dim=-1) ** 2
+    return loss
 
 
 def mntp_loss_reference(
@@ -321,14 +378,18 @@ def mntp_loss_reference(
     ignore_index: int = -100,
     softcap: float | None = None,
     reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
     chunk_rows: int = MNTP_CHUNK_ROWS,
 ) -> torch.Tensor:
     """Differentiable `F.cross_entropy(softcap(hidden @ weight.T + bias).float(), labels, ...)`.
 
-    `hidden [..., d]`, `weight [V, d]`, `labels [...]`. Only labelled rows are computed,
-    `chunk_rows` at a time, each chunk under activation checkpointing when gradients are needed, so
-    at most a `[chunk_rows, V]` logits block is alive in the forward and in the backward. `mean`
-    over zero labelled rows is 0.0 (torch: NaN). The loss is float32 (float64 for float64 inputs).
+    `hidden [..., d]`, `weight [V, d]`, `labels [...]`. Per labelled row: the cross-entropy with
+    torch's `label_smoothing`, plus `lse_square_scale * logsumexp(logits) ** 2` (z-loss). Only
+    labelled rows are computed, `chunk_rows` at a time, each chunk under activation checkpointing
+    when gradients are needed, so at most a `[chunk_rows, V]` logits block is alive in the forward
+    and in the backward. `mean` over zero labelled rows is 0.0 (torch: NaN). The loss is float32
+    (float64 for float64 inputs).
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -343,7 +404,8 @@ def mntp_loss_reference(
     parts = []
     for start in range(0, idx.numel(), chunk_rows):
         sel = idx[start : start + chunk_rows]
-        args = (h.index_select(0, sel), weight, bias, y.index_select(0, sel), softcap)
+        args = (h.index_select(0, sel), weight, bias, y.index_select(0, sel), softcap,
+                label_smoothing, lse_square_scale)  # fmt: skip
         if needs_grad:
             parts.append(checkpoint(_mntp_rows_loss, *args, use_reentrant=False))
         else:
@@ -368,25 +430,34 @@ def mntp_loss_reference_forward(
     *,
     ignore_index: int = -100,
     softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    with_accuracy: bool = False,
     chunk_rows: int = MNTP_CHUNK_ROWS,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """No-autograd forward of the MNTP loss on `hidden [N, d]`, `labels [N]`.
 
-    Returns (loss [N], lse [N]) in float32 (float64 for float64 inputs), 0 at ignored rows.
-    The torch path of `bidirlm::mntp_loss_fwd`; pairs with `mntp_loss_reference_backward`.
+    Returns (loss [N], lse [N], correct [N] or [0]) in float32 (float64 for float64 inputs), 0 at
+    ignored rows; `loss` is the (label-smoothed) cross-entropy, `correct` is 1.0 where
+    `argmax(logits) == label` (only with `with_accuracy`). The torch path of
+    `bidirlm::mntp_loss_fwd`; pairs with `mntp_loss_reference_backward`.
     """
     acc = torch.promote_types(hidden.dtype, torch.float32)
     loss = hidden.new_zeros(hidden.shape[0], dtype=acc)
     lse = hidden.new_zeros(hidden.shape[0], dtype=acc)
+    correct = hidden.new_zeros(hidden.shape[0] if with_accuracy else 0, dtype=acc)
     idx = (labels != ignore_index).nonzero().squeeze(1)
     for start in range(0, idx.numel(), chunk_rows):
         sel = idx[start : start + chunk_rows]
         logits, _ = _mntp_chunk_logits(hidden.index_select(0, sel), weight, bias, softcap)
+        y = labels.index_select(0, sel).long()
         row_lse = torch.logsumexp(logits, dim=-1)
-        target = logits.gather(1, labels.index_select(0, sel).long()[:, None]).squeeze(1)
+        target = logits.gather(1, y[:, None]).squeeze(1)
         lse[sel] = row_lse
-        loss[sel] = row_lse - target
-    return loss, lse
+        eps = label_smoothing
+        loss[sel] = row_lse - (1 - eps) * target - eps * logits.mean(dim=-1)
+        if with_accuracy:
+            correct[sel] = (logits.argmax(dim=-1) == y).to(acc)
+    return loss, lse, correct
 
 
 def mntp_loss_reference_backward(
@@ -402,12 +473,16 @@ def mntp_loss_reference_backward(
     chunk_rows: int = MNTP_CHUNK_ROWS,
     need_dh: bool = True,
     need_dw: bool = True,
+    label_smoothing: float = 0.0,
+    grad_lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """No-autograd backward: (dhidden [N, d], dweight [V, d], dbias [V]).
 
-    `grad [N]` is d(loss)/d(per-row loss). dweight and dbias accumulate in float32 over chunks
-    (`addmm_` into a float32 buffer: no `[V, d]` temporary per chunk), then cast. Gradients not
-    needed (need_dh; need_dw covers weight and bias) or absent (no bias) are None.
+    `grad [N]` is d(loss)/d(per-row loss), `grad_lse [N]` d(loss)/d(per-row lse) (None = 0):
+    `dlogits = (grad + grad_lse) * softmax - grad * ((1 - eps) onehot + eps / V)`. dweight and
+    dbias accumulate in float32 over chunks (`addmm_` into a float32 buffer: no `[V, d]`
+    temporary per chunk), then cast. Gradients not needed (need_dh; need_dw covers weight and
+    bias) or absent (no bias) are None.
     """
     acc = torch.promote_types(hidden.dtype, torch.float32)
     dev = weight.device
@@ -418,14 +493,19 @@ def mntp_loss_reference_backward(
         if bias is not None and need_dw
         else None
     )
+    vocab = weight.shape[0]
     idx = (labels != ignore_index).nonzero().squeeze(1)
     for start in range(0, idx.numel(), chunk_rows):
         sel = idx[start : start + chunk_rows]
         h = hidden.index_select(0, sel)
         logits, t = _mntp_chunk_logits(h, weight, bias, softcap)
-        dz = torch.exp(logits - lse.index_select(0, sel).to(acc)[:, None])
-        dz[torch.arange(sel.numel(), device=dz.device), labels.index_select(0, sel).long()] -= 1
-        dz *= grad.index_select(0, sel).to(acc)[:, None]
+        g = grad.index_select(0, sel).to(acc)[:, None]
+        coef = g if grad_lse is None else g + grad_lse.index_select(0, sel).to(acc)[:, None]
+        dz = torch.exp(logits - lse.index_select(0, sel).to(acc)[:, None]) * coef
+        if label_smoothing:
+            dz -= g * (label_smoothing / vocab)
+        rows = torch.arange(sel.numel(), device=dz.device)
+        dz[rows, labels.index_select(0, sel).long()] -= g[:, 0] * (1 - label_smoothing)
         if t is not None:
             dz *= 1 - t * t
         if dh is not None:
