@@ -163,7 +163,8 @@ def test_softcap_tanh_is_accurate() -> None:
 def test_deterministic_and_chunked_scratch(
     device: torch.device, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Bitwise reproducible; splitting the launches to bound the float32 scratch changes nothing."""
+    """Bitwise reproducible; the two-pass chunked backward (a tiny scratch budget: 128 x 128
+    chunks, 3 row chunks x 3 vocabulary chunks) agrees with the one-row-chunk backward."""
     h, w, b, y = _inputs(device, torch.float32, labelled=1.0, bias=True, d=40, vocab=300)
 
     def grads() -> list[torch.Tensor]:
@@ -173,15 +174,32 @@ def test_deterministic_and_chunked_scratch(
         ]
 
     first = grads()
-    if device.type == "cuda":
-        assert all(torch.equal(a, b_) for a, b_ in zip(first, grads())), "not reproducible"
-    # a 1-byte budget forces 256-row / 256-entry chunks: 2 dH launches (257 rows), 2 dW (V=300)
+    assert all(torch.equal(a, b_) for a, b_ in zip(first, grads())), "not reproducible"
+    if device.type == "cpu":
+        rc, vc = mntp_triton._chunk_sizes(ROWS, 300, 40, 4, True, True, device)
+        assert rc >= ROWS, "the default budget takes all rows in one chunk"
     monkeypatch.setattr(mntp_triton, "_SCRATCH_BYTES", 1)
-    monkeypatch.setattr(mntp_triton, "_sm_count", lambda device: 1)
-    assert mntp_triton._chunk(ROWS, 40, device) == 256
+    rc, vc = mntp_triton._chunk_sizes(ROWS, 300, 40, 4, True, True, device)
+    assert rc < ROWS and vc < 300, "the tiny budget must split rows and vocabulary"
     chunked = grads()
+    assert all(torch.equal(a, b_) for a, b_ in zip(chunked, grads())), "not reproducible"
     for name, a, b_ in zip(("loss", "dhidden", "dweight", "dbias"), first, chunked):
-        assert torch.equal(a, b_), f"{name} changed with chunked launches"
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-7, msg=f"{name} changed")
+
+
+def test_chunk_memory_at_the_target_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backward's working memory at V = 151,936, 32k tokens (any labelled fraction), bf16,
+    on H100/H200 tiles: the dlogits chunk + one float32 partial <= 48 MB < the 64 MB target."""
+    monkeypatch.setattr(mntp_triton, "arch_family", lambda device: "hopper")
+    dev = torch.device("cpu")
+    for d in (1024, 2048):
+        rc, vc = mntp_triton._chunk_sizes(32768, 151936, d, 2, True, True, dev)
+        working = rc * vc * 2 + max(rc, vc) * d * 4 + vc * 4
+        assert working <= 48 * 2**20 + vc * 4, (d, rc, vc, working)
+        assert rc >= 2048 and vc >= 2048, "chunks large enough for efficient GEMMs"
+    # few rows: one row chunk, each dlogits chunk feeds both GEMMs (8 n V d FLOPs)
+    rc, vc = mntp_triton._chunk_sizes(2048, 151936, 1024, 2, True, True, dev)
+    assert rc >= 2048 and vc >= 1024
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -280,9 +298,13 @@ def _largest_allocation(fn) -> int:  # noqa: ANN001
     )
 
 
-def test_never_allocates_rows_by_vocab(device: torch.device) -> None:
-    # d = 32 keeps [V, d] (weight, its gradient, the scratch) far below rows x V
-    h, w, b, y = _inputs(device, torch.float32, d=32, labelled=0.5, bias=True)
+def test_never_allocates_rows_by_vocab(
+    device: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # d = 16 keeps [V, d] (weight, its gradient) far below rows x V; a 64 KB scratch budget makes
+    # the dlogits chunk (the backward's largest buffer) 128 x 128 at these toy sizes
+    monkeypatch.setattr(mntp_triton, "_SCRATCH_BYTES", 2**16)
+    h, w, b, y = _inputs(device, torch.float32, d=16, labelled=0.5, bias=True)
     rows_by_v = ROWS * V * 4
     naive = _largest_allocation(lambda: _torch_formula(h, w, y, b, None, "mean").backward())
     assert naive >= rows_by_v, "the detector must see the unfused [rows, V] logits"
@@ -309,26 +331,23 @@ def test_frozen_inputs_skip_their_gradients(device: torch.device) -> None:
     assert [g.numel() for g in grads] == [0, w.numel(), 0]
 
 
-def test_launch_configs_fit_the_scratch_chunks() -> None:
-    """Every fixed and autotune tile divides the chunk alignment: a launch's programs never index
-    past its `[chunk, d]` float32 scratch. tl.dot needs every dimension >= 16."""
-    fixed = [
-        (c.block_m, c.block_v, c.block_k, c.block_d or 16)
-        for table in mntp_triton._CONFIGS.values()
-        for c in table.values()
-    ]
-    tuned = [
-        tuple(cfg.kwargs.get(k, 16) for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K", "BLOCK_D"))
-        for kernel in ("fwd", "dh", "dw")
-        for cfg in mntp_triton._autotune_configs(kernel)
-    ]
-    assert len(mntp_triton._CONFIGS) == 6 and tuned
-    for bm, bv, bk, bd in fixed + tuned:
-        assert mntp_triton._CHUNK_ALIGN % bm == 0 and mntp_triton._CHUNK_ALIGN % bv == 0
-        for size in (bm, bv, bk, bd):
-            assert size >= 16 and size & (size - 1) == 0
-    amd = mntp_triton._CONFIGS["cdna"]["fwd"]
-    assert amd.num_stages == 1 and amd.num_warps <= 8
+def test_launch_configs_fit_the_chunks() -> None:
+    """Every fixed and autotune tile divides its family's chunk alignment (a launch never indexes
+    past the `[Rc, Vc]` dlogits buffer); tl.dot needs every dimension >= 16; AMD: one stage."""
+    families = mntp_triton._CONFIGS
+    assert set(families) == {"hopper", "ampere", "nvidia", "cdna", "amd", "interpreter"}
+    for fam in families.values():
+        assert fam.max_chunk % fam.align == 0
+        for cfg in (fam.fwd, fam.gemm):
+            assert fam.align % cfg.block_m == 0
+            for size in (cfg.block_m, cfg.block_n, cfg.block_k):
+                assert size >= 16 and size & (size - 1) == 0
+        assert fam.align % fam.fwd.block_n == 0
+    for cfg in mntp_triton._autotune_configs():
+        assert 256 % cfg.kwargs["BLOCK_M"] == 0 and 256 % cfg.kwargs["BLOCK_V"] == 0
+    for name in ("cdna", "amd"):
+        for cfg in (families[name].fwd, families[name].gemm):
+            assert cfg.num_stages == 1 and cfg.num_warps <= 8
 
 
 def test_compile_fullgraph(device: torch.device) -> None:

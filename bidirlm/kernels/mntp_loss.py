@@ -2,8 +2,10 @@
 
 `mntp_loss(hidden, weight, labels)` computes
 
-    F.cross_entropy(softcap(hidden @ weight.T + bias).float(), labels,
-                    ignore_index=ignore_index, reduction=reduction)
+    z = softcap(hidden @ weight.T + bias).float()                      # [rows, V], never built
+    F.cross_entropy(z, labels, ignore_index=ignore_index, reduction=reduction,
+                    label_smoothing=label_smoothing)
+      + lse_square_scale * reduce(torch.logsumexp(z, -1) ** 2 over labelled rows)
 
 with `hidden [..., d]`, `weight [V, d]`, `bias [V]`, `labels [...]` (the shape of `hidden[..., 0]`)
 and `softcap(x) = softcap * tanh(x / softcap)` (Gemma2 style; off when None). Masked next-token
@@ -11,18 +13,20 @@ prediction labels only 20-40% of positions, so the labelled rows are compacted f
 partition of row indices, kept on the device: no host sync) and the kernels read hidden rows
 through that index: ignored rows cost nothing, and no copy of the hidden states is made.
 
-Kernels (all tile rows x vocabulary; logits exist only as one register tile at a time):
-- forward: per row block, sweep the vocabulary with an online log-sum-exp and pick the target
-  logit in the same pass; stores the per-row loss and float32 lse.
-- backward dH: per row block, sweep the vocabulary again, recompute each logits tile and
-  `dlogits = grad * (softmax - onehot) * softcap'`, accumulate `dlogits @ W` in float32.
-- backward dW (and dBias): per vocabulary tile, sweep the labelled rows, accumulate
-  `dlogits^T @ H` in float32.
-Every gradient is owned by exactly one program, so the backward is deterministic (no atomics) and
-exact (no tile is skipped). The float32 accumulators live in one scratch buffer of bounded size
-(`_SCRATCH_BYTES`, launches are chunked to fit), then are cast to the parameter dtype. The price
-of determinism is recomputing the logits twice in the backward: 10 * rows * V * d FLOPs in all
-versus 6 for an unfused matmul + cross-entropy.
+Kernels (`mntp_loss_triton.py`; logits exist only as register tiles and one bounded chunk):
+- forward: a (labelled-row blocks x vocabulary splits) grid, each program an online log-sum-exp
+  over its split (plus the target logit, the sum of logits for label smoothing, the max and
+  first argmax for token accuracy); a second launch merges the splits exactly. Few labelled rows
+  still fill the GPU. 2 n V d FLOPs.
+- backward: per chunk of `Rc` labelled slots x `Vc` vocabulary entries, one kernel writes the
+  chunk's dlogits (input dtype) and two GEMM kernels with float32 accumulators on chip turn it
+  into dH (`dz @ W`) and dW (`dz.T @ H`); a float32 partial of one chunk is read and written once
+  per chunk, never inside a K loop. When all rows fit one row chunk each dlogits chunk feeds both
+  GEMMs (8 n V d FLOPs in all, as Cut Cross-Entropy); otherwise a dW pass (vocabulary-major) and
+  a dH pass (row-major) recompute it (10 n V d), which keeps the working memory bounded by
+  `_SCRATCH_BYTES` (48 MB): see `_chunk_sizes`.
+Every gradient element has one owner, so the results are deterministic (no atomics), and dW is
+accumulated in float32 over all labelled rows before its one cast.
 
 Layers: `@triton.jit` kernels -> launchers `_triton_forward`/`_triton_backward` (config, grid; both
 in `mntp_loss_triton.py`, imported only when Triton runs, so importing this module is cheap) ->
@@ -35,7 +39,7 @@ says "torch", the chunked reference in `kernels/reference.py`, so both paths com
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -53,6 +57,10 @@ class MNTPParams:
     ignore_index: int = -100
     softcap: Optional[float] = None
     reduction: str = "mean"
+    label_smoothing: float = 0.0
+    lse_square_scale: float = 0.0
+    return_z_loss: bool = False
+    return_token_accuracy: bool = False
 
     def __post_init__(self) -> None:
         if self.reduction not in REDUCTIONS:
@@ -63,6 +71,33 @@ class MNTPParams:
             raise ValueError(f"softcap must be None or > 0, got {self.softcap!r}")
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise ValueError(f"ignore_index must be an int, got {self.ignore_index!r}")
+        for name in ("label_smoothing", "lse_square_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a float, got {value!r}")
+        if not 0.0 <= self.label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing!r}")
+        if not (self.lse_square_scale >= 0.0 and self.lse_square_scale < float("inf")):
+            raise ValueError(
+                f"lse_square_scale must be a finite float >= 0, got {self.lse_square_scale!r}"
+            )
+        for name in ("return_z_loss", "return_token_accuracy"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+
+class MNTPOutput(NamedTuple):
+    """`mntp_loss(..., return_z_loss=True or return_token_accuracy=True)` returns this.
+
+    `loss` includes the z-loss; `z_loss` (None unless asked) is reduced like the loss;
+    `token_accuracy` (None unless asked) is the fraction of labelled rows whose first argmax
+    logit is the label (`"none"`: per row, 0.0 at ignored rows). Neither carries a gradient of
+    its own beyond `z_loss`'s.
+    """
+
+    loss: torch.Tensor
+    z_loss: Optional[torch.Tensor] = None
+    token_accuracy: Optional[torch.Tensor] = None
 
 
 # --- custom ops (torch.library) and autograd -----------------------------------------------------
@@ -93,23 +128,34 @@ def _mntp_loss_fwd(
     labels: torch.Tensor,
     ignore_index: int,
     softcap: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss [N], lse [N]) of `hidden [N, d]`, 0 at ignored rows; softcap 0.0 = off."""
+    label_smoothing: float = 0.0,
+    with_accuracy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss [N], lse [N], correct [N] or [0]) of `hidden [N, d]`, 0 at ignored rows; softcap
+    0.0 = off. `correct` (1.0 where the first argmax is the label) only with `with_accuracy`."""
     _check_label_range(labels, weight.shape[0], ignore_index)
     if use_triton(hidden):
         from .mntp_loss_triton import _triton_forward
 
-        return _triton_forward(hidden, weight, bias, labels, ignore_index, softcap)
+        return _triton_forward(
+            hidden, weight, bias, labels, ignore_index, softcap, label_smoothing, with_accuracy
+        )
     return reference.mntp_loss_reference_forward(
-        hidden, weight, bias, labels, ignore_index=ignore_index, softcap=softcap or None
-    )
+        hidden, weight, bias, labels, ignore_index=ignore_index, softcap=softcap or None,
+        label_smoothing=label_smoothing, with_accuracy=with_accuracy,
+    )  # fmt: skip
 
 
 @_mntp_loss_fwd.register_fake
-def _(hidden, weight, bias, labels, ignore_index, softcap):  # noqa: ANN001, ANN202
+def _(  # noqa: ANN202
+    hidden, weight, bias, labels, ignore_index, softcap, label_smoothing=0.0, with_accuracy=False
+):  # noqa: ANN001
     dtype = torch.promote_types(hidden.dtype, torch.float32)
-    return hidden.new_empty(hidden.shape[0], dtype=dtype), hidden.new_empty(
-        hidden.shape[0], dtype=dtype
+    n = hidden.shape[0]
+    return (
+        hidden.new_empty(n, dtype=dtype),
+        hidden.new_empty(n, dtype=dtype),
+        hidden.new_empty(n if with_accuracy else 0, dtype=dtype),
     )
 
 
@@ -125,19 +171,24 @@ def _mntp_loss_bwd(
     softcap: float,
     need_dh: bool,
     need_dw: bool,
+    label_smoothing: float = 0.0,
+    grad_lse: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dhidden [N, d], dweight [V, d], dbias [V]); an empty tensor for each one not needed
-    (need_dh; need_dw covers weight and bias) or absent (bias None)."""
+    """(dhidden [N, d], dweight [V, d], dbias [V]) for the per-row gradients of the loss (`grad`)
+    and of the lse (`grad_lse`, None = 0); an empty tensor for each one not needed (need_dh;
+    need_dw covers weight and bias) or absent (bias None)."""
     if use_triton(hidden):
         from .mntp_loss_triton import _triton_backward
 
         dh, dw, db = _triton_backward(
-            grad, hidden, weight, bias, labels, lse, ignore_index, softcap, need_dh, need_dw
-        )
+            grad, hidden, weight, bias, labels, lse, ignore_index, softcap, need_dh, need_dw,
+            label_smoothing, grad_lse,
+        )  # fmt: skip
     else:
         dh, dw, db = reference.mntp_loss_reference_backward(
             grad, hidden, weight, bias, labels, lse, ignore_index=ignore_index,
             softcap=softcap or None, need_dh=need_dh, need_dw=need_dw,
+            label_smoothing=label_smoothing, grad_lse=grad_lse,
         )  # fmt: skip
     empty = lambda t: t if t is not None else weight.new_empty(0)
     return empty(dh), empty(dw), empty(db)
@@ -154,7 +205,9 @@ def _(  # noqa: ANN202
     ignore_index,
     softcap,
     need_dh,
-    need_dw,  # noqa: ANN001
+    need_dw,
+    label_smoothing=0.0,
+    grad_lse=None,  # noqa: ANN001
 ):
     empty = weight.new_empty(0)
     dh = torch.empty_like(hidden) if need_dh else empty
@@ -164,26 +217,30 @@ def _(  # noqa: ANN202
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
-    hidden, weight, bias, labels, ignore_index, softcap = inputs
-    _, lse = output
+    hidden, weight, bias, labels, ignore_index, softcap, label_smoothing, _ = inputs
+    _, lse, correct = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse)
-    ctx.ignore_index = ignore_index
-    ctx.softcap = softcap
-    ctx.mark_non_differentiable(lse)
+    ctx.options = (ignore_index, softcap, label_smoothing)
+    ctx.mark_non_differentiable(correct)
 
 
-def _backward(ctx, grad_loss, grad_lse):  # noqa: ANN001, ANN202
+def _backward(ctx, grad_loss, grad_lse, grad_correct):  # noqa: ANN001, ANN202
     hidden, weight, bias, labels, lse = ctx.saved_tensors
+    ignore_index, softcap, label_smoothing = ctx.options
     need_dh = ctx.needs_input_grad[0]
     need_dw = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(lse)
     dh, dw, db = torch.ops.bidirlm.mntp_loss_bwd(
-        grad_loss, hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.softcap, need_dh,
-        need_dw,
+        grad_loss, hidden, weight, bias, labels, lse, ignore_index, softcap, need_dh, need_dw,
+        label_smoothing, grad_lse,
     )  # fmt: skip
     return (
         dh if need_dh else None,
         dw if ctx.needs_input_grad[1] else None,
         db if bias is not None and ctx.needs_input_grad[2] else None,
+        None,
+        None,
         None,
         None,
         None,
@@ -247,12 +304,24 @@ def mntp_loss(
     ignore_index: int = -100,
     softcap: float | None = None,
     reduction: str = "mean",
-) -> torch.Tensor:
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+) -> torch.Tensor | MNTPOutput:
     """Masked next-token prediction loss, fused with the lm_head.
 
-    Equals `F.cross_entropy(softcap(hidden @ weight.T + bias).float(), labels,
-    ignore_index=ignore_index, reduction=reduction)` (labels and logits flattened over the
-    leading dims) without allocating `[rows, V]` and spending compute only on labelled rows.
+    Equals, with the logits `z = softcap(hidden @ weight.T + bias).float()` (labels and logits
+    flattened over the leading dims, `valid = labels != ignore_index`):
+
+        ce = F.cross_entropy(z, labels, ignore_index=ignore_index, reduction="none",
+                             label_smoothing=label_smoothing)
+        zl = lse_square_scale * torch.logsumexp(z, -1) ** 2 * valid
+        loss = reduce(ce + zl)  # "mean": sum / valid.sum(); "sum"; "none": per row
+
+    without allocating `[rows, V]` and spending compute only on labelled rows. This is
+    Liger-Kernel's `LigerFusedLinearCrossEntropyLoss` (same option names, `loss` includes the
+    z-loss) and, with the defaults, `F.cross_entropy(z, labels, ignore_index=..., reduction=...)`.
 
     Args:
         hidden: `[..., d]` final hidden states (fp16, bf16 or fp32; fp64 on the torch path).
@@ -262,12 +331,23 @@ def mntp_loss(
         softcap: `softcap * tanh(logits / softcap)` on the logits when not None (must be > 0).
         reduction: "mean" over labelled rows, "sum", or "none" (loss per row shaped like labels,
             0 at ignored rows).
+        label_smoothing: in [0, 1], torch's definition: `(1 - eps) * nll + eps * mean_j(-log p_j)`.
+        lse_square_scale: z-loss weight (PaLM's 1e-4): adds `scale * lse^2` per labelled row.
+        return_z_loss: also return the z-loss term `reduce(zl)` (differentiable).
+        return_token_accuracy: also return the token accuracy: `mean(argmax(z) == labels)` over
+            labelled rows (first argmax, as torch.argmax), a float32 scalar for "mean"/"sum"
+            (0.0 over zero labelled rows), per row for "none" (0.0 at ignored rows).
 
-    Returns the float32 loss (float64 for float64 inputs). Gradients flow to hidden, weight
+    Returns the float32 loss (float64 for float64 inputs), or `MNTPOutput(loss, z_loss,
+    token_accuracy)` when either `return_*` flag is set. Gradients flow to hidden, weight
     (accumulated in float32, then cast) and bias. Differences from torch: `mean` over zero
     labelled rows is 0.0 with zero gradients (torch gives NaN).
     """
-    params = MNTPParams(ignore_index=ignore_index, softcap=softcap, reduction=reduction)
+    params = MNTPParams(
+        ignore_index=ignore_index, softcap=softcap, reduction=reduction,
+        label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+        return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
+    )  # fmt: skip
     _validate(hidden, weight, labels, bias)
     d = hidden.shape[-1]
     h2 = hidden.reshape(-1, d)
@@ -276,26 +356,58 @@ def mntp_loss(
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     b = bias.contiguous() if bias is not None else None
     flat = labels.reshape(-1).to(torch.int64).contiguous()  # the kernels index labels[row]
-    rows, _ = torch.ops.bidirlm.mntp_loss_fwd(
-        h2, w, b, flat, params.ignore_index, float(params.softcap or 0.0)
-    )
-    if params.reduction == "none":
-        return rows.reshape(labels.shape)
-    total = rows.sum()
-    if params.reduction == "sum":
-        return total
-    count = (flat != params.ignore_index).sum()
-    return total / count.clamp_min(1).to(total.dtype)
+    rows, lse, correct = torch.ops.bidirlm.mntp_loss_fwd(
+        h2, w, b, flat, params.ignore_index, float(params.softcap or 0.0),
+        float(params.label_smoothing), params.return_token_accuracy,
+    )  # fmt: skip
+    z_rows = None
+    if params.lse_square_scale > 0.0 or params.return_z_loss:
+        # lse is 0 at ignored rows, so is their z-loss
+        z_rows = params.lse_square_scale * lse * lse
+        rows = rows + z_rows
+    count = None
+    if params.reduction != "none":
+        count = (flat != params.ignore_index).sum().clamp_min(1)
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        if params.reduction == "none":
+            return t.reshape(labels.shape)
+        total = t.sum()
+        return total if params.reduction == "sum" else total / count.to(total.dtype)
+
+    loss = reduce(rows)
+    if not (params.return_z_loss or params.return_token_accuracy):
+        return loss
+    z_loss = reduce(z_rows) if params.return_z_loss else None
+    accuracy = None
+    if params.return_token_accuracy:
+        if params.reduction == "none":
+            accuracy = correct.reshape(labels.shape)
+        else:
+            accuracy = correct.sum() / count.to(correct.dtype)
+    return MNTPOutput(loss, z_loss, accuracy)
 
 
 class MNTPLoss(torch.nn.Module):
     """`nn.Module` form of `mntp_loss`: `MNTPLoss(softcap=30.0)(hidden, weight, labels)`."""
 
     def __init__(
-        self, *, ignore_index: int = -100, softcap: float | None = None, reduction: str = "mean"
+        self,
+        *,
+        ignore_index: int = -100,
+        softcap: float | None = None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        lse_square_scale: float = 0.0,
+        return_z_loss: bool = False,
+        return_token_accuracy: bool = False,
     ) -> None:
         super().__init__()
-        self.params = MNTPParams(ignore_index=ignore_index, softcap=softcap, reduction=reduction)
+        self.params = MNTPParams(
+            ignore_index=ignore_index, softcap=softcap, reduction=reduction,
+            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+            return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
+        )  # fmt: skip
 
     def forward(
         self,
@@ -303,13 +415,20 @@ class MNTPLoss(torch.nn.Module):
         weight: torch.Tensor,
         labels: torch.Tensor,
         bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | MNTPOutput:
         p = self.params
         return mntp_loss(
             hidden, weight, labels, bias=bias, ignore_index=p.ignore_index, softcap=p.softcap,
-            reduction=p.reduction,
+            reduction=p.reduction, label_smoothing=p.label_smoothing,
+            lse_square_scale=p.lse_square_scale, return_z_loss=p.return_z_loss,
+            return_token_accuracy=p.return_token_accuracy,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
         p = self.params
-        return f"ignore_index={p.ignore_index}, softcap={p.softcap}, reduction={p.reduction!r}"
+        out = f"ignore_index={p.ignore_index}, softcap={p.softcap}, reduction={p.reduction!r}"
+        if p.label_smoothing:
+            out += f", label_smoothing={p.label_smoothing}"
+        if p.lse_square_scale:
+            out += f", lse_square_scale={p.lse_square_scale}"
+        return out

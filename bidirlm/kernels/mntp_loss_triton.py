@@ -2,6 +2,18 @@
 
 Kept apart from the public API so that `import bidirlm.kernels` (which imports `mntp_loss`
 eagerly, see the package docstring) never imports Triton.
+
+Forward (2 launches): `_mntp_fwd_kernel` on a (labelled-row blocks x vocabulary splits) grid,
+each program an online log-sum-exp over its split; `_mntp_merge_kernel` merges the splits'
+log-sum-exps exactly (`lse = M + log sum_k exp(lse_k - M)`), adds the target logit written by the
+split that holds it, and scatters the per-row results.
+
+Backward: chunks of `Rc` labelled slots x `Vc` vocabulary entries. `_mntp_dz_kernel` writes the
+chunk's `dlogits` (input dtype, as torch's own backward feeds its GEMMs) into one bounded buffer;
+`_mntp_dh_kernel` (`dz @ W[chunk]`) and `_mntp_dw_kernel` (`dz.T @ H[slots]`) are GEMMs over the
+whole chunk with fp32 accumulators on chip. A GEMM adds its tile to a float32 partial in global
+memory once per chunk (its epilogue), never inside its K loop; the partial of dW covers one
+vocabulary chunk, that of dH one row chunk. Every output tile has one owner: deterministic.
 """
 
 from __future__ import annotations
@@ -13,12 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import config
 from .config import arch_family, autotune_enabled
 from .dispatch import interpreting
 
-# The float32 scratch that holds partial dH / dW sums is at most this large unless one wave of
-# tiles needs more (see `_chunk`).
-_SCRATCH_BYTES = 64 * 2**20
+# Working memory of the backward beyond inputs and gradients: the dlogits chunk plus one float32
+# partial (dH rows or dW rows of a chunk). See `_chunk_sizes` for the math.
+_SCRATCH_BYTES = 48 * 2**20
 
 
 # --- Triton kernels ------------------------------------------------------------------------------
@@ -81,45 +94,151 @@ def _logits_tile(
             mask=row_mask[:, None] & k_mask[None, :],
             other=0.0,
         )
+        # loaded as [BLOCK_K, BLOCK_V]: the dot needs no transpose
         w = tl.load(
-            w_ptr + cols[:, None] * stride_w + ks[None, :],
-            mask=col_mask[:, None] & k_mask[None, :],
+            w_ptr + cols[None, :] * stride_w + ks[:, None],
+            mask=col_mask[None, :] & k_mask[:, None],
             other=0.0,
         )
         if UPCAST:  # the interpreter computes bf16 on raw bits: go to float32 at once
             h = h.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=PREC)
+        acc = tl.dot(h, w, acc, input_precision=PREC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     return acc
 
 
 @triton.jit
-def _dlogits_tile(
-    h_ptr,
-    w_ptr,
-    b_ptr,
-    rows,
-    row_mask,
-    target,
-    lse,
-    grad,
-    cols,
-    col_mask,
-    D,
-    stride_h,
-    stride_w,
-    softcap,
-    HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """float32 `d loss / d (H @ W.T + b)` tile: `grad * (softmax - onehot) * softcap'`."""
+def _mntp_fwd_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, order_ptr, count_ptr,
+    lse_part_ptr, sum_part_ptr, max_part_ptr, arg_part_ptr, tgt_ptr,
+    N, V, D, stride_h, stride_w, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
+    ACCURACY: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Program (labelled-slot block, vocabulary split): the split's log-sum-exp per row.
+
+    Writes `lse_part[split, slot]` (-inf for an empty split), and when asked the split's sum of
+    logits (label smoothing) and its max / first argmax (token accuracy); the split holding a
+    row's target writes the target logit `tgt[slot]`.
+    """
+    n_valid = tl.load(count_ptr)
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    if pid_m * BLOCK_M >= n_valid:
+        return  # the grid covers all rows; only the first n_valid compacted slots are labelled
+    n_splits = tl.num_programs(1)
+    per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), n_splits) * BLOCK_V
+    v_lo = pid_s * per_split
+    v_hi = tl.minimum(v_lo + per_split, V)
+    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = pos < n_valid
+    # row * stride overflows int32 past 2**31 elements: index in int64
+    rows = tl.load(order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
+    target = tl.load(labels_ptr + rows, mask=row_mask, other=0)
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    tgt = tl.zeros([BLOCK_M], dtype=tl.float32)
+    xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    amax = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_hi
+        x = _logits_tile(
+            h_ptr, w_ptr, b_ptr, rows, row_mask, cols.to(tl.int64), col_mask, D, stride_h,
+            stride_w, HAS_BIAS, UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_K,
+        )  # fmt: skip
+        if HAS_SOFTCAP:
+            x = softcap * _tanh(x / softcap)
+        x = tl.where(col_mask[None, :], x, float("-inf"))
+        tgt += tl.sum(tl.where(cols[None, :] == target[:, None], x, 0.0), axis=1)
+        if SMOOTH:
+            xsum += tl.sum(tl.where(col_mask[None, :], x, 0.0), axis=1)
+        tile_max = tl.max(x, axis=1)  # every tile has >= 1 real column: finite
+        if ACCURACY:  # first index of the max, as torch.argmax
+            first = tl.min(tl.where(x == tile_max[:, None], cols[None, :], V), axis=1)
+            amax = tl.where(tile_max > m, first, amax)
+        m_new = tl.maximum(m, tile_max)
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        m = m_new
+    part = pid_s * N + pos
+    tl.store(lse_part_ptr + part, m + tl.log(s), mask=row_mask)  # -inf when the split is empty
+    if SMOOTH:
+        tl.store(sum_part_ptr + part, xsum, mask=row_mask)
+    if ACCURACY:
+        tl.store(max_part_ptr + part, m, mask=row_mask)
+        tl.store(arg_part_ptr + part, amax, mask=row_mask)
+    owns = row_mask & (target >= v_lo) & (target < v_hi)
+    tl.store(tgt_ptr + pos, tgt, mask=owns)
+
+
+@triton.jit
+def _mntp_merge_kernel(
+    lse_part_ptr, sum_part_ptr, max_part_ptr, arg_part_ptr, tgt_ptr, labels_ptr, order_ptr,
+    count_ptr, loss_ptr, lse_ptr, correct_ptr, N, V, smoothing,
+    SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, SMOOTH: tl.constexpr,
+    ACCURACY: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """Exact merge of the splits per labelled row; scatters loss, lse (and correct) by row."""
+    n_valid = tl.load(count_ptr)
+    if tl.program_id(0) * BLOCK_R >= n_valid:
+        return
+    pos = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = pos < n_valid
+    sp = tl.arange(0, SPLITS_P2)
+    mask2 = row_mask[:, None] & (sp < SPLITS)[None, :]
+    part = sp[None, :] * N + pos[:, None]
+    lse_k = tl.load(lse_part_ptr + part, mask=mask2, other=float("-inf"))
+    big = tl.max(lse_k, axis=1)  # split 0 is never empty: finite
+    lse = big + tl.log(tl.sum(tl.exp(lse_k - big[:, None]), axis=1))
+    tgt = tl.load(tgt_ptr + pos, mask=row_mask, other=0.0)
+    if SMOOTH:
+        # (1 - eps) * (lse - x_t) + eps * (lse - mean_j x_j): torch's label_smoothing
+        xsum = tl.sum(tl.load(sum_part_ptr + part, mask=mask2, other=0.0), axis=1)
+        loss = lse - (1.0 - smoothing) * tgt - (smoothing / V) * xsum
+    else:
+        loss = lse - tgt
+    rows = tl.load(order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
+    tl.store(loss_ptr + rows, loss, mask=row_mask)
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
+    if ACCURACY:
+        mx = tl.load(max_part_ptr + part, mask=mask2, other=float("-inf"))
+        arg = tl.load(arg_part_ptr + part, mask=mask2, other=V)
+        best = tl.max(mx, axis=1)
+        first = tl.min(tl.where(mx == best[:, None], arg, V), axis=1)  # splits are in order
+        target = tl.load(labels_ptr + rows, mask=row_mask, other=0)
+        tl.store(correct_ptr + rows, tl.where(first == target, 1.0, 0.0), mask=row_mask)
+
+
+@triton.jit
+def _mntp_dz_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, order_ptr, count_ptr, gce_ptr, glse_ptr, lse_ptr, dz_ptr,
+    r0, c0, n_chunk_cols, V, D, stride_h, stride_w, stride_dz, softcap, smoothing,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
+    HAS_GLSE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One tile of the chunk `dz[slot r0 + i, col c0 + j] = d loss / d logit` (before softcap').
+
+    `dz = (g_ce + g_lse) * softmax - g_ce * ((1 - eps) [j == t] + eps / V)`, times
+    `1 - tanh^2` under softcap; 0 outside the labelled slots and the vocabulary.
+    """
+    n_valid = tl.load(count_ptr)
+    pid_m = tl.program_id(0)
+    if r0 + pid_m * BLOCK_M >= n_valid:
+        return  # no GEMM reads these slots (their K loops stop at n_valid, their rows exit)
+    local_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    local_c = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    pos = r0 + local_r
+    row_mask = pos < n_valid
+    col_mask = local_c < n_chunk_cols
+    rows = tl.load(order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
+    cols = (c0 + local_c).to(tl.int64)
+    target = tl.load(labels_ptr + rows, mask=row_mask, other=0)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    g_ce = tl.load(gce_ptr + rows, mask=row_mask, other=0.0)
     x = _logits_tile(
         h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, stride_h, stride_w,
         HAS_BIAS, UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_K,
@@ -130,148 +249,125 @@ def _dlogits_tile(
     else:
         z = x
     p = tl.exp(z - lse[:, None])
-    dz = p - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
-    dz = dz * grad[:, None]
+    if HAS_GLSE:
+        p = p * (g_ce + tl.load(glse_ptr + rows, mask=row_mask, other=0.0))[:, None]
+    else:
+        p = p * g_ce[:, None]
+    hit = cols[None, :] == target[:, None]
+    if SMOOTH:
+        dz = p - g_ce[:, None] * (tl.where(hit, 1.0 - smoothing, 0.0) + smoothing / V)
+    else:
+        dz = p - tl.where(hit, g_ce[:, None], 0.0)
     if HAS_SOFTCAP:
         dz = dz * (1.0 - t * t)  # d/dx softcap*tanh(x/softcap)
-    return tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
+    dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
+    ptrs = dz_ptr + local_r[:, None].to(tl.int64) * stride_dz + local_c[None, :]
+    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty))
 
 
 @triton.jit
-def _mntp_fwd_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, order_ptr, count_ptr, loss_ptr, lse_ptr,
-    V, D, stride_h, stride_w, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+def _mntp_dh_kernel(
+    dz_ptr, w_ptr, order_ptr, count_ptr, acc_ptr, dh_ptr,
+    r0, c0, n_chunk_cols, D, stride_w, stride_dz, stride_dh, first, last,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
+    """`dH[slots] (+)= dz[Rc, vc] @ W[c0 : c0 + vc]`: a GEMM whose K loop (the chunk's
+    vocabulary) accumulates on chip; the float32 row-chunk partial `acc` is read and written once
+    per vocabulary chunk, and the last chunk scatters the result to `dH[order[slot]]`."""
     n_valid = tl.load(count_ptr)
-    pos = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    if tl.program_id(0) * BLOCK_M >= n_valid:
-        return  # the grid covers all rows; only the first n_valid compacted slots are labelled
-    row_mask = pos < n_valid
-    # row * stride overflows int32 past 2**31 elements: index in int64
-    rows = tl.load(order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
-    target = tl.load(labels_ptr + rows, mask=row_mask, other=0)
-    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    s = tl.zeros([BLOCK_M], dtype=tl.float32)
-    tgt = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
-        x = _logits_tile(
-            h_ptr, w_ptr, b_ptr, rows, row_mask, cols.to(tl.int64), col_mask, D, stride_h,
-            stride_w, HAS_BIAS, UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_K,
-        )  # fmt: skip
-        if HAS_SOFTCAP:
-            x = softcap * _tanh(x / softcap)
-        x = tl.where(col_mask[None, :], x, float("-inf"))
-        tgt += tl.sum(tl.where(cols[None, :] == target[:, None], x, 0.0), axis=1)
-        m_new = tl.maximum(m, tl.max(x, axis=1))  # every tile has >= 1 real column: finite
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
-        m = m_new
-    lse = m + tl.log(s)
-    tl.store(lse_ptr + rows, lse, mask=row_mask)
-    tl.store(loss_ptr + rows, lse - tgt, mask=row_mask)
-
-
-@triton.jit
-def _mntp_bwd_dh_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, order_ptr, count_ptr, grad_ptr, lse_ptr, dh_ptr, acc_ptr,
-    row_start, V, D, stride_h, stride_w, stride_dh, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """dH for compacted slots [row_start + pid*BLOCK_M, ...): this program owns those rows."""
-    n_valid = tl.load(count_ptr)
-    local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    if row_start + tl.program_id(0) * BLOCK_M >= n_valid:
+    pid_m = tl.program_id(0)
+    if r0 + pid_m * BLOCK_M >= n_valid:
         return
-    pos = row_start + local
-    row_mask = pos < n_valid
-    rows = tl.load(order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
-    target = tl.load(labels_ptr + rows, mask=row_mask, other=0)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    grad = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
-    for v0 in range(0, V, BLOCK_V):
-        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
-        col_mask = cols < V
-        dz = _dlogits_tile(
-            h_ptr, w_ptr, b_ptr, rows, row_mask, target, lse, grad, cols, col_mask, D,
-            stride_h, stride_w, softcap, HAS_BIAS, HAS_SOFTCAP, UPCAST, PREC,
-            BLOCK_M, BLOCK_V, BLOCK_K,
-        )  # fmt: skip
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            d_mask = ds < D
-            w = tl.load(
-                w_ptr + cols[:, None] * stride_w + ds[None, :],
-                mask=col_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )
-            if UPCAST:
-                w = w.to(tl.float32)
-            # dlogits go to the tensor cores in the input dtype, as torch's own backward does
-            upd = tl.dot(dz.to(w.dtype), w, input_precision=PREC)
-            acc_ptrs = acc_ptr + local[:, None] * D + ds[None, :]
-            mask = row_mask[:, None] & d_mask[None, :]
-            if v0 > 0:  # the first tile stores: re-running the kernel (autotune) is harmless
-                upd += tl.load(acc_ptrs, mask=mask, other=0.0)
-            if v0 + BLOCK_V >= V:
-                out_ptrs = dh_ptr + rows[:, None] * stride_dh + ds[None, :]
-                tl.store(out_ptrs, upd.to(dh_ptr.dtype.element_ty), mask=mask)
-            else:
-                tl.store(acc_ptrs, upd, mask=mask)
+    local_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = r0 + local_r < n_valid
+    ds = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d_mask = ds < D
+    a_base = dz_ptr + local_r[:, None].to(tl.int64) * stride_dz
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, n_chunk_cols, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < n_chunk_cols
+        a = tl.load(a_base + ks[None, :], mask=k_mask[None, :], other=0.0)
+        b = tl.load(
+            w_ptr + (c0 + ks).to(tl.int64)[:, None] * stride_w + ds[None, :],
+            mask=k_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    mask = row_mask[:, None] & d_mask[None, :]
+    acc_ptrs = acc_ptr + local_r[:, None].to(tl.int64) * D + ds[None, :]
+    if first == 0:
+        acc += tl.load(acc_ptrs, mask=mask, other=0.0)
+    if last != 0:
+        rows = tl.load(order_ptr + r0 + local_r, mask=row_mask, other=0).to(tl.int64)
+        out = dh_ptr + rows[:, None] * stride_dh + ds[None, :]
+        tl.store(out, acc.to(dh_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(acc_ptrs, acc, mask=mask)
 
 
 @triton.jit
-def _mntp_bwd_dw_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, order_ptr, count_ptr, grad_ptr, lse_ptr, dw_ptr, db_ptr,
-    acc_ptr, v_start, V, D, stride_h, stride_w, stride_dw, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+def _mntp_dw_kernel(
+    dz_ptr, h_ptr, order_ptr, count_ptr, acc_ptr, accb_ptr, dw_ptr, db_ptr,
+    r0, c0, n_chunk_rows, n_chunk_cols, D, stride_h, stride_dz, stride_dw,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """dW (and dBias) for vocabulary [v_start + pid*BLOCK_V, ...): this program owns them."""
+    """`dW[c0 + j] (+)= dz[:, j].T @ H[order[r0 + k]]` over the chunk's labelled slots: a GEMM
+    whose K loop (the slots) accumulates on chip in float32; the vocabulary-chunk partial `acc`
+    is read and written once per row chunk, and the last row chunk writes dW (and dBias)."""
     n_valid = tl.load(count_ptr)
-    local = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-    cols = (v_start + local).to(tl.int64)
-    col_mask = cols < V
-    db = tl.zeros([BLOCK_V], dtype=tl.float32)
-    for r0 in range(0, n_valid, BLOCK_M):
-        pos = r0 + tl.arange(0, BLOCK_M)
-        row_mask = pos < n_valid
-        rows = tl.load(order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
-        target = tl.load(labels_ptr + rows, mask=row_mask, other=0)
-        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-        grad = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
-        dz = _dlogits_tile(
-            h_ptr, w_ptr, b_ptr, rows, row_mask, target, lse, grad, cols, col_mask, D,
-            stride_h, stride_w, softcap, HAS_BIAS, HAS_SOFTCAP, UPCAST, PREC,
-            BLOCK_M, BLOCK_V, BLOCK_K,
-        )  # fmt: skip
+    if r0 >= n_valid:
+        return
+    n_k = tl.minimum(n_chunk_rows, n_valid - r0)
+    local_c = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col_mask = local_c < n_chunk_cols
+    pid_d = tl.program_id(1)
+    ds = pid_d * BLOCK_N + tl.arange(0, BLOCK_N)
+    d_mask = ds < D
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    dbias = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, n_k, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < n_k
+        a = tl.load(
+            dz_ptr + ks[:, None].to(tl.int64) * stride_dz + local_c[None, :],
+            mask=k_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )  # [BLOCK_K, BLOCK_M]
+        rows = tl.load(order_ptr + r0 + ks, mask=k_mask, other=0).to(tl.int64)
+        b = tl.load(
+            h_ptr + rows[:, None] * stride_h + ds[None, :],
+            mask=k_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=PREC)
         if HAS_BIAS:
-            db += tl.sum(dz, axis=0)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            d_mask = ds < D
-            h = tl.load(
-                h_ptr + rows[:, None] * stride_h + ds[None, :],
-                mask=row_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )
-            if UPCAST:
-                h = h.to(tl.float32)
-            upd = tl.dot(tl.trans(dz.to(h.dtype)), h, input_precision=PREC)
-            acc_ptrs = acc_ptr + local[:, None] * D + ds[None, :]
-            mask = col_mask[:, None] & d_mask[None, :]
-            if r0 > 0:
-                upd += tl.load(acc_ptrs, mask=mask, other=0.0)
-            if r0 + BLOCK_M >= n_valid:
-                out_ptrs = dw_ptr + cols[:, None] * stride_dw + ds[None, :]
-                tl.store(out_ptrs, upd.to(dw_ptr.dtype.element_ty), mask=mask)
-            else:
-                tl.store(acc_ptrs, upd, mask=mask)
-    if HAS_BIAS:
-        tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=col_mask)
+            dbias += tl.sum(a.to(tl.float32), axis=0)
+    mask = col_mask[:, None] & d_mask[None, :]
+    b_mask = col_mask & (pid_d + tl.zeros_like(local_c) == 0)  # one program per column owns it
+    acc_ptrs = acc_ptr + local_c[:, None].to(tl.int64) * D + ds[None, :]
+    if r0 > 0:
+        acc += tl.load(acc_ptrs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            dbias += tl.load(accb_ptr + local_c, mask=b_mask, other=0.0)
+    cols = (c0 + local_c).to(tl.int64)
+    if r0 + n_chunk_rows >= n_valid:  # the last row chunk with labelled slots
+        tl.store(dw_ptr + cols[:, None] * stride_dw + ds[None, :], acc.to(dw_ptr.dtype.element_ty),
+                 mask=mask)  # fmt: skip
+        if HAS_BIAS:
+            tl.store(db_ptr + cols, dbias.to(db_ptr.dtype.element_ty), mask=b_mask)
+    else:
+        tl.store(acc_ptrs, acc, mask=mask)
+        if HAS_BIAS:
+            tl.store(accb_ptr + local_c, dbias, mask=b_mask)
 
 
 # --- launch configs ------------------------------------------------------------------------------
@@ -279,10 +375,9 @@ def _mntp_bwd_dw_kernel(
 
 @dataclass(frozen=True)
 class _LaunchConfig:
-    block_m: int  # rows per tile (forward/dH: rows a program owns; dW: rows per step)
-    block_v: int  # vocabulary columns per tile
-    block_k: int  # reduction step over d when computing logits
-    block_d: int  # width of the dH/dW output chunk (backward only)
+    block_m: int  # fwd/dz: labelled rows per tile; GEMMs: output rows (slots for dH, vocab for dW)
+    block_n: int  # fwd/dz: vocabulary per tile; GEMMs: output columns (hidden width)
+    block_k: int  # reduction step (d for fwd/dz; vocabulary for dH; slots for dW)
     num_warps: int
     num_stages: int
     waves_per_eu: int = 0  # AMD occupancy hint; 0 = not passed
@@ -294,95 +389,129 @@ class _LaunchConfig:
         return kw
 
 
+@dataclass(frozen=True)
+class _Family:
+    fwd: _LaunchConfig  # forward and dz kernels: logits tiles
+    gemm: _LaunchConfig  # dH and dW GEMMs
+    align: int  # chunk sizes are multiples of this (every tile divides it)
+    max_chunk: int  # largest Rc / Vc
+    programs_per_sm: int  # forward splits aim at this many programs per SM
+
+
 C = _LaunchConfig
-_CONFIGS: dict[str, dict[str, _LaunchConfig]] = {
-    # Hopper/Blackwell: 128-row forward tiles with 8 warps keep the tensor cores fed; 3 stages of
-    # (128x64 + 128x64) bf16 operands fit shared memory. The backward holds a [64, 128] float32
-    # dlogits tile plus a [64|128, 128] float32 update, hence 64-row tiles.
-    "hopper": {"fwd": C(128, 128, 64, 0, 8, 3), "dh": C(64, 128, 64, 128, 8, 3),
-               "dw": C(64, 128, 64, 128, 8, 3)},
-    # Ampere (A100: 164 KB shared memory): same shapes, 4 warps for the forward's smaller tiles.
-    "ampere": {"fwd": C(64, 128, 64, 0, 4, 3), "dh": C(64, 128, 64, 128, 8, 2),
-               "dw": C(64, 128, 64, 128, 8, 2)},
-    "nvidia": {"fwd": C(64, 64, 32, 0, 4, 2), "dh": C(32, 64, 32, 64, 4, 2),
-               "dw": C(32, 64, 32, 64, 4, 2)},
+_CONFIGS: dict[str, _Family] = {
+    # Hopper/Blackwell: 128 x 128 tiles, 8 warps (two warpgroups) keep wgmma fed; 3 stages of
+    # (128x64 + 64x128) bf16 operands = 96 KB of the 228 KB of shared memory. GEMM accumulators
+    # are 64 registers per thread.
+    "hopper": _Family(C(128, 128, 64, 8, 3), C(128, 128, 64, 8, 3), 256, 4096, 4),
+    # Ampere (A100: 164 KB shared memory): the same tiles, fwd/dz with BLOCK_K 32.
+    "ampere": _Family(C(128, 128, 32, 8, 3), C(128, 128, 32, 8, 3), 256, 4096, 4),
+    "nvidia": _Family(C(64, 64, 32, 4, 2), C(64, 64, 32, 4, 2), 256, 2048, 4),
     # CDNA (MI200/MI300): no software pipelining (num_stages=1), 64-wide wavefronts so 4 warps
     # is 256 threads; never 32 warps (Liger #231); waves_per_eu=2 trades registers for occupancy.
-    "cdna": {"fwd": C(64, 128, 64, 0, 4, 1, 2), "dh": C(64, 128, 64, 64, 4, 1, 2),
-             "dw": C(64, 128, 64, 64, 4, 1, 2)},
-    "amd": {"fwd": C(64, 64, 32, 0, 4, 1), "dh": C(32, 64, 32, 64, 4, 1),
-            "dw": C(32, 64, 32, 64, 4, 1)},
+    "cdna": _Family(C(128, 128, 64, 8, 1, 2), C(128, 128, 64, 8, 1, 2), 256, 4096, 4),
+    "amd": _Family(C(64, 64, 32, 4, 1), C(64, 64, 32, 4, 1), 256, 2048, 4),
     # Interpreter: tl.dot is a numpy matmul whose cost follows the padded MACs, so tiles fit the
-    # test shapes tightly (d = 96 is 3 K steps of 32, V = 1003 four vocabulary tiles); measured
-    # ~2x faster than 64 x 256 x 128 tiles on the 257-row tests.
-    "interpreter": {"fwd": C(32, 256, 32, 0, 4, 1), "dh": C(32, 256, 32, 64, 4, 1),
-                    "dw": C(32, 256, 32, 64, 4, 1)},
-}  # fmt: skip
+    # test shapes (d = 96 is 3 K steps of 32, V = 1003 eight vocabulary tiles) and chunks are
+    # small so the tests cover several chunks and splits.
+    "interpreter": _Family(C(32, 128, 32, 4, 1), C(64, 128, 64, 4, 1), 128, 512, 4),
+}
 del C
-
-# Chunks of rows / vocabulary that share the scratch are multiples of the largest tile.
-_CHUNK_ALIGN = 256
 
 
 def launch_config(device: torch.device, kernel: str) -> _LaunchConfig:
-    """The fixed launch config of `kernel` ('fwd', 'dh' or 'dw') on `device`'s architecture."""
-    return _CONFIGS[arch_family(device)][kernel]
+    """The fixed launch config of `kernel` ('fwd', 'dz', 'gemm') on `device`'s architecture."""
+    family = _CONFIGS[arch_family(device)]
+    return family.gemm if kernel == "gemm" else family.fwd
 
 
-def _autotune_configs(kernel: str) -> list[triton.Config]:
-    out = []
-    for bm in (32, 64, 128):
-        for bv in (64, 128, 256):
-            for warps in (4, 8):
-                for stages in (1, 2, 3, 4):
-                    meta = {"BLOCK_M": bm, "BLOCK_V": bv, "BLOCK_K": 64}
-                    if kernel != "fwd":
-                        if bm == 128:
-                            continue  # float32 dlogits + update tiles spill registers
-                        meta["BLOCK_D"] = 128 if kernel == "dh" else 64
-                    out.append(triton.Config(meta, num_warps=warps, num_stages=stages))
-    return out
+def _autotune_configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_V": bv, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bv, bk, w, s in [
+            (128, 128, 64, 8, 3),
+            (128, 128, 64, 8, 4),
+            (128, 64, 64, 4, 4),
+            (64, 128, 64, 4, 4),
+            (128, 256, 64, 8, 3),
+        ]
+    ]
 
 
 @functools.cache
 def _autotuned(kernel: str):  # noqa: ANN202 - a triton Autotuner
-    # The kernels are idempotent (the first step of each accumulation stores instead of adding),
-    # so autotune may re-run them without reset_to_zero/restore_value.
-    fn = {"fwd": _mntp_fwd_kernel, "dh": _mntp_bwd_dh_kernel, "dw": _mntp_bwd_dw_kernel}[kernel]
-    return triton.autotune(configs=_autotune_configs(kernel), key=["V", "D"])(fn)
+    # Both kernels are idempotent (pure stores), so autotune may re-run them.
+    fn = {"fwd": _mntp_fwd_kernel, "dz": _mntp_dz_kernel}[kernel]
+    return triton.autotune(configs=_autotune_configs(), key=["V", "D"])(fn)
 
 
-def _launch(kernel: str, device: torch.device, grid_of, args: tuple, flags: dict) -> None:
-    """Launch `kernel` with the fixed config of the device, or autotuned (BIDIRLM_AUTOTUNE=1)."""
+def _launch_tiles(kernel: str, device: torch.device, grid_of, args: tuple, flags: dict) -> None:
+    """Launch the fwd or dz kernel: the device's fixed config, or autotuned (BIDIRLM_AUTOTUNE=1)."""
     if autotune_enabled():
         _autotuned(kernel)[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_V"])](*args, **flags)
         return
     cfg = launch_config(device, kernel)
-    fn = {"fwd": _mntp_fwd_kernel, "dh": _mntp_bwd_dh_kernel, "dw": _mntp_bwd_dw_kernel}[kernel]
-    blocks = {"BLOCK_M": cfg.block_m, "BLOCK_V": cfg.block_v, "BLOCK_K": cfg.block_k}
-    if kernel != "fwd":
-        blocks["BLOCK_D"] = cfg.block_d
-    fn[grid_of(cfg.block_m, cfg.block_v)](*args, **flags, **blocks, **cfg.launch_kwargs())
+    fn = {"fwd": _mntp_fwd_kernel, "dz": _mntp_dz_kernel}[kernel]
+    blocks = {"BLOCK_M": cfg.block_m, "BLOCK_V": cfg.block_n, "BLOCK_K": cfg.block_k}
+    fn[grid_of(cfg.block_m, cfg.block_n)](*args, **flags, **blocks, **cfg.launch_kwargs())
 
 
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
-        return 1
+        return 4  # interpreter: a few "SMs" so the tests see several vocabulary splits
     index = device.index if device.index is not None else torch.cuda.current_device()
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _chunk(total: int, d: int, device: torch.device) -> int:
-    """Rows (or vocabulary entries) per launch so a float32 `[chunk, d]` scratch stays bounded.
+def _num_splits(n: int, v: int, device: torch.device) -> int:
+    """Vocabulary splits of the forward so that few labelled rows still fill the GPU.
 
-    At most `_SCRATCH_BYTES`, unless one wave of 128-wide tiles (one per SM) needs more: an idle
-    SM costs more than the memory. H100 (132 SMs), d = 2048: 16,896 x 2048 x 4 B = 138 MB; a
-    float32 weight gradient needs no less, because every tile in flight holds a float32 partial.
+    The number of labelled rows is on the device (no host sync), so the grid assumes MNTP's
+    usual fraction, about a third of `n`: (row blocks / 3) x splits ~ `programs_per_sm` waves.
+    Each split keeps >= 4 vocabulary tiles (one tile in the interpreter) so its merge is cheap.
     """
-    budget = (_SCRATCH_BYTES // (4 * max(d, 1))) // _CHUNK_ALIGN * _CHUNK_ALIGN
-    wave = triton.cdiv(_sm_count(device) * 128, _CHUNK_ALIGN) * _CHUNK_ALIGN
-    chunk = max(budget, wave, _CHUNK_ALIGN)
-    return min(chunk, triton.cdiv(max(total, 1), _CHUNK_ALIGN) * _CHUNK_ALIGN)
+    family = _CONFIGS[arch_family(device)]
+    bm, bv = family.fwd.block_m, family.fwd.block_n
+    tiles = triton.cdiv(v, bv)
+    min_tiles = 1 if arch_family(device) == "interpreter" else 4
+    row_blocks = max(1, triton.cdiv(n, bm) // 3)
+    wanted = triton.cdiv(family.programs_per_sm * _sm_count(device), row_blocks)
+    return max(1, min(wanted, tiles // min_tiles, 64))
+
+
+def _chunk_sizes(
+    n: int, v: int, d: int, elem: int, need_dh: bool, need_dw: bool, device: torch.device
+) -> tuple[int, int]:
+    """(Rc, Vc): labelled slots x vocabulary per backward chunk.
+
+    Working memory = `Rc * Vc * elem` (the dlogits chunk) + the float32 partials: dH's
+    `Rc * d * 4` (only with more than one vocabulary chunk) and dW's `Vc * d * 4` (only with more
+    than one row chunk); at most `_SCRATCH_BYTES` unless even the smallest chunk exceeds it. One
+    row chunk covering all `n` rows is preferred (each dlogits chunk then feeds both GEMMs: 8
+    n V d FLOPs in all); otherwise the dH and dW passes recompute the chunk each (10 n V d).
+    Example (bf16, H100/H200): n = 32,768 tokens, V = 151,936, d = 1024: one row chunk would
+    need a 128 MB float32 dH partial, so Rc = Vc = 4096: 32 MB of dlogits + 16 MB partial = 48 MB.
+    """
+    family = _CONFIGS[arch_family(device)]
+    align, cap = family.align, family.max_chunk
+    n_al = triton.cdiv(max(n, 1), align) * align
+    v_al = triton.cdiv(v, align) * align
+
+    def cost(rc: int, vc: int) -> int:  # the two partials are never alive together
+        dh = rc * d * 4 if need_dh and vc < v else 0
+        dw = (vc * d * 4 + vc * 4) if need_dw and rc < n else 0
+        return rc * vc * elem + max(dh, dw)
+
+    # one row chunk: the largest vocabulary chunk that fits, if it is not tiny
+    vc = min(v_al, cap)
+    while vc > align and cost(n_al, vc) > _SCRATCH_BYTES:
+        vc -= align
+    if cost(n_al, vc) <= _SCRATCH_BYTES and (vc >= min(v_al, cap // 4) or n_al <= cap):
+        return n_al, vc
+    size = cap
+    while size > align and cost(min(size, n_al), min(size, v_al)) > _SCRATCH_BYTES:
+        size -= align
+    return min(size, n_al), min(size, v_al)
 
 
 def _compact(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -396,17 +525,31 @@ def _compact(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, tor
     return order, count
 
 
+def _dot_precision(dtype: torch.dtype, device: torch.device) -> str | None:
+    """`input_precision` of the kernels' dots, valid on every target.
+
+    16-bit inputs: None (the backend's default; the operands are 16-bit). float32: "ieee" when
+    torch's float32 matmuls are full precision (its default) or on gfx90a, where "tf32" does not
+    exist (valid there: ieee, bf16x3, bf16x6); else "tf32" as torch's own allow_tf32 GEMMs.
+    """
+    if dtype != torch.float32:
+        return None
+    if not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    key = config.arch_key(device)  # e.g. "amd-gfx90a": CDNA2 has no tf32
+    if key.startswith("amd") and not key.startswith(("amd-gfx94", "amd-gfx95")):
+        return "ieee"
+    return "tf32"
+
+
 def _flags(hidden: torch.Tensor, bias: torch.Tensor | None, softcap: float) -> dict:
-    prec = None  # the backend's default (16-bit operands; TF32 where torch allows it)
-    if hidden.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        prec = "ieee"  # torch's float32 matmul is full precision by default: match it
     upcast = interpreting() and hidden.device.type != "cuda" and hidden.dtype == torch.bfloat16
     return {
         "HAS_BIAS": bias is not None,
         "HAS_SOFTCAP": softcap > 0.0,
         # bf16 arithmetic is wrong in the interpreter (it computes on raw bits)
         "UPCAST": upcast,
-        "PREC": prec,
+        "PREC": _dot_precision(hidden.dtype, hidden.device),
     }
 
 
@@ -417,26 +560,41 @@ def _triton_forward(
     labels: torch.Tensor,
     ignore_index: int,
     softcap: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss [N] and lse [N] (float32; 0 at ignored rows) of `hidden [N, d]`."""
+    label_smoothing: float = 0.0,
+    with_accuracy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row loss [N], lse [N] and correct [N] (float32; 0 at ignored rows; correct is empty
+    unless `with_accuracy`) of `hidden [N, d]`."""
     n, d = hidden.shape
     v = weight.shape[0]
-    loss = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-    lse = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    dev = hidden.device
+    loss = torch.zeros(n, dtype=torch.float32, device=dev)
+    lse = torch.zeros(n, dtype=torch.float32, device=dev)
+    correct = torch.zeros(n if with_accuracy else 0, dtype=torch.float32, device=dev)
     if n == 0:
-        return loss, lse
+        return loss, lse, correct
     order, count = _compact(labels, ignore_index)
+    splits = _num_splits(n, v, dev)
+    smooth = label_smoothing > 0.0
+    lse_part = torch.empty(splits, n, dtype=torch.float32, device=dev)
+    sum_part = torch.empty(splits, n, dtype=torch.float32, device=dev) if smooth else lse_part
+    max_part = torch.empty(splits, n, dtype=torch.float32, device=dev) if with_accuracy else lse
+    arg_part = torch.empty(splits, n, dtype=torch.int32, device=dev) if with_accuracy else count
+    tgt = torch.zeros(n, dtype=torch.float32, device=dev)  # 0 for out-of-range labels
     b = bias if bias is not None else weight  # dummy pointer, never read (HAS_BIAS=False)
-    args = (hidden, weight, b, labels, order, count, loss, lse, v, d,
-            hidden.stride(0), weight.stride(0), softcap)  # fmt: skip
-    _launch(
-        "fwd",
-        hidden.device,
-        lambda bm, bv: (triton.cdiv(n, bm),),
-        args,
-        _flags(hidden, bias, softcap),
-    )
-    return loss, lse
+    flags = _flags(hidden, bias, softcap)
+    args = (hidden, weight, b, labels, order, count, lse_part, sum_part, max_part, arg_part, tgt,
+            n, v, d, hidden.stride(0), weight.stride(0), softcap)  # fmt: skip
+    flags = {**flags, "SMOOTH": smooth, "ACCURACY": with_accuracy}
+    _launch_tiles("fwd", dev, lambda bm, bv: (triton.cdiv(n, bm), splits), args, flags)
+    block_r = 64
+    _mntp_merge_kernel[(triton.cdiv(n, block_r),)](
+        lse_part, sum_part, max_part, arg_part, tgt, labels, order, count, loss, lse,
+        correct if with_accuracy else loss, n, v, float(label_smoothing),
+        SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), SMOOTH=smooth,
+        ACCURACY=with_accuracy, BLOCK_R=block_r, num_warps=4,
+    )  # fmt: skip
+    return loss, lse, correct
 
 
 def _triton_backward(
@@ -450,11 +608,14 @@ def _triton_backward(
     softcap: float,
     need_dh: bool = True,
     need_dw: bool = True,
+    label_smoothing: float = 0.0,
+    grad_lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(dhidden [N, d], dweight [V, d], dbias [V]) for per-row loss gradients `grad`.
+    """(dhidden [N, d], dweight [V, d], dbias [V]) for per-row gradients of the loss (`grad`)
+    and of the log-sum-exp (`grad_lse`, from the z-loss; None = 0).
 
     A gradient that is not needed (need_dh / need_dw, the latter covering weight and bias) is
-    None and its kernel is not launched: a frozen lm_head halves the backward.
+    None and its GEMMs are not launched: a frozen lm_head saves a third of the backward.
     """
     n, d = hidden.shape
     v = weight.shape[0]
@@ -465,21 +626,72 @@ def _triton_backward(
     if n == 0 or not (need_dh or need_dw):
         return dh, dw, db
     grad = grad.to(torch.float32).contiguous()
+    glse = grad_lse.to(torch.float32).contiguous() if grad_lse is not None else grad
     order, count = _compact(labels, ignore_index)
     flags = _flags(hidden, bias, softcap)
+    # the interpreter keeps dlogits in float32: its bf16 stores are not round-to-nearest
+    dz_dtype = torch.float32 if flags["UPCAST"] else hidden.dtype
+    elem = torch.finfo(dz_dtype).bits // 8
+    rc, vc = _chunk_sizes(n, v, d, elem, need_dh, need_dw, dev)
+    dz = torch.empty(rc, vc, dtype=dz_dtype, device=dev)
+    multi_row = rc < n
+    f32 = {"dtype": torch.float32, "device": dev}
+    acc_h = acc_w = acc_b = dz  # dummies until a pass needs them (never both partials at once)
     b = bias if bias is not None else weight
-    row_chunk, vocab_chunk = _chunk(n, d, dev), _chunk(v, d, dev)
-    rows_needed = max(row_chunk if need_dh else 0, vocab_chunk if need_dw else 0)
-    scratch = torch.empty(rows_needed * d, dtype=torch.float32, device=dev)
-    common = (hidden, weight, b, labels, order, count, grad, lse)
-    for start in range(0, n if need_dh else 0, row_chunk):
-        rows = min(row_chunk, n - start)
-        args = (*common, dh, scratch, start, v, d, hidden.stride(0), weight.stride(0),
-                dh.stride(0), softcap)  # fmt: skip
-        _launch("dh", dev, lambda bm, bv, rows=rows: (triton.cdiv(rows, bm),), args, flags)
-    for start in range(0, v if need_dw else 0, vocab_chunk):
-        cols = min(vocab_chunk, v - start)
-        args = (*common, dw, db if db is not None else dw, scratch, start, v, d,
-                hidden.stride(0), weight.stride(0), dw.stride(0), softcap)  # fmt: skip
-        _launch("dw", dev, lambda bm, bv, cols=cols: (triton.cdiv(cols, bv),), args, flags)
+    smooth = label_smoothing > 0.0
+    dz_flags = {**flags, "SMOOTH": smooth, "HAS_GLSE": grad_lse is not None}
+    gemm = launch_config(dev, "gemm")
+    gemm_kw = {"BLOCK_M": gemm.block_m, "BLOCK_N": gemm.block_n, "BLOCK_K": gemm.block_k,
+               "UPCAST": flags["UPCAST"], "PREC": flags["PREC"],
+               **gemm.launch_kwargs()}  # fmt: skip
+    row_chunks = range(0, n, rc)
+    vocab_chunks = range(0, v, vc)
+
+    def make_dz(r0: int, c0: int) -> int:
+        cols = min(vc, v - c0)
+        args = (hidden, weight, b, labels, order, count, grad, glse, lse, dz, r0, c0, cols, v, d,
+                hidden.stride(0), weight.stride(0), dz.stride(0), softcap,
+                float(label_smoothing))  # fmt: skip
+        _launch_tiles(
+            "dz", dev, lambda bm, bv: (triton.cdiv(rc, bm), triton.cdiv(cols, bv)), args, dz_flags
+        )
+        return cols
+
+    def dw_gemm(r0: int, c0: int, cols: int) -> None:
+        grid = (triton.cdiv(cols, gemm.block_m), triton.cdiv(d, gemm.block_n))
+        _mntp_dw_kernel[grid](
+            dz, hidden, order, count, acc_w, acc_b, dw, db if db is not None else dw, r0, c0,
+            rc, cols, d, hidden.stride(0), dz.stride(0), dw.stride(0),
+            HAS_BIAS=db is not None, **gemm_kw,
+        )  # fmt: skip
+
+    def dh_gemm(r0: int, c0: int, cols: int) -> None:
+        grid = (triton.cdiv(rc, gemm.block_m), triton.cdiv(d, gemm.block_n))
+        _mntp_dh_kernel[grid](
+            dz, weight, order, count, acc_h, dh, r0, c0, cols, d, weight.stride(0), dz.stride(0),
+            dh.stride(0), int(c0 == 0), int(c0 + vc >= v), **gemm_kw,
+        )  # fmt: skip
+
+    if not multi_row:  # one row chunk: each dlogits chunk feeds both GEMMs
+        if need_dh and vc < v:
+            acc_h = torch.empty(rc, d, **f32)
+        for c0 in vocab_chunks:
+            cols = make_dz(0, c0)
+            if need_dw:
+                dw_gemm(0, c0, cols)
+            if need_dh:
+                dh_gemm(0, c0, cols)
+        return dh, dw, db
+    if need_dw:  # vocabulary-major: dW's partial covers one vocabulary chunk
+        acc_w = torch.empty(vc, d, **f32)
+        acc_b = torch.empty(vc, **f32) if db is not None else dz
+        for c0 in vocab_chunks:
+            for r0 in row_chunks:
+                dw_gemm(r0, c0, make_dz(r0, c0))
+    if need_dh:  # row-major: dH's partial covers one row chunk
+        acc_w = acc_b = dz
+        acc_h = torch.empty(rc, d, **f32) if vc < v else dz
+        for r0 in row_chunks:
+            for c0 in vocab_chunks:
+                dh_gemm(r0, c0, make_dz(r0, c0))
     return dh, dw, db
