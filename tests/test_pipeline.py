@@ -232,3 +232,123 @@ def test_pipeline_command_check_lists_phases(
     out = capsys.readouterr().out
     assert "mntp" in out and "contrastive" in out and out.rstrip().splitlines()[-1].startswith("ok")
     assert not (tmp_path / "run").exists()  # --check runs nothing
+
+
+# ---------------------------------------------------------------------------- issue 13
+
+
+def _mntp_table(docs: Path, **extra) -> dict:
+    return {
+        "model": "@base",
+        "phase": "mntp",
+        "train": {"steps": 1, "progress_bar": False, "device": "cpu"},
+        "data": {"tokens_per_batch": 128, "max_seq_len": 32, "sources": [{"path": str(docs)}]},
+        **extra,
+    }
+
+
+def test_pipeline_command_with_set_runs_and_writes_plain_toml(
+    small_recipe: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bidirlm pipeline RECIPE --set ...` crashed writing recipe.resolved.toml (issue 13.2)."""
+    import tomllib
+
+    from bidirlm.cli import main
+
+    recipe = _recipe(tmp_path, mntp=small_recipe["mntp"])
+    path = tmp_path / "recipe.toml"
+    path.write_text(dumps_toml(recipe), encoding="utf-8")
+    out = tmp_path / "elsewhere"
+    argv = ["pipeline", str(path), "--set", "mntp.train.steps=1", "--set", f"recipe.output={out}"]
+    argv += ["--set", "mntp.optim.lr=2e-3", "--set", "recipe.name=2024"]  # "2024" stays text
+    assert main(argv) == 0, capsys.readouterr().err
+    resolved = tomllib.loads((out / "recipe.resolved.toml").read_text())
+    assert resolved["mntp"]["train"]["steps"] == 1 and resolved["mntp"]["optim"]["lr"] == 2e-3
+    assert resolved["recipe"]["name"] == "2024" and resolved["recipe"]["output"] == str(out)
+    assert resolved["mntp"]["model"] == "@base" and resolved["mntp"]["kind"] == "train"
+    assert (out / "mntp" / "final" / "config.json").is_file()
+    assert not (tmp_path / "run").exists()
+
+
+def test_readme_pipeline_form_fails_before_creating_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bidirlm.cli import main
+
+    out = tmp_path / "run"
+    argv = ["pipeline", "qwen3-0.6b", "--set", "recipe.base=embedded:tiny"]
+    assert main([*argv, "--set", f"recipe.output={out}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data/english.jsonl does not exist" in err[0], err
+    assert "TypeError" not in err[0] and not out.exists()
+
+
+@pytest.mark.parametrize("name", ["../victim", "a/b", "/abs", "", ".", "..", ".hidden", "a\\b"])
+def test_phase_names_are_plain_names(name: str, tmp_path: Path) -> None:
+    docs = _write_jsonl(tmp_path / "docs.jsonl", [{"text": "x y z"}])
+    data = _recipe(tmp_path, placeholder=_mntp_table(docs))
+    data[name] = data.pop("placeholder")
+    data["recipe"]["phases"] = [name]
+    with pytest.raises(pl.RecipeError, match="is not a plain name"):
+        pl.run_pipeline(pl.parse_recipe(data))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]  # nothing written
+
+
+def test_train_output_must_stay_under_recipe_output(tmp_path: Path) -> None:
+    docs = _write_jsonl(tmp_path / "docs.jsonl", [{"text": "x y z"}])
+    table = _mntp_table(docs)
+    table["train"]["output"] = str(tmp_path / "victim")
+    with pytest.raises(pl.RecipeError, match=r"train.output .*victim is outside recipe.output"):
+        pl.parse_recipe(_recipe(tmp_path, mntp=table))
+    table["train"]["output"] = str(tmp_path / "run" / "mntp-here")  # inside: fine
+    assert (
+        pl.parse_recipe(_recipe(tmp_path, mntp=table)).phases[0].output.parent.name == "mntp-here"
+    )
+
+
+@pytest.fixture(scope="module")
+def no_mask_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a tokenizer without a mask token, like Qwen3's."""
+    from transformers import AutoTokenizer
+
+    from bidirlm.runtime.embedded import embedded_tiny_model, save_random_qwen3
+
+    tokenizer = AutoTokenizer.from_pretrained(str(embedded_tiny_model()))
+    tokenizer.mask_token = None
+    folder = tmp_path_factory.mktemp("no-mask") / "base"
+    save_random_qwen3(folder, tokenizer)
+    return folder
+
+
+def test_check_catches_a_missing_mask_token(
+    no_mask_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bidirlm.cli import main
+
+    docs = _write_jsonl(tmp_path / "docs.jsonl", [{"text": "x y z"}])
+    data = _recipe(tmp_path, mntp=_mntp_table(docs))
+    data["recipe"]["base"] = str(no_mask_base)
+    path = tmp_path / "recipe.toml"
+    path.write_text(dumps_toml(data), encoding="utf-8")
+    assert main(["pipeline", str(path), "--check"]) == 0  # the default "_" is one token
+    capsys.readouterr()
+    argv = ["pipeline", str(path), "--check", "--set", "mntp.mntp.mask_token=not one token"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mntp.mntp.mask_token" in err[0] and "single token" in err[0], err
+    # the shipped recipes set the mask token for tokenizers without one
+    for name in RECIPES:
+        assert pl.load_recipe(name).phases[0].config.mntp.mask_token == "_"
+
+
+def test_report_total_is_the_sum_of_phase_times(small_recipe: dict, tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, mntp=small_recipe["mntp"])
+    recipe["mntp"]["train"]["steps"] = 1
+    pl.run_pipeline(pl.parse_recipe(recipe), log=lambda _: None)
+    report = pl.run_pipeline(pl.parse_recipe(recipe), log=lambda _: None)  # all skipped
+    assert [p["status"] for p in report["phases"]] == ["skipped"]
+    total = sum(p["seconds"] for p in report["phases"])
+    assert report["phase_seconds_total"] == pytest.approx(total) and total > 0
+    assert report["run_seconds"] < total + 60
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert f"Phase time: {total:.1f} s in all" in text and "This run:" in text
