@@ -452,3 +452,24 @@ def test_cli_accepts_mergekit_yaml(ckpts, tmp_path):
     cfg.write_text(textwrap.dedent(text))
     assert cli.main(["merge", str(cfg), str(tmp_path / "out"), "--quiet"]) == 0
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_python_api_takes_method_parameters(ckpts, mergekit_run, tmp_path):
+    """`merge(..., method=, parameters=)` is the YAML's merge (a None weight sets none)."""
+    from bidirlm.runtime.merging.merge import merge
+
+    text = CASES["ties"].format(**{k: str(v) for k, v in ckpts.items()})
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(text.replace("[0.2, 0.9]", "0.5").replace(
+        "[{filter: mlp, value: 0.7}, {value: 0.3}]", "0.4"))  # fmt: skip
+    merge_from_config(cfg, tmp_path / "yaml")
+    merge([ckpts["b"], ckpts["c"]], [0.7, 0.5], tmp_path / "api", method="ties",
+          base=ckpts["a"], parameters={"lambda": 0.9, "density": 0.4})  # fmt: skip
+    a, b = load_folder(tmp_path / "yaml"), load_folder(tmp_path / "api")
+    assert all(bits_equal(a[n], b[n]) for n in a)
+    merge([ckpts["f0"], ckpts["f1"]], [None, None], tmp_path / "slerp", method="slerp",
+          base=ckpts["f1"], parameters={"t": [0.2, 0.8]})  # fmt: skip
+    theirs = load_folder(mergekit_run("slerp-api", CASES["slerp-fp32"].format(
+        **{k: str(v) for k, v in ckpts.items()})))  # fmt: skip
+    ours = load_folder(tmp_path / "slerp")
+    assert all(bits_equal(ours[n], theirs[n]) for n in theirs)

@@ -429,13 +429,14 @@ def _to_yaml_dict(config: MergeConfig) -> dict[str, Any]:
 
 def merge(
     models: Sequence[str | os.PathLike],
-    weights: Sequence[float],
+    weights: Sequence[float | None],
     output: str | os.PathLike,
     *,
     method: str = "linear",
     base: str | os.PathLike | None = None,
     normalize: bool | None = None,
     lambda_: float | None = None,
+    parameters: Mapping[str, Any] | None = None,
     dtype: str | None = None,
     out_dtype: str | None = None,
     rename: Mapping[str | os.PathLike, Mapping[str, str]] | None = None,
@@ -459,6 +460,9 @@ def merge(
     `rename` and `take` are keyed by model path (as given in `models` or `base`): a prefix map
     for that model's tensor names, and glob patterns of output names copied from that model
     unmerged. `exclude` drops output names. See the module docstring for dtypes and YAML.
+    Every mergekit method works: `parameters` are its global parameters (e.g.
+    `method="ties", base=b, parameters={"density": 0.5}`; `method="slerp", base=a,
+    parameters={"t": 0.3}` with `weights=[None, None]`: a None weight sets none).
 
     Example (the omnimodal text-backbone merge, towers re-attached unmerged):
 
@@ -481,7 +485,9 @@ def merge(
                 raise MergeError(f"{what} names model {str(key)!r}, which is not in models/base")
     entries: list[dict[str, Any]] = []
     for m, w in zip(models, weights):
-        entry: dict[str, Any] = {"model": str(m), "parameters": {"weight": float(w)}}
+        entry: dict[str, Any] = {"model": str(m)}
+        if w is not None:
+            entry["parameters"] = {"weight": float(w)}
         for what, mapping in keyed.items():
             value = next((v for k, v in mapping.items() if str(k) == str(m)), None)
             if value is not None:
@@ -502,7 +508,7 @@ def merge(
                 for what, value in base_extra.items():
                     base_entry[what] = dict(value) if what == "rename" else list(value)
                 entries.append(base_entry)
-    params = {}
+    params = dict(parameters or {})
     if normalize is not None:
         params["normalize"] = bool(normalize)
     if lambda_ is not None:
