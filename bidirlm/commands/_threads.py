@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 MAX_DEFAULT_THREADS = 4
 
@@ -68,3 +69,22 @@ def torch_threads(value: int | None) -> Iterator[int]:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(previous)
+
+
+def threaded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Decorate a command's `run(args)` to run under `torch_threads(args.threads)`; a bad value
+    is the command's one-line error."""
+
+    @functools.wraps(run)
+    def wrapper(args: argparse.Namespace) -> int:
+        from bidirlm.cli import CommandError
+
+        value = getattr(args, "threads", None)
+        try:
+            resolve_threads(value)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        with torch_threads(value):
+            return run(args)
+
+    return wrapper

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from bidirlm.cli import CommandError
+from bidirlm.commands._threads import add_threads_argument, threaded
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="load a model whose weights hold NaN/Inf (refused by default); the embeddings "
         "must still be finite to be written",
     )
+    add_threads_argument(parser)
 
 
 def read_lines(path: Path) -> list[tuple[int, str]]:
@@ -87,6 +89,7 @@ def check_device(device: str) -> str:
     return device
 
 
+@threaded  # --threads N (bidirlm/commands/_threads.py)
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from bidirlm.cli import CommandError
+from bidirlm.commands._threads import add_threads_argument, threaded
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,8 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="load a model whose weights hold NaN/Inf (refused by default); metrics are never "
         "computed from non-finite embeddings",
     )
+    add_threads_argument(parser)
 
 
+@threaded  # --threads N (bidirlm/commands/_threads.py)
 def run(args: argparse.Namespace) -> int:
     import torch
 

@@ -551,3 +551,23 @@ def test_source_paths_resolve_against_the_config_folder(
     (elsewhere / "mine.jsonl").write_text('{"text": "x"}\n')
     config = load_train_config("../project/c.toml", ["data.sources.0.path=mine.jsonl"])
     assert config.data.sources[0].path == "mine.jsonl"  # --set paths: the working directory
+
+
+def test_encode_and_eval_take_threads(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import numpy as np
+
+    texts = tmp_path / "t.txt"
+    texts.write_text("def f(): pass\nreturn a value\n")
+    model = str(embedded_tiny_model())
+    out = tmp_path / "e.npy"
+    assert (
+        cli_main(["encode", model, "--input", str(texts), "--output", str(out), "--threads", "1"])
+        == 0
+    )
+    assert np.load(out).shape[0] == 2
+    for command in (
+        ["encode", model, "--input", str(texts), "--output", str(out)],
+        ["eval", model],
+    ):
+        assert cli_main([*command, "--threads", "0"]) == 1
+        assert "--threads must be an integer >= 1" in capsys.readouterr().err
