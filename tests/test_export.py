@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,63 @@ def test_export_errors_are_one_line(ckpts, tmp_path: Path, capsys) -> None:
     assert (busy / "keep.txt").exists()
     with pytest.raises(SystemExit):
         main(["export", str(ckpts["qwen3-gqa"]), str(tmp_path / "c"), "--pooling", "max"])
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_force_never_deletes_the_input_or_the_working_directory(
+    ckpts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    # `export run/final run --force` used to rmtree the run, its own input included
+    run = tmp_path / "run"
+    shutil.copytree(ckpts["qwen3-gqa"], run / "final")
+    (run / "metrics.jsonl").write_text("{}\n")
+    before = _tree(run)
+    assert main(["export", str(run / "final"), str(run), "--force"]) == 1
+    assert "contains the input" in capsys.readouterr().err
+    assert main(["export", str(run / "final"), str(run / "final"), "--force"]) == 1
+    assert "is the input" in capsys.readouterr().err
+    # `cd a/b && bidirlm export M .. --force` used to rmtree a/
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    (tmp_path / "a" / "keep.txt").write_text("x")
+    monkeypatch.chdir(work)
+    for out in ("..", ".", str(tmp_path)):
+        assert main(["export", str(run / "final"), out, "--force"]) == 1
+        assert "working directory" in capsys.readouterr().err
+    assert _tree(run) == before and (tmp_path / "a" / "keep.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "run"]  # no temporary left
+
+
+def test_force_replaces_only_once_the_new_export_is_complete(
+    ckpts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    out = tmp_path / "st"
+    argv = ["export", str(ckpts["qwen3-gqa"]), str(out), "--max-length", "16"]
+    assert main(argv) == 0
+    before = _tree(out)
+    real_save = SentenceTransformer.save
+
+    def half_then_fail(self, path, *args, **kwargs):
+        (Path(path) / "config.json").write_text("{}")  # a partial write, then the disk fills up
+        raise OSError(28, "No space left on device", str(Path(path) / "model.safetensors"))
+
+    monkeypatch.setattr(SentenceTransformer, "save", half_then_fail)
+    assert main([*argv, "--force", "--pooling", "last"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (after transformers' progress bars)
+    assert err == f"bidirlm export: error: cannot write {out}: No space left on device"
+    assert _tree(out) == before  # the old export is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["st"]  # and nothing half-written
+    monkeypatch.setattr(SentenceTransformer, "save", real_save)
+    assert main([*argv, "--force", "--pooling", "last"]) == 0
+    modules = json.loads((out / "1_Pooling" / "config.json").read_text())
+    assert modules["pooling_mode"] == "lasttoken"  # the new export replaced the old one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["st"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["export", str(ckpts["qwen3-gqa"]), str(empty)]) == 0  # an empty folder is fine
+    assert (empty / "config.json").is_file()
