@@ -23,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "encode": "embed a text file into a .npy array",
     "eval": "evaluate a model on the embedded retrieval task or a JSON Lines retrieval set",
     "predict": "label a JSON Lines file with a fine-tuned classifier (labels and scores)",
+    "finetune-sweep": "the fine-tuning protocol: a learning-rate grid, best dev score per model",
+    "domain-transfer": "merge an encoder with a specialist, compare fine-tuning learning curves",
     "bench": "run benchmark suites and append rows under bench/results/",
     "demo": "the main job: the BidirLM recipe end to end on the embedded corpora",
 }
@@ -33,10 +35,11 @@ class CommandError(Exception):
 
 
 def _load(name: str):
+    module = f"bidirlm.commands.{name.replace('-', '_')}"  # finetune-sweep -> finetune_sweep
     try:
-        return importlib.import_module(f"bidirlm.commands.{name}")
+        return importlib.import_module(module)
     except ModuleNotFoundError as exc:
-        if exc.name == f"bidirlm.commands.{name}":
+        if exc.name == module:
             return None
         raise
 

@@ -10,11 +10,11 @@ DDP / FSDP2, autocast); this module supplies what differs:
   is None (evaluation), inside one forward so DDP and FSDP2 see every parameter use;
 - `TaskRun`: built by the trainer for these phases. It attaches a fresh head (initialized from
   `train.seed` alone, identical on every rank; a model that already has a head of the same shape
-  and labels keeps it), freezes an untied LM head (unused), tokenizes the data
-  (`task_data`), makes the head's parameter group (learning rate x `task.head_lr_multiplier`)
-  and evaluates the dev set every `task.eval_every` steps and at the end: the metrics go into
-  that step's metrics.jsonl row under `dev` (with `dev_score`, the `task.metric`), a better
-  score saves `OUTPUT/best/` (Hugging Face layout, like `final/`) and `OUTPUT/best.json`, and
+  and labels keeps it), freezes an untied LM head (unused), tokenizes the data (`task_data`),
+  makes the head's parameter group (learning rate x `task.head_lr_multiplier`) and evaluates
+  the dev set every `task.eval_every` steps, at `task.eval_steps` and at the end. The metrics go
+  into that step's metrics.jsonl row under `dev` (with `dev_score`, the `task.metric`); a better
+  score saves `OUTPUT/best/` (Hugging Face layout, like `final/`) and `OUTPUT/best.json`;
   `task.patience` evaluations without improvement stop the run early (`early_stop` in the row;
   `final/` is the last model, `best/` the best one). The best score, its step and the patience
   counter are part of the checkpoint state, so a resumed run decides as an uninterrupted one.
@@ -192,7 +192,7 @@ class TaskRun:
             return
         step, total = run.step, self.config.train.steps
         every = self.task.eval_every
-        if not ((every and step % every == 0) or step == total):
+        if not ((every and step % every == 0) or step == total or step in self.task.eval_steps):
             return
         metrics = self.evaluate(run)
         score = float(metrics[self.metric])

@@ -30,6 +30,7 @@ class TaskConfig:
     label_all_subwords: bool = False  # token tasks: label every subword, not only the first
     dev: str = ""  # dev set (JSON Lines or embedded:...), evaluated every eval_every steps
     eval_every: int = 0  # 0: evaluate only at the end (when dev is set)
+    eval_steps: list[int] = field(default_factory=list)  # also evaluate at these steps
     patience: int = 0  # stop after this many evaluations without improvement; 0: never
     metric: str = "auto"  # the dev metric that picks the best checkpoint; auto: by task kind
     eval_batch_size: int = 64
@@ -51,6 +52,8 @@ class TaskConfig:
             raise ValueError(f"task.labels has duplicates: {self.labels}")
         if self.eval_every < 0:
             raise ValueError("task.eval_every must be >= 0")
+        if any(s < 1 for s in self.eval_steps):
+            raise ValueError(f"task.eval_steps must be >= 1, got {self.eval_steps}")
         if self.patience < 0:
             raise ValueError("task.patience must be >= 0")
         if self.patience and not self.dev:

@@ -1,0 +1,53 @@
+"""`bidirlm domain-transfer CONFIG --encoder PATH --specialist PATH [--steps 10,20,50,100]`.
+
+Merges the encoder (e.g. Bi+MNTP) 50/50 with a same-backbone specialist (any causal checkpoint),
+fine-tunes the merged model and the encoder alone with CONFIG's task, and reports both learning
+curves (dev score at each of `--steps`): a table, `OUTPUT/domain_transfer.json` and the chart
+`OUTPUT/curve.png` (OUTPUT: `--output`, else the config's `train.output`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from bidirlm.cli import CommandError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="fine-tuning config (TOML) with task.dev")
+    parser.add_argument("--encoder", required=True, help="the adapted encoder (Bi+MNTP) folder")
+    parser.add_argument("--specialist", required=True, help="a same-backbone causal checkpoint")
+    parser.add_argument("--steps", default="10,20,50,100", help="evaluation steps (comma list)")
+    parser.add_argument("--weight", type=float, default=0.5, help="the encoder's merge weight")
+    parser.add_argument("--output", default=None, help="folder (default: train.output)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE", help="override a config value")  # fmt: skip
+    parser.add_argument("--no-chart", action="store_true", help="skip the matplotlib chart")
+    parser.add_argument("--json", action="store_true", help="print the JSON report")
+
+
+def run(args: argparse.Namespace) -> int:
+    from bidirlm.recipe.finetune import domain_transfer, format_transfer
+    from bidirlm.runtime.training.config import load_train_config
+    from bidirlm.runtime.training.trainer import TrainingError
+
+    try:
+        steps = [int(x) for x in args.steps.split(",") if x.strip()]
+    except ValueError:
+        raise CommandError(f"--steps {args.steps!r}: expected integers like 10,20,50") from None
+    try:
+        config = load_train_config(args.config, args.overrides)
+        report = domain_transfer(
+            config,
+            encoder=args.encoder,
+            specialist=args.specialist,
+            steps=steps,
+            weight=args.weight,
+            output=args.output,
+            chart=not args.no_chart,
+        )
+    except (FileNotFoundError, ValueError, TrainingError) as exc:
+        raise CommandError(str(exc)) from None
+    print(json.dumps(report, indent=2) if args.json else format_transfer(report))
+    return 0
