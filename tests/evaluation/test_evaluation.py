@@ -290,3 +290,39 @@ def test_eval_and_encode_commands(
     assert json.loads(capsys.readouterr().out) == metrics
     assert main(["eval", model, "--task", str(tmp_path / "missing.jsonl")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_non_utf8_lines_name_the_file_and_line(tmp_path: Path) -> None:
+    ok = b'{"query": "ok", "positive": "fine"}\n'
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_bytes(ok + ok.replace(b"fine", "caf\xe9".encode("latin-1")))
+    with pytest.raises(ValueError, match=rf"{pairs}:2: not UTF-8"):
+        ev.load_retrieval_jsonl(pairs)
+    folder = ev.save_task(_toy_task(), tmp_path / "beir")
+    corpus = folder / "corpus.jsonl"
+    lines = corpus.read_bytes().splitlines(keepends=True)
+    corpus.write_bytes(b"".join(lines[:3]) + b'{"_id": "x", "text": "\xff"}\n')
+    with pytest.raises(ValueError, match=rf"{corpus}:4: not UTF-8"):
+        ev.load_retrieval_jsonl(folder)
+
+
+class NonFinite(BagOfWords):
+    """An encoder whose embedding of one text is NaN (a model with NaN weights, fp16 overflow)."""
+
+    def __init__(self, bad: str, value: float) -> None:
+        super().__init__()
+        self.bad, self.value = bad, value
+
+    def encode(self, texts, **kwargs):
+        out = super().encode(texts, **kwargs)
+        for i, text in enumerate(texts):
+            if self.bad in text:
+                out[i, 0] = self.value
+        return out
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_no_metrics_from_non_finite_embeddings(value: float) -> None:
+    # before: a NaN document embedding just ranked last and the metrics looked plausible
+    with pytest.raises(ValueError, match=r"1 of 5 embeddings are not finite.*kernel launch"):
+        ev.evaluate(NonFinite("kernel launch", value), _toy_task())
