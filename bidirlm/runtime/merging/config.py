@@ -24,7 +24,6 @@ DTYPES = ("float64", "float32", "bfloat16", "float16")
 METHOD_PARAMETERS = {m: (*s.shared, *s.per_input) for m, s in SPECS.items()}
 BOOL_PARAMETERS = ("normalize", "rescale", "int8_mask", "nuslerp_row_wise", "nuslerp_flatten")
 BOOL_PARAMETERS += ("filter_wise",)
-DEFAULT_NORMALIZE = {m: s.shared["normalize"] for m, s in SPECS.items() if "normalize" in s.shared}
 
 TOP_KEYS = (
     "merge_method",
@@ -247,15 +246,6 @@ def evaluate_setting(setting: Any, name: str, t: float) -> Any:
         flt = cond.get("filter")
         if flt is None or flt == "*" or (name and str(flt) in name):
             return evaluate_setting(cond["value"], name, t)
-    return None
-
-
-def _resolve(first: Mapping[str, Any], second: Any, key: str, name: str, t: float) -> Any:
-    for scope in (first, second):
-        if scope and key in scope:
-            value = evaluate_setting(scope[key], name, t)
-            if value is not None:
-                return value
     return None
 
 
