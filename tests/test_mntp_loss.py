@@ -160,6 +160,107 @@ def test_softcap_tanh_is_accurate() -> None:
     assert ulps.max().item() <= 2.0, f"tanh off by {ulps.max().item():.1f} ulp"
 
 
+def _options_float64(h, w, y, b, softcap, reduction, eps, zs):  # noqa: ANN001, ANN202
+    """The documented PyTorch equivalent of the options, in float64: (loss, z_loss, accuracy)."""
+    logits = h.reshape(-1, h.shape[-1]).double() @ w.double().T
+    if b is not None:
+        logits = logits + b.double()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    flat = y.reshape(-1)
+    valid = flat != -100
+    ce = F.cross_entropy(logits, flat, reduction="none", label_smoothing=eps)
+    zl = zs * torch.logsumexp(logits, -1) ** 2 * valid
+    correct = ((logits.argmax(-1) == flat) & valid).double()
+
+    def reduce(t):  # noqa: ANN001, ANN202
+        if reduction == "none":
+            return t.reshape(y.shape)
+        return t.sum() if reduction == "sum" else t.sum() / valid.sum().clamp_min(1)
+
+    acc = correct.reshape(y.shape) if reduction == "none" else correct.sum() / valid.sum()
+    return reduce(ce + zl), reduce(zl), acc
+
+
+OPTION_CASES = {
+    # name: (dtype, reduction, bias, softcap, label_smoothing, lse_square_scale)
+    "fp32-mean-smooth-z": (torch.float32, "mean", False, None, 0.1, 1e-3),
+    "fp32-none-bias-softcap-smooth-z": (torch.float32, "none", True, 2.0, 0.2, 1e-2),
+    "bf16-sum-smooth-z": (torch.bfloat16, "sum", True, None, 0.1, 1e-3),
+}
+
+
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_smoothing_z_loss_accuracy_match_float64(device: torch.device, case: str) -> None:
+    """label_smoothing, z-loss (returned and differentiable) and token accuracy vs float64."""
+    dtype, reduction, has_bias, softcap, eps, zs = OPTION_CASES[case]
+    h, w, b, y = _inputs(device, dtype, shape=(123,), vocab=517, labelled=0.5, bias=has_bias)
+    kw = {"softcap": softcap, "reduction": reduction, "label_smoothing": eps,
+          "lse_square_scale": zs}  # fmt: skip
+    out = mntp_loss(h, w, y, bias=b, return_z_loss=True, return_token_accuracy=True, **kw)
+    assert isinstance(out, mntp_module.MNTPOutput)
+    t64 = [_leaf64(t) for t in (h, w, b)]
+    ref_loss, ref_z, ref_acc = _options_float64(t64[0], t64[1], y, t64[2], softcap, reduction,
+                                                eps, zs)  # fmt: skip
+    tt = [_leaf(t) for t in (h, w, b)]
+    pt_loss, pt_z, _ = _options_float64(tt[0], tt[1], y, tt[2], softcap, reduction, eps, zs)
+    scale = max(1.0, ref_loss.abs().max().item())
+    assert_close_to_ref(out.loss, ref_loss.float(), atol=ATOL[dtype] * scale, name="loss")
+    assert_close_to_ref(out.z_loss, ref_z.float(), atol=ATOL[dtype] * scale, name="z_loss")
+    torch.testing.assert_close(out.token_accuracy, ref_acc.float(), rtol=0, atol=1e-6)
+    # gradients of loss + 3 * z_loss: the z-loss output carries its own gradient
+    up = torch.rand(y.shape, device=device) + 0.5 if reduction == "none" else torch.tensor(1.0)
+    up = up.to(device)
+    total = lambda o: ((o[0] + 3 * o[1]) * up.to(o[0].dtype)).sum()  # noqa: E731
+    ours_g = torch.autograd.grad(total(out), [t for t in (h, w, b) if t is not None])
+    ref_g = torch.autograd.grad(total((ref_loss, ref_z)), [t for t in t64 if t is not None])
+    pt_g = torch.autograd.grad(total((pt_loss, pt_z)), [t for t in tt if t is not None])
+    for name, g, g64, gpt in zip(("dhidden", "dweight", "dbias"), ours_g, ref_g, pt_g):
+        assert g.dtype == dtype, name
+        atol = ATOL[dtype] * g64.abs().max().item()
+        assert_close_to_ref(g, g64, gpt.to(g.dtype), name=name, atol=atol)
+
+
+def test_options_match_liger(device: torch.device) -> None:
+    """Same option names and values as Liger's LigerFusedLinearCrossEntropyLoss (loss with the
+    z-loss, z-loss, token accuracy, gradients)."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    h, w, b, y = _inputs(device, torch.float32, shape=(64,), d=64, vocab=517, bias=True)
+    kw = {"label_smoothing": 0.1, "lse_square_scale": 1e-3, "return_z_loss": True,
+          "return_token_accuracy": True}  # fmt: skip
+    for reduction in ("mean", "sum"):
+        ours = mntp_loss(h, w, y, bias=b, reduction=reduction, **kw)
+        tl_ = [_leaf(t) for t in (h, w, b)]
+        liger_fn = LigerFusedLinearCrossEntropyLoss(reduction=reduction, **kw)
+        liger = liger_fn(tl_[1], tl_[0], y, bias=tl_[2])  # Liger takes (weight, input, target)
+        torch.testing.assert_close(ours.loss, liger.loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.z_loss, liger.z_loss.float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.token_accuracy, liger.token_accuracy, rtol=0, atol=1e-6)
+        ours_g = torch.autograd.grad(ours.loss, (h, w, b))
+        liger_g = torch.autograd.grad(liger.loss, tl_)
+        for g, gl in zip(ours_g, liger_g):
+            torch.testing.assert_close(g, gl, rtol=1e-4, atol=1e-6)
+
+
+def test_accuracy_and_z_loss_edge_cases(device: torch.device) -> None:
+    """Ties take the first argmax (torch.argmax); zero labelled rows give 0.0, not NaN; the
+    default call still returns a plain tensor."""
+    h = torch.zeros(4, 8, device=device)
+    w = torch.zeros(5, 8, device=device)  # all logits 0: argmax is column 0
+    y = torch.tensor([0, 3, -100, 0], device=device)
+    out = mntp_loss(h, w, y, return_token_accuracy=True, reduction="none")
+    torch.testing.assert_close(
+        out.token_accuracy, torch.tensor([1.0, 0.0, 0.0, 1.0], device=device)
+    )
+    assert out.z_loss is None
+    none = torch.full((4,), -100, device=device)
+    out = mntp_loss(h, w, none, lse_square_scale=1.0, return_z_loss=True,
+                    return_token_accuracy=True)  # fmt: skip
+    assert out.loss.item() == 0.0 and out.z_loss.item() == 0.0 and out.token_accuracy.item() == 0.0
+    assert isinstance(mntp_loss(h, w, y), torch.Tensor)
+
+
 def test_deterministic_and_chunked_scratch(
     device: torch.device, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -438,6 +539,11 @@ def test_module_name_collision_is_harmless() -> None:
         ({"softcap": -1.0}, "softcap"),
         ({"labels": torch.full((2, 3), 50)}, r"labels must be in \[0, 50\)"),
         ({"labels": torch.full((2, 3), -5)}, "found -5"),
+        ({"label_smoothing": 1.5}, "label_smoothing"),
+        ({"label_smoothing": -0.1}, "label_smoothing"),
+        ({"lse_square_scale": -1.0}, "lse_square_scale"),
+        ({"return_z_loss": "yes"}, "return_z_loss"),
+        ({"return_token_accuracy": 1}, "return_token_accuracy"),
     ],
 )
 def test_errors(change: dict, match: str) -> None:

@@ -529,15 +529,16 @@ def _dot_precision(dtype: torch.dtype, device: torch.device) -> str | None:
     """`input_precision` of the kernels' dots, valid on every target.
 
     16-bit inputs: None (the backend's default; the operands are 16-bit). float32: "ieee" when
-    torch's float32 matmuls are full precision (its default) or on gfx90a, where "tf32" does not
-    exist (valid there: ieee, bf16x3, bf16x6); else "tf32" as torch's own allow_tf32 GEMMs.
+    torch's float32 matmuls are full precision (its default) or on AMD other than gfx942, where
+    "tf32" does not exist (gfx90a allows ieee, bf16x3, bf16x6); else "tf32" as torch's own
+    allow_tf32 GEMMs.
     """
     if dtype != torch.float32:
         return None
     if not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
-    key = config.arch_key(device)  # e.g. "amd-gfx90a": CDNA2 has no tf32
-    if key.startswith("amd") and not key.startswith(("amd-gfx94", "amd-gfx95")):
+    key = config.arch_key(device)  # AMD: only gfx942 (CDNA3) has xf32, Triton's "tf32" there
+    if key.startswith("amd") and key != "amd-gfx942":
         return "ieee"
     return "tf32"
 
