@@ -332,3 +332,89 @@ def test_empty_and_scalar_tensors(tmp_path):
     out = load_folder(tmp_path / "out")
     assert out["e"].shape == (0, 4) and out["s"].item() == 3.0
     assert bits_equal(out["z"], torch.zeros(3))  # +0, as mergekit's 0 + (-0) accumulation gives
+
+
+# ------------------------------------------------------------------ issue 13: safety
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_yaml_parameters_are_rejected_naming_the_key(pair, tmp_path, capsys, value):
+    text = yaml_for(*pair).replace("weight: 1.0", f"weight: {value}", 1)
+    rc, _, err = run_cli(tmp_path, text, capsys=capsys)
+    assert rc == 1 and f"weight of model {pair[0]} must be a finite number" in err, err
+    assert err.count("\n") == 1 and leftovers(tmp_path) == []
+    text = yaml_for(pair[1], extra=f"base_model: {pair[0]}\nparameters: {{lambda: {value}}}\n")
+    rc, _, err = run_cli(tmp_path, text.replace("linear", "task_arithmetic"), capsys=capsys)
+    assert rc == 1 and "lambda must be a finite number" in err, err
+    assert leftovers(tmp_path) == []
+
+
+def test_non_finite_merge_output_is_never_published(tmp_path, capsys):
+    # finite float16 inputs whose sum overflows (normalize off), and an input holding an Inf
+    big = {k: torch.full_like(v, 60000.0) for k, v in toy(1, dtype=torch.float16).items()}
+    a, b = write_raw(tmp_path / "a", big), write_raw(tmp_path / "b", big)
+    with pytest.raises(MergeError, match=r"tensor model\.\S+ of the merge has non-finite values"):
+        merge([a, b], [1, 1], tmp_path / "out", normalize=False)
+    assert leftovers(tmp_path) == []
+    inf = toy(2)
+    inf["model.norm.weight"][3] = float("inf")
+    c = write_raw(tmp_path / "c", inf)
+    rc, _, err = run_cli(tmp_path, yaml_for(write_raw(tmp_path / "d", toy(3)), c), capsys=capsys)
+    assert rc == 1 and "tensor model.norm.weight of the merge has non-finite" in err, err
+    assert leftovers(tmp_path) == []
+    # the explicit opt-out writes it (inputs that hold Inf on purpose)
+    rc, _, _ = run_cli(tmp_path, yaml_for(tmp_path / "d", c), "--allow-non-finite", capsys=capsys)
+    assert rc == 0 and torch.isinf(load_folder(tmp_path / "out")["model.norm.weight"][3])
+
+
+def test_force_never_replaces_an_input_or_the_working_directory(pair, tmp_path, monkeypatch):
+    a, b = pair
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for out in (tmp_path, a, b):
+        with pytest.raises(MergeError, match="is the input|contains the input"):
+            merge([a, b], [1, 1], out, force=True)
+    work = tmp_path / "x" / "y"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    for out in (".", ".."):
+        with pytest.raises(MergeError, match="working directory"):
+            merge([a, b], [1, 1], out, force=True)
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "x"]
+
+
+def test_sigterm_mid_merge_removes_the_temporary_folder(pair, tmp_path):
+    cfg = tmp_path / "merge.yml"
+    cfg.write_text(yaml_for(*pair))
+    marker = tmp_path / "marker"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, str(cfg), str(tmp_path / "out"), str(marker)],
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        assert len([p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+    finally:
+        proc.kill()
+        proc.wait()
+    assert leftovers(tmp_path) == []
+
+
+def test_later_merge_removes_stale_temporaries_of_dead_processes(pair, tmp_path):
+    from bidirlm.runtime.outputs import host_tag
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = host_tag()
+    stale = tmp_path / f".other.tmp-{dead.pid}-{host}-0badc0de"  # kill -9 of a merge to "other"
+    alive = tmp_path / f".other.tmp-{os.getpid()}-{host}-0badc0de"  # a merge still running
+    for folder in (stale, alive):
+        folder.mkdir()
+        (folder / "model-00001-of-00002.safetensors").write_bytes(b"x" * 100)
+    merge(list(pair), [1, 1], tmp_path / "out")
+    assert not stale.exists() and alive.exists() and (tmp_path / "out").is_dir()
