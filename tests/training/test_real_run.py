@@ -571,3 +571,15 @@ def test_encode_and_eval_take_threads(tmp_path: Path, capsys: pytest.CaptureFixt
     ):
         assert cli_main([*command, "--threads", "0"]) == 1
         assert "--threads must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_diverged_last_step_publishes_no_model(tmp_path: Path, capsys) -> None:
+    """A finite but absurd lr: the gradients turn NaN after step 1; the run must not end with a
+    published final model and exit 0."""
+    argv = ["train", str(EXAMPLES / "tiny-causal.toml"), "--set", f"train.output={tmp_path}"]
+    for o in ["optim.lr=1e30", "optim.warmup_steps=0", "train.steps=3", *SMALL["causal"]]:
+        argv += ["--set", o]
+    assert cli_main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("bidirlm train: error: step 3: non-finite") and "not written" in err
+    assert not (tmp_path / "final").exists() and not (tmp_path / "checkpoints").exists()

@@ -908,6 +908,14 @@ def _train(config, info, model_path, sources, stop_after, on_step) -> Path:
                     f"grad norm {row['grad_norm']}) at step {run.step}: stopping; lower optim.lr, "
                     "check the data, or raise train.max_nonfinite_steps"
                 )
+            if run.step == config.train.steps and run.nonfinite_in_row:
+                last = f"step {run.saved_step}" if run.saved_step else "none"
+                raise TrainingError(
+                    f"step {run.step}: non-finite loss or gradients (loss {row['loss']}, grad "
+                    f"norm {row['grad_norm']}) in the last {run.nonfinite_in_row} step(s): the "
+                    f"final model is not written (last checkpoint: {last}); lower optim.lr or "
+                    "check the data"
+                )
             every = config.train.checkpoint_every
             stop = (
                 stop_after is not None and run.step - started >= stop_after
