@@ -237,6 +237,16 @@ def test_second_train_on_the_same_output_is_refused(tmp_path: Path, capsys) -> N
         assert _names(output) == [outputs.LOCK_NAME]  # the other run's folder is untouched
 
 
+def test_second_pipeline_on_the_same_output_is_refused(tmp_path: Path, capsys) -> None:
+    output = tmp_path / "deep" / "run"
+    with OutputLock(output):
+        assert main(["pipeline", str(_small_recipe(tmp_path, output))]) == 1
+        err = _one_line_error(capsys, "pipeline")
+        assert f"pid {os.getpid()}" in err and str(output) in err
+        assert _names(output) == [outputs.LOCK_NAME]
+    assert not (tmp_path / "deep").exists()  # the lock removes the folders it made, once empty
+
+
 def test_train_refuses_an_output_whose_final_is_its_model(tmp_path: Path, model, capsys) -> None:
     run = tmp_path / "run"
     final = _copy(model, run / "final")
@@ -491,7 +501,7 @@ def test_unwritable_output_is_one_line_and_leaves_nothing(
     assert str(out_dir) in err and os.strerror(code) in err, err
     monkeypatch.undo()
     assert _files(out_dir) == []  # no partial output, no temporary
-    if command not in ("pipeline", "demo"):  # (those two may leave their empty run folder)
+    if command != "demo":  # (the demo may leave its empty output folder)
         assert _names(out_dir) == []
 
 

@@ -40,7 +40,13 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{phase.name:<20} {phase.kind:<6} <- {', '.join(phase.inputs)}")
             print(f"ok: inputs of {recipe.recipe.name} exist; outputs in {recipe.recipe.output}")
             return 0
-        report = run_pipeline(recipe)
+        from pathlib import Path
+
+        from bidirlm.runtime.outputs import lock_output
+
+        # one pipeline per recipe.output (a second one would run the same phases concurrently)
+        with lock_output(Path(recipe.recipe.output).expanduser()):
+            report = run_pipeline(recipe)
     except (RecipeError, FileNotFoundError, ValueError, TrainingError) as exc:
         raise CommandError(str(exc)) from None
     except TrainingInterrupted as exc:

@@ -306,7 +306,7 @@ class OutputLock:
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self._fd: int | None = None
-        self._made_folder = False
+        self._made: list[Path] = []  # folders this lock created, deepest first
         self.took_over: dict[str, Any] | None = None
 
     def _holder(self, raw: str) -> dict[str, Any]:
@@ -331,9 +331,14 @@ class OutputLock:
         if self._fd is not None:
             raise OutputError(f"{self.folder} is already locked by this object")
         try:
-            if not self.folder.exists():
-                self.folder.mkdir(parents=True)
-                self._made_folder = True
+            missing = []
+            for folder in [self.folder, *self.folder.parents]:
+                if folder.exists():
+                    break
+                missing.append(folder)
+            for folder in reversed(missing):
+                folder.mkdir()
+                self._made.insert(0, folder)
             while True:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
                 try:
@@ -383,10 +388,12 @@ class OutputLock:
             raise
 
     def _cleanup_folder(self) -> None:
-        if self._made_folder:
-            with contextlib.suppress(OSError):
-                self.folder.rmdir()
-            self._made_folder = False
+        for folder in self._made:  # only the ones we created, and only while empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self._made = []
 
     def release(self) -> None:
         if self._fd is None:
@@ -395,7 +402,7 @@ class OutputLock:
             self.path.unlink()  # while still holding the flock (see the inode check above)
         os.close(self._fd)
         self._fd = None
-        self._cleanup_folder()  # only if we created it and it is empty
+        self._cleanup_folder()  # only folders we created that are still empty
 
     def __enter__(self) -> OutputLock:
         self.acquire()
