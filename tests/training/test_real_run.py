@@ -583,3 +583,18 @@ def test_diverged_last_step_publishes_no_model(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("bidirlm train: error: step 3: non-finite") and "not written" in err
     assert not (tmp_path / "final").exists() and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("phase", ["mntp", "contrastive"])
+def test_bf16_training_gemma3(phase: str, tmp_path: Path) -> None:
+    """Gemma3 (sandwich norms, scaled embeddings, soft-capped head) trains in bf16 too; its
+    tokenizer has no mask token, so MNTP masks with "_"."""
+    from tests.models.test_models import build_checkpoint
+
+    model = build_checkpoint("gemma3", tmp_path / "gemma3")
+    final = train(
+        _config(phase, tmp_path / "out", f"model={model}", "train.steps=2", "train.dtype=bfloat16")
+    )
+    rows = _rows(tmp_path / "out")
+    assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in rows), rows
+    assert _all_finite(final)
