@@ -142,8 +142,15 @@ def test_stale_temporaries_removed_only_when_ours_and_dead_on_this_host(tmp_path
     for name in names:
         (tmp_path / name).mkdir()
         (tmp_path / name / "f").write_text("data")
+    files = {  # temporary files of atomic_write (encode's .npy, eval's JSON)
+        f".e.npy.tmp-{dead}-{host}-0123abcd": False,
+        f".e.npy.tmp-{os.getpid()}-{host}-0123abcd": True,
+    }
+    for name in files:
+        (tmp_path / name).write_text("half")
     outputs.remove_stale_temporaries(tmp_path)
-    assert _names(tmp_path) == sorted(n for n, keep in names.items() if keep)
+    kept = [n for n, keep in {**names, **files}.items() if keep]
+    assert _names(tmp_path) == sorted(kept)
 
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC])

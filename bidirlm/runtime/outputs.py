@@ -134,8 +134,8 @@ def _temp_name(target: Path, kind: str) -> Path:
 
 
 def remove_stale_temporaries(parent: Path) -> list[Path]:
-    """Remove the temporary folders that killed runs left in `parent` (ours by name, owner pid
-    dead on this host); an `.old-` folder only once its replacement is in place."""
+    """Remove the temporary folders and files that killed runs left in `parent` (ours by name,
+    owner pid dead on this host); an `.old-` folder only once its replacement is in place."""
     removed = []
     try:
         entries = list(parent.iterdir())
@@ -144,9 +144,13 @@ def remove_stale_temporaries(parent: Path) -> list[Path]:
     host = host_tag()
     for entry in entries:
         m = _TEMP.match(entry.name)
-        if not m or m["host"] != host or pid_alive(int(m["pid"])) or not entry.is_dir():
+        if not m or m["host"] != host or pid_alive(int(m["pid"])) or entry.is_symlink():
             continue
-        if entry.is_symlink():
+        if entry.is_file() and m["kind"] == "tmp":  # an atomic_write of a killed run
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+            continue
+        if not entry.is_dir():
             continue
         if m["kind"] == "old" and not (parent / m["name"]).exists():
             continue  # killed mid-swap: the old output is the only copy; leave it to the user
@@ -271,6 +275,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
                 made.append(parent)
             for parent in reversed(made):
                 parent.mkdir()
+            remove_stale_temporaries(path.parent)
             try:
                 with open(tmp, "xb") as fh:
                     write(fh)
