@@ -111,6 +111,18 @@ models:
     parameters: {{weight: 0.5}}
 tokenizer_source: union
 """,
+    "tokenizer-section-pad": """
+merge_method: linear
+base_model: {a}
+models:
+  - model: {a}
+    parameters: {{weight: 0.5}}
+  - model: {c}
+    parameters: {{weight: 0.5}}
+tokenizer:
+  source: base
+  pad_to_multiple_of: 48
+""",
     "ties": """
 merge_method: ties
 base_model: {a}
@@ -309,9 +321,13 @@ def test_same_tensors_and_config_as_mergekit(case, ckpts, mergekit_run, tmp_path
         assert all(not torch.equal(ours[name].float(), x[name].float()) for x in inputs)
     if case.startswith("tokenizer"):
         rows = ours["model.embed_tokens.weight"].shape[0]
-        assert ours_cfg["vocab_size"] == rows and rows == (
-            len(_union_vocab(ckpts)) if "union" in case else 504
-        )
+        expected = len(_union_vocab(ckpts)) if "union" in case else 504
+        if "pad" in case:
+            expected = 528  # 504 rounded up to a multiple of 48; the extra rows hold the mean
+            mean = ours["model.embed_tokens.weight"][:504].float().mean(0)
+            torch.testing.assert_close(ours["model.embed_tokens.weight"][-1].float(), mean,
+                                       rtol=0.01, atol=0.002)  # fmt: skip
+        assert ours_cfg["vocab_size"] == rows == expected
     if case.startswith("slices"):
         n_layers = 4 if case == "slices-stack" else 3
         assert ours_cfg["num_hidden_layers"] == n_layers
@@ -427,6 +443,9 @@ BAD = {
     "slices-range": (
         "merge_method: passthrough\nslices:\n  - sources:\n      - {{model: {a}, layer_range: "
         "[1, 5]}}\n", "has no layer 2"),
+    "tokens": ("merge_method: linear\nmodels: [{{model: {a}, parameters: {{weight: 1}}}}]\n"
+               "tokenizer: {{source: base, tokens: {{x: {{source: zero}}}}}}\n",
+               "tokenizer.tokens"),
     "seed": ("merge_method: linear\nmodels: [{{model: {a}, parameters: {{weight: 1}}}}]\n"
              "random_seed: -1\n", "random_seed"),
     "gamma": ("merge_method: ties\nbase_model: {a}\nmodels: [{{model: {b}, parameters: "

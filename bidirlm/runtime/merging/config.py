@@ -38,13 +38,14 @@ TOP_KEYS = (
     "tokenizer_from",
     "slices",
     "random_seed",
+    "tokenizer",
 )
+TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
 MODEL_KEYS = ("model", "parameters", "rename", "take")
 SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 UNSUPPORTED_TOP_KEYS = {
     "modules": "`modules:` is not supported; list whole models under `models:`",
-    "tokenizer": "tokenizer surgery (`tokenizer:`) is not supported; use `tokenizer_from`",
     "chat_template": "`chat_template` is not supported; edit tokenizer_config.json afterwards",
 }
 
@@ -115,6 +116,7 @@ class MergeConfig:
     source_text: str | None = None  # the YAML as written, saved beside the output
     slices: tuple[SliceSpec, ...] = ()
     tokenizer_source: str | None = None  # "base", "union" or a folder: vocabulary alignment
+    pad_to_multiple_of: int | None = None  # `tokenizer: {pad_to_multiple_of}`: padded vocabulary
     random_seed: int = 0  # masks of dare_* / della*, drawn per tensor
 
     @property
@@ -318,6 +320,7 @@ def config_from_dict(data: Mapping[str, Any], *, source_text: str | None = None)
     if not isinstance(data, Mapping):
         raise MergeError("a merge config must be a YAML mapping")
     _check_keys(data, TOP_KEYS, "merge config")
+    data, pad = _tokenizer_section(data)
     method = data.get("merge_method")
     if method not in METHODS:
         raise MergeError(f"merge_method {method!r} is not supported; valid: {', '.join(METHODS)}")
@@ -425,7 +428,29 @@ def config_from_dict(data: Mapping[str, Any], *, source_text: str | None = None)
         slices=tuple(slices),
         tokenizer_source=tokenizer_source,
         random_seed=seed,
+        pad_to_multiple_of=pad,
     )
+
+
+def _tokenizer_section(data: Mapping[str, Any]) -> tuple[Mapping[str, Any], int | None]:
+    """mergekit's `tokenizer: {source, pad_to_multiple_of}` as `tokenizer_source` (its `source`
+    defaults to union, as in mergekit); `tokens:` (per-token embedding surgery) is refused."""
+    section = data.get("tokenizer")
+    if section is None:
+        return data, None
+    if data.get("tokenizer_source") is not None:
+        raise MergeError("give either `tokenizer_source:` or `tokenizer:`, not both")
+    if not isinstance(section, Mapping):
+        raise MergeError("`tokenizer:` must be a mapping with `source:`")
+    _check_keys(section, TOKENIZER_KEYS, "tokenizer")
+    if section.get("tokens"):
+        raise MergeError("tokenizer.tokens (per-token embedding surgery) is not supported")
+    pad = section.get("pad_to_multiple_of")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        raise MergeError(f"tokenizer.pad_to_multiple_of must be a positive integer, got {pad!r}")
+    rest = {k: v for k, v in data.items() if k != "tokenizer"}
+    rest["tokenizer_source"] = section.get("source") or "union"
+    return rest, pad
 
 
 def _check_contract(method: str, ids: list[int], base: int | None, where: str) -> None:

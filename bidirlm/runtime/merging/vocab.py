@@ -9,6 +9,8 @@ does. A token missing from some models gets, in those models, the row of the onl
 has it, else the base's, else the average of the models that have it (zeros when none has it).
 When every output token sits at the same row in every model (the common case: one tokenizer,
 padded embeddings), the rows are a prefix and the tensor still streams slice by slice.
+`tokenizer: {source, pad_to_multiple_of: N}` rounds the rows up to a multiple of N, the extra
+rows holding each model's mean embedding (before the merge), as mergekit.
 """
 
 from __future__ import annotations
@@ -152,6 +154,9 @@ def build_alignment(config: MergeConfig) -> Alignment | None:
             raise MergeError(msg) from None
     vocab = out_tok.get_vocab()
     rows = len(vocab)
+    pad = config.pad_to_multiple_of
+    if pad and rows % pad:  # extra rows: the mean of the real ones (mergekit)
+        rows += pad - rows % pad
     maps = []
     for i, spec in enumerate(models):
         model_vocab = toks.get(i, base_tok).get_vocab()
@@ -162,7 +167,7 @@ def build_alignment(config: MergeConfig) -> Alignment | None:
             if old is not None and old < size:
                 row_map[new] = old
         maps.append(row_map)
-    prefix = all(m == list(range(rows)) for m in maps)
+    prefix = rows == len(vocab) and all(m == list(range(rows)) for m in maps)
     return Alignment(rows=rows, maps=maps, prefix=prefix, tokenizer=save, vocab=vocab)
 
 
@@ -205,5 +210,8 @@ def align_rows(
         for row, embed in defaults.items():
             if maps[k][row] < 0:
                 new[row] = embed
+        n = len(alignment.vocab)
+        if alignment.rows > n:  # pad_to_multiple_of: padding rows are the mean embedding
+            new[n:] = torch.mean(new[:n], dim=0)
         out.append(new)
     return out
