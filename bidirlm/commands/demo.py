@@ -23,6 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Hidden: the CI-sized run (about a minute; the numbers are noise at that size).
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
+        "--omni",
+        action="store_true",
+        help="the BidirLM-Omni demo instead: tiny vision and audio specialists composed with "
+        "the text encoder, cross-modal retrieval before/after alignment (out: runs/omni-demo)",
+    )
+    parser.add_argument(
         "--cpu", action="store_true", help="stay on the CPU even when a GPU is present"
     )
     parser.add_argument(
@@ -36,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "omni", False):
+        return _run_omni(args)
     from bidirlm.recipe.demo import run_demo
     from bidirlm.recipe.pipeline import RecipeError
     from bidirlm.runtime.training.trainer import TrainingError
@@ -73,4 +81,39 @@ def run(args: argparse.Namespace) -> int:
         f"{export['path']} (SentenceTransformer(path).encode: shape {tuple(export['shape'])})"
     )
     print(f"results: {Path(args.out) / 'results.json'}, report.md, results.png")
+    return 0
+
+
+def _run_omni(args: argparse.Namespace) -> int:
+    """`bidirlm demo --omni [--quick]` (bidirlm.recipe.omni_demo)."""
+    import torch
+
+    from bidirlm.recipe.omni_demo import run_omni_demo
+    from bidirlm.runtime.training.trainer import TrainingError
+
+    size = "tiny" if args.tiny else "quick" if args.quick else "full"
+    out = Path("runs/omni-demo") if args.out == Path("runs/demo") else args.out
+    threads = 1 if args.threads is None else args.threads
+    if threads < 1:
+        raise CommandError(f"--threads must be >= 1, got {threads}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = run_omni_demo(out, size)
+    except (TrainingError, ValueError) as exc:
+        raise CommandError(str(exc)) from None
+    except OSError as exc:
+        from bidirlm.runtime.outputs import write_error
+
+        raise CommandError(str(write_error(exc, out))) from None
+    finally:
+        torch.set_num_threads(previous)
+    print("\ndirection     unaligned R@1  aligned R@1  unaligned nDCG@10  aligned nDCG@10")
+    for d, u in results["unaligned"].items():
+        a = results["aligned"][d]
+        print(
+            f"{d:<12}  {u['recall@1']:13.3f}  {a['recall@1']:11.3f}  {u['ndcg@10']:17.3f}  "
+            f"{a['ndcg@10']:15.3f}"
+        )
+    print(f"\n{out / 'report.md'}, {out / 'results.png'} ({results['seconds']:.0f} s)")
     return 0

@@ -2,7 +2,7 @@
 
 Their text backbone has the shape of a given Qwen3 config (so they compose with a text encoder
 of that shape); their placeholder ids sit at the top of the vocabulary (the tiny tokenizer has no
-`<|image_pad|>`, these ids only ever appear as placeholders). The vision tower cuts 8x8 patches
+`<|image_pad|>`, these ids only ever appear as placeholders). The vision tower cuts 16x16 patches
 (no spatial merge, one temporal frame); the audio tower reads 32 log-mel bins in chunks of 100
 frames (1 s -> 13 tokens, transformers' fixed chunking). Used by the omni demo and the tests.
 """
@@ -19,7 +19,7 @@ VISION_TOWER = dict(
     hidden_size=32,
     intermediate_size=64,
     num_heads=2,
-    patch_size=8,
+    patch_size=16,
     temporal_patch_size=1,
     spatial_merge_size=1,
     num_position_embeddings=64,
@@ -37,12 +37,12 @@ AUDIO_TOWER = dict(
     max_position_embeddings=13,
 )
 IMAGE_PROCESSOR = dict(
-    patch_size=8,
+    patch_size=16,
     temporal_patch_size=1,
     merge_size=1,
     image_mean=[0.5, 0.5, 0.5],
     image_std=[0.5, 0.5, 0.5],
-    size={"shortest_edge": 8 * 8 * 4, "longest_edge": 8 * 8 * 256},
+    size={"shortest_edge": 16 * 16 * 2, "longest_edge": 16 * 16 * 256},
 )
 AUDIO_FEATURES = dict(feature_size=32, sampling_rate=16000, hop_length=160, n_fft=400, n_window=50)
 

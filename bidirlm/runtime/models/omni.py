@@ -590,8 +590,14 @@ def load_omni(
     model.to(device)
     if ckpt.has_tokenizer(folder):
         from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
-        model.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # no "model of type bidirlm_omni" warning
+        try:
+            model.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        finally:
+            hf_logging.set_verbosity(level)
     _processors(model, folder)
     return model.eval()
 
