@@ -330,9 +330,10 @@ def slerp(
     """Spherical interpolation of the flattened tensors, in float32 (float64 for float64):
     `theta = acos(<v0/|v0|, v1/|v1|>)`, result `sin((1-t) theta)/sin theta * v0 +
     sin(t theta)/sin theta * v1`, linear `(1-t) v0 + t v1` when `|cos theta| > 0.9995`; rounded to
-    the input dtype. Norms and dot are accumulated over 2**20-element chunks as mergekit (for a
-    tensor mergekit batches with others of its shape, its chunks are smaller: the result then
-    agrees within float32 rounding)."""
+    the input dtype. Norms and dot are accumulated over 2**20-element chunks as mergekit's YAML
+    path does (one tensor per kernel call: bitwise equal); mergekit's Python API may batch G
+    same-shape tensors into one call with 2**20 / G-element chunks, which agrees within float32
+    rounding."""
     dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
     a = v0.reshape(1, -1)
     b = v1.reshape(1, -1)
