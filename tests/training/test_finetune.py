@@ -419,3 +419,48 @@ def test_transformers_loads_saved_gemma3_sequence_classifier(tmp_path: Path) -> 
         back(ids, attention_mask=batch["attention_mask"]).logits,
         tok_clf(ids, attention_mask=batch["attention_mask"]).logits,
     )
+
+
+def test_head_lr_multiplier_scales_the_head_update_only(tmp_path: Path) -> None:
+    """One AdamW step moves each weight by ~lr * sign(grad): the head's move scales with
+    `task.head_lr_multiplier`, the encoder's does not."""
+    base = ["train.steps=1", "train.checkpoint_every=0", "data.batch_size=4", "task.dev=",
+            "optim.schedule=constant", "optim.warmup_steps=0", "task.dropout=0.0"]  # fmt: skip
+    runs = {"w0": ["optim.lr=1e-30"], "m1": ["optim.lr=1e-3", "task.head_lr_multiplier=1.0"],
+            "m10": ["optim.lr=1e-3", "task.head_lr_multiplier=10.0"]}  # fmt: skip
+    weights = {}
+    for name, extra in runs.items():
+        final = train(_config("sequence", tmp_path / name, *base, *extra))
+        weights[name] = load_file(final / "model.safetensors")
+    head0, head1, head10 = (weights[k]["score.weight"].double() for k in ("w0", "m1", "m10"))
+    torch.testing.assert_close(head10 - head0, 10 * (head1 - head0), rtol=1e-3, atol=1e-9)
+    assert (head1 - head0).abs().max() > 5e-4  # it moved by about lr
+    emb = "model.embed_tokens.weight"
+    assert torch.equal(weights["m1"][emb], weights["m10"][emb])
+    assert not torch.equal(weights["m1"][emb], weights["w0"][emb])
+
+
+def test_head_losses_against_float64() -> None:
+    import torch.nn.functional as F
+
+    from bidirlm.runtime.models.heads import ClassificationHead
+
+    torch.manual_seed(0)
+    logits = torch.randn(7, 3)
+    w = torch.tensor([0.5, 2.0, 1.0])
+    single = ClassificationHead(8, 3, problem_type="single_label", device="cpu")
+    labels = torch.tensor([0, 2, 1, -100, 2, 0, 1])
+    ref = F.cross_entropy(logits.double(), labels, weight=w.double(), ignore_index=-100)
+    torch.testing.assert_close(single.loss(logits, labels, w).double(), ref, rtol=1e-6, atol=0)
+    multi = ClassificationHead(8, 3, problem_type="multi_label", device="cpu")
+    hot = (torch.rand(7, 3) > 0.5).float()
+    ref = F.binary_cross_entropy_with_logits(logits.double(), hot.double(), pos_weight=w.double())
+    torch.testing.assert_close(multi.loss(logits, hot, w).double(), ref, rtol=1e-6, atol=0)
+    reg = ClassificationHead(8, 1, problem_type="regression", device="cpu")
+    target = torch.randn(7)
+    ref = ((logits[:, :1].double().squeeze(1) - target.double()) ** 2).mean()
+    torch.testing.assert_close(reg.loss(logits[:, :1], target).double(), ref, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="pooling"):
+        ClassificationHead(8, 3, pooling="max")
+    with pytest.raises(ValueError, match="problem_type"):
+        ClassificationHead(8, 3, kind="token", problem_type="regression")
