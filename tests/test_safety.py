@@ -226,6 +226,30 @@ def test_lock_respects_other_hosts_and_cleans_up_its_folder(tmp_path: Path) -> N
     assert not fresh.exists()  # created for the lock only, empty: removed
 
 
+def test_lock_without_flock_support_uses_the_pid_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)  # some network filesystems
+    folder = tmp_path / "run"
+    folder.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        record = {"pid": sleeper.pid, "host": socket.gethostname()}
+        (folder / outputs.LOCK_NAME).write_text(json.dumps(record))
+        with pytest.raises(OutputError, match=f"pid {sleeper.pid}"):
+            OutputLock(folder).acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with OutputLock(folder) as lock:  # its process is gone now: taken over
+        assert lock.took_over is not None and lock.took_over["pid"] == sleeper.pid
+
+
 def _train_argv(output: Path, *extra: str) -> list[str]:
     small = ["data.tokens_per_batch=256", "data.max_seq_len=64", "train.progress_bar=false"]
     sets = [f"train.output={output}", "train.steps=1", "train.checkpoint_every=0", *small]
@@ -548,6 +572,8 @@ def test_encode_input_and_device_errors(model: Path, tmp_path: Path, capsys) -> 
     if not torch.cuda.is_available():
         assert main([*argv, "--device", "cuda"]) == 1
         assert "no CUDA GPU" in _one_line_error(capsys, "encode")
+        assert main([*_command_argv("eval", model, tmp_path), "--device", "cuda:0"]) == 1
+        assert "no CUDA GPU" in _one_line_error(capsys, "eval")
     assert not (tmp_path / "e.npy").exists()
     assert main(argv) == 0  # and the same command with good inputs works
     assert np.isfinite(np.load(tmp_path / "e.npy")).all()

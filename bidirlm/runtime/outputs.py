@@ -352,6 +352,11 @@ class OutputLock:
                     raw = os.pread(fd, 4096, 0).decode("utf-8", "replace")
                     os.close(fd)
                     raise self._busy(self._holder(raw)) from None
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                        os.close(fd)
+                        raise
+                    break  # no flock on this filesystem: the pid/host record below decides
                 # The holder may have removed the file between our open and flock: retry on
                 # the file now at the path.
                 try:
