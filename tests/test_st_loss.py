@@ -231,3 +231,45 @@ def test_lazy_names():
     assert ours.FusedMultipleNegativesRankingLoss.__module__ == ours.__name__
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         ours.Nope  # noqa: B018
+
+
+def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["BIDIRLM_KERNELS"] = "torch"
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {}
+        for name, cls, their_cls in [
+            ("mnrl", "FusedMultipleNegativesRankingLoss", "MultipleNegativesRankingLoss"),
+            ("mnsrl", "FusedMultipleNegativesSymmetricRankingLoss",
+             "MultipleNegativesSymmetricRankingLoss"),
+        ]:  # fmt: skip
+            out = []
+            for loss_cls in (getattr(ours, cls), getattr(losses, their_cls)):
+                loss_fn = loss_cls(torch.nn.Identity(), scale=20.0, gather_across_devices=True)
+                embeddings = _embeddings(3, rows=3, seed=100 + rank)
+                loss = loss_fn.compute_loss_from_embeddings(embeddings, None)
+                loss.backward()
+                out.append((loss.detach(), [e.grad for e in embeddings]))
+            results[name] = out
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes each import sentence-transformers
+def test_gather_across_devices_two_processes(tmp_path: Path):
+    """Two gloo ranks (3 triplets each): with gather_across_devices=True each rank's loss and
+    gradients equal sentence-transformers' (which gathers with `all_gather_with_grad`)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        results = torch.load(tmp_path / f"rank{rank}.pt")
+        for name, ((loss_a, grads_a), (loss_b, grads_b)) in results.items():
+            torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6, msg=name)
+            for ga, gb in zip(grads_a, grads_b):
+                torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6, msg=name)
