@@ -336,3 +336,123 @@ def test_gpu_loss_memory_is_linear() -> None:
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert extra < b * m * 2 / 4, f"{extra / 2**20:.0f} MiB is not far below one bf16 [B, M]"
+
+
+# --- query_to_query / doc_to_doc, host op count, dot precision --------------------------------
+
+NEGATIVE_CASES = {
+    # name: (symmetric, query_to_query, doc_to_doc, sentence-transformers directions)
+    "qq": (False, True, False, ("query_to_doc", "query_to_query")),
+    "dd": (False, False, True, ("query_to_doc", "doc_to_doc")),
+    "gte": (True, True, True, ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")),
+}
+
+
+@pytest.mark.parametrize("case", list(NEGATIVE_CASES))
+def test_extra_negatives_match_sentence_transformers(device, case) -> None:
+    """query_to_query / doc_to_doc (and symmetric: doc_to_query) in one joint softmax, as
+    sentence-transformers' MultipleNegativesRankingLoss(directions=..., partition_mode="joint"),
+    with one column of hard negatives (documents = positives then negatives)."""
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    symmetric, qq, dd, directions = NEGATIVE_CASES[case]
+    anchors = torch.randn(B, D, device=device, requires_grad=True)
+    positives = torch.randn(B, D, device=device, requires_grad=True)
+    negatives = torch.randn(B, D, device=device, requires_grad=True)
+    st = MultipleNegativesRankingLoss(None, scale=20.0, directions=directions,
+                                      partition_mode="joint")  # fmt: skip
+    theirs = st.compute_loss_from_embeddings([anchors, positives, negatives], None)
+    ours = infonce_loss(anchors, torch.cat([positives, negatives]), temperature=0.05,
+                        symmetric=symmetric, query_to_query=qq, doc_to_doc=dd)  # fmt: skip
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    tensors = (anchors, positives, negatives)
+    for a, b in zip(_grads(ours, *tensors), _grads(theirs, *tensors)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_extra_negatives_match_float64(device, dtype) -> None:
+    """All extra negatives, 2 hard-negative columns, dot similarity, per-query losses."""
+    q, docs = _inputs(device, dtype, m=3 * B, scale=0.4)
+    q64, d64 = (t.detach().double().requires_grad_() for t in (q, docs))
+    kw = dict(temperature=1.0, symmetric=True, normalize=False, reduction="none",
+              query_to_query=True, doc_to_doc=True)  # fmt: skip
+    out = infonce_loss(q, docs, **kw)
+    ref = infonce_reference(q64, d64, **kw)
+    qe, de = (t.detach().float().requires_grad_() for t in (q, docs))
+    eager = infonce_reference(qe, de, **kw)  # the same formula in float32 (materialized)
+    assert_close_to_ref(out, ref, eager, name="loss")
+    up = torch.rand_like(ref) + 0.5
+    for name, mine, r, e in zip(
+        ("d queries", "d documents"),
+        _grads((out * up.float()).sum(), q, docs),
+        _grads((ref * up).sum(), q64, d64),
+        _grads((eager * up.float()).sum(), qe, de),
+    ):
+        assert_close_to_ref(mine, r, e.to(dtype), name=name)
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_ops_per_direction_do_not_grow_with_batch(monkeypatch) -> None:
+    """aten ops of one direction's forward + backward (Triton launches recorded, not run): the
+    same count at 512 x 4096 and 2048 x 16384, every per-chunk step being a Triton launch."""
+    from bidirlm.kernels import infonce_triton as it
+
+    launches: list[str] = []
+    monkeypatch.setattr(
+        type(it._infonce_bwd_kernel),
+        "run",
+        lambda self, *a, grid, warmup, **k: launches.append(self.fn.__name__),
+    )
+    counts, n_launches = [], []
+    for b, m in ((512, 4096), (2048, 16384)):
+        q = torch.randn(b, 64, dtype=torch.bfloat16)
+        docs = torch.randn(m, 64, dtype=torch.bfloat16)
+        launches.clear()
+        with _CountOps() as mode:
+            lse, pos = it._launch_forward(q, docs, 0, 20.0, True)
+            it._launch_backward(q, docs, lse, torch.ones_like(lse), -torch.ones_like(pos), 0,
+                                20.0, True)  # fmt: skip
+        counts.append(len(mode.ops))
+        n_launches.append(len(launches))
+    assert counts[0] == counts[1], f"aten ops grow with B, M: {counts}"
+    assert counts[0] <= 40, f"{counts[0]} aten ops per direction"
+    assert n_launches[1] > n_launches[0], "the chunk loop ran (launches were recorded)"
+
+
+def test_dot_precision_valid_on_every_target(monkeypatch) -> None:
+    """16-bit: the backend default (never "tf32": gfx90a rejects it); float32: "ieee" unless
+    torch allows tf32 and the target has it (NVIDIA, gfx942)."""
+    from bidirlm.kernels import config
+    from bidirlm.kernels import infonce_triton as it
+    from bidirlm.kernels import mntp_loss_triton as mt
+
+    cuda = torch.device("cuda")
+    prev = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    try:
+        for key, tf32_ok in (("nvidia-sm90", True), ("amd-gfx942", True), ("amd-gfx90a", False)):
+            monkeypatch.setattr(config, "arch_key", lambda device, key=key: key)
+            for dtype in (torch.bfloat16, torch.float16):
+                assert it._dot_precision(dtype, cuda) is None
+                assert mt._dot_precision(dtype, cuda) is None
+            torch.set_float32_matmul_precision("highest")  # torch's default
+            torch.backends.cuda.matmul.allow_tf32 = False
+            assert it._dot_precision(torch.float32, cuda) == "ieee"
+            assert mt._dot_precision(torch.float32, cuda) == "ieee"
+            torch.set_float32_matmul_precision("high")
+            torch.backends.cuda.matmul.allow_tf32 = True
+            want = "tf32" if tf32_ok else "ieee"
+            assert it._dot_precision(torch.float32, cuda) == want
+            assert mt._dot_precision(torch.float32, cuda) == want
+    finally:
+        torch.set_float32_matmul_precision(prev[0])
+        torch.backends.cuda.matmul.allow_tf32 = prev[1]

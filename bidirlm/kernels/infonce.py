@@ -52,14 +52,26 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @torch.library.custom_op("bidirlm::infonce_lse", mutates_args=())
 def _infonce_lse_op(
-    rows: torch.Tensor, cols: torch.Tensor, positive_offset: int, scale: float, normalize: bool
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    positive_offset: int,
+    scale: float,
+    normalize: bool,
+    exclude_lo: int = 0,
+    exclude_hi: int = 0,
+    exclude_period: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward of one direction: `(lse [R], pos [R])` float32."""
-    return _launch_forward(rows, cols, positive_offset, scale, normalize)
+    """Triton forward of one direction: `(lse [R], pos [R])` float32. `exclude_period > 0` drops
+    columns `exclude_lo <= j < exclude_hi` with `(j - exclude_lo) % exclude_period == i` from row
+    i's log-sum-exp (0 = none)."""
+    return _launch_forward(
+        rows, cols, positive_offset, scale, normalize,
+        _exclusion(exclude_lo, exclude_hi, exclude_period),
+    )  # fmt: skip
 
 
 @_infonce_lse_op.register_fake
-def _(rows, cols, positive_offset, scale, normalize):
+def _(rows, cols, positive_offset, scale, normalize, exclude_lo=0, exclude_hi=0, exclude_period=0):
     shape = (rows.shape[0],)
     return rows.new_empty(shape, dtype=torch.float32), rows.new_empty(shape, dtype=torch.float32)
 
@@ -74,20 +86,30 @@ def _infonce_lse_backward_op(
     positive_offset: int,
     scale: float,
     normalize: bool,
+    exclude_lo: int = 0,
+    exclude_hi: int = 0,
+    exclude_period: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton backward of one direction: `(d rows, d cols)` in the inputs' dtypes."""
-    return _launch_backward(rows, cols, lse, grad_lse, grad_pos, positive_offset, scale, normalize)
+    return _launch_backward(
+        rows, cols, lse, grad_lse, grad_pos, positive_offset, scale, normalize,
+        _exclusion(exclude_lo, exclude_hi, exclude_period),
+    )  # fmt: skip
 
 
 @_infonce_lse_backward_op.register_fake
-def _(rows, cols, lse, grad_lse, grad_pos, positive_offset, scale, normalize):
+def _(rows, cols, lse, grad_lse, grad_pos, positive_offset, scale, normalize, *exclude):
     return torch.empty_like(rows), torch.empty_like(cols)
 
 
+def _exclusion(lo: int, hi: int, period: int) -> tuple[int, int, int] | None:
+    return (lo, hi, period) if period > 0 else None
+
+
 def _setup_context(ctx, inputs, output) -> None:
-    rows, cols, positive_offset, scale, normalize = inputs
+    rows, cols, positive_offset, scale, normalize, *exclude = inputs
     ctx.save_for_backward(rows, cols, output[0])
-    ctx.options = (positive_offset, scale, normalize)
+    ctx.options = (positive_offset, scale, normalize, *exclude)
 
 
 def _backward(ctx, grad_lse, grad_pos):
@@ -95,24 +117,31 @@ def _backward(ctx, grad_lse, grad_pos):
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
     grad_pos = torch.zeros_like(lse) if grad_pos is None else grad_pos
     d_rows, d_cols = _infonce_lse_backward_op(rows, cols, lse, grad_lse, grad_pos, *ctx.options)
-    return d_rows, d_cols, None, None, None
+    return d_rows, d_cols, None, None, None, None, None, None
 
 
 _infonce_lse_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _direction(
-    rows: torch.Tensor, cols: torch.Tensor, positive_offset: int, scale: float, normalize: bool
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    positive_offset: int,
+    scale: float,
+    normalize: bool,
+    exclude: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One direction through the Triton op, or the float32 torch reference (dispatch)."""
+    lo, hi, period = exclude or (0, 0, 0)
     if use_triton(rows, cols):
-        return _infonce_lse_op(rows, cols, positive_offset, scale, normalize)
+        return _infonce_lse_op(rows, cols, positive_offset, scale, normalize, lo, hi, period)
     return infonce_direction_reference(
         rows.float(),
         cols.float(),
         scale=scale,
         normalize=normalize,
         positive_offset=positive_offset,
+        exclude=exclude,
     )
 
 
@@ -165,6 +194,8 @@ def infonce_loss(
     normalize: bool = True,
     reduction: str = "mean",
     gather_across_devices: bool = False,
+    query_to_query: bool = False,
+    doc_to_doc: bool = False,
 ) -> torch.Tensor:
     """In-batch InfoNCE: `F.cross_entropy(sim(queries, documents).float() / temperature,
     torch.arange(B), reduction=reduction)` without ever allocating the `[B, M]` logits.
@@ -187,28 +218,63 @@ def infonce_loss(
             sentence-transformers' `all_gather_with_grad`). Ranks may hold different B and M.
             Each rank returns the loss of its own queries only (`mean` = mean over its B_r
             queries); a no-op without a process group or with one process.
+        query_to_query: add the other queries as negatives of query i: `sim(q_i, q_j)`, `j != i`.
+        doc_to_doc: add `sim(d_i, d_k)` for the documents k of other queries as negatives:
+            every `k` with `k % B != i` (rows i, i + B, i + 2B, ... are query i's positive and hard
+            negatives in the B-positives-then-B-per-negative layout sentence-transformers uses).
+
+    With `query_to_query` or `doc_to_doc` the loss is one joint softmax per query (GTE's improved
+    contrastive loss; sentence-transformers' `MultipleNegativesRankingLoss(directions=...,
+    partition_mode="joint")`): with `s = sim / temperature`,
+
+        loss_i = logsumexp(cat([s(q_i, D)] + [s(q_i, Q \\ q_i)] if query_to_query
+                                             + [s(Q, d_i)] if symmetric
+                                             + [s(d_i, D \\ own docs)] if doc_to_doc)) - s(q_i, d_i)
+
+    (`symmetric=True` then adds the "doc_to_query" direction to the joint softmax instead of
+    averaging two). All four on (`symmetric`, both flags) is GTE's loss. `[B, M]` and `[B, B]` are
+    never allocated either.
 
     Returns a float32 scalar (`mean`, `sum`) or `[B]` (`none`).
     """
     temperature = _check_options(temperature, reduction)
     _check_inputs(queries, documents)
+    for name, flag in (("query_to_query", query_to_query), ("doc_to_doc", doc_to_doc)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be a bool, got {flag!r}")
     scale = 1.0 / temperature
     n_queries = queries.shape[0]
+    joint = query_to_query or doc_to_doc
     all_docs, doc_offset = documents, 0
     all_queries, query_offset = queries, 0
     if gather_across_devices and world_size() > 1:
         # This rank's documents start at doc_offset in the gathered matrix, so its positives are
         # rows doc_offset + i there (not i): the kernel takes the positive offset as an argument.
         all_docs, doc_offset = gather_with_grad(documents)
-        if symmetric:
+        if symmetric or query_to_query:
             all_queries, query_offset = gather_with_grad(queries)
     lse, pos = _direction(queries, all_docs, doc_offset, scale, normalize)
-    per_query = lse - pos
-    if symmetric:
-        lse_c, pos_c = _direction(
-            documents[:n_queries], all_queries, query_offset, scale, normalize
-        )
-        per_query = 0.5 * (per_query + (lse_c - pos_c))
+    if joint:
+        parts = [lse]
+        positives = documents[:n_queries]
+        if query_to_query:  # no positive among the queries: offset past the last column
+            excl = (query_offset, query_offset + n_queries, n_queries)
+            parts.append(_direction(queries, all_queries, all_queries.shape[0], scale,
+                                    normalize, excl)[0])  # fmt: skip
+        if symmetric:
+            parts.append(_direction(positives, all_queries, query_offset, scale, normalize)[0])
+        if doc_to_doc:
+            excl = (doc_offset, doc_offset + documents.shape[0], n_queries)
+            parts.append(_direction(positives, all_docs, all_docs.shape[0], scale, normalize,
+                                    excl)[0])  # fmt: skip
+        per_query = torch.logsumexp(torch.stack(parts), dim=0) - pos
+    else:
+        per_query = lse - pos
+        if symmetric:
+            lse_c, pos_c = _direction(
+                documents[:n_queries], all_queries, query_offset, scale, normalize
+            )
+            per_query = 0.5 * (per_query + (lse_c - pos_c))
     if reduction == "mean":
         return per_query.mean()
     if reduction == "sum":
@@ -227,6 +293,8 @@ class InfoNCELoss(torch.nn.Module):
         normalize: bool = True,
         reduction: str = "mean",
         gather_across_devices: bool = False,
+        query_to_query: bool = False,
+        doc_to_doc: bool = False,
     ) -> None:
         super().__init__()
         self.temperature = _check_options(temperature, reduction)
@@ -234,6 +302,8 @@ class InfoNCELoss(torch.nn.Module):
         self.normalize = normalize
         self.reduction = reduction
         self.gather_across_devices = gather_across_devices
+        self.query_to_query = query_to_query
+        self.doc_to_doc = doc_to_doc
 
     def forward(self, queries: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
         return infonce_loss(
@@ -244,11 +314,14 @@ class InfoNCELoss(torch.nn.Module):
             normalize=self.normalize,
             reduction=self.reduction,
             gather_across_devices=self.gather_across_devices,
+            query_to_query=self.query_to_query,
+            doc_to_doc=self.doc_to_doc,
         )
 
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, symmetric={self.symmetric}, "
             f"normalize={self.normalize}, reduction={self.reduction!r}, "
-            f"gather_across_devices={self.gather_across_devices}"
+            f"gather_across_devices={self.gather_across_devices}, "
+            f"query_to_query={self.query_to_query}, doc_to_doc={self.doc_to_doc}"
         )

@@ -2,13 +2,17 @@
 
 One *direction* of the loss, for `rows [R, d]` and `cols [N, d]`:
 `lse_i = logsumexp_j(scale * sim(rows_i, cols_j))`, `pos_i = scale * sim(rows_i, cols_{offset+i})`,
-with `sim` the dot product, times `rx_i * ry_j` (float32 inverse norms) for the cosine.
+with `sim` the dot product, times `rx_i * ry_j` (float32 inverse norms) for the cosine. Columns
+`j` with `lo <= j < hi` and `(j - lo) % period == i` can be excluded (the query itself among the
+queries, the documents of the same query among the documents: `query_to_query`, `doc_to_doc`).
 
-- `_launch_forward`: `_infonce_fwd_kernel` over (row blocks, column splits), online log-sum-exp
-  in fp32, per-split results merged on the host.
+- `_launch_forward`: `_inv_norm_kernel` per input, `_infonce_fwd_kernel` over (row blocks, column
+  splits) with an online log-sum-exp in fp32, one `logsumexp` merging the splits.
 - `_launch_backward`: chunks of the logit matrix; `_infonce_bwd_kernel` writes the chunk's
-  `E = d loss / d (row . col)` and GEMMs accumulate `E @ cols` and `E.T @ rows` in float32; the
-  normalization's Jacobian is applied once per row at the end.
+  `E = d loss / d (row . col)` and two GEMM kernels accumulate `E @ cols` and `E.T @ rows` in
+  float32 on chip (one read-modify-write of a chunk partial per chunk, in the epilogue);
+  `_norm_grad_kernel` applies the normalization's Jacobian and the cast. Every per-chunk step is a
+  Triton launch: the number of aten ops per direction is a constant, whatever B and M.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import config
 from .config import arch_family, autotune_enabled
 from .dispatch import interpreting
 
@@ -66,6 +71,13 @@ def _similarity_tile(
 
 
 @triton.jit
+def _excluded(rows, cols, lo, hi, period):
+    """[rows, cols] mask of excluded columns: `lo <= j < hi` and `(j - lo) % period == i`."""
+    rel = cols[None, :] - lo
+    return (rel >= 0) & (cols[None, :] < hi) & ((rel % period) == rows[:, None])
+
+
+@triton.jit
 def _infonce_fwd_kernel(
     x_ptr,
     y_ptr,
@@ -80,10 +92,14 @@ def _infonce_fwd_kernel(
     stride_y,
     positive_offset,
     scale,
+    excl_lo,
+    excl_hi,
+    excl_period,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NORMALIZE: tl.constexpr,
+    EXCLUDE: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -124,8 +140,11 @@ def _infonce_fwd_kernel(
             s = acc * row_scale[:, None]
         hit = cols[None, :] == target[:, None]
         pos_i += tl.sum(tl.where(hit, s, 0.0), axis=1)
+        keep = col_ok[None, :]
+        if EXCLUDE:
+            keep = keep & ~_excluded(rows, cols, excl_lo, excl_hi, excl_period)
         # exp2 is the native instruction; exp would multiply by log2(e) anyway.
-        s2 = tl.where(col_ok[None, :], s * 1.4426950408889634, float("-inf"))
+        s2 = tl.where(keep, s * 1.4426950408889634, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s2, axis=1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s2 - m_new[:, None]), axis=1)
         m_i = m_new
@@ -158,10 +177,14 @@ def _infonce_bwd_kernel(
     stride_e,
     positive_offset,
     scale,
+    excl_lo,
+    excl_hi,
+    excl_period,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NORMALIZE: tl.constexpr,
+    EXCLUDE: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -195,6 +218,8 @@ def _infonce_bwd_kernel(
     g_lse = tl.load(glse_ptr + rows, mask=row_ok, other=0.0)
     g_pos = tl.load(gpos_ptr + rows, mask=row_ok, other=0.0)
     p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
+    if EXCLUDE:
+        p = tl.where(_excluded(rows, cols, excl_lo, excl_hi, excl_period), 0.0, p)
     hit = cols[None, :] == (rows + positive_offset)[:, None]
     e = g_lse[:, None] * p + tl.where(hit, g_pos[:, None], 0.0)
     # Times a power of two chosen on the host so that max |E| is 2^14: fp16 E keeps its small
@@ -202,6 +227,128 @@ def _infonce_bwd_kernel(
     e = e * row_scale[:, None] * col_scale[None, :] * tl.load(escale_ptr)
     e_ptrs = e_ptr + local_r.to(tl.int64)[:, None] * stride_e + local_c[None, :]
     tl.store(e_ptrs, e.to(e_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _inv_norm_kernel(v_ptr, out_ptr, n, dim, stride_v, BLOCK_R: tl.constexpr,
+                     BLOCK_D: tl.constexpr):  # fmt: skip
+    """`out[i] = 1 / max(|v_i|, 1e-12)` in float32 (F.normalize's eps), no float32 copy of v."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(
+            v_ptr + rows.to(tl.int64)[:, None] * stride_v + ds[None, :],
+            mask=row_ok[:, None] & (ds < dim)[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.sum(x * x, axis=1)
+    tl.store(out_ptr + rows, 1.0 / tl.maximum(tl.sqrt(acc), 1e-12), mask=row_ok)
+
+
+@triton.jit
+def _e_rows_gemm_kernel(
+    e_ptr, y_ptr, acc_ptr, acc_row0, c0, n_rows, n_cols, dim, stride_e, stride_y, first,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """`acc[acc_row0 + r] (+)= E[r, :n_cols] @ y[c0 : c0 + n_cols]`: float32 on chip over the
+    chunk's columns; the partial is read (unless `first`) and written once, in the epilogue."""
+    local_r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = local_r < n_rows
+    ds = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d_ok = ds < dim
+    a_base = e_ptr + local_r.to(tl.int64)[:, None] * stride_e
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, n_cols, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < n_cols
+        a = tl.load(a_base + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(
+            y_ptr + (c0 + ks).to(tl.int64)[:, None] * stride_y + ds[None, :],
+            mask=k_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    ptrs = acc_ptr + (acc_row0 + local_r).to(tl.int64)[:, None] * dim + ds[None, :]
+    mask = row_ok[:, None] & d_ok[None, :]
+    if first == 0:
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _e_cols_gemm_kernel(
+    e_ptr, x_ptr, acc_ptr, acc_row0, r0, n_rows, n_cols, dim, stride_e, stride_x, first,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """`acc[acc_row0 + c] (+)= E[:n_rows, c].T @ x[r0 : r0 + n_rows]`, as `_e_rows_gemm_kernel`."""
+    local_c = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col_ok = local_c < n_cols
+    ds = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d_ok = ds < dim
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, n_rows, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < n_rows
+        a = tl.load(
+            e_ptr + ks.to(tl.int64)[:, None] * stride_e + local_c[None, :],
+            mask=k_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )  # [BLOCK_K, BLOCK_M]
+        b = tl.load(
+            x_ptr + (r0 + ks).to(tl.int64)[:, None] * stride_x + ds[None, :],
+            mask=k_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PRECISION)
+    ptrs = acc_ptr + (acc_row0 + local_c).to(tl.int64)[:, None] * dim + ds[None, :]
+    mask = col_ok[:, None] & d_ok[None, :]
+    if first == 0:
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _norm_grad_kernel(
+    acc_ptr, acc_row0, v_ptr, inv_ptr, out_ptr, row0, n, dim, stride_v, stride_out, escale_ptr,
+    NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """`out[row0 + r] = a - inv^2 (a . v) v` with `a = acc[acc_row0 + r] / escale` (the Jacobian
+    of `v / |v|`, its `1 / |v|` factor already in `a`; rows with |v| < eps: no projection)."""
+    local = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = local < n
+    rows = (row0 + local).to(tl.int64)
+    a_base = acc_ptr + (acc_row0 + local).to(tl.int64)[:, None] * dim
+    inv_scale = 1.0 / tl.load(escale_ptr)
+    coef = tl.zeros([BLOCK_R], dtype=tl.float32)
+    if NORMALIZE:
+        dot = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for d0 in range(0, dim, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            m = ok[:, None] & (ds < dim)[None, :]
+            a = tl.load(a_base + ds[None, :], mask=m, other=0.0)
+            v = tl.load(v_ptr + rows[:, None] * stride_v + ds[None, :], mask=m, other=0.0)
+            dot += tl.sum(a * v.to(tl.float32), axis=1)
+        inv = tl.load(inv_ptr + rows, mask=ok, other=0.0)
+        coef = tl.where(inv < 1.0 / 1e-12, inv * inv * dot, 0.0)
+    for d0 in range(0, dim, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        m = ok[:, None] & (ds < dim)[None, :]
+        a = tl.load(a_base + ds[None, :], mask=m, other=0.0)
+        if NORMALIZE:
+            v = tl.load(v_ptr + rows[:, None] * stride_v + ds[None, :], mask=m, other=0.0)
+            a = a - coef[:, None] * v.to(tl.float32)
+        out = out_ptr + rows[:, None] * stride_out + ds[None, :]
+        tl.store(out, (a * inv_scale).to(out_ptr.dtype.element_ty), mask=m)
 
 
 # --- launch configs ------------------------------------------------------------------------------
@@ -225,6 +372,7 @@ class InfoNCEConfig:
     chunk_cols: int
     programs_per_sm: int = 4
     extra: tuple[tuple[str, int], ...] = ()  # vendor-only launch kwargs (AMD waves_per_eu)
+    gemm: tuple[int, int, int] = (128, 128, 64)  # GEMM kernels: (rows, width, K) per tile
 
 
 CONFIGS: dict[str, InfoNCEConfig] = {
@@ -233,13 +381,13 @@ CONFIGS: dict[str, InfoNCEConfig] = {
     # A100 (sm80): 164 KB of shared memory per SM, so BLOCK_K 32 keeps 3 stages at 48 KB.
     "ampere": InfoNCEConfig(128, 128, 32, 8, 3, 2048, 2048),
     # Older NVIDIA parts (Turing, Volta): smaller tiles fit their 64-96 KB shared memory.
-    "nvidia": InfoNCEConfig(64, 64, 32, 4, 2, 1024, 2048),
+    "nvidia": InfoNCEConfig(64, 64, 32, 4, 2, 1024, 2048, gemm=(64, 64, 32)),
     # MI200/MI300 (wave64): no async-copy pipeline, so one stage; never 32 warps on wave64.
     "cdna": InfoNCEConfig(128, 128, 64, 8, 1, 2048, 2048, extra=(("waves_per_eu", 2),)),
-    "amd": InfoNCEConfig(64, 64, 32, 4, 1, 1024, 2048),
+    "amd": InfoNCEConfig(64, 64, 32, 4, 1, 1024, 2048, gemm=(64, 64, 32)),
     # Interpreter: smallest tiles tl.dot accepts, small chunks so tests cover the chunk loop and
     # the column splits with a few programs (each inner step costs ~5 ms there).
-    "interpreter": InfoNCEConfig(16, 32, 32, 1, 1, 16, 32, programs_per_sm=1),
+    "interpreter": InfoNCEConfig(16, 32, 32, 1, 1, 16, 32, programs_per_sm=1, gemm=(16, 64, 32)),
 }
 
 _AUTOTUNE_CONFIGS = [
@@ -269,10 +417,20 @@ def _autotuned(kernel_name: str) -> triton.runtime.Autotuner:
     )
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # tl.dot on fp32 defaults to tf32 (10-bit mantissa); torch's fp32 matmul is full precision
-    # unless the user opted in with set_float32_matmul_precision("high"/"medium").
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+def _dot_precision(dtype: torch.dtype, device: torch.device) -> str | None:
+    """`input_precision` of the dots, valid on every target (chosen per target here).
+
+    16-bit inputs: None, the backend default for 16-bit operands ("tf32" there fails to compile
+    on gfx90a). float32: "ieee" when torch's float32 matmuls are full precision
+    (`get_float32_matmul_precision() == "highest"`, its default) and on AMD other than gfx942
+    (gfx90a allows ieee, bf16x3, bf16x6 only); else "tf32", as torch's own GEMMs then.
+    """
+    if dtype != torch.float32:
+        return None
+    if torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    key = config.arch_key(device)
+    if key.startswith("amd") and key != "amd-gfx942":
         return "ieee"
     return "tf32"
 
@@ -291,59 +449,56 @@ def _num_splits(n_rows: int, n_cols: int, cfg: InfoNCEConfig, device: torch.devi
 
 
 def _inverse_norms(v: torch.Tensor) -> torch.Tensor:
-    """float32 `1 / max(|v_i|, 1e-12)` per row, in row chunks so no fp32 copy of `v` exists."""
+    """float32 `1 / max(|v_i|, 1e-12)` per row: one launch, no float32 copy of `v`."""
     out = torch.empty(v.shape[0], dtype=torch.float32, device=v.device)
-    step = max(1, (1 << 24) // max(1, v.shape[1]))
-    for i in range(0, v.shape[0], step):
-        out[i : i + step] = v[i : i + step].float().norm(dim=1).clamp_min(_NORM_EPS).reciprocal()
+    block_r, block_d = 16, min(256, triton.next_power_of_2(max(v.shape[1], 16)))
+    _inv_norm_kernel[(triton.cdiv(v.shape[0], block_r),)](
+        v, out, v.shape[0], v.shape[1], v.stride(0), BLOCK_R=block_r, BLOCK_D=block_d,
+        num_warps=4,
+    )  # fmt: skip
     return out
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`a @ b` with a float32 result: bf16/fp16 GEMM with fp32 output on a GPU (no fp32 copies
-    of the operands); upcast operands elsewhere (the interpreter path already stores fp32 E)."""
-    if a.dtype == torch.float32 and b.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda and _mm_out_dtype_ok[0]:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # a torch/backend without mm(..., out_dtype=)
-            _mm_out_dtype_ok[0] = False
-    return a.float() @ b.float()
+# The float32 partial gradient sums of the backward stay below this (with the E chunk): a
+# partial of all R rows when it fits, else one of a row / column chunk (two passes, see
+# `_launch_backward`).
+_SCRATCH_BYTES = 32 * 2**20
 
 
-_mm_out_dtype_ok = [True]
-
-
-def _apply_norm_jacobian(
-    acc: torch.Tensor, v: torch.Tensor, inv: torch.Tensor | None, out: torch.Tensor
-) -> None:
-    """`out = acc - inv^2 (acc . v) v` row-wise (the Jacobian of `v / |v|`, the `|v|` factor
-    already in `acc`), cast to `out.dtype`; rows with `|v| < eps` are divided by eps, no projection.
-    """
-    step = max(1, (1 << 24) // max(1, v.shape[1]))
-    for i in range(0, v.shape[0], step):
-        a = acc[i : i + step]
-        if inv is None:
-            out[i : i + step] = a
-            continue
-        vv = v[i : i + step].float()
-        r = inv[i : i + step]
-        coef = torch.where(r < 1.0 / _NORM_EPS, r * r * (a * vv).sum(dim=1), 0.0)
-        out[i : i + step] = a - coef[:, None] * vv
+def working_memory(rows: int, cols: int, d: int, elem: int, *, family: str = "hopper") -> int:
+    """Bytes one direction allocates beyond inputs, outputs and gradients in its backward (the
+    larger pass), as `_launch_backward` sizes them: inverse norms, float32 lse/gradients of the
+    rows, the E chunk, the float32 partial(s)."""
+    cfg = CONFIGS[family]
+    chunk_r, chunk_c = min(cfg.chunk_rows, rows), min(cfg.chunk_cols, cols)
+    e_bytes = chunk_r * chunk_c * elem
+    small = (rows + cols) * 4 + rows * 4 * 3 + 16
+    if rows * d * 4 + chunk_c * d * 4 + e_bytes <= _SCRATCH_BYTES:
+        return small + e_bytes + (rows + chunk_c) * d * 4
+    return small + e_bytes + max(chunk_r, chunk_c) * d * 4
 
 
 # --- host launchers ------------------------------------------------------------------------------
 
 
 def _flags(x: torch.Tensor) -> dict[str, object]:
-    return {"UPCAST": interpreting(), "DOT_PRECISION": _dot_precision(x.dtype)}
+    return {"UPCAST": interpreting(), "DOT_PRECISION": _dot_precision(x.dtype, x.device)}
+
+
+def _no_exclusion() -> tuple[int, int, int]:
+    return (0, 0, 1)
 
 
 def _launch_forward(
-    x: torch.Tensor, y: torch.Tensor, positive_offset: int, scale: float, normalize: bool
+    x: torch.Tensor,
+    y: torch.Tensor,
+    positive_offset: int,
+    scale: float,
+    normalize: bool,
+    exclude: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(lse [R], pos [R])` float32 of one direction; see the module docstring."""
+    """`(lse [R], pos [R])` float32 of one direction; see the module docstring. `exclude =
+    (lo, hi, period)` drops columns `lo <= j < hi` with `(j - lo) % period == i` from row i."""
     x, y = x.contiguous(), y.contiguous()
     n_rows, dim = x.shape
     n_cols = y.shape[0]
@@ -352,12 +507,13 @@ def _launch_forward(
     ry = _inverse_norms(y) if normalize else x.new_empty(0, dtype=torch.float32)
     splits = _num_splits(n_rows, n_cols, cfg, x.device)
     lse_parts = torch.empty(splits, n_rows, dtype=torch.float32, device=x.device)
-    pos = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    pos = torch.zeros(n_rows, dtype=torch.float32, device=x.device)  # 0 without a positive
     args = (x, y, rx, ry, lse_parts, pos, n_rows, n_cols, dim, x.stride(0), y.stride(0))
-    args += (positive_offset, scale)
+    args += (positive_offset, scale, *(exclude or _no_exclusion()))
+    flags = {**_flags(x), "NORMALIZE": normalize, "EXCLUDE": exclude is not None}
     if autotune_enabled():
         grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), splits)
-        _autotuned("fwd")[grid](*args, NORMALIZE=normalize, **_flags(x))
+        _autotuned("fwd")[grid](*args, **flags)
     else:
         grid = (triton.cdiv(n_rows, cfg.block_m), splits)
         _infonce_fwd_kernel[grid](
@@ -365,10 +521,9 @@ def _launch_forward(
             BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n,
             BLOCK_K=cfg.block_k,
-            NORMALIZE=normalize,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
-            **_flags(x),
+            **flags,
             **dict(cfg.extra),
         )
     lse = lse_parts[0] if splits == 1 else torch.logsumexp(lse_parts, dim=0)
@@ -384,20 +539,27 @@ def _launch_backward(
     positive_offset: int,
     scale: float,
     normalize: bool,
+    exclude: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients `(dx [R, d], dy [N, d])` in the inputs' dtypes, accumulated in float32.
 
-    Loops over `chunk_rows x chunk_cols` chunks of the logit matrix (columns outer): the kernel
-    writes the chunk's `E`, then `dx[r] += E @ y[c]` and `dy[c] += E.T @ x[r]` as GEMMs. `dy[c]`
-    is finished after its column chunk; `dx` keeps one float32 `[R, d]` accumulator (R <= N).
+    Chunks of `chunk_rows x chunk_cols` logits: `_infonce_bwd_kernel` writes the chunk's `E`,
+    `_e_rows_gemm_kernel` adds `E @ y[chunk]` to dx's float32 partial and `_e_cols_gemm_kernel`
+    `E.T @ x[chunk]` to dy's. When dx's partial of all R rows fits `_SCRATCH_BYTES`, one pass
+    (columns outer) feeds both GEMMs from each `E` (6 R N d FLOPs with the forward's 2, as eager);
+    otherwise a dy pass (columns outer) and a dx pass (rows outer) each recompute `E`, so the
+    partials stay one chunk wide (10 R N d FLOPs, working memory `E` + one `[chunk, d]` float32
+    partial). `_norm_grad_kernel` applies the normalization's Jacobian, the E scale and the cast.
+    All per-chunk work is Triton launches: the aten op count does not depend on R or N.
     """
     x, y = x.contiguous(), y.contiguous()
     n_rows, dim = x.shape
     n_cols = y.shape[0]
-    cfg = config_for(x.device)
-    rx = _inverse_norms(x) if normalize else None
-    ry = _inverse_norms(y) if normalize else None
+    dev = x.device
+    cfg = config_for(dev)
     empty = x.new_empty(0, dtype=torch.float32)
+    rx = _inverse_norms(x) if normalize else empty
+    ry = _inverse_norms(y) if normalize else empty
     lse = lse.float().contiguous()
     grad_lse = grad_lse.float().contiguous()
     grad_pos = grad_pos.float().contiguous()
@@ -411,42 +573,70 @@ def _launch_backward(
     # The interpreter keeps E in fp32: its bf16 stores are not round-to-nearest.
     e_dtype = torch.float32 if interpreting() else x.dtype
     chunk_r, chunk_c = min(cfg.chunk_rows, n_rows), min(cfg.chunk_cols, n_cols)
-    e_buf = torch.empty(chunk_r, chunk_c, dtype=e_dtype, device=x.device)
-    acc_x = torch.zeros(n_rows, dim, dtype=torch.float32, device=x.device)
+    e_buf = torch.empty(chunk_r, chunk_c, dtype=e_dtype, device=dev)
     dx, dy = torch.empty_like(x), torch.empty_like(y)
-    for c0 in range(0, n_cols, chunk_c):
-        nc = min(chunk_c, n_cols - c0)
-        y_c = y[c0 : c0 + nc]
-        acc_y = torch.zeros(nc, dim, dtype=torch.float32, device=x.device)
-        for r0 in range(0, n_rows, chunk_r):
-            nr = min(chunk_r, n_rows - r0)
-            e = e_buf[:nr, :nc]
-            args = (x, y, rx if normalize else empty, ry if normalize else empty, lse)
-            args += (grad_lse, grad_pos, e, e_scale, r0, nr, c0, nc, dim, x.stride(0), y.stride(0))
-            args += (e_buf.stride(0), positive_offset, scale)
-            if autotune_enabled():
-                grid = lambda meta, nr=nr, nc=nc: (
-                    triton.cdiv(nr, meta["BLOCK_M"]),
-                    triton.cdiv(nc, meta["BLOCK_N"]),
-                )
-                _autotuned("bwd")[grid](*args, NORMALIZE=normalize, **_flags(x))
-            else:
-                grid = (triton.cdiv(nr, cfg.block_m), triton.cdiv(nc, cfg.block_n))
-                _infonce_bwd_kernel[grid](
-                    *args,
-                    BLOCK_M=cfg.block_m,
-                    BLOCK_N=cfg.block_n,
-                    BLOCK_K=cfg.block_k,
-                    NORMALIZE=normalize,
-                    num_warps=cfg.num_warps,
-                    num_stages=cfg.num_stages,
-                    **_flags(x),
-                    **dict(cfg.extra),
-                )
-            acc_x[r0 : r0 + nr] += _mm_f32(e, y_c)
-            acc_y += _mm_f32(e.T, x[r0 : r0 + nr])
-        acc_y /= e_scale
-        _apply_norm_jacobian(acc_y, y_c, None if ry is None else ry[c0 : c0 + nc], dy[c0 : c0 + nc])
-    acc_x /= e_scale
-    _apply_norm_jacobian(acc_x, x, rx, dx)
+    flags = _flags(x)
+    e_flags = {**flags, "NORMALIZE": normalize, "EXCLUDE": exclude is not None}
+    excl = exclude or _no_exclusion()
+    gm, gn, gk = cfg.gemm
+    gemm_kw = {**flags, "BLOCK_M": gm, "BLOCK_N": gn, "BLOCK_K": gk, "num_warps": cfg.num_warps,
+               "num_stages": cfg.num_stages, **dict(cfg.extra)}  # fmt: skip
+
+    def make_e(r0: int, nr: int, c0: int, nc: int) -> None:
+        args = (x, y, rx, ry, lse, grad_lse, grad_pos, e_buf, e_scale, r0, nr, c0, nc, dim,
+                x.stride(0), y.stride(0), e_buf.stride(0), positive_offset, scale,
+                *excl)  # fmt: skip
+        if autotune_enabled():
+            grid = lambda meta: (triton.cdiv(nr, meta["BLOCK_M"]), triton.cdiv(nc, meta["BLOCK_N"]))
+            _autotuned("bwd")[grid](*args, **e_flags)
+            return
+        _infonce_bwd_kernel[(triton.cdiv(nr, cfg.block_m), triton.cdiv(nc, cfg.block_n))](
+            *args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **e_flags, **dict(cfg.extra),
+        )  # fmt: skip
+
+    def rows_gemm(acc: torch.Tensor, acc_row0: int, nr: int, c0: int, nc: int, first: bool):
+        _e_rows_gemm_kernel[(triton.cdiv(nr, gm), triton.cdiv(dim, gn))](
+            e_buf, y, acc, acc_row0, c0, nr, nc, dim, e_buf.stride(0), y.stride(0), int(first),
+            **gemm_kw,
+        )  # fmt: skip
+
+    def cols_gemm(acc: torch.Tensor, acc_row0: int, r0: int, nr: int, nc: int, first: bool):
+        _e_cols_gemm_kernel[(triton.cdiv(nc, gm), triton.cdiv(dim, gn))](
+            e_buf, x, acc, acc_row0, r0, nr, nc, dim, e_buf.stride(0), x.stride(0), int(first),
+            **gemm_kw,
+        )  # fmt: skip
+
+    def finish(acc, acc_row0, v, inv, out, row0, n) -> None:  # noqa: ANN001
+        block_r, block_d = 16, min(256, triton.next_power_of_2(max(dim, 16)))
+        _norm_grad_kernel[(triton.cdiv(n, block_r),)](
+            acc, acc_row0, v, inv, out, row0, n, dim, v.stride(0), out.stride(0), e_scale,
+            NORMALIZE=normalize, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+        )  # fmt: skip
+
+    row_chunks = [(r0, min(chunk_r, n_rows - r0)) for r0 in range(0, n_rows, chunk_r)]
+    col_chunks = [(c0, min(chunk_c, n_cols - c0)) for c0 in range(0, n_cols, chunk_c)]
+    e_bytes = e_buf.numel() * e_buf.element_size()
+    if n_rows * dim * 4 + chunk_c * dim * 4 + e_bytes <= _SCRATCH_BYTES:
+        acc_x = torch.empty(n_rows, dim, dtype=torch.float32, device=dev)
+        acc_y = torch.empty(chunk_c, dim, dtype=torch.float32, device=dev)
+        for c0, nc in col_chunks:
+            for r0, nr in row_chunks:
+                make_e(r0, nr, c0, nc)
+                rows_gemm(acc_x, r0, nr, c0, nc, first=c0 == 0)
+                cols_gemm(acc_y, 0, r0, nr, nc, first=r0 == 0)
+            finish(acc_y, 0, y, ry, dy, c0, nc)
+        finish(acc_x, 0, x, rx, dx, 0, n_rows)
+        return dx, dy
+    acc = torch.empty(max(chunk_r, chunk_c), dim, dtype=torch.float32, device=dev)
+    for c0, nc in col_chunks:  # dy pass: dy's partial covers one column chunk
+        for r0, nr in row_chunks:
+            make_e(r0, nr, c0, nc)
+            cols_gemm(acc, 0, r0, nr, nc, first=r0 == 0)
+        finish(acc, 0, y, ry, dy, c0, nc)
+    for r0, nr in row_chunks:  # dx pass: dx's partial covers one row chunk
+        for c0, nc in col_chunks:
+            make_e(r0, nr, c0, nc)
+            rows_gemm(acc, 0, nr, c0, nc, first=c0 == 0)
+        finish(acc, 0, x, rx, dx, r0, nr)
     return dx, dy

@@ -470,13 +470,33 @@ def _num_splits(n: int, v: int, device: torch.device) -> int:
     usual fraction, about a third of `n`: (row blocks / 3) x splits ~ `programs_per_sm` waves.
     Each split keeps >= 4 vocabulary tiles (one tile in the interpreter) so its merge is cheap.
     """
-    family = _CONFIGS[arch_family(device)]
+    name = arch_family(device)
+    return _num_splits_of(_CONFIGS[name], n, v, _sm_count(device), name == "interpreter")
+
+
+def _num_splits_of(family: _Family, n: int, v: int, sms: int, interpreter: bool = False) -> int:
     bm, bv = family.fwd.block_m, family.fwd.block_n
     tiles = triton.cdiv(v, bv)
-    min_tiles = 1 if arch_family(device) == "interpreter" else 4
+    min_tiles = 1 if interpreter else 4
     row_blocks = max(1, triton.cdiv(n, bm) // 3)
-    wanted = triton.cdiv(family.programs_per_sm * _sm_count(device), row_blocks)
+    wanted = triton.cdiv(family.programs_per_sm * sms, row_blocks)
     return max(1, min(wanted, tiles // min_tiles, 64))
+
+
+def working_memory(
+    n: int, v: int, d: int, elem: int, *, family: str = "hopper", sms: int = 132
+) -> dict[str, int]:
+    """Bytes the op allocates beyond its inputs, outputs and gradients, as the launchers size
+    them (no GPU needed): `fwd` (compaction, split partials, saved lse) and `bwd` (compaction,
+    float32 upstream gradient, saved lse, dlogits chunk, the larger float32 partial)."""
+    fam = _CONFIGS[family]
+    splits = _num_splits_of(fam, n, v, sms)
+    compact = n * 8 + 4
+    fwd = compact + splits * n * 4 + n * 4 + n * 4  # order, lse parts, target logits, lse
+    rc, vc = _chunk_sizes_of(fam, n, v, d, elem, True, True)
+    partial = max(rc * d * 4 if vc < v else 0, (vc * d * 4 + vc * 4) if rc < n else 0)
+    bwd = compact + n * 4 + n * 4 + rc * vc * elem + partial
+    return {"fwd": fwd, "bwd": bwd, "chunk_rows": rc, "chunk_vocab": vc, "splits": splits}
 
 
 def _chunk_sizes(
@@ -490,9 +510,17 @@ def _chunk_sizes(
     row chunk covering all `n` rows is preferred (each dlogits chunk then feeds both GEMMs: 8
     n V d FLOPs in all); otherwise the dH and dW passes recompute the chunk each (10 n V d).
     Example (bf16, H100/H200): n = 32,768 tokens, V = 151,936, d = 1024: one row chunk would
-    need a 128 MB float32 dH partial, so Rc = Vc = 4096: 32 MB of dlogits + 16 MB partial = 48 MB.
+    need a 128 MB float32 dH partial, so two passes with Rc = Vc = 3840: 28 MB of dlogits + a
+    15 MB partial = 43 MB (d = 2048: 3328 x 3328, 21 + 26 = 47 MB); with the compaction index,
+    float32 upstream gradient and saved lse (0.4 MB) the backward needs 44 MB (48 MB at d = 2048),
+    below the 64 MB target, whatever the labelled fraction (`working_memory`).
     """
-    family = _CONFIGS[arch_family(device)]
+    return _chunk_sizes_of(_CONFIGS[arch_family(device)], n, v, d, elem, need_dh, need_dw)
+
+
+def _chunk_sizes_of(
+    family: _Family, n: int, v: int, d: int, elem: int, need_dh: bool, need_dw: bool
+) -> tuple[int, int]:
     align, cap = family.align, family.max_chunk
     n_al = triton.cdiv(max(n, 1), align) * align
     v_al = triton.cdiv(v, align) * align

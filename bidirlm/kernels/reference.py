@@ -281,20 +281,32 @@ def infonce_direction_reference(
     scale: float,
     normalize: bool = True,
     positive_offset: int = 0,
+    exclude: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One direction of the in-batch InfoNCE loss, with the full `[R, N]` logit matrix.
 
     `rows [R, d]`, `cols [N, d]`; `logits = scale * sim(rows, cols)` with `sim` the cosine
     (`F.normalize` with eps 1e-12, as sentence-transformers' `cos_sim`) or the dot product.
     Returns `lse [R] = torch.logsumexp(logits, dim=1)` and the positive logit
-    `pos [R] = logits[i, positive_offset + i]`, computed in the dtype of the inputs.
+    `pos [R] = logits[i, positive_offset + i]` (0 when that column does not exist), computed in
+    the dtype of the inputs. `exclude = (lo, hi, period)` drops the columns `lo <= j < hi` with
+    `(j - lo) % period == i` from row i's log-sum-exp.
     """
     if normalize:
         rows = torch.nn.functional.normalize(rows, p=2.0, dim=-1)
         cols = torch.nn.functional.normalize(cols, p=2.0, dim=-1)
     logits = (rows @ cols.T) * scale
     index = torch.arange(rows.shape[0], device=rows.device)
-    return torch.logsumexp(logits, dim=1), logits[index, index + positive_offset]
+    target = index + positive_offset
+    has_pos = target < cols.shape[0]
+    pos = torch.where(has_pos, logits[index, target.clamp_max(cols.shape[0] - 1)], 0.0)
+    if exclude is not None:
+        lo, hi, period = exclude
+        j = torch.arange(cols.shape[0], device=rows.device)
+        rel = j[None, :] - lo
+        dropped = (rel >= 0) & (j[None, :] < hi) & (rel % period == index[:, None])
+        logits = logits.masked_fill(dropped, float("-inf"))
+    return torch.logsumexp(logits, dim=1), pos
 
 
 def infonce_reference(
@@ -305,6 +317,8 @@ def infonce_reference(
     symmetric: bool = False,
     normalize: bool = True,
     reduction: str = "mean",
+    query_to_query: bool = False,
+    doc_to_doc: bool = False,
 ) -> torch.Tensor:
     """Single-device `infonce_loss` with the `[B, M]` matrix materialized.
 
@@ -314,17 +328,37 @@ def infonce_reference(
     document->query loss of `documents[i]` against all B queries:
     `loss_i = (lse_row_i + lse_col_i) / 2 - logits[i, i]`, which is sentence-transformers'
     `MultipleNegativesRankingLoss(directions=("query_to_doc", "doc_to_query"),
-    partition_mode="per_direction")`. `reduction`: "mean" | "sum" | "none" (per query, `[B]`).
+    partition_mode="per_direction")`. With `query_to_query` / `doc_to_doc`, one joint
+    log-sum-exp per query over the selected blocks (`s = sim / temperature`): `s(q_i, D)`,
+    `s(q_i, q_j)` for `j != i`, `s(q_j, d_i)` for all j when symmetric, `s(d_i, d_k)` for
+    `k % B != i`: sentence-transformers' `partition_mode="joint"`. `reduction`: "mean" | "sum" |
+    "none" (per query, `[B]`).
     """
     scale = 1.0 / temperature
+    n = queries.shape[0]
     lse, pos = infonce_direction_reference(queries, documents, scale=scale, normalize=normalize)
-    per_query = lse - pos
-    if symmetric:
-        n = queries.shape[0]
-        lse_c, pos_c = infonce_direction_reference(
-            documents[:n], queries, scale=scale, normalize=normalize
-        )
-        per_query = 0.5 * (per_query + (lse_c - pos_c))
+    if query_to_query or doc_to_doc:
+        parts = [lse]
+        kw = {"scale": scale, "normalize": normalize}
+        m = documents.shape[0]
+        if query_to_query:  # no positive among the queries: offset past the last column
+            qq = infonce_direction_reference(queries, queries, positive_offset=n,
+                                             exclude=(0, n, n), **kw)  # fmt: skip
+            parts.append(qq[0])
+        if symmetric:
+            parts.append(infonce_direction_reference(documents[:n], queries, **kw)[0])
+        if doc_to_doc:
+            dd = infonce_direction_reference(documents[:n], documents, positive_offset=m,
+                                             exclude=(0, m, n), **kw)  # fmt: skip
+            parts.append(dd[0])
+        per_query = torch.logsumexp(torch.stack(parts), dim=0) - pos
+    else:
+        per_query = lse - pos
+        if symmetric:
+            lse_c, pos_c = infonce_direction_reference(
+                documents[:n], queries, scale=scale, normalize=normalize
+            )
+            per_query = 0.5 * (per_query + (lse_c - pos_c))
     if reduction == "mean":
         return per_query.mean()
     if reduction == "sum":
