@@ -54,23 +54,23 @@ def _dev_subset(kind: str, path: Path, every: int) -> Path:
 
 
 def test_sequence_phase_learns_embedded_task(tmp_path: Path) -> None:
-    dev = _dev_subset("sequence", tmp_path / "dev.jsonl", 3)
+    dev = _dev_subset("sequence", tmp_path / "dev.jsonl", 4)
     labels = [json.loads(x)["label"] for x in dev.read_text().splitlines()]
     chance = max(labels.count(p) for p in PACKAGES) / len(labels)  # majority class
     final = train(
         _config(
             "sequence",
             tmp_path / "run",
-            "train.steps=50",
+            "train.steps=80",
             "train.checkpoint_every=0",
-            "task.eval_every=25",
+            "task.eval_every=40",
             f"task.dev={dev}",
-            "data.max_seq_len=48",
+            "data.max_seq_len=32",
         )
     )
     rows = _rows(tmp_path / "run")
     evals = [r for r in rows if "dev" in r]
-    assert [r["step"] for r in evals] == [25, 50]
+    assert [r["step"] for r in evals] == [40, 80]
     best = json.loads((tmp_path / "run" / "best.json").read_text())
     assert best["metric"] == "accuracy"
     assert best["score"] == max(r["dev_score"] for r in evals)
