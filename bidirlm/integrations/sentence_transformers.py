@@ -136,18 +136,26 @@ def fused_settings(loss) -> dict | None:  # noqa: ANN001
     weighting): those run sentence-transformers' own computation, unchanged."""
     from sentence_transformers import util
 
+    symmetric_class = _st_losses()[2]
     if loss.similarity_fct is util.cos_sim:
         normalize = True
     elif loss.similarity_fct is util.dot_score:
         normalize = False
     else:
         return None
-    if loss.hardness_mode is not None and loss.hardness_strength > 0.0:
+    # Older sentence-transformers releases have no directions / partition / hardness settings:
+    # their MNRL is the default direction, their symmetric loss the per-direction pair.
+    if getattr(loss, "hardness_mode", None) is not None and getattr(loss, "hardness_strength", 0):
         return None
-    directions = set(loss.directions)
+    directions = getattr(loss, "directions", None)
+    if directions is None:
+        symmetric = isinstance(loss, symmetric_class)
+        directions = ("query_to_doc", "doc_to_query") if symmetric else ("query_to_doc",)
+    directions = set(directions)
+    partition = getattr(loss, "partition_mode", "per_direction")
     if directions == {"query_to_doc"}:
         symmetric = False
-    elif directions == {"query_to_doc", "doc_to_query"} and loss.partition_mode == "per_direction":
+    elif directions == {"query_to_doc", "doc_to_query"} and partition == "per_direction":
         symmetric = True
     else:
         return None
@@ -171,16 +179,36 @@ def _fused_loss(embeddings: list[torch.Tensor], settings: dict) -> torch.Tensor:
     return infonce_loss(queries, docs, **settings)
 
 
+def _st_losses() -> tuple[type, type, type]:
+    """sentence-transformers' (MNRL, CachedMNRL, symmetric MNRL), in its current or older layout."""
+    try:
+        from sentence_transformers.sentence_transformer import losses
+    except ImportError:  # older layout
+        from sentence_transformers import losses
+    return (
+        losses.MultipleNegativesRankingLoss,
+        losses.CachedMultipleNegativesRankingLoss,
+        losses.MultipleNegativesSymmetricRankingLoss,
+    )
+
+
 def _build_loss_classes() -> dict[str, type]:
     if _loss_classes:
         return _loss_classes
-    from sentence_transformers.sentence_transformer.losses import (
-        CachedMultipleNegativesRankingLoss,
+    (
         MultipleNegativesRankingLoss,
+        CachedMultipleNegativesRankingLoss,
         MultipleNegativesSymmetricRankingLoss,
-    )
+    ) = _st_losses()
 
     class _FusedMixin:
+        def forward(self, sentence_features, labels):  # noqa: ANN001, ANN202
+            if hasattr(super(), "compute_loss_from_embeddings") or fused_settings(self) is None:
+                return super().forward(sentence_features, labels)
+            # older releases compute the symmetric loss inside forward: embed, then ours
+            embeddings = [self.model(f)["sentence_embedding"] for f in sentence_features]
+            return self.compute_loss_from_embeddings(embeddings, labels)
+
         def compute_loss_from_embeddings(
             self, embeddings: list[torch.Tensor], labels: torch.Tensor
         ) -> torch.Tensor:
@@ -216,8 +244,8 @@ def _build_loss_classes() -> dict[str, type]:
             with_backward: bool = False,
         ) -> torch.Tensor:
             settings = fused_settings(self)
-            if settings is None:
-                return super().calculate_loss(reps, labels, with_backward=with_backward)
+            if settings is None:  # (older releases take no labels; current ones ignore them)
+                return super().calculate_loss(reps, with_backward=with_backward)
             loss = _fused_loss([torch.cat(r) for r in reps], settings)
             if with_backward:
                 loss.backward()
