@@ -2,7 +2,8 @@
 
 `corpus`: Python's own standard library as text (docs, code, contrastive pairs); `heldout`: the
 train/held-out split by top-level package and the embedded retrieval task; `tiny`: the embedded
-tiny Qwen3 model with a tokenizer trained here.
+tiny Qwen3 model with a tokenizer trained here; `tasks`: the fine-tuning tasks (docstring ->
+package, source token -> token class).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .corpus import (
     stdlib_files,
 )
 from .heldout import HELDOUT_FRACTION, embedded_task, split_of, stdlib_pairs, stdlib_texts
+from .tasks import EMBEDDED_TASKS, PACKAGES, TOKEN_TAGS, package_task, token_task
 from .tiny import (
     TINY_MODEL_NAME,
     TINY_SPECIAL_TOKENS,
@@ -27,14 +29,18 @@ from .tiny import (
 )
 
 __all__ = [
+    "EMBEDDED_TASKS",
     "HELDOUT_FRACTION",
+    "PACKAGES",
     "TINY_MODEL_NAME",
     "TINY_SPECIAL_TOKENS",
     "TINY_VOCAB_SIZE",
+    "TOKEN_TAGS",
     "_build_atomic",
     "cache_root",
     "embedded_task",
     "embedded_tiny_model",
+    "package_task",
     "python_code_texts",
     "python_docs_texts",
     "python_pairs",
@@ -45,4 +51,5 @@ __all__ = [
     "stdlib_pairs",
     "stdlib_texts",
     "tiny_qwen3_config",
+    "token_task",
 ]
