@@ -46,7 +46,7 @@ class OmniDemoSize:
 
 SIZES = {
     "tiny": OmniDemoSize(
-        captions=16, train_variants=2, pretrain_steps=30, align_steps=20, batch_size=8
+        captions=16, train_variants=2, pretrain_steps=60, align_steps=40, batch_size=8
     ),
     "quick": OmniDemoSize(
         captions=48, train_variants=4, pretrain_steps=200, align_steps=150, batch_size=16
