@@ -464,3 +464,33 @@ def test_head_losses_against_float64() -> None:
         ClassificationHead(8, 3, pooling="max")
     with pytest.raises(ValueError, match="problem_type"):
         ClassificationHead(8, 3, kind="token", problem_type="regression")
+
+
+def test_bio_tags_select_by_entity_f1_and_causal_attention(tmp_path: Path) -> None:
+    """BIO tags: the dev metric is seqeval's entity F1; `task.attention = "causal"` fine-tunes
+    the Base variant and saves it causal."""
+    words = ["Alice", "Smith", "went", "to", "Paris", "and", "Bob", "stayed", "home"]
+    tags = ["B-PER", "I-PER", "O", "O", "B-LOC", "O", "B-PER", "O", "O"]
+    data = _write(tmp_path / "ner.jsonl", [{"tokens": words, "tags": tags}] * 8)
+    final = train(
+        _config(
+            "token",
+            tmp_path / "run",
+            "train.steps=3",
+            "train.checkpoint_every=0",
+            "data.batch_size=4",
+            f"data.sources.0.path={data}",
+            f"task.dev={data}",
+            "task.attention=causal",
+        )
+    )
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert best["metric"] == "entity_f1"
+    assert {"entity_precision", "entity_recall", "entity_f1"} <= set(best["dev"])
+    config = json.loads((final / "config.json").read_text())
+    assert "is_causal" not in config  # causal: transformers' default
+    assert config["id2label"]["0"] == "O"  # "O" first, then sorted
+    assert [config["id2label"][str(i)] for i in range(4)] == ["O", "B-LOC", "B-PER", "I-PER"]
+    from bidirlm.runtime.models import load_model
+
+    assert load_model(final, bidirectional=None).bidirectional is False
