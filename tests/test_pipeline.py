@@ -352,3 +352,28 @@ def test_report_total_is_the_sum_of_phase_times(small_recipe: dict, tmp_path: Pa
     assert report["run_seconds"] < total + 60
     text = (tmp_path / "run" / "report.md").read_text()
     assert f"Phase time: {total:.1f} s in all" in text and "This run:" in text
+
+
+def test_demo_report_total_is_the_sum_of_phase_times() -> None:
+    """A re-run that skips every phase took 6 s, but its phases took 146 s when they ran."""
+    from bidirlm.recipe import demo
+
+    results = {
+        "size": "quick",
+        "task": "t",
+        "num_queries": 1,
+        "num_documents": 2,
+        "variants": {"Base": 0.1},
+        "mrr@10": {"Base": 0.1},
+        "recall@10": {"Base": 0.1},
+        "best": "Base",
+        "export": {"variant": "Base", "path": "/x/st", "shape": [5, 64], "cosines": [0.5]},
+        "phase_seconds": {"causal": 100.0, "mntp": 46.0},
+        "seconds": 6.0,
+        "device": "cpu",
+        "python": "3",
+        "torch": "2",
+        "kernels": "torch",
+    }
+    text = demo.format_report(results)
+    assert "Total 146 s of phase time" in text and "this run took 6 s" in text
