@@ -584,6 +584,10 @@ def test_encode_empty_list_is_empty_float_matrix(model: Path) -> None:
     for empty in ([], ()):
         emb = encoder.encode(empty)
         assert emb.shape == (0, encoder.hidden_size) and emb.dtype == torch.float32
+    encoder.tokenizer = None  # nothing to tokenize: no tokenizer needed either
+    assert encoder.encode([]).shape == (0, encoder.hidden_size)
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        encoder.encode(["text"])
 
 
 # ------------------------------------------------------------------ other rmtree sites

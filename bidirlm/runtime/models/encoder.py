@@ -219,10 +219,6 @@ class Encoder(nn.Module):
         padding), then pooled (`mean`, `last` or `first`) and optionally L2-normalized. An empty
         list gives an empty float32 `[0, d]`.
         """
-        if self.tokenizer is None:
-            raise ValueError(
-                "encode needs a tokenizer: the checkpoint folder had none; set .tokenizer"
-            )
         if isinstance(texts, str):
             raise ValueError("texts: expected a sequence of strings, got one str")
         if batch_size < 1:
@@ -231,8 +227,12 @@ class Encoder(nn.Module):
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         if pooling not in ("mean", "last", "first"):
             raise ValueError(f"pooling={pooling!r} is not valid; choose one of mean, last, first")
-        if len(texts) == 0:
+        if len(texts) == 0:  # (even without a tokenizer: nothing to tokenize)
             return torch.empty(0, self.config.hidden_size, dtype=torch.float32)
+        if self.tokenizer is None:
+            raise ValueError(
+                "encode needs a tokenizer: the checkpoint folder had none; set .tokenizer"
+            )
         ids = self.tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
         empty = [i for i, seq in enumerate(ids) if len(seq) == 0]
         if empty:
