@@ -446,6 +446,8 @@ BAD = {
     "tokens": ("merge_method: linear\nmodels: [{{model: {a}, parameters: {{weight: 1}}}}]\n"
                "tokenizer: {{source: base, tokens: {{x: {{source: zero}}}}}}\n",
                "tokenizer.tokens"),
+    "epsilon": ("merge_method: della\nbase_model: {a}\nmodels: [{{model: {b}, parameters: "
+                "{{weight: 1, density: 0.9, epsilon: 0.2}}}}]\n", "must stay in"),
     "seed": ("merge_method: linear\nmodels: [{{model: {a}, parameters: {{weight: 1}}}}]\n"
              "random_seed: -1\n", "random_seed"),
     "gamma": ("merge_method: ties\nbase_model: {a}\nmodels: [{{model: {b}, parameters: "

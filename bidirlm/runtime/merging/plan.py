@@ -258,6 +258,14 @@ def merged_task(
         task.coef = torch.tensor(task.weights, dtype=align).unsqueeze(-1)
     else:
         task.params = [params[k] for k in bound]
+        for k in bound:  # mergekit fails mid-merge on this; we refuse before writing anything
+            p = params[k]
+            if "epsilon" in p and 0 < p["density"] < 1:
+                if not 0 < p["density"] - p["epsilon"] < p["density"] + p["epsilon"] < 1:
+                    raise MergeError(
+                        f"model {labels[k]}: density {p['density']} +/- epsilon {p['epsilon']} "
+                        f"must stay in (0, 1) (tensor {n})"
+                    )
     return task
 
 
