@@ -841,9 +841,11 @@ def _train(config, info, model_path, sources, stop_after, on_step) -> Path:
     final = output / "final"
     latest = cio.latest_checkpoint(output)
     if latest is not None:
-        _check_config_change(config, output, cio.load_checkpoint(latest).step, main)
+        # the step from the folder name: loading the whole checkpoint would read every tensor
+        latest_step = cio.list_checkpoints(output)[-1][0]
+        _check_config_change(config, output, latest_step, main)
     if latest is not None and final.joinpath("config.json").is_file():
-        done = cio.load_checkpoint(latest).step
+        done = latest_step
         task_state = cio.load_checkpoint(latest).state.get("task") or {}
         if done >= config.train.steps or task_state.get("stopped"):
             log(f"{output} already holds a finished run ({done} steps): nothing to do", main=main)
