@@ -1,7 +1,9 @@
 """`bidirlm merge CONFIG OUTPUT_DIR`: merge checkpoints shard by shard from a mergekit-style YAML.
 
-See `bidirlm.runtime.merging.merge` for the YAML keys (mergekit's `linear`/`task_arithmetic` plus
-bidirlm's `rename`, `take`, `exclude`, `config_from`, `tokenizer_from`).
+See `bidirlm.runtime.merging.merge` for the YAML keys (mergekit's methods: linear,
+task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs(_ties), della(_linear), slerp, nuslerp,
+model_stock, passthrough and `slices:`; plus bidirlm's `rename`, `take`, `exclude`, `config_from`,
+`tokenizer_from`).
 """
 
 from __future__ import annotations
