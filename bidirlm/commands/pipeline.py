@@ -11,6 +11,7 @@ import argparse
 import json
 
 from bidirlm.cli import CommandError
+from bidirlm.commands._threads import add_threads_argument, threaded
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,8 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--check", action="store_true", help="parse the recipe and check its inputs; run nothing"
     )
+    add_threads_argument(parser)
 
 
+@threaded  # --threads N (bidirlm/commands/_threads.py)
 def run(args: argparse.Namespace) -> int:
     from bidirlm.recipe.pipeline import RecipeError, check_inputs, load_recipe, run_pipeline
     from bidirlm.runtime.training.trainer import TrainingError, TrainingInterrupted
