@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from bidirlm.cli import CommandError
 from bidirlm.commands._threads import add_threads_argument, threaded
@@ -52,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
             report = run_pipeline(recipe)
     except (RecipeError, FileNotFoundError, ValueError, TrainingError) as exc:
         raise CommandError(str(exc)) from None
-    except TrainingInterrupted as exc:
-        raise CommandError(str(exc)) from None
+    except TrainingInterrupted as exc:  # SIGTERM / Ctrl-C: the phase checkpointed; re-run resumes
+        print(f"bidirlm pipeline: {exc}", file=sys.stderr)
+        return 130 if exc.reason == "Ctrl-C" else 143
     print(json.dumps(report, indent=2))
     return 0
