@@ -66,8 +66,7 @@ def _reference(q, k, v, cu_seqlens, key_padding_mask, scale, left, right, softca
     return out.contiguous(), lse.contiguous()
 
 
-@torch.library.custom_op("bidirlm::flash_attn_fwd", mutates_args=())
-def _flash_attn_fwd(
+def _fwd_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -103,6 +102,11 @@ def _flash_attn_fwd(
         )  # fmt: skip
 
 
+# The eager path calls the implementations directly (the custom-op dispatch costs tens of
+# microseconds of Python per call); torch.compile traces the registered ops.
+_flash_attn_fwd = torch.library.custom_op("bidirlm::flash_attn_fwd", mutates_args=())(_fwd_impl)
+
+
 @_flash_attn_fwd.register_fake
 def _flash_attn_fwd_fake(
     q, k, v, cu_seqlens, key_padding_mask, max_seqlen, softmax_scale, window_left, window_right,
@@ -112,8 +116,7 @@ def _flash_attn_fwd_fake(
     return torch.empty_like(q, memory_format=torch.contiguous_format), lse
 
 
-@torch.library.custom_op("bidirlm::flash_attn_bwd", mutates_args=())
-def _flash_attn_bwd(
+def _bwd_impl(
     dout: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -148,6 +151,9 @@ def _flash_attn_bwd(
     )  # fmt: skip
 
 
+_flash_attn_bwd = torch.library.custom_op("bidirlm::flash_attn_bwd", mutates_args=())(_bwd_impl)
+
+
 @_flash_attn_bwd.register_fake
 def _flash_attn_bwd_fake(
     dout, q, k, v, out, lse, cu_seqlens, key_padding_mask, max_seqlen, softmax_scale, window_left,
@@ -165,7 +171,8 @@ def _op_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens, key_padding_mask, cu_seqlens_k, alibi = ctx.saved_tensors
     if dout is None:  # only lse was used downstream; it carries no gradient
         dout = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.bidirlm.flash_attn_bwd(
+    bwd = torch.ops.bidirlm.flash_attn_bwd if torch.compiler.is_compiling() else _bwd_impl
+    dq, dk, dv = bwd(
         dout, q, k, v, out, lse, cu_seqlens, key_padding_mask, *ctx.params, cu_seqlens_k,
         ctx.max_seqlen_k, alibi,
     )  # fmt: skip
@@ -215,7 +222,8 @@ class FlashAttnFunction(torch.autograd.Function):
         max_seqlen_k: int = -1,
         alibi_slopes: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = torch.ops.bidirlm.flash_attn_fwd(
+        fwd = torch.ops.bidirlm.flash_attn_fwd if torch.compiler.is_compiling() else _fwd_impl
+        out, lse = fwd(
             q, k, v, cu_seqlens, key_padding_mask, max_seqlen, softmax_scale, window_left,
             window_right, softcap, cu_seqlens_k, max_seqlen_k, alibi_slopes,
         )  # fmt: skip

@@ -877,6 +877,7 @@ def _lse_strides(shape: AttnShape, total_q: int) -> tuple[int, int]:
     return shape.hq * shape.seqlen, shape.seqlen
 
 
+@functools.lru_cache(maxsize=256)
 def _scalars(shape: AttnShape, scale: float, window: tuple[int, int], softcap: float) -> tuple:
     left = window[0] if window[0] >= 0 else UNBOUNDED
     right = window[1] if window[1] >= 0 else UNBOUNDED
@@ -895,6 +896,17 @@ def _geometry(
     b, s, hq, d = q.shape
     sk = k.shape[1]
     return AttnShape(b, s, hq, k.shape[2], d, False, -1 if sk == s else sk)
+
+
+_FAMILIES: dict[tuple[torch.device, bool], str] = {}
+
+
+def _family(device: torch.device, interp: bool) -> str:
+    """arch_family, memoised per device: the string tests cost microseconds per call."""
+    family = _FAMILIES.get((device, interp))
+    if family is None:
+        family = _FAMILIES[(device, interp)] = arch_family(device)
+    return family
 
 
 def _aux_args(
@@ -960,8 +972,9 @@ def attention_forward(
     if k.numel() == 0 or shape.kv_len == 0:  # no key anywhere: zeros, lse = -inf
         return out.zero_(), lse.fill_(float("-inf"))
     has_kpm = key_padding_mask is not None
+    interp = interpreting()
     plan = _plan(
-        arch_family(q.device), interpreting(), q.dtype, shape, window != (-1, -1), softcap > 0,
+        _family(q.device, interp), interp, q.dtype, shape, window != (-1, -1), softcap > 0,
         has_kpm, has_kpm and not packed and shape.kv_len == shape.seqlen,
         alibi_slopes is not None,
     )  # fmt: skip
@@ -1009,8 +1022,9 @@ def attention_backward(
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     has_kpm = key_padding_mask is not None
+    interp = interpreting()
     plan = _plan(
-        arch_family(q.device), interpreting(), q.dtype, shape, window != (-1, -1), softcap > 0,
+        _family(q.device, interp), interp, q.dtype, shape, window != (-1, -1), softcap > 0,
         has_kpm, has_kpm and not packed and shape.kv_len == shape.seqlen,
         alibi_slopes is not None,
     )  # fmt: skip
