@@ -386,7 +386,9 @@ class OutputLock:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, (json.dumps(data) + "\n").encode("utf-8"), 0)
                 os.fsync(fd)
-            except BaseException:
+            except BaseException:  # (we hold the flock: the half-written file is ours to drop)
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
                 os.close(fd)
                 raise
             self._fd = fd
