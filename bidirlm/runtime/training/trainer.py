@@ -300,6 +300,10 @@ class _Run:
         self.tokenizer = self.encoder.tokenizer
         self.encoder.gradient_checkpointing = config.train.gradient_checkpointing
         self.encoder.train()
+        if config.contrastive.train_towers:  # omni towers are frozen unless asked (multimodal)
+            if not hasattr(self.encoder, "freeze_towers"):
+                raise ValueError("contrastive.train_towers: the model has no vision/audio tower")
+            self.encoder.freeze_towers(False)
         self.task = None  # the fine-tuning phases' side of the run (finetune.TaskRun)
         phase_module: nn.Module = PhaseModule(self.encoder, config.contrastive.pooling)
         if self.phase in TASK_PHASES:
@@ -517,7 +521,7 @@ class _Run:
             "nonfinite_total": self.nonfinite_total,
         }
         if config.data.skip_bad_records:
-            row["bad_records"] = self.stream.bad_records
+            row["bad_records"] = getattr(self.stream, "bad_records", 0)
         if self.peak_flops:
             # 6 N FLOPs per token (Kaplan et al.): forward + backward of the matmuls, attention
             # scores ignored; an underestimate for long sequences.
@@ -933,10 +937,11 @@ def _train(config, info, model_path, sources, stop_after, on_step) -> Path:
                 break
     if run.nonfinite_total and main:
         log(f"{run.nonfinite_total} step(s) were skipped for a non-finite loss", main=main)
-    if run.stream.bad_records and main:
+    bad_records = getattr(run.stream, "bad_records", 0)  # the record streams count them
+    if bad_records and main:
         log(
-            f"skipped {run.stream.bad_records} bad data record(s) (data.skip_bad_records); "
-            f"first: {run.stream.first_bad or 'before the last resume'}",
+            f"skipped {bad_records} bad data record(s) (data.skip_bad_records); first: "
+            f"{getattr(run.stream, 'first_bad', None) or 'before the last resume'}",
             main=main,
         )
     path = run.save_final()
