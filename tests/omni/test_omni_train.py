@@ -150,3 +150,16 @@ def test_media_record_needs_omni_model(setup, tmp_path: Path) -> None:
     config = _config(setup, tmp_path / "t", "model=embedded:tiny", "train.steps=8")
     with pytest.raises(ValueError, match="model is text-only"):
         train(config)
+
+
+def test_train_towers_option_unfreezes_them(setup, tmp_path: Path) -> None:
+    final = train(_config(setup, tmp_path / "tt", "train.steps=8", "contrastive.train_towers=true"))
+    before, after = tensors(setup["omni"]), load_file(final / "model.safetensors")
+    moved = [n for n in before if n.startswith(TOWERS) and not torch.equal(after[n], before[n])]
+    assert any(n.startswith("model.visual.") for n in moved)
+    assert any(n.startswith("model.audio_tower.") for n in moved)
+    text_only = _config(
+        setup, tmp_path / "x", "model=embedded:tiny", "contrastive.train_towers=true"
+    )
+    with pytest.raises(ValueError, match="train_towers: the model has no vision/audio tower"):
+        train(text_only)

@@ -441,6 +441,7 @@ class ContrastiveConfig:
     symmetric: bool = False
     pooling: Literal["mean", "last", "first"] = "mean"
     mini_batch_size: int = 0  # > 0: gradient cache with mini-batches of this many texts
+    train_towers: bool = False  # omni models: also train the vision/audio towers (frozen)
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
