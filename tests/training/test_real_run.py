@@ -598,3 +598,13 @@ def test_bf16_training_gemma3(phase: str, tmp_path: Path) -> None:
     rows = _rows(tmp_path / "out")
     assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in rows), rows
     assert _all_finite(final)
+
+
+def test_non_utf8_text_file_names_file_and_line(tmp_path: Path) -> None:
+    from bidirlm.runtime.training.config import SourceConfig
+    from bidirlm.runtime.training.data import check_sources
+
+    data = tmp_path / "notes.txt"
+    data.write_bytes(b"first paragraph\n\nsecond caf\xe9\n")
+    with pytest.raises(ValueError, match=r"notes.txt: line 3 is not valid UTF-8 \(byte 0xe9\)"):
+        check_sources([SourceConfig(str(data))], fields=("text",))

@@ -234,6 +234,18 @@ def _paragraphs(text: str) -> list[str]:
     return out
 
 
+def _read_utf8(path: Path) -> str:
+    """A text file's content; not UTF-8 is a `BadRecordError` naming the file and 1-based line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise BadRecordError(
+            f"{path}: line {line} is not valid UTF-8 (byte {raw[exc.start]:#04x})"
+        ) from None
+
+
 def _is_hf_dataset_dir(path: Path) -> bool:
     return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
 
@@ -267,14 +279,14 @@ def open_source(config: SourceConfig) -> RecordSource:
                 f"data source {spec} is a folder that is neither a datasets save_to_disk folder "
                 "(no dataset_info.json) nor a folder of .txt files"
             )
-        return ListSource(spec, [{"text": f.read_text(encoding="utf-8")} for f in files])
+        return ListSource(spec, [{"text": _read_utf8(f)} for f in files])
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         return JsonLinesSource(path)
     if suffix == ".parquet":
         return ParquetSource(path)
     if suffix == ".txt":
-        return ListSource(spec, [{"text": p} for p in _paragraphs(path.read_text("utf-8"))])
+        return ListSource(spec, [{"text": p} for p in _paragraphs(_read_utf8(path))])
     raise ValueError(
         f"data source {spec}: unsupported file type {suffix or '(none)'}; "
         "use .jsonl, .json, .parquet, .txt, a folder, or an embedded: corpus"
