@@ -386,6 +386,20 @@ def test_matches_liger_gpu_low_precision(device: torch.device, dtype: torch.dtyp
         assert_close_to_ref(g, g64, gl, name=name, atol=ATOL[dtype] * g64.abs().max().item())
 
 
+@pytest.mark.gpu
+def test_gpu_memory_target(device: torch.device) -> None:
+    """V = 151,936, 32k tokens, 30% labelled, d = 1024, bf16: < 64 MB beyond inputs and grads."""
+    h, w, _, y = _inputs(device, torch.bfloat16, shape=(32768,), d=1024, vocab=151936,
+                         labelled=0.3)  # fmt: skip
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    dh, dw = torch.autograd.grad(mntp_loss(h, w, y), (h, w))
+    torch.cuda.synchronize()
+    beyond = torch.cuda.max_memory_allocated() - base - dh.nbytes - dw.nbytes
+    assert beyond < 64 * 2**20, f"{beyond / 2**20:.1f} MB beyond inputs and gradients"
+
+
 def _largest_allocation(fn) -> int:  # noqa: ANN001
     """Bytes of the largest single allocation any op makes while `fn()` runs."""
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -458,12 +472,18 @@ def test_compile_fullgraph(device: torch.device) -> None:
     def step(h_, w_, b_):  # noqa: ANN001, ANN202
         return mntp_loss(h_, w_, y, bias=b_, softcap=4.0) * 2.0
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    got, got_g = _run(compiled, [_leaf(t) for t in (h, w, b)], 1)
-    want, want_g = _run(step, (h, w, b), 1)
-    torch.testing.assert_close(got, want)
-    for g, gw in zip(got_g, want_g):
-        torch.testing.assert_close(g, gw)
+    def step_options(h_, w_, b_):  # noqa: ANN001, ANN202
+        out = mntp_loss(h_, w_, y, bias=b_, label_smoothing=0.1, lse_square_scale=1e-2,
+                        return_z_loss=True, return_token_accuracy=True)  # fmt: skip
+        return out.loss + out.z_loss + 0.0 * out.token_accuracy
+
+    for fn in (step, step_options):
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        got, got_g = _run(compiled, [_leaf(t) for t in (h, w, b)], 1)
+        want, want_g = _run(fn, [_leaf(t) for t in (h, w, b)], 1)
+        torch.testing.assert_close(got, want)
+        for g, gw in zip(got_g, want_g):
+            torch.testing.assert_close(g, gw)
 
 
 def test_opcheck(device: torch.device) -> None:
