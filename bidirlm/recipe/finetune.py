@@ -207,6 +207,9 @@ def plot_curves(report: Mapping[str, Any], path: str | Path) -> Path:
         xs = [int(s) for s in curve]
         ax.plot(xs, [curve[s] for s in curve], style, label=name)
     ax.set_xscale("log")
+    steps = [int(s) for s in report["steps"]]
+    ax.set_xticks(steps, [str(s) for s in steps])
+    ax.minorticks_off()
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel(f"dev {report.get('metric', 'score')}")
     ax.set_title("domain transfer: merged vs unmerged encoder")
