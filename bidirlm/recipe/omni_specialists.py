@@ -84,10 +84,11 @@ def _text_dict(text_config: Any) -> dict[str, Any]:
 
 def build_vision_specialist(folder: Path, text_config: Any, *, seed: int = 1) -> Path:
     """A random tiny Qwen3-VL (`Qwen3VLForConditionalGeneration`) + its image processor."""
-    from transformers import (
-        Qwen2VLImageProcessorPil,
-        Qwen3VLConfig,
-        Qwen3VLForConditionalGeneration,
+    from bidirlm.runtime.models.omni import _require
+
+    Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration = _require(
+        ["Qwen2VLImageProcessorPil", "Qwen3VLConfig", "Qwen3VLForConditionalGeneration"],
+        "the tiny vision specialist",
     )
 
     text = _text_dict(text_config)
@@ -119,10 +120,11 @@ def build_vision_specialist(folder: Path, text_config: Any, *, seed: int = 1) ->
 
 def build_audio_specialist(folder: Path, text_config: Any, *, seed: int = 2) -> Path:
     """A random tiny Qwen3-ASR (`Qwen3ASRForConditionalGeneration`) + its feature extractor."""
-    from transformers import (
-        Qwen3ASRConfig,
-        Qwen3ASRFeatureExtractor,
-        Qwen3ASRForConditionalGeneration,
+    from bidirlm.runtime.models.omni import _require
+
+    Qwen3ASRConfig, Qwen3ASRFeatureExtractor, Qwen3ASRForConditionalGeneration = _require(
+        ["Qwen3ASRConfig", "Qwen3ASRFeatureExtractor", "Qwen3ASRForConditionalGeneration"],
+        "the tiny audio specialist",
     )
 
     text = _text_dict(text_config)

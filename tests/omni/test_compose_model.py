@@ -201,3 +201,27 @@ def test_compose_errors(parts, tmp_path: Path) -> None:
         "text": 3.0,
         "audio": 1.0,
     }
+
+
+def test_released_asr_layout_and_derived_processors(tmp_path: Path) -> None:
+    """Released Qwen3-ASR names (`thinker.model.*`, `thinker.audio_tower.*`, config under
+    `thinker_config`) and specialists without processor files: processors come from the towers'
+    configs."""
+    from tests.merging.fixtures import qwen3, qwen3_asr, qwen3_vl
+
+    text = qwen3(tmp_path / "t", 0, shard=None)
+    vl, asr = qwen3_vl(tmp_path / "vl", 1), qwen3_asr(tmp_path / "asr", 2)
+    out = compose_omni(text, vl, asr, tmp_path / "omni", weights=[1, 1, 1]).output
+    t, a, o = tensors(text), tensors(asr), tensors(out)
+    n = "model.layers.1.self_attn.q_proj.weight"
+    ref = (t[n].float() + tensors(vl)["model.language_model." + n[6:]].float()) / 3
+    ref += a["thinker.model." + n[6:]].float() / 3
+    torch.testing.assert_close(o["model.language_model." + n[6:]].float(), ref, atol=1e-2, rtol=0)
+    for name in a:
+        if name.startswith("thinker.audio_tower."):
+            assert bits_equal(o["model.audio_tower." + name[20:]], a[name]), name
+    model = load_model(out)
+    emb = model.encode([image(0, (16, 12)), tone(300)])
+    assert emb.shape == (2, 32) and torch.isfinite(emb).all()
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        model.encode(["text without a tokenizer"])
