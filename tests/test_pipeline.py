@@ -27,13 +27,13 @@ def test_shipped_recipes_follow_the_paper(name: str) -> None:
     mntp, merge, con = phases["mntp"].config, phases["merge"].config, phases["contrastive"].config
     assert mntp.phase == "mntp"
     assert mntp.mntp.mask_ratio == (0.3 if name.startswith("qwen3") else 0.4)
-    assert mntp.optim.lr == 5e-5 and mntp.optim.schedule == "wsd"
+    assert mntp.optim.schedule == "wsd"  # learning rates per model: tests/test_recipes.py
     assert mntp.data.tokens_per_batch == 8192 and mntp.data.max_seq_len == 8192
     weights = [s.weight for s in mntp.data.sources]
     assert weights[0] / sum(weights) == pytest.approx(0.8)  # 80% English, 20% the rest
     assert merge.models == ["@mntp", "@base"] and merge.weights == [0.5, 0.5]
     assert phases["contrastive"].inputs == ["merge"]
-    assert con.contrastive.temperature == 0.05 and con.contrastive.mini_batch_size == 16
+    assert con.contrastive.temperature == 0.05 and con.contrastive.mini_batch_size >= 16
     assert con.data.batch_size == 512 and con.data.negatives_per_query >= 1
     assert con.data.query_max_len == 512 and con.data.document_max_len == 512
     # The user's data is not here: the check fails before any work, naming every path.

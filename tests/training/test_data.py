@@ -176,11 +176,13 @@ def test_pair_batches(tmp_path: Path) -> None:
             assert all(q.startswith("x") for q in b.queries)  # one dataset per batch
         else:
             assert all(q.startswith("Q: q") for q in b.queries)
-            k = b.negatives_per_query
-            assert k in (1, 2) and len(b.negatives) == 4 * k
+            # Each query keeps its own negatives: record 3's single one drops nobody else's.
+            counts = b.counts()
+            assert counts == [1 if q == "Q: q3" else 2 for q in b.queries]
+            assert len(b.negatives) == sum(counts) and b.negatives_per_query == max(counts)
             for i, q in enumerate(b.queries):
                 assert b.positives[i] == "p" + q[4:]
-                assert all(n.startswith("n" + q[4:]) for n in b.negatives[i * k : (i + 1) * k])
+                assert b.negatives_of(i) == [n for n in rows[int(q[4:])]["negatives"]]
     half = batches[0].shard(1, 2)
     assert half.queries == batches[0].queries[2:]
     with pytest.raises(ValueError, match="does not split evenly"):
@@ -235,3 +237,41 @@ def test_atomic_build_under_concurrency(tmp_path: Path) -> None:
     assert len(calls) == 4 and set(results) == {tmp_path / "x"}
     assert (tmp_path / "x" / "payload").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]  # no temporary folder left
+
+
+def test_pair_batches_keep_every_querys_negatives() -> None:
+    """Issue 18: 1-7 hard negatives per record; a short record does not cut the batch's others,
+    shards split by each query's own count, and the loss equals InfoNCE over exactly the
+    batch's real documents (float64 reference; no padded or duplicated document)."""
+    from bidirlm.kernels import infonce_loss
+
+    rows = [
+        {
+            "query": f"q{i}",
+            "positive": f"p{i}",
+            "negatives": [f"n{i}.{j}" for j in range(i % 7 + 1)],
+        }
+        for i in range(8)
+    ]
+    source = ListSource("s", rows)
+    stream = PairBatches([source], [1.0], batch_size=8, seed=0, negatives_per_query=5)
+    b = stream.next_batch()
+    by_query = {r["query"]: r["negatives"][:5] for r in rows}
+    assert b.counts() == [len(by_query[q]) for q in b.queries]
+    assert min(b.counts()) == 1 and b.negatives_per_query == 5
+    assert [b.negatives_of(i) for i in range(8)] == [by_query[q] for q in b.queries]
+    assert len(set(b.negatives)) == len(b.negatives) == sum(b.counts())
+    halves = [b.shard(r, 2) for r in range(2)]
+    assert halves[0].negatives + halves[1].negatives == b.negatives
+    assert halves[1].negatives_of(0) == b.negatives_of(4)
+    # The loss over the documents positives + negatives: every real document is a negative of
+    # every query, each exactly once.
+    g = torch.Generator().manual_seed(0)
+    docs = b.positives + b.negatives
+    emb = {t: torch.randn(16, generator=g, dtype=torch.float64) for t in b.queries + docs}
+    q = torch.stack([emb[t] for t in b.queries])
+    d = torch.stack([emb[t] for t in docs])
+    got = infonce_loss(q.float(), d.float(), temperature=0.1)
+    qn, dn = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(d, dim=-1)
+    ref = torch.nn.functional.cross_entropy(qn @ dn.T / 0.1, torch.arange(8))
+    assert got.item() == pytest.approx(ref.item(), rel=1e-4)

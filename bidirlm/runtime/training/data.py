@@ -521,14 +521,33 @@ class PackedBatches:
 
 @dataclass
 class PairBatch:
-    """`queries[i]` matches `positives[i]`; `negatives` holds k hard negatives per query, query i's
-    at `negatives[i*k : (i+1)*k]`. All from one dataset (`dataset`)."""
+    """`queries[i]` matches `positives[i]`; `negatives` holds each query's hard negatives, query
+    after query: query i's are `negatives_of(i)`. All from one dataset (`dataset`).
+
+    `negative_counts[i]` is query i's count (None: every query has `negatives_per_query`, query
+    i's at `negatives[i*k : (i+1)*k]`); `negatives_per_query` is the largest count. Counts may
+    differ: the fused InfoNCE makes every document of the batch a negative of every query, so a
+    query with fewer hard negatives only adds fewer documents (no padding, no duplicates).
+    """
 
     queries: list[str]
     positives: list[str]
     negatives: list[str]
     negatives_per_query: int
     dataset: str
+    negative_counts: list[int] | None = None
+
+    def counts(self) -> list[int]:
+        """Hard negatives per query."""
+        if self.negative_counts is not None:
+            return list(self.negative_counts)
+        return [self.negatives_per_query] * len(self.queries)
+
+    def negatives_of(self, i: int) -> list[str]:
+        """Query i's hard negatives."""
+        counts = self.counts()
+        start = sum(counts[:i])
+        return self.negatives[start : start + counts[i]]
 
     def shard(self, rank: int, world: int) -> PairBatch:
         """The contiguous slice of this batch that rank `rank` of `world` embeds."""
@@ -536,22 +555,24 @@ class PairBatch:
         if n % world:
             raise ValueError(f"batch of {n} pairs does not split evenly over {world} ranks")
         lo, hi = rank * n // world, (rank + 1) * n // world
-        k = self.negatives_per_query
+        counts = self.counts()
+        start, end = sum(counts[:lo]), sum(counts[:hi])
         return PairBatch(
             self.queries[lo:hi],
             self.positives[lo:hi],
-            self.negatives[lo * k : hi * k],
-            k,
+            self.negatives[start:end],
+            max(counts[lo:hi], default=0),
             self.dataset,
+            None if self.negative_counts is None else counts[lo:hi],
         )
 
 
 class PairBatches:
     """Contrastive batches: one dataset per batch (chosen by weight), `batch_size` pairs each.
 
-    Every query gets the dataset's `instruction` as prefix. Each example contributes
-    `min(negatives_per_query, fewest negatives in the batch)` hard negatives, so all examples
-    (and all ranks) have the same count.
+    Every query gets the dataset's `instruction` as prefix. Each example contributes its first
+    `negatives_per_query` hard negatives, or all it has when it has fewer: a record with fewer
+    negatives never drops those of the rest of the batch (`PairBatch.negative_counts`).
     """
 
     def __init__(
@@ -594,15 +615,17 @@ class PairBatches:
     def next_batch(self) -> PairBatch:
         source = self._mix.choose_source()
         records = [self._record(source) for _ in range(self.batch_size)]
-        k = min([self.negatives_per_query] + [len(r.get("negatives") or []) for r in records])
+        kept = [(r.get("negatives") or [])[: self.negatives_per_query] for r in records]
+        counts = [len(n) for n in kept]
         prefix = self.instructions[source]
         return PairBatch(
             queries=[
                 prefix + q if isinstance(q, str) else q for q in (r["query"] for r in records)
             ],
             positives=[r["positive"] for r in records],
-            negatives=[n for r in records for n in (r.get("negatives") or [])[:k]],
-            negatives_per_query=k,
+            negatives=[n for negatives in kept for n in negatives],
+            negatives_per_query=max(counts, default=0),
+            negative_counts=counts,
             dataset=self._mix.sources[source].name,
         )
 
