@@ -30,11 +30,14 @@ def _forward_logits(
     module: nn.Module, ids: torch.Tensor, cu: torch.Tensor, max_seqlen: int
 ) -> torch.Tensor:
     """Logits of a packed batch from an `Encoder` with a head or a trainer's task module."""
-    head = getattr(module, "head", None)
-    if isinstance(head, nn.Module) and hasattr(module, "embed"):  # a bare Encoder
+    from bidirlm.runtime.models import Encoder
+
+    if isinstance(module, Encoder):
+        if module.head is None:
+            raise ValueError("the model has no classification head")
         hidden = module(ids, cu_seqlens=cu, max_seqlen=max_seqlen)
-        return head(hidden, cu_seqlens=cu)
-    return module(ids, cu, max_seqlen)  # the training module: labels=None -> logits
+        return module.head(hidden, cu_seqlens=cu)
+    return module(ids, cu, max_seqlen)  # the training module (or DDP): labels=None -> logits
 
 
 @torch.no_grad()
