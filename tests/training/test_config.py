@@ -81,7 +81,10 @@ def test_load_with_overrides(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["train.stepz=3"], "unknown key train.stepz in [train]; valid keys: allow_config_change, checkpoint_every"),
+        (
+            ["train.stepz=3"],
+            "unknown key train.stepz in [train]; valid keys: allow_config_change, checkpoint_every",
+        ),
         (["bogus=1"], "unknown key bogus in the top level; valid keys: contrastive, data"),
         (["train.steps=x"], "train.steps: expected an integer, got 'x'"),
         (["train.steps=0"], "train.steps must be >= 1"),
