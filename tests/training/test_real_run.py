@@ -608,3 +608,18 @@ def test_non_utf8_text_file_names_file_and_line(tmp_path: Path) -> None:
     data.write_bytes(b"first paragraph\n\nsecond caf\xe9\n")
     with pytest.raises(ValueError, match=r"notes.txt: line 3 is not valid UTF-8 \(byte 0xe9\)"):
         check_sources([SourceConfig(str(data))], fields=("text",))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("phase", ["causal", "mntp", "contrastive"])
+def test_low_precision_training_on_gpu(
+    phase: str, dtype: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Triton kernels under a bf16/fp16 autocast: q, k, v share the dtype on the GPU too."""
+    monkeypatch.setenv("BIDIRLM_KERNELS", "triton")
+    config = _config(phase, tmp_path, "train.steps=2", f"train.dtype={dtype}", "train.device=cuda")
+    final = train(config)
+    rows = _rows(tmp_path)
+    assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in rows), rows
+    assert _all_finite(final)
