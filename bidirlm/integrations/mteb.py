@@ -35,6 +35,13 @@ def _prompt_type_name(prompt_type: Any) -> str | None:
     return str(getattr(prompt_type, "value", prompt_type))
 
 
+def _media_items(kind: str, values: Iterable[Any]) -> list[Any]:
+    """mteb's image (PIL) / audio ({"array", "sampling_rate"}) batch values as encode items."""
+    if kind == "image":
+        return list(values)
+    return [{"array": a["array"], "sampling_rate": int(a["sampling_rate"])} for a in values]
+
+
 class MTEBEncoder:
     """An mteb `EncoderProtocol` over a bidirlm `Encoder` (or a checkpoint folder)."""
 
@@ -105,7 +112,12 @@ class MTEBEncoder:
                 similarity_fn_name="cosine",
                 use_instructions=bool(self.prompts),
                 training_datasets=None,
-                modalities=["text"],
+                modalities=["text"]
+                + [
+                    m
+                    for m, tower in (("image", "visual"), ("audio", "audio_tower"))
+                    if getattr(self.model, tower, None) is not None
+                ],
             )
         return self._meta
 
@@ -141,11 +153,17 @@ class MTEBEncoder:
         prefix = self.prompt_for(
             getattr(task_metadata, "name", ""), getattr(task_metadata, "type", None), prompt_type
         )
-        texts: list[str] = []
+        texts: list[Any] = []
+        omni = hasattr(self.model, "embed_items")  # an OmniEncoder also takes images and audio
         for batch in inputs:
-            if "text" not in batch:
+            media = [k for k in ("image", "audio") if k in batch] if omni else []
+            if len(media) == 1 and "text" not in batch:
+                texts.extend(_media_items(media[0], batch[media[0]]))
+                continue
+            if "text" not in batch or media:
+                kinds = "text, image or audio" if omni else "text only"
                 raise ValueError(
-                    f"MTEBEncoder embeds text only; the batch has {sorted(batch)} "
+                    f"MTEBEncoder embeds {kinds} (one per batch); the batch has {sorted(batch)} "
                     f"(task {getattr(task_metadata, 'name', '?')})"
                 )
             # Empty strings would tokenize to special tokens only; keep them (mteb pads tasks

@@ -94,3 +94,32 @@ def test_sentence_transformers_export_of_text_path(setup, tmp_path: Path) -> Non
     ours = model.encode(texts)
     theirs = torch.as_tensor(st.encode(texts))
     torch.testing.assert_close(theirs, ours, atol=2e-3, rtol=2e-3)
+
+
+def test_mteb_adapter_takes_images_and_audio(setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    mteb = pytest.importorskip("mteb", reason="mteb is an optional dependency")
+    from mteb.mocks.mock_tasks.classification import MockImageClassificationTask
+
+    from bidirlm.integrations.mteb import MTEBEncoder
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    model = MTEBEncoder(setup["omni"], batch_size=4)
+    assert set(model.mteb_model_meta.modalities) == {"text", "image", "audio"}
+    task = MockImageClassificationTask()
+    results = mteb.evaluate(model, [task], cache=None, raise_error=True, show_progress_bar=False)
+    (result,) = results.task_results
+    assert result.task_name == task.metadata.name and 0.0 <= result.get_score() <= 1.0
+    # audio batches as mteb passes them (its audio mock tasks need torchcodec to build): the
+    # same vectors as encode on the items, normalized
+    clips = [tone(300, rate=8000), tone(500)]
+    meta = task.metadata
+    got = model.encode([{"audio": clips}], task_metadata=meta, hf_split="test", hf_subset="default")
+    ref = model.model.encode(clips, normalize=True)
+    torch.testing.assert_close(torch.as_tensor(got), ref, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="one per batch"):
+        model.encode(
+            [{"audio": clips, "text": ["a", "b"]}],
+            task_metadata=meta,
+            hf_split="test",
+            hf_subset="default",
+        )
