@@ -26,9 +26,11 @@ from pathlib import Path
 import torch
 
 try:
+    from bench.perf_model import attention_extra
     from bench.runner import Runner, attention_flops
 except ModuleNotFoundError:  # run as a script: python bench/attention.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.perf_model import attention_extra
     from bench.runner import Runner, attention_flops
 
 from bidirlm.kernels import decide, flash_attn_func, flash_attn_varlen_func
@@ -96,10 +98,16 @@ def _flash_attn_module():
 def _measure_passes(runner: Runner, case: str, impl: str, fn: Impl, tensors, flops_fwd: float):
     """fwd, bwd (on a retained graph) and fwd+bwd rows of one implementation."""
     q, k, v = tensors
+    # bench/perf_model.py's predicted time beside our kernels' rows
+    pred = lambda p: (  # noqa: E731
+        attention_extra(runner.stamp["device"], impl, case, q, flops_fwd, p)
+        if impl.startswith("bidirlm") else None
+    )  # fmt: skip
     with torch.no_grad():
         row = runner.measure(
-            case=case, impl=impl, pass_="fwd", fn=lambda: fn(q, k, v), flops=flops_fwd
-        )
+            case=case, impl=impl, pass_="fwd", fn=lambda: fn(q, k, v), flops=flops_fwd,
+            extra=pred("fwd"),
+        )  # fmt: skip
     if row["ms"] is None:
         return
     try:
@@ -111,12 +119,12 @@ def _measure_passes(runner: Runner, case: str, impl: str, fn: Impl, tensors, flo
     runner.measure(
         case=case, impl=impl, pass_="bwd",
         fn=lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True),
-        flops=2.5 * flops_fwd,
+        flops=2.5 * flops_fwd, extra=pred("bwd"),
     )  # fmt: skip
     runner.measure(
         case=case, impl=impl, pass_="fwd+bwd",
         fn=lambda: torch.autograd.grad(fn(q, k, v), inputs, dout),
-        flops=3.5 * flops_fwd,
+        flops=3.5 * flops_fwd, extra=pred("fwd+bwd"),
     )  # fmt: skip
 
 

@@ -37,6 +37,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+# triton 3.9 warns when unset (read once, at import); 1 is its default, what a GPU run uses
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
 try:
     from bench.runner import Runner, _version
 except ModuleNotFoundError:  # run as a script: python bench/compile.py
@@ -109,9 +112,10 @@ def spec_row(spec: cc.Spec, facts: dict[str, Any], triton_version: str) -> dict[
 
 
 def host_overhead(runner: Runner, reps: int) -> list[dict[str, Any]]:
-    """Microseconds of host work per op call (Python layers, torch ops, Triton's argument
-    binding), on CPU tensors with the launch replaced by a recorder: what a GPU run pays
-    before the first kernel starts. aten ops are counted with a dispatch mode."""
+    """Microseconds of host work per op call (Python layers, torch ops; Triton's argument
+    binding timed apart), on tiny CPU tensors with the launch replaced by a recorder: about
+    what a GPU run pays on the host per call, less the driver's launch cost (~5 us a launch)
+    and with CPU allocations instead of the CUDA caching allocator. aten ops are counted."""
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
@@ -122,39 +126,47 @@ def host_overhead(runner: Runner, reps: int) -> list[dict[str, Any]]:
         cc.Case("mntp_loss", "bf16", "plain"),
         cc.Case("infonce", "bf16", "cosine"),
     ]
-    for case in cases:  # forward + backward of each
+    for case, backward in [(c, b) for c in cases for b in (False, True)]:
         with cc.recording(cc.TARGETS["sm90"][3]) as calls:
-            case.run()  # warm-up: imports, first-call caches
+            # inputs made once, outside the timed calls; tiny shapes: the CPU arithmetic of the
+            # torch ops is negligible, what remains is the host's work per call
+            call = case.prepare(backward, tiny=True)
+            call()  # warm-up: imports, first-call caches
             times = []
             for _ in range(reps):
                 calls.clear()
                 t0 = time.perf_counter()
-                case.run()
+                call()
                 times.append(time.perf_counter() - t0)
             launches = list(calls)
             counter = _OpCounter()
             with counter:
-                case.run()
+                call()
         bind = []
         for fn, args, kwargs, _grid, _phase in launches:
             kw = {"debug": False, **kwargs}
             binder = create_function_from_signature(fn.signature, fn.params, backend)
-            t0 = time.perf_counter()
-            for _ in range(20):
+            binder(*args, **kw)  # warm-up
+            one = []
+            for _ in range(21):
+                t0 = time.perf_counter()
                 binder(*args, **kw)
-            bind.append((time.perf_counter() - t0) / 20)
+                one.append(time.perf_counter() - t0)
+            bind.append(statistics.median(one))
         host_us = statistics.median(times) * 1e6
         extra = {
             "host_us": round(host_us, 1),
             "binder_us": round(sum(bind) * 1e6, 1),
             "launches": len(launches),
             "aten_ops": counter.count,
-            "note": "CPU tensors, sm_90 configs, Triton launch replaced by a recorder; "
+            "note": "tiny CPU tensors, sm_90 configs, Triton launch replaced by a recorder; "
             "binder_us = Triton's argument binding of those launches (part of a real launch)",
         }
+        what = "fwd+bwd" if backward else "fwd"
         row = runner.record(
-            case=f"{case.label} host", impl="bidirlm", pass_="host", ms=host_us / 1e3, extra=extra
-        )
+            case=f"{case.label} {what} host", impl="bidirlm", pass_="host", ms=host_us / 1e3,
+            extra={**extra, "calls": what},
+        )  # fmt: skip
         rows.append(row)
     return rows
 
@@ -178,11 +190,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--known-issues", default=str(KNOWN_ISSUES), help="allow-list TOML file")
     p.add_argument("--no-host", action="store_true", help="skip the host overhead rows")
     p.add_argument("--ops", default="attention,mntp_loss,infonce", help="ops to compile")
+    p.add_argument("--table", metavar="JSONL", help="print the targets-side-by-side table of the "
+                   "latest run in a results file and exit")  # fmt: skip
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.table:  # print the README table of a results file, compile nothing
+        print(target_table(load_compile_rows(args.table)))
+        return 0
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         # The interpreter replaces @triton.jit kernels with Python: nothing to compile.
         print("bench.compile: TRITON_INTERPRET is set; run it without the interpreter")
@@ -254,6 +271,27 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r.get('spill_bytes')} | {r.get('shared_bytes', 0) / 1024:.0f} | {r.get('mma')} | "
             f"{'yes' if r.get('tma') else 'no'} | {r.get('fences_main_loop')} |"
         )
+    return "\n".join(lines)
+
+
+def target_table(rows: list[dict[str, Any]]) -> str:
+    """One line per launch, the three targets side by side: `regs / spill B / mma / fences`
+    (the README's table)."""
+    targets = [t for t in cc.TARGETS if any(r["target"] == t for r in rows)]
+    cells: dict[tuple[str, str, str], dict[str, str]] = {}
+    for r in rows:
+        key = (r["kernel"], r["case"], r.get("pass", ""))
+        if r.get("compiled"):
+            cell = f"{r.get('registers')} / {r.get('spill_bytes')} / {r.get('mma')} / "
+            cell += str(r.get("fences_main_loop"))
+        else:
+            cell = "error: " + (r.get("error") or "").replace("|", "/")[:70]
+        cells.setdefault(key, {})[r["target"]] = cell
+    head = "| kernel | first case | " + " | ".join(targets) + " |"
+    lines = [head, "|---|---|" + "---|" * len(targets)]
+    for (kernel, case, _), by_target in sorted(cells.items()):
+        row = " | ".join(by_target.get(t, "") for t in targets)
+        lines.append(f"| `{kernel}` | {case} | {row} |")
     return "\n".join(lines)
 
 

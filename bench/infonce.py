@@ -42,9 +42,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 try:
+    from bench.perf_model import infonce_extra
     from bench.runner import Runner, similarity_flops
 except ModuleNotFoundError:  # run as a script: python bench/infonce.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.perf_model import infonce_extra
     from bench.runner import Runner, similarity_flops
 
 TEMPERATURE = 0.05
@@ -213,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
                 extra = {"hard_negatives": args.hard, "dtype": "bf16", "input_grads_mb": grads_mb}
                 if impl == "bidirlm":
                     extra["path"] = path
+                # bench/perf_model.py's prediction beside our measured rows
+                pred = {
+                    p: infonce_extra(runner.stamp["device"], batch, docs, width, dtype, p)
+                    if impl == "bidirlm" else {}
+                    for p in ("fwd", "fwd+bwd")
+                }  # fmt: skip
                 with torch.no_grad():
                     runner.measure(
                         case=case,
@@ -220,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                         pass_="fwd",
                         fn=lambda fn=fn, q=q, d=d: fn(q, d),
                         flops=similarity_flops(batch, docs, width, "fwd"),
-                        extra=extra,
+                        extra={**extra, **pred["fwd"]},
                     )
                 runner.measure(
                     case=case,
@@ -228,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                     pass_="fwd+bwd",
                     fn=lambda fn=fn, q=q, d=d: torch.autograd.grad(fn(q, d), (q, d)),
                     flops=similarity_flops(batch, docs, width, "fwd+bwd"),
-                    extra=extra,
+                    extra={**extra, **pred["fwd+bwd"]},
                 )
             q = d = None  # free before the next case allocates
             if on_gpu:

@@ -46,9 +46,11 @@ import torch
 import torch.nn.functional as F
 
 try:
+    from bench.perf_model import mntp_extra
     from bench.runner import Runner, linear_ce_flops
 except ModuleNotFoundError:  # run as a script: python bench/mntp_loss.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.perf_model import mntp_extra
     from bench.runner import Runner, linear_ce_flops
 
 from bidirlm.kernels import decide
@@ -162,6 +164,9 @@ def bench_case(
             extra = {"rows": rows, "tokens": tokens, "d": d, "vocab": vocab, "ratio": ratio,
                      "dtype": str(dtype).removeprefix("torch."),
                      "grad_mb": round(grad_mb, 2)}  # fmt: skip
+            if name == "bidirlm":  # bench/perf_model.py's prediction beside the measured row
+                extra.update(mntp_extra(runner.stamp["device"], rows, tokens, d, vocab, dtype,
+                                        pass_))  # fmt: skip
             row = runner.measure(
                 case=case,
                 impl=name,

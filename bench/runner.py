@@ -233,6 +233,8 @@ class Runner:
         label = f"{row['ms']:.3f} ms" if row["ms"] is not None else f"failed ({extra})"
         tf = f"  {row['tflops']:.1f} TFLOP/s" if row["tflops"] is not None else ""
         mem = f"  {row['peak_mem_mb']:.1f} MB" if row["peak_mem_mb"] is not None else ""
+        if extra and extra.get("predicted_ms") is not None:  # bench/perf_model.py
+            mem += f"  (predicted {extra['predicted_ms']:.3f} ms on {extra['predicted_for']})"
         print(f"[{self.suite}] {case:<28} {impl:<22} {pass_:<8} {label}{tf}{mem}", flush=True)
         return row
 

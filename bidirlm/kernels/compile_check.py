@@ -80,8 +80,14 @@ class Case:
         hd = f" hd{self.head_dim}" if self.op == "attention" else ""
         return f"{self.op} {self.dtype}{hd} {self.variant}"
 
-    def run(self) -> None:
-        """Forward and backward of the op on small CPU tensors (launches are recorded)."""
+    def run(self, backward: bool = True) -> None:
+        """Forward (and backward) of the op on small CPU tensors (launches are recorded)."""
+        self.prepare(backward)()
+
+    def prepare(self, backward: bool = True, tiny: bool = False) -> Callable[[], None]:
+        """Make the inputs; return the call (forward, then backward when asked). `tiny` shapes
+        make the CPU arithmetic negligible (host overhead timing); the default shapes give the
+        launches the divisibility of real ones (compiles)."""
         gen = torch.Generator().manual_seed(0)
         dtype = DTYPES[self.dtype]
 
@@ -90,26 +96,32 @@ class Case:
             return t.requires_grad_(True)
 
         if self.op == "attention":
-            _run_attention(self, randn)
+            forward = _attention_call(self, randn, tiny)
         elif self.op == "mntp_loss":
-            _run_mntp(self, randn, gen)
+            forward = _mntp_call(self, randn, gen, tiny)
         elif self.op == "infonce":
-            _run_infonce(self, randn)
+            forward = _infonce_call(self, randn, tiny)
         else:
             raise ValueError(f"unknown op {self.op!r}")
 
+        def call() -> None:
+            _PHASE[0] = "fwd"
+            out = forward()
+            if backward:
+                _PHASE[0] = "bwd"
+                # The recorded launches write nothing: outputs hold garbage, so never reduce them
+                # to a loss value that a check could reject; feed a fixed upstream gradient.
+                out.backward(torch.ones_like(out))
 
-_PHASE = ["fwd"]  # which pass the recorder is in: set by `_backward`
+        return call
 
 
-def _backward(out: torch.Tensor) -> None:
-    _PHASE[0] = "bwd"
-    # The recorded launches write nothing: outputs hold garbage, so never reduce them to a loss
-    # value that a check could reject; feed a fixed upstream gradient instead.
-    out.backward(torch.ones_like(out))
+_PHASE = ["fwd"]  # the pass the recorder is in
 
 
-def _run_attention(case: Case, randn: Callable[..., torch.Tensor]) -> None:
+def _attention_call(
+    case: Case, randn: Callable[..., torch.Tensor], tiny: bool = False
+) -> Callable[[], torch.Tensor]:
     from bidirlm.kernels import flash_attn_func, flash_attn_varlen_func
 
     d, hq = case.head_dim, 4
@@ -118,15 +130,13 @@ def _run_attention(case: Case, randn: Callable[..., torch.Tensor]) -> None:
         lengths = [100, 28]  # sums to 128 = S of the dense cases: same divisibility of strides
         cu = torch.tensor([0, 100, 128], dtype=torch.int32)
         q, k, v = randn(128, hq, d), randn(128, hkv, d), randn(128, hkv, d)
-        out = flash_attn_varlen_func(q, k, v, cu, max(lengths))
-        _backward(out)
-        return
-    b, s = 2, 128
+        return lambda: flash_attn_varlen_func(q, k, v, cu, max(lengths))
+    b, s = (1, 16) if tiny else (2, 128)
     q, k, v = randn(b, s, hq, d), randn(b, s, hkv, d), randn(b, s, hkv, d)
     kw: dict[str, Any] = {}
     if case.variant == "kpm":
         kpm = torch.ones(b, s, dtype=torch.bool)
-        kpm[1, 90:] = False
+        kpm[-1, s - 5 :] = False
         kw["key_padding_mask"] = kpm
     elif case.variant == "softcap":
         kw["softcap"] = 30.0
@@ -136,13 +146,15 @@ def _run_attention(case: Case, randn: Callable[..., torch.Tensor]) -> None:
         kw["deterministic"] = True
     elif case.variant not in ("dense", "gqa"):
         raise ValueError(f"unknown attention variant {case.variant!r}")
-    _backward(flash_attn_func(q, k, v, **kw))
+    return lambda: flash_attn_func(q, k, v, **kw)
 
 
-def _run_mntp(case: Case, randn: Callable[..., torch.Tensor], gen: torch.Generator) -> None:
+def _mntp_call(
+    case: Case, randn: Callable[..., torch.Tensor], gen: torch.Generator, tiny: bool = False
+) -> Callable[[], torch.Tensor]:
     from bidirlm.kernels import mntp_loss
 
-    n, d, vocab = 64, 256, 1024
+    n, d, vocab = (16, 64, 128) if tiny else (64, 256, 1024)
     h, w = randn(n, d), randn(vocab, d)
     labels = torch.randint(0, vocab, (n,), generator=gen)
     labels[::3] = -100
@@ -151,16 +163,18 @@ def _run_mntp(case: Case, randn: Callable[..., torch.Tensor], gen: torch.Generat
         kw["bias"] = randn(vocab)
     if "softcap" in case.variant:
         kw["softcap"] = 30.0
-    _backward(mntp_loss(h, w, labels, reduction="none", **kw))
+    return lambda: mntp_loss(h, w, labels, reduction="none", **kw)
 
 
-def _run_infonce(case: Case, randn: Callable[..., torch.Tensor]) -> None:
+def _infonce_call(
+    case: Case, randn: Callable[..., torch.Tensor], tiny: bool = False
+) -> Callable[[], torch.Tensor]:
     from bidirlm.kernels import infonce_loss
 
-    queries, docs = randn(64, 256), randn(128, 256)
+    queries, docs = (randn(16, 64), randn(32, 64)) if tiny else (randn(64, 256), randn(128, 256))
     normalize = case.variant.startswith("cosine")
     symmetric = case.variant.endswith("symmetric")
-    _backward(infonce_loss(queries, docs, normalize=normalize, symmetric=symmetric))
+    return lambda: infonce_loss(queries, docs, normalize=normalize, symmetric=symmetric)
 
 
 def all_cases(quick: bool = False) -> list[Case]:
