@@ -22,8 +22,9 @@ class TaskConfig:
     # for tags; `LABEL_i` for integer labels). Unused for regression.
     labels: list[str] = field(default_factory=list)
     problem_type: Literal["single_label", "multi_label", "regression"] = "single_label"
-    # Sequence heads: mean / first / last token, or "late" (score each token, average the logits)
-    pooling: Literal["mean", "first", "last", "late"] = "mean"
+    # Sequence heads: last (the default: what transformers' *ForSequenceClassification computes),
+    # first, mean, or "late" (score each token with dense + GELU + linear, average the logits)
+    pooling: Literal["mean", "first", "last", "late"] = "last"
     dropout: float = 0.1  # on the hidden states before the head
     head_lr_multiplier: float = 1.0  # the head's learning rate = optim.lr * this
     class_weights: list[float] = field(default_factory=list)  # one per label; empty: uniform
