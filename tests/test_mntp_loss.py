@@ -458,6 +458,8 @@ def test_launch_configs_fit_the_chunks() -> None:
             for size in (cfg.block_m, cfg.block_n, cfg.block_k):
                 assert size >= 16 and size & (size - 1) == 0
         assert fam.align % fam.fwd.block_n == 0
+    for name, cfg in mntp_triton._FP32_TILES.items():  # float32 (FMA dots) tiles
+        assert families[name].align % cfg.block_m == 0 and families[name].align % cfg.block_n == 0
     for cfg in mntp_triton._autotune_configs():
         assert 256 % cfg.kwargs["BLOCK_M"] == 0 and 256 % cfg.kwargs["BLOCK_V"] == 0
     for name in ("cdna", "amd"):

@@ -416,12 +416,23 @@ _CONFIGS: dict[str, _Family] = {
     # small so the tests cover several chunks and splits.
     "interpreter": _Family(C(32, 128, 32, 4, 1), C(64, 128, 64, 4, 1), 128, 512, 4),
 }
+
+
+# float32 IEEE dots run on the FP32 units (no tensor cores): Triton keeps the operand slices in
+# registers, and 128 x 128 tiles with BLOCK_K 64 spill on sm_90 (255 registers + 44-280 B in the
+# fwd, dz and biased dW kernels). Half the rows and BLOCK_K 32 fit (all kernels, GEMMs included).
+_FP32_TILES = {"hopper": C(64, 128, 32, 8, 2), "ampere": C(64, 128, 32, 8, 2)}
 del C
 
 
-def launch_config(device: torch.device, kernel: str) -> _LaunchConfig:
+def launch_config(
+    device: torch.device, kernel: str, dtype: torch.dtype = torch.bfloat16
+) -> _LaunchConfig:
     """The fixed launch config of `kernel` ('fwd', 'dz', 'gemm') on `device`'s architecture."""
-    family = _CONFIGS[arch_family(device)]
+    name = arch_family(device)
+    family = _CONFIGS[name]
+    if dtype == torch.float32 and name in _FP32_TILES:
+        return _FP32_TILES[name]
     return family.gemm if kernel == "gemm" else family.fwd
 
 
@@ -445,12 +456,14 @@ def _autotuned(kernel: str):  # noqa: ANN202 - a triton Autotuner
     return triton.autotune(configs=_autotune_configs(), key=["V", "D"])(fn)
 
 
-def _launch_tiles(kernel: str, device: torch.device, grid_of, args: tuple, flags: dict) -> None:
+def _launch_tiles(
+    kernel: str, device: torch.device, grid_of, args: tuple, flags: dict, dtype: torch.dtype
+) -> None:
     """Launch the fwd or dz kernel: the device's fixed config, or autotuned (BIDIRLM_AUTOTUNE=1)."""
     if autotune_enabled():
         _autotuned(kernel)[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_V"])](*args, **flags)
         return
-    cfg = launch_config(device, kernel)
+    cfg = launch_config(device, kernel, dtype)
     fn = {"fwd": _mntp_fwd_kernel, "dz": _mntp_dz_kernel}[kernel]
     blocks = {"BLOCK_M": cfg.block_m, "BLOCK_V": cfg.block_n, "BLOCK_K": cfg.block_k}
     fn[grid_of(cfg.block_m, cfg.block_n)](*args, **flags, **blocks, **cfg.launch_kwargs())
@@ -615,7 +628,9 @@ def _triton_forward(
     args = (hidden, weight, b, labels, order, count, lse_part, sum_part, max_part, arg_part, tgt,
             n, v, d, hidden.stride(0), weight.stride(0), softcap)  # fmt: skip
     flags = {**flags, "SMOOTH": smooth, "ACCURACY": with_accuracy}
-    _launch_tiles("fwd", dev, lambda bm, bv: (triton.cdiv(n, bm), splits), args, flags)
+    _launch_tiles(
+        "fwd", dev, lambda bm, bv: (triton.cdiv(n, bm), splits), args, flags, hidden.dtype
+    )
     block_r = 64
     _mntp_merge_kernel[(triton.cdiv(n, block_r),)](
         lse_part, sum_part, max_part, arg_part, tgt, labels, order, count, loss, lse,
@@ -669,7 +684,7 @@ def _triton_backward(
     b = bias if bias is not None else weight
     smooth = label_smoothing > 0.0
     dz_flags = {**flags, "SMOOTH": smooth, "HAS_GLSE": grad_lse is not None}
-    gemm = launch_config(dev, "gemm")
+    gemm = launch_config(dev, "gemm", hidden.dtype)
     gemm_kw = {"BLOCK_M": gemm.block_m, "BLOCK_N": gemm.block_n, "BLOCK_K": gemm.block_k,
                "UPCAST": flags["UPCAST"], "PREC": flags["PREC"],
                **gemm.launch_kwargs()}  # fmt: skip
@@ -681,9 +696,8 @@ def _triton_backward(
         args = (hidden, weight, b, labels, order, count, grad, glse, lse, dz, r0, c0, cols, v, d,
                 hidden.stride(0), weight.stride(0), dz.stride(0), softcap,
                 float(label_smoothing))  # fmt: skip
-        _launch_tiles(
-            "dz", dev, lambda bm, bv: (triton.cdiv(rc, bm), triton.cdiv(cols, bv)), args, dz_flags
-        )
+        grid_of = lambda bm, bv: (triton.cdiv(rc, bm), triton.cdiv(cols, bv))  # noqa: E731
+        _launch_tiles("dz", dev, grid_of, args, dz_flags, hidden.dtype)
         return cols
 
     def dw_gemm(r0: int, c0: int, cols: int) -> None:
