@@ -494,3 +494,29 @@ def test_bio_tags_select_by_entity_f1_and_causal_attention(tmp_path: Path) -> No
     from bidirlm.runtime.models import load_model
 
     assert load_model(final, bidirectional=None).bidirectional is False
+
+
+@pytest.mark.parametrize("kind", ["sequence", "token"])
+def test_trained_example_loads_in_transformers(kind: str, tmp_path: Path) -> None:
+    """The examples' result (default last-token pooling) gives our logits in transformers."""
+    import transformers
+
+    from bidirlm.runtime.models import as_classifier, load_model
+
+    final = train(_config(kind, tmp_path, "train.steps=3", "train.checkpoint_every=0",
+                          "task.dev=", "data.batch_size=4", "data.max_seq_len=32"))  # fmt: skip
+    clf = as_classifier(load_model(final)).eval()
+    batch = clf.encoder.tokenizer(["import os", "Return the sum of the two numbers."],
+                                  padding=True, return_tensors="pt")  # fmt: skip
+    ours = clf(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    auto = {
+        "sequence": transformers.AutoModelForSequenceClassification,
+        "token": transformers.AutoModelForTokenClassification,
+    }[kind]
+    hf = auto.from_pretrained(final, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(**batch).logits
+    if kind == "token":
+        mask = batch["attention_mask"].bool()
+        ours, theirs = ours[mask], theirs[mask]
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
