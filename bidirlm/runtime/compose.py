@@ -136,6 +136,12 @@ def _load_source(role: str, path: str | os.PathLike) -> Source:
     text_config = _sub(config, "text_config") or (config if role == "text" else None)
     if text_config is None:
         raise ComposeError(f"{role} model {path}: config.json has no text_config")
+    kind = str(text_config.get("model_type") or "")
+    if kind and not kind.startswith("qwen3"):  # a config without model_type is trusted
+        raise ComposeError(
+            f"{role} model {path}: text backbone is {kind}, not Qwen3 (compose "
+            "supports Qwen3 / Qwen3-VL / Qwen3-ASR text backbones)"
+        )
     head = next((h for h in HEAD_NAMES if h in names), None)
     return Source(role, folder, config, names, prefix, head, text_config)
 
