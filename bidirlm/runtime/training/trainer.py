@@ -655,8 +655,16 @@ class _Run:
             encoder.save_pretrained(tmp)
             if encoder.tokenizer is None:
                 self.tokenizer.save_pretrained(str(tmp))
-            shutil.rmtree(final, ignore_errors=True)
+            # Swap: the previous `final` is moved aside, never deleted before the new one is in
+            # place, so a crash here leaves one complete model (our own `.{name}.old`).
+            old = None
+            if final.exists():
+                old = self.output / f".{name}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
             tmp.rename(final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         dist_utils.barrier(self.info)
         return final
 
