@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint format demo bench clean
+.PHONY: setup test lint format demo bench compile-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/bidirlm bench all
+
+# Static GPU compile check (sm_90/gfx942/gfx90a, no GPU): what .ci/run runs after `make test`.
+compile-check: $(STAMP)
+	BIDIRLM_COMPILE_CHECK=1 $(BIN)/python -m pytest -m compile_suite tests/test_compile_suite.py -q -s
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
