@@ -163,3 +163,11 @@ def test_train_towers_option_unfreezes_them(setup, tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="train_towers: the model has no vision/audio tower"):
         train(text_only)
+
+
+def test_bad_media_record_is_named(setup, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"query": {"video": "x.mp4"}, "positive": "a"}) + "\n")
+    config = _config(setup, tmp_path / "o", f"data.sources.0.path={bad}")
+    with pytest.raises(ValueError, match=r"bad.jsonl: line 1 field 'query' is dict, not text or"):
+        train(config)

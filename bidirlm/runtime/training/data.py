@@ -73,7 +73,8 @@ def record_problem(record: Any, fields: Sequence[str]) -> str | None:
     ok = is_item if tuple(fields) == CONTRASTIVE_FIELDS else (lambda v: isinstance(v, str))
     for f in fields:
         if not ok(record[f]):
-            return f"field {f!r} is {type(record[f]).__name__}, not text"
+            media = " or {'image'|'audio': path}" if ok is is_item else ""
+            return f"field {f!r} is {type(record[f]).__name__}, not text{media}"
     if tuple(fields) == CONTRASTIVE_FIELDS:
         negatives = record.get("negatives") or []
         if not isinstance(negatives, list) or not all(is_item(n) for n in negatives):
