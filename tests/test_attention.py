@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bidirlm.kernels import flash_attn_func, flash_attn_varlen_func
-from bidirlm.kernels.attention_triton import CONFIGS, pick_config
+from bidirlm.kernels.attention_triton import CONFIGS, autotune_configs, pick_config
 from bidirlm.kernels.reference import attention_reference
 from tests.helpers import DTYPES, assert_close_to_ref
 
@@ -355,6 +355,24 @@ def test_launch_config_table():
     assert set(CONFIGS) >= {"hopper", "ampere", "cdna", "amd", "nvidia", "interpreter"}
     with pytest.raises(ValueError, match="head dim"):
         pick_config("hopper", 320, False)
+
+
+def test_autotune_space_and_fp32_configs():
+    """AMD's waves_per_eu travels in Config's kwargs (a keyword of Config() is a TypeError);
+    no config gives a tile fewer rows than 16 per warp; float32 has its own smaller tiles."""
+    for family in ("hopper", "cdna"):
+        space = autotune_configs(family, 128)
+        assert space
+        for cfg in space:
+            assert ("waves_per_eu" in cfg.kwargs) == (family == "cdna")
+            assert cfg.num_warps * 16 <= max(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"])
+    for family in ("hopper", "ampere", "cdna"):
+        for d in (64, 128, 256):
+            for kernel in ("fwd", "dkdv", "dq"):
+                f32 = pick_config(family, d, False, dtype=torch.float32, kernel=kernel)
+                f16 = pick_config(family, d, False, dtype=torch.float16, kernel=kernel)
+                assert f32.block_m * f32.block_n <= f16.block_m * f16.block_n
+    assert pick_config("hopper", 128, True) == pick_config("hopper", 128, False, kernel="dkdv")
 
 
 @pytest.mark.gpu

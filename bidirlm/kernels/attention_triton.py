@@ -648,43 +648,46 @@ C = LaunchConfig
 # (4 warps) computes 64 rows per wgmma and Triton gives every warp of a chained-dot kernel its
 # own rows (warpsPerCTA [num_warps, 1]), so more than rows/16 warps duplicate the work. The
 # dK/dV kernel's dots have BLOCK_N rows (S^T, dP^T), the dQ kernel's BLOCK_M rows.
-# 128x128 forward tiles at D <= 128 (a 64-wide key block costs 1.8x the instructions per FLOP);
-# D=256 halves the key block to fit shared memory and registers. AMD CDNA: no TMA or warp
-# specialisation, no software pipelining on its LDS (num_stages=1), waves_per_eu sized so no
-# kernel spills VGPRs, never more than 8 warps (wave64). Checked by compiling for sm_90, gfx942
-# and gfx90a (registers, spills, wgmma); not yet timed on hardware.
+# Forward: 128x128 tiles at D <= 64; at D=128 a 128x128 tile spills 200 B with two pipeline
+# stages (8 B with one), so D=128 keeps 128x64 with two stages, and D=256 narrows the key block
+# to 32. D=256's dK/dV kernel still spills (~1.1 KB on sm_90: two [32, 256] fp32 accumulators).
+# AMD CDNA: no TMA or warp specialisation, no software pipelining on its LDS (num_stages=1),
+# waves_per_eu sized so no kernel spills VGPRs, never more than 8 warps (wave64). Checked by
+# compiling for sm_90, gfx942 and gfx90a (registers, spills, wgmma); not yet timed on hardware.
 CONFIGS: dict[str, list[tuple[int, LaunchConfig, LaunchConfig, LaunchConfig]]] = {
     "hopper": [
         (64, C(128, 128, 8, 3), C(64, 128, 8, 2), C(128, 64, 8, 2)),
-        (128, C(128, 128, 8, 2), C(64, 128, 8, 2), C(128, 64, 8, 2)),
-        (256, C(128, 64, 8, 2), C(64, 64, 4, 1), C(64, 64, 4, 1)),
+        (128, C(128, 64, 8, 2), C(64, 128, 8, 1), C(128, 32, 8, 2)),
+        (256, C(128, 32, 8, 2), C(32, 64, 4, 1), C(64, 16, 4, 1)),
     ],
     "ampere": [
-        (64, C(128, 64, 8, 3), C(64, 128, 8, 2), C(128, 64, 8, 2)),
-        (128, C(128, 64, 8, 2), C(64, 128, 8, 2), C(128, 32, 8, 2)),
-        (256, C(64, 32, 4, 1), C(32, 64, 4, 1), C(64, 32, 4, 1)),
+        (64, C(128, 128, 8, 2), C(64, 128, 8, 2), C(128, 64, 8, 2)),
+        (128, C(128, 64, 8, 2), C(64, 128, 8, 1), C(128, 32, 8, 2)),
+        (256, C(128, 32, 8, 1), C(32, 64, 4, 1), C(64, 16, 4, 1)),
     ],
     "cdna": [
-        (64, C(128, 64, 8, 1, 2), C(64, 128, 8, 1, 1), C(128, 64, 8, 1, 1)),
-        (128, C(128, 64, 8, 1, 2), C(64, 64, 4, 1, 1), C(64, 64, 4, 1, 1)),
-        (256, C(64, 32, 4, 1, 1), C(32, 32, 4, 1, 1), C(32, 32, 4, 1, 1)),
+        (64, C(128, 64, 8, 1, 2), C(32, 64, 4, 1, 1), C(128, 64, 8, 1, 1)),
+        (128, C(128, 64, 8, 1, 1), C(32, 64, 4, 1, 1), C(64, 64, 4, 1, 1)),
+        (256, C(64, 32, 4, 1, 1), C(16, 32, 4, 1, 1), C(32, 32, 4, 1, 1)),
     ],
     "interpreter": [
         (256, C(32, 32, 1, 1), C(32, 32, 1, 1), C(32, 32, 1, 1)),
     ],
 }
-# float32 inputs: 4-byte tiles and IEEE (non-tensor-core or 3-pass) dots need about twice the
-# registers of 16-bit ones; these tiles keep every kernel free of heavy spills.
+# float32 inputs run IEEE dots (no tf32). Triton lowers those to FMA loops that keep whole
+# K-slices of both operands in registers, so only small tiles fit: on sm_90 the forward and dQ
+# compile without spills at D <= 128; dK/dV (two [BLOCK_N, D] accumulators plus K and V) and
+# D=256 still spill. float32 attention on a GPU is a correctness path, not a fast one.
 CONFIGS_FP32: dict[str, list[tuple[int, LaunchConfig, LaunchConfig, LaunchConfig]]] = {
     "nvidia": [
-        (64, C(64, 64, 4, 2), C(32, 64, 4, 1), C(64, 32, 4, 1)),
-        (128, C(64, 32, 4, 2), C(32, 64, 4, 1), C(64, 32, 4, 1)),
-        (256, C(32, 32, 4, 1), C(16, 32, 2, 1), C(32, 16, 2, 1)),
+        (64, C(32, 32, 4, 1), C(16, 16, 1, 1), C(32, 32, 4, 1)),
+        (128, C(16, 16, 1, 1), C(16, 16, 1, 1), C(16, 16, 1, 1)),
+        (256, C(16, 16, 1, 1), C(16, 16, 1, 1), C(16, 16, 1, 1)),
     ],
     "cdna": [
         (64, C(64, 32, 4, 1, 1), C(32, 32, 4, 1, 1), C(32, 32, 4, 1, 1)),
-        (128, C(64, 32, 4, 1, 1), C(32, 32, 4, 1, 1), C(32, 32, 4, 1, 1)),
-        (256, C(32, 16, 4, 1, 1), C(16, 32, 4, 1, 1), C(32, 16, 4, 1, 1)),
+        (128, C(32, 32, 4, 1, 1), C(16, 32, 4, 1, 1), C(32, 32, 4, 1, 1)),
+        (256, C(32, 16, 4, 1, 1), C(16, 16, 4, 1, 1), C(32, 16, 4, 1, 1)),
     ],
 }
 del C
@@ -1052,7 +1055,9 @@ def attention_backward(
 
     # Fast mode: dQ accumulates in fp32 by atomics from every key block (order varies run to
     # run). Deterministic mode: a second kernel sums dQ over key blocks in a fixed order.
-    atomic = not deterministic
+    # D > 128: the dK/dV kernel cannot also hold dQ's operands in registers (it spills), so
+    # dQ always comes from its own kernel there (bitwise reproducible as a bonus).
+    atomic = not deterministic and shape.head_dim <= 128
     if atomic:
         dq_buf = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     else:
