@@ -55,14 +55,48 @@ def test_demo_tiny_end_to_end(
     reference = results["reference"]
     assert reference["name"] == demo.REFERENCE and demo.REFERENCE not in results["variants"]
     assert 0.0 <= reference["ndcg@10"] <= 1.0 and "reference, not a variant" in printed
+    assert "goals/orderings hold" in printed
     # Held-out data never reaches training: no training pair mentions a held-out module.
     heldout = {q.split(":")[0] for q in ev.load_task(out / "data" / "heldout").queries}
     assert heldout and all(ev.split_of(m) == "heldout" for m in heldout)
-    # Report, chart, export.
+    # BM25 and the untrained model: reference rows; the tasks beside retrieval, relative to Base.
+    assert results["bm25"]["name"] == demo.BM25 and 0.0 < results["bm25"]["ndcg@10"] <= 1.0
+    for name in demo.VARIANTS:
+        scores = results["tasks"][name]
+        assert set(scores) == set(demo.TASKS) and all(0.0 <= s <= 1.0 for s in scores.values())
+        for task in demo.TASKS:
+            delta = scores[task] - results["tasks"]["Base"][task]
+            assert results["relative"][name][task] == pytest.approx(delta)
+        assert set(results["forgetting"][name]) == {"docs", "code"}
+    assert results["relative"]["Base"] == {task: 0.0 for task in demo.TASKS}
+    # Bi+Base has Base's weights: the same causal-LM loss.
+    assert results["forgetting"]["Bi+Base"] == results["forgetting"]["Base"]
+    # The merge-ratio sweep: 0 is the base, 1 is Bi+MNTP, 0.5 the merged variant; a linear merge
+    # of two points lies between them on the loss here too (the loss is smooth in the weights).
+    sweep = results["merge_sweep"]
+    assert [row["ratio"] for row in sweep] == list(demo.MERGE_RATIOS)
+    assert sweep[0]["docs_loss"] == results["forgetting"]["Base"]["docs"]
+    assert sweep[-1]["code_loss"] == results["forgetting"]["Bi+MNTP"]["code"]
+    assert sweep[2]["retrieval"] == results["variants"]["Bi+MNTP (merged 50/50)"]
+    assert sweep[-1]["token"] == results["tasks"]["Bi+MNTP"]["token"]
+    # The goals and orderings are computed from the numbers, not written by hand.
+    checks = {c["claim"]: c for c in results["checks"]}
+    claim = "Bi+MNTP+Contrastive >= Bi+Contrastive on retrieval"
+    margin = results["variants"]["Bi+MNTP+Contrastive"] - results["variants"]["Bi+Contrastive"]
+    assert checks[claim]["margin"] == pytest.approx(margin) and checks[claim]["met"] == (
+        margin >= 0
+    )
+    # Report, charts, export.
     report = (out / "report.md").read_text()
     assert "| Bi+MNTP+Contrastive |" in report and "results.png" in report
     assert f"reference, not a variant: {demo.REFERENCE}" in report
-    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"reference, not a variant: {demo.BM25}" in report
+    assert "## Forgetting" in report and "forgetting.png" in report and "seed 0" in report
+    for c in results["checks"]:
+        assert c["claim"] in report
+    assert all(c["claim"] in report for c in results["checks"] if not c["met"])
+    for chart in ("results.png", "forgetting.png"):
+        assert (out / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     export = results["export"]
     assert demo.VARIANTS[export["variant"]][1]  # the exported variant is bidirectional
     from sentence_transformers import SentenceTransformer
@@ -72,8 +106,40 @@ def test_demo_tiny_end_to_end(
     assert export["shape"] == [3, demo.SIZES["tiny"].hidden]
     # The pipeline report records every phase; a second run skips them all.
     phases = json.loads((out / "runs" / "report.json").read_text())["phases"]
-    assert {p["name"] for p in phases} >= {"causal", "mntp", "merge", "contrastive"}
+    assert {p["name"] for p in phases} >= {"causal", "mntp", "merge", "contrastive", "merge_25"}
     again = demo.run_demo(out, "tiny", prefer_gpu=False, log=lambda msg: None)
-    assert again["variants"] == results["variants"]
+    assert again["variants"] == results["variants"] and again["tasks"] == results["tasks"]
     phases = json.loads((out / "runs" / "report.json").read_text())["phases"]
     assert {p["status"] for p in phases} == {"skipped"}
+
+
+def test_bm25_matches_the_okapi_formula() -> None:
+    import math
+
+    from bidirlm.recipe.demo_eval import bm25_rank
+
+    docs = ["the queue holds items", "a queue of queue items", "parse a date"]
+    scores = bm25_rank(["queue items", "date"], docs, k1=1.2, b=0.75)
+    lengths = [4, 5, 3]
+    avg = sum(lengths) / 3
+
+    def term(tf: int, df: int, length: int) -> float:
+        idf = math.log(1 + (3 - df + 0.5) / (df + 0.5))
+        return idf * tf * 2.2 / (tf + 1.2 * (0.25 + 0.75 * length / avg))
+
+    assert scores[0, 1].item() == pytest.approx(term(2, 2, 5) + term(1, 2, 5))
+    assert scores[0, 2].item() == 0.0 and scores[1, 2].item() == pytest.approx(term(1, 1, 3))
+    assert scores.argmax(1).tolist() == [1, 2]
+
+
+def test_probe_separates_linearly_separable_classes() -> None:
+    import torch
+
+    from bidirlm.recipe.demo_eval import _fit_predict
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(90, 2, generator=g)
+    y = torch.arange(90) % 3
+    x[:, 0] += 12 * y  # class i sits at 12 * i on the first feature
+    pred = _fit_predict(x[:60], y[:60], x[60:], 3)
+    assert (pred == y[60:]).float().mean().item() == 1.0

@@ -5,17 +5,23 @@
 1. data: JSON Lines files of the stdlib's *training* packages only (docstrings, sources, and
    docstring summary -> body pairs with a hard negative from the same module), see
    `bidirlm.runtime.evaluation.split_of`; the held-out packages are never trained on.
-2. a small random Qwen3 with the embedded BPE tokenizer (`bidirlm.runtime.embedded`), trained
-   as a causal LM (the training engine's `causal` phase): our own "pretrained" base.
+2. the base: for `quick` and `full`, the pre-trained causal model shipped with the package
+   (`bidirlm.recipe.demo_base`: 4 layers, width 128, made by `bidirlm demo --pretrain-base`);
+   for the CI-sized `tiny`, a random model trained for a few causal steps here.
 3. the paper's five adaptation variants and the merge, as one pipeline recipe
    (`bidirlm.recipe.pipeline`): Base (causal attention), Bi+Base (same weights, bidirectional),
-   Bi+MNTP, Bi+Contrastive, Bi+MNTP+Contrastive, and Bi+MNTP merged 50/50 with its base;
-   every variant evaluated on the held-out retrieval task (docstring summary -> body, mean
-   pooling, nDCG@10 and MRR@10), and the untrained random-init model as a reference row (not a
-   variant: the floor a trained variant has to beat).
-4. `results.json`, `report.md`, `results.png` (a bar chart like the paper's Figure 2), and the
-   best variant exported as a sentence-transformers model, loaded back with
-   `SentenceTransformer(path)` to embed a query and two documents.
+   Bi+MNTP, Bi+Contrastive, Bi+MNTP+Contrastive, and Bi+MNTP merged 50/50 with its base (plus
+   the 25/75 and 75/25 merges of the merge-ratio sweep).
+4. measurements (`bidirlm.recipe.demo_eval`): held-out retrieval (docstring summary -> body,
+   mean pooling, nDCG@10) with a BM25 row and the untrained random-init model as references;
+   the embedded sequence task (docstring -> package) and token task (source token -> token
+   class) with one small protocol for every variant (a linear probe on the frozen encoder);
+   forgetting: each checkpoint's causal-LM loss on held-out stdlib docs and code; the
+   merge-ratio sweep (0, 0.25, 0.5, 0.75, 1 of Bi+MNTP) on those losses and on the tasks.
+5. `results.json`, `report.md` (tables, the change relative to Base, the paper's orderings and
+   the demo's goals checked on the numbers), `results.png` (the paper's Figure 2 in miniature),
+   `forgetting.png` (Figures 3-4), and the best bidirectional variant exported as a
+   sentence-transformers model, loaded back with `SentenceTransformer(path)`.
 
 Re-running with the same `out` skips completed phases (the pipeline resumes). The tokenizer was
 trained on the whole stdlib corpus (vocabulary only; no model weights see held-out text).
@@ -44,13 +50,14 @@ class DemoSize:
     """Model shape and training budget of one demo size."""
 
     name: str
-    hidden: int
+    pretrained: bool  # start from the shipped pre-trained base (else: random + causal_steps)
+    hidden: int  # the random base's shape (unused when pretrained)
     layers: int
     heads: int
     kv_heads: int
     head_dim: int
     intermediate: int
-    causal_steps: int
+    causal_steps: int  # (unused when pretrained)
     mntp_steps: int
     contrastive_steps: int
     tokens_per_batch: int  # causal/MNTP micro-batch, packed
@@ -64,24 +71,26 @@ class DemoSize:
     lr_causal: float
     lr_mntp: float
     lr_contrastive: float
-    temperature: float  # InfoNCE temperature of the contrastive phase (the recipe's default 0.05)
+    temperature: float  # InfoNCE temperature of the contrastive phase
+    probe: tuple[int, int, int, int]  # sequence train/test docstrings, token train/test lines
+    lm_texts: int  # held-out docs and code texts for the forgetting loss (each)
 
 
 SIZES: dict[str, DemoSize] = {
-    # CI: the whole chain on a 2-core CPU in about a minute; numbers are noise at this size.
-    "tiny": DemoSize("tiny", 32, 1, 2, 1, 16, 64, 6, 3, 3, 1024, 128, 8, 24, 64, 40, 120, 32,
-                     3e-3, 1e-3, 1e-3, 0.05),
-    # `--quick`: under 10 minutes on a 2-core CPU. Contrastive lr 3e-3 and temperature 0.02
-    # measured better than 1e-3 / 0.05 at this size (held-out nDCG@10 0.057 vs 0.033 for
-    # Bi+Contrastive); longer contrastive training (400 steps) overfits the ~2,000 pairs.
-    "quick": DemoSize("quick", 96, 2, 4, 2, 24, 256, 300, 100, 250, 2048, 128, 32, 24, 64,
-                      None, None, 64, 2e-3, 1e-3, 3e-3, 0.02),
-    # The default: a larger model and budget, meant for a GPU (runs anywhere, slowly on a CPU).
-    "full": DemoSize("full", 512, 8, 8, 4, 64, 1536, 3000, 800, 1000, 16384, 512, 128, 64, 256,
-                     None, None, 256, 1e-3, 2e-4, 2e-4, 0.05),
+    # CI: the whole chain on a 2-core CPU in well under a minute; numbers are noise at this size.
+    "tiny": DemoSize("tiny", False, 32, 1, 2, 1, 16, 64, 6, 3, 3, 1024, 128, 8, 24, 64, 40, 120,
+                     32, 3e-3, 1e-3, 1e-3, 0.05, (24, 24, 16, 16), 4),
+    # `make demo`: the shipped pre-trained base, under 15 minutes on a (shared) 2-core CPU.
+    "quick": DemoSize("quick", True, 0, 0, 0, 0, 0, 0, 0, 60, 80, 2048, 128, 32, 24, 64,
+                      None, None, 64, 0.0, 1e-3, 1e-3, 0.05, (240, 240, 300, 200), 32),
+    # The default: the same base with a larger budget, meant for a GPU (runs anywhere, slowly).
+    "full": DemoSize("full", True, 0, 0, 0, 0, 0, 0, 0, 600, 600, 8192, 256, 128, 32, 128,
+                     None, None, 128, 0.0, 5e-4, 5e-4, 0.05, (918, 632, 1500, 500), 128),
 }  # fmt: skip
 
 # Variant name (as in the paper's Figure 2) -> (pipeline phase whose model it is, bidirectional).
+# "causal" is the base: the shipped pre-trained model (recipe.base) or, for `tiny`, the causal
+# phase trained here (`base_phase`).
 VARIANTS: dict[str, tuple[str, bool]] = {
     "Base": ("causal", False),
     "Bi+Base": ("causal", True),
@@ -94,7 +103,12 @@ VARIANTS: dict[str, tuple[str, bool]] = {
 # Not a variant: the random-init model before any training (bidirectional, mean pooling), the
 # floor a trained variant has to beat (mean-pooled random embeddings already match words).
 REFERENCE = "Untrained (random init)"
-REFERENCE_PHASE = ("base", True)
+BM25 = "BM25 (lexical)"
+# The merge-ratio sweep: share of Bi+MNTP in a linear merge with the base (0 = the base).
+MERGE_RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)
+TASKS = ("retrieval", "sequence", "token")
+# Primary score of each task: retrieval nDCG@10, the probes' held-out macro-F1.
+TASK_METRIC = {"retrieval": "ndcg@10", "sequence": "macro_f1", "token": "macro_f1"}
 
 EXAMPLE_QUERY = "Return the number of items in a queue."
 EXAMPLE_DOCS = [
@@ -188,13 +202,73 @@ def build_initial_model(folder: Path, size: DemoSize) -> Path:
     return folder
 
 
+def prepare_pretrained_base(folder: Path) -> Path:
+    """The shipped pre-trained base (bfloat16 on disk) as a float32 folder, written once."""
+    if (folder / "config.json").is_file():
+        return folder
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from bidirlm.recipe.demo_base import SHIPPED_BASE
+
+    if not (SHIPPED_BASE / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"the shipped demo base is missing ({SHIPPED_BASE}); make it with "
+            "`bidirlm demo --pretrain-base --output " + str(SHIPPED_BASE) + "`"
+        )
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for item in SHIPPED_BASE.iterdir():
+        if item.name == "model.safetensors":
+            state = {k: v.float().contiguous() for k, v in load_file(str(item)).items()}
+            save_file(state, str(tmp / item.name), metadata={"format": "pt"})
+        elif item.name == "config.json":
+            config = json.loads(item.read_text(encoding="utf-8"))
+            for key in ("torch_dtype", "dtype"):
+                if key in config:
+                    config[key] = "float32"
+            (tmp / item.name).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        elif item.is_file():
+            shutil.copy2(item, tmp / item.name)
+    tmp.replace(folder)
+    return folder
+
+
+def build_reference_model(folder: Path) -> Path:
+    """The untrained reference of the shipped base: its shape, random init (seed 0)."""
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoTokenizer
+
+    from bidirlm.recipe.demo_base import BASE_SHAPE
+    from bidirlm.runtime.embedded import embedded_tiny_model, save_random_qwen3
+
+    tokenizer = AutoTokenizer.from_pretrained(str(embedded_tiny_model()))
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    save_random_qwen3(tmp, tokenizer, **BASE_SHAPE)
+    tmp.replace(folder)
+    return folder
+
+
 # ------------------------------------------------------------------------------------------
 # The recipe
 # ------------------------------------------------------------------------------------------
 
 
+def base_phase(size: DemoSize) -> str:
+    """The pipeline name of the base model: the recipe's @base when pre-trained, else "causal"."""
+    return "base" if size.pretrained else "causal"
+
+
+def phase_of(variant: str, size: DemoSize) -> str:
+    phase = VARIANTS[variant][0]
+    return base_phase(size) if phase == "causal" else phase
+
+
 def _train_table(
-    model: str, phase: str, steps: int, lr: float, device: str, data: dict[str, Any]
+    model: str, phase: str, steps: int, lr: float, device: str, data: dict[str, Any], seed: int
 ) -> dict[str, Any]:
     return {
         "kind": "train",
@@ -202,6 +276,7 @@ def _train_table(
         "phase": phase,
         "train": {
             "steps": steps,
+            "seed": seed,
             "checkpoint_every": max(steps // 2, 1),
             "keep_checkpoints": 1,
             "log_every": 10,
@@ -217,8 +292,15 @@ def _train_table(
     }
 
 
-def demo_recipe(out: Path, size: DemoSize, files: dict[str, Path], device: str) -> dict[str, Any]:
-    """The demo as raw pipeline tables: causal base, MNTP, merge, contrastive x2, evaluations."""
+def sweep_phase(ratio: float) -> str:
+    """The phase holding the merge with `ratio` of Bi+MNTP: "merge_25" (0.5 is "merge")."""
+    return "merge" if ratio == 0.5 else f"merge_{round(ratio * 100):02d}"
+
+
+def demo_recipe(
+    out: Path, size: DemoSize, files: dict[str, Path], device: str, seed: int = 0
+) -> dict[str, Any]:
+    """The demo as raw pipeline tables: (causal base,) MNTP, merges, contrastive x2, evaluations."""
     lm_data = {
         "tokens_per_batch": size.tokens_per_batch,
         "max_seq_len": size.max_seq_len,
@@ -235,25 +317,39 @@ def demo_recipe(out: Path, size: DemoSize, files: dict[str, Path], device: str) 
         "sources": [{"path": str(files["pairs"]), "name": "stdlib-pairs"}],
     }
     contrastive = {"temperature": size.temperature, "pooling": "mean"}
-    tables: dict[str, Any] = {
-        "causal": _train_table(
-            "@base", "causal", size.causal_steps, size.lr_causal, device, lm_data
-        ),
-        "mntp": _train_table("@causal", "mntp", size.mntp_steps, size.lr_mntp, device, lm_data),
-        "merge": {"kind": "merge", "models": ["@mntp", "@causal"], "weights": [0.5, 0.5]},
-        "contrastive": _train_table(
-            "@causal", "contrastive", size.contrastive_steps, size.lr_contrastive, device, pair_data
-        ),
-        "mntp_contrastive": _train_table(
-            "@mntp", "contrastive", size.contrastive_steps, size.lr_contrastive, device, pair_data
-        ),
-    }
+    base = "@" + base_phase(size)
+    tables: dict[str, Any] = {}
+    if not size.pretrained:
+        tables["causal"] = _train_table(
+            "@base", "causal", size.causal_steps, size.lr_causal, device, lm_data, seed
+        )
+    tables["mntp"] = _train_table(
+        base, "mntp", size.mntp_steps, size.lr_mntp, device, lm_data, seed
+    )
     tables["mntp"]["mntp"] = {"mask_ratio": 0.3}
-    for name in ("contrastive", "mntp_contrastive"):
+    for ratio in MERGE_RATIOS[1:-1]:
+        tables[sweep_phase(ratio)] = {
+            "kind": "merge",
+            "models": ["@mntp", base],
+            "weights": [ratio, 1.0 - ratio],
+        }
+    for name, start in (("contrastive", base), ("mntp_contrastive", "@mntp")):
+        tables[name] = _train_table(
+            start,
+            "contrastive",
+            size.contrastive_steps,
+            size.lr_contrastive,
+            device,
+            pair_data,
+            seed,
+        )
         tables[name]["contrastive"] = dict(contrastive)
     task_dir = out / "data" / "heldout"
-    for variant, (phase, bidirectional) in {**VARIANTS, REFERENCE: REFERENCE_PHASE}.items():
-        tables[eval_phase(variant)] = {
+    evals = {v: (phase_of(v, size), bi) for v, (_, bi) in VARIANTS.items()}
+    for ratio in (0.25, 0.75):
+        evals[f"merge {ratio:g}"] = (sweep_phase(ratio), True)
+    for name, (phase, bidirectional) in evals.items():
+        tables[eval_phase(name)] = {
             "kind": "eval",
             "model": f"@{phase}",
             "task": str(task_dir),
@@ -262,10 +358,11 @@ def demo_recipe(out: Path, size: DemoSize, files: dict[str, Path], device: str) 
             "max_length": size.eval_length,
             "batch_size": 64,
         }
+    base_dir = out / ("base-pretrained" if size.pretrained else "base-init")
     return {
         "recipe": {
             "name": f"demo-{size.name}",
-            "base": str(out / "base-init"),
+            "base": str(base_dir),
             "output": str(out / "runs"),
             "phases": list(tables),
             "description": "the embedded BidirLM demo",
@@ -275,103 +372,372 @@ def demo_recipe(out: Path, size: DemoSize, files: dict[str, Path], device: str) 
 
 
 # ------------------------------------------------------------------------------------------
-# Results: JSON, Markdown, chart, export
+# Measurements beside retrieval
+# ------------------------------------------------------------------------------------------
+
+
+def measure(paths: dict[str, Path], size: DemoSize, log: Callable[[str], None]) -> dict[str, Any]:
+    """Probes of every variant and sweep merge, held-out LM loss of every distinct checkpoint.
+
+    `paths`: pipeline phase (and "base") -> checkpoint folder.
+    """
+    from bidirlm.recipe import demo_eval as de
+
+    data = de.ProbeData.load(*size.probe)
+    texts = {kind: de.heldout_texts(kind, size.lm_texts) for kind in ("docs", "code")}
+    models: dict[str, tuple[str, bool]] = {
+        v: (phase_of(v, size), bi) for v, (_, bi) in VARIANTS.items()
+    }
+    for ratio in (0.25, 0.75):
+        models[f"merge {ratio:g}"] = (sweep_phase(ratio), True)
+    probes: dict[str, Any] = {}
+    for name, (phase, bidirectional) in models.items():
+        t0 = time.perf_counter()
+        probes[name] = de.probe_scores(
+            paths[phase], data, bidirectional=bidirectional, max_length=size.eval_length
+        )
+        log(
+            f"    probe {name}: sequence F1 {probes[name]['sequence']['macro_f1']:.3f}, token F1 "
+            f"{probes[name]['token']['macro_f1']:.3f} ({time.perf_counter() - t0:.0f} s)"
+        )
+    losses: dict[str, dict[str, float]] = {}
+    for phase in dict.fromkeys(p for p, _ in models.values()):
+        losses[phase] = {
+            kind: de.lm_loss(paths[phase], texts[kind], max_length=size.max_seq_len)
+            for kind in texts
+        }
+        log(
+            f"    held-out LM loss {phase}: docs {losses[phase]['docs']:.3f}, code "
+            f"{losses[phase]['code']:.3f}"
+        )
+    return {
+        "probes": probes,
+        "losses": losses,
+        "probe_sizes": {
+            "sequence": [len(data.seq_train), len(data.seq_test)],
+            "token_lines": [len(data.tok_train), len(data.tok_test)],
+        },
+        "lm_texts": {k: len(v) for k, v in texts.items()},
+    }
+
+
+def assemble(results: dict[str, Any], measured: dict[str, Any], size: DemoSize) -> None:
+    """Add the task table, changes relative to Base, forgetting and the merge sweep."""
+    probes, losses = measured["probes"], measured["losses"]
+    tasks: dict[str, dict[str, float]] = {}
+    for v in VARIANTS:
+        tasks[v] = {
+            "retrieval": results["variants"][v],
+            "sequence": probes[v]["sequence"]["macro_f1"],
+            "token": probes[v]["token"]["macro_f1"],
+        }
+    results["tasks"] = tasks
+    results["task_metrics"] = dict(TASK_METRIC)
+    results["relative"] = {v: {t: tasks[v][t] - tasks["Base"][t] for t in TASKS} for v in VARIANTS}
+    results["probe_accuracy"] = {
+        v: {t: probes[v][t]["accuracy"] for t in ("sequence", "token")} for v in VARIANTS
+    }
+    results["forgetting"] = {v: losses[phase_of(v, size)] for v in VARIANTS}
+    sweep = []
+    for ratio in MERGE_RATIOS:
+        name = {0.0: "Bi+Base", 0.5: "Bi+MNTP (merged 50/50)", 1.0: "Bi+MNTP"}.get(
+            ratio, f"merge {ratio:g}"
+        )
+        phase = base_phase(size) if ratio == 0.0 else "mntp" if ratio == 1.0 else sweep_phase(ratio)
+        retrieval = results["variants"].get(name, results["sweep_retrieval"].get(name))
+        sweep.append(
+            {
+                "ratio": ratio,
+                "retrieval": retrieval,
+                "sequence": probes[name]["sequence"]["macro_f1"],
+                "token": probes[name]["token"]["macro_f1"],
+                "docs_loss": losses[phase]["docs"],
+                "code_loss": losses[phase]["code"],
+            }
+        )
+    results["merge_sweep"] = sweep
+    results["measure_sizes"] = {
+        "probe": measured["probe_sizes"],
+        "lm_texts": measured["lm_texts"],
+    }
+
+
+def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The demo's goals and the paper's orderings, each computed on the results: {claim, met,
+    margin (how far above (>0) or below (<0) the bar), detail}."""
+    t, ref, bm25 = results["tasks"], results["reference"]["ndcg@10"], results["bm25"]["ndcg@10"]
+    out: list[dict[str, Any]] = []
+
+    def add(claim: str, margin: float, detail: str) -> None:
+        out.append({"claim": claim, "met": bool(margin >= 0), "margin": margin, "detail": detail})
+
+    worst = min(VARIANTS, key=lambda v: t[v]["retrieval"])
+    add(
+        "every trained variant beats the untrained reference on retrieval",
+        t[worst]["retrieval"] - ref,
+        f"lowest trained: {worst} nDCG@10 {t[worst]['retrieval']:.4f} vs reference {ref:.4f}",
+    )
+    best = max(VARIANTS, key=lambda v: t[v]["retrieval"])
+    add(
+        "the best variant beats BM25 on retrieval",
+        t[best]["retrieval"] - bm25,
+        f"best: {best} nDCG@10 {t[best]['retrieval']:.4f} vs BM25 {bm25:.4f}",
+    )
+    a, b = t["Bi+MNTP+Contrastive"]["retrieval"], t["Bi+Contrastive"]["retrieval"]
+    add(
+        "Bi+MNTP+Contrastive >= Bi+Contrastive on retrieval",
+        a - b,
+        f"nDCG@10 {a:.4f} vs {b:.4f}",
+    )
+    for v in ("Bi+MNTP", "Bi+MNTP+Contrastive"):
+        a, b = t[v]["token"], t["Bi+Contrastive"]["token"]
+        add(f"{v} beats Bi+Contrastive on the token task", a - b, f"macro-F1 {a:.4f} vs {b:.4f}")
+    a, b = t["Bi+MNTP"]["token"], t["Bi+Base"]["token"]
+    add("Bi+MNTP beats Bi+Base on the token task", a - b, f"macro-F1 {a:.4f} vs {b:.4f}")
+    f = results["forgetting"]
+    for kind in ("docs", "code"):
+        base, mntp = f["Base"][kind], f["Bi+MNTP"][kind]
+        merged = f["Bi+MNTP (merged 50/50)"][kind]
+        lost = mntp - base
+        recovered = (mntp - merged) / lost if lost > 0 else float("nan")
+        if lost > 0:
+            add(
+                f"the 50/50 merge recovers most (>= 50%) of the held-out {kind} LM loss MNTP lost",
+                recovered - 0.5,
+                f"loss base {base:.3f}, Bi+MNTP {mntp:.3f}, merged {merged:.3f}: "
+                f"{100 * recovered:.0f}% recovered",
+            )
+        else:
+            add(
+                f"MNTP raises the held-out {kind} LM loss (forgetting to recover)",
+                lost,
+                f"loss base {base:.3f}, Bi+MNTP {mntp:.3f}, merged {merged:.3f}",
+            )
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Results: JSON, Markdown, charts, export
 # ------------------------------------------------------------------------------------------
 
 
 def plot_results(results: dict[str, Any], path: Path) -> None:
-    """Grouped bars (nDCG@10, MRR@10) per variant, in the style of the paper's Figure 2."""
+    """The paper's Figure 2 in miniature: each variant's change relative to Base per task, and
+    absolute retrieval with the BM25 and untrained-reference lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(results["variants"])
-    ndcg = [results["variants"][n] for n in names]
-    mrr = [results["mrr@10"][n] for n in names]
-    fig, ax = plt.subplots(figsize=(9.5, 4.2), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), dpi=110)
+    ax = axes[0]
+    width = 0.26
+    colors = {"retrieval": "#3b6ea8", "sequence": "#e08a3c", "token": "#5a9e5a"}
     xs = list(range(len(names)))
-    width = 0.38
-    bars1 = ax.bar([x - width / 2 for x in xs], ndcg, width, label="nDCG@10", color="#3b6ea8")
-    bars2 = ax.bar([x + width / 2 for x in xs], mrr, width, label="MRR@10", color="#9cc3e6")
-    groups = [bars1, bars2]
-    reference = results.get("reference")
-    if reference:  # a grey, hatched pair after a gap, and a dashed line at its nDCG@10
-        x = len(names) + 0.4
-        style = {"color": "#d9d9d9", "hatch": "//", "edgecolor": "#808080"}
-        groups.append(ax.bar([x - width / 2], [reference["ndcg@10"]], width, **style))
-        groups.append(ax.bar([x + width / 2], [reference["mrr@10"]], width, **style))
-        ax.axhline(reference["ndcg@10"], color="#808080", linestyle="--", linewidth=0.8)
-        xs.append(x)
-        names = [*names, f"reference:\n{reference['name']}"]
-        ndcg.append(reference["ndcg@10"])
-        mrr.append(reference["mrr@10"])
-    for bars in groups:
-        for bar in bars:
+    for j, task in enumerate(TASKS):
+        vals = [results["relative"][n][task] for n in names]
+        bars = ax.bar(
+            [x + (j - 1) * width for x in xs], vals, width, label=task, color=colors[task]
+        )
+        for bar, val in zip(bars, vals):
             ax.annotate(
-                f"{bar.get_height():.3f}",
-                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                f"{val:+.3f}",
+                (bar.get_x() + bar.get_width() / 2, val),
                 ha="center",
-                va="bottom",
-                fontsize=7,
+                va="bottom" if val >= 0 else "top",
+                fontsize=6,
             )
-    ax.set_xticks(xs, names, rotation=15, ha="right", fontsize=8)
-    ax.set_ylabel("score")
-    top = max([*ndcg, *mrr, 0.05])
-    ax.set_ylim(0, top * 1.2)
-    ax.set_title(
-        f"Adaptation variants on held-out stdlib retrieval ({results['num_queries']} queries, "
-        f"demo size {results['size']})",
-        fontsize=10,
-    )
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(xs, names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("change vs Base (nDCG@10 / macro-F1)")
+    ax.set_title("Change relative to Base", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    ax = axes[1]
+    ndcg = [results["variants"][n] for n in names]
+    bars = ax.bar(xs, ndcg, 0.6, color="#3b6ea8")
+    for bar in bars:
+        ax.annotate(
+            f"{bar.get_height():.3f}",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
+    ax.axhline(
+        results["bm25"]["ndcg@10"],
+        color="#c0392b",
+        linestyle="--",
+        linewidth=1,
+        label=f"BM25 {results['bm25']['ndcg@10']:.3f}",
+    )
+    ax.axhline(
+        results["reference"]["ndcg@10"],
+        color="#808080",
+        linestyle=":",
+        linewidth=1,
+        label=f"untrained {results['reference']['ndcg@10']:.3f}",
+    )
+    ax.set_xticks(xs, names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("nDCG@10")
+    ax.set_ylim(0, max([*ndcg, results["bm25"]["ndcg@10"], 0.05]) * 1.2)
+    ax.set_title(f"Held-out retrieval ({results['num_queries']} queries)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"bidirlm demo ({results['size']}, seed {results['seed']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_forgetting(results: dict[str, Any], path: Path) -> None:
+    """Figures 3-4 in miniature: held-out LM loss per variant; the merge-ratio sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110)
+    ax = axes[0]
+    names = [n for n in results["variants"] if n != "Bi+Base"]  # same weights as Base
+    xs = list(range(len(names)))
+    for j, (kind, color) in enumerate((("docs", "#3b6ea8"), ("code", "#e08a3c"))):
+        vals = [results["forgetting"][n][kind] for n in names]
+        ax.bar(
+            [x + (j - 0.5) * 0.38 for x in xs], vals, 0.38, label=f"held-out {kind}", color=color
+        )
+    low = min(min(results["forgetting"][n].values()) for n in names)
+    ax.set_ylim(low * 0.9, None)
+    ax.set_xticks(xs, names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("causal-LM loss (nats/token)")
+    ax.set_title("Forgetting: held-out causal-LM loss", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    ax = axes[1]
+    sweep = results["merge_sweep"]
+    ratios = [row["ratio"] for row in sweep]
+    ax.plot(ratios, [r["docs_loss"] for r in sweep], "o-", color="#3b6ea8", label="docs loss")
+    ax.plot(ratios, [r["code_loss"] for r in sweep], "o-", color="#e08a3c", label="code loss")
+    ax.set_xlabel("share of Bi+MNTP in the merge with the base")
+    ax.set_ylabel("held-out causal-LM loss")
+    twin = ax.twinx()
+    for task, style in (("retrieval", "s--"), ("sequence", "^--"), ("token", "v--")):
+        twin.plot(ratios, [r[task] for r in sweep], style, label=task, alpha=0.8)
+    twin.set_ylabel("task score (nDCG@10 / macro-F1)")
+    lines = ax.get_legend_handles_labels()
+    more = twin.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="best")
+    ax.set_title("Merge-ratio sweep", fontsize=10)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
 def format_report(results: dict[str, Any]) -> str:
-    """report.md: the table, the chart and how the numbers were made."""
+    """report.md: tables, charts, the goals and orderings checked, how the numbers were made."""
+    t, rel = results["tasks"], results["relative"]
+    sizes = results["measure_sizes"]
     lines = [
-        f"# bidirlm demo ({results['size']})",
+        f"# bidirlm demo ({results['size']}, seed {results['seed']})",
         "",
-        f"Held-out retrieval task `{results['task']}`: {results['num_queries']} queries "
+        f"Base: {results['base']}.",
+        "",
+        f"Retrieval: held-out task `{results['task']}`, {results['num_queries']} queries "
         f"(docstring summaries of held-out stdlib packages) against {results['num_documents']} "
-        "documents (docstring bodies); mean pooling, cosine similarity.",
+        "documents (docstring bodies); mean pooling, cosine similarity, nDCG@10. Sequence task: "
+        f"docstring -> stdlib package ({sizes['probe']['sequence'][0]} training / "
+        f"{sizes['probe']['sequence'][1]} held-out docstrings); token task: source token -> "
+        f"token class ({sizes['probe']['token_lines'][0]} / {sizes['probe']['token_lines'][1]} "
+        "lines); both scored by held-out macro-F1 of one protocol for every variant: a linear "
+        "probe (logistic regression) on the frozen variant's features.",
         "",
-        "| variant | nDCG@10 | MRR@10 | recall@10 |",
-        "|---|---:|---:|---:|",
+        "| variant | retrieval nDCG@10 | MRR@10 | sequence F1 | token F1 | "
+        "Δ retrieval | Δ sequence | Δ token |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, score in results["variants"].items():
+    for v in results["variants"]:
         lines.append(
-            f"| {name} | {score:.4f} | {results['mrr@10'][name]:.4f} | "
-            f"{results['recall@10'][name]:.4f} |"
+            f"| {v} | {t[v]['retrieval']:.4f} | {results['mrr@10'][v]:.4f} | "
+            f"{t[v]['sequence']:.4f} | {t[v]['token']:.4f} | {rel[v]['retrieval']:+.4f} | "
+            f"{rel[v]['sequence']:+.4f} | {rel[v]['token']:+.4f} |"
         )
-    reference = results.get("reference")
-    if reference:
+    for row in (results["bm25"], results["reference"]):
         lines.append(
-            f"| *reference, not a variant: {reference['name']}* | {reference['ndcg@10']:.4f} | "
-            f"{reference['mrr@10']:.4f} | {reference['recall@10']:.4f} |"
+            f"| *reference, not a variant: {row['name']}* | {row['ndcg@10']:.4f} | "
+            f"{row['mrr@10']:.4f} | | | | | |"
         )
     lines += [
         "",
+        "Δ: change relative to Base (the paper's Figure 2 form).",
+        "",
         "![results](results.png)",
         "",
-        f"Best variant: **{results['best']}**. Best bidirectional variant "
+        "## Forgetting",
+        "",
+        f"Causal-LM loss (nats/token, causal attention, the model's tied LM head) on held-out "
+        f"stdlib packages: {sizes['lm_texts']['docs']} docstring texts and "
+        f"{sizes['lm_texts']['code']} source files (first {results['size_config']['max_seq_len']} "
+        "tokens each).",
+        "",
+        "| variant | docs loss | code loss |",
+        "|---|---:|---:|",
+    ]
+    for v in results["variants"]:
+        f = results["forgetting"][v]
+        lines.append(f"| {v} | {f['docs']:.4f} | {f['code']:.4f} |")
+    lines += [
+        "",
+        "Merge-ratio sweep (share of Bi+MNTP in a linear merge with the base):",
+        "",
+        "| ratio | docs loss | code loss | retrieval nDCG@10 | sequence F1 | token F1 |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results["merge_sweep"]:
+        lines.append(
+            f"| {r['ratio']:g} | {r['docs_loss']:.4f} | {r['code_loss']:.4f} | "
+            f"{r['retrieval']:.4f} | {r['sequence']:.4f} | {r['token']:.4f} |"
+        )
+    lines += [
+        "",
+        "![forgetting](forgetting.png)",
+        "",
+        "## Goals and the paper's orderings, checked on these numbers",
+        "",
+        "| claim | holds here | margin | numbers |",
+        "|---|---|---:|---|",
+    ]
+    for c in results["checks"]:
+        lines.append(
+            f"| {c['claim']} | {'yes' if c['met'] else '**no**'} | {c['margin']:+.4f} | "
+            f"{c['detail']} |"
+        )
+    missed = [c["claim"] for c in results["checks"] if not c["met"]]
+    lines += [
+        "",
+        (
+            f"{len(missed)} of {len(results['checks'])} do not reproduce at this scale: "
+            + "; ".join(missed)
+            + "."
+        )
+        if missed
+        else "All hold at this scale.",
+        "",
+        f"Best variant on retrieval: **{results['best']}**. Best bidirectional variant "
         f"**{results['export']['variant']}** exported as a sentence-transformers model to "
         f"`{Path(results['export']['path']).name}/`; `SentenceTransformer(path).encode` gave "
-        "embeddings of "
-        f"shape {results['export']['shape']} (query/document cosines "
+        f"embeddings of shape {results['export']['shape']} (query/document cosines "
         f"{', '.join(f'{c:.3f}' for c in results['export']['cosines'])}).",
         "",
         "Phases (seconds): "
         + ", ".join(f"{k} {v:.0f}" for k, v in results["phase_seconds"].items()),
         "",
         f"Total {sum(results['phase_seconds'].values()):.0f} s of phase time (the sum above; a "
-        "phase skipped on a re-run counts the time it took when it ran); this run took "
-        f"{results['seconds']:.0f} s on {results['device']}; Python {results['python']}, "
-        f"torch {results['torch']}; kernels: {results['kernels']}.",
+        "phase skipped on a re-run counts the time it took when it ran); measurements "
+        f"{results['measure_seconds']:.0f} s; this run took {results['seconds']:.0f} s on "
+        f"{results['device']} ({results['date']}); seed {results['seed']}; Python "
+        f"{results['python']}, torch {results['torch']}; kernels: {results['kernels']}.",
         "",
     ]
     return "\n".join(lines)
@@ -398,17 +764,23 @@ def _device(prefer_gpu: bool) -> str:
     return "cuda" if prefer_gpu and torch.cuda.is_available() else "cpu"
 
 
+def _metrics(m: dict[str, Any], name: str) -> dict[str, Any]:
+    return {"name": name, **{key: m[key] for key in (METRIC, "mrr@10", "recall@10")}}
+
+
 def run_demo(
     out: str | Path,
     size: str | DemoSize = "quick",
     *,
     prefer_gpu: bool = True,
+    seed: int = 0,
     log: Callable[[str], None] = _log,
 ) -> dict[str, Any]:
     """Run the demo into `out`; return the results (also written to `out/results.json`)."""
     import torch
 
     from bidirlm.kernels.dispatch import decide
+    from bidirlm.recipe.demo_eval import bm25_metrics
     from bidirlm.recipe.pipeline import parse_recipe, run_pipeline
 
     size = SIZES[size] if isinstance(size, str) else size
@@ -417,8 +789,8 @@ def run_demo(
     device = _device(prefer_gpu)
     start = time.perf_counter()
     threads = f" ({torch.get_num_threads()} torch threads)" if device == "cpu" else ""
-    log(f"size {size.name} on {device}{threads}; outputs in {out}")
-    log("1/4 data: stdlib training packages -> JSON Lines; held-out task")
+    log(f"size {size.name}, seed {seed}, on {device}{threads}; outputs in {out}")
+    log("1/5 data: stdlib training packages -> JSON Lines; held-out task")
     files = prepare_data(out / "data")
     task = subsample(ev.embedded_task(max_queries=size.eval_queries), size.eval_documents)
     ev.save_task(task, out / "data" / "heldout")
@@ -426,29 +798,60 @@ def run_demo(
         f"    {len(task.queries)} held-out queries, {len(task.corpus)} documents from "
         f"{len(task.metadata['heldout_packages'])} held-out packages"
     )
-    log("2/4 initial model: random Qwen3 with the embedded tokenizer")
-    build_initial_model(out / "base-init", size)
-    log("3/4 pipeline: causal base -> MNTP, merge, contrastive x2 -> evaluations")
-    recipe = parse_recipe(demo_recipe(out, size, files, device))
+    if size.pretrained:
+        from bidirlm.recipe.demo_base import SHIPPED_BASE
+
+        log(f"2/5 base: the shipped pre-trained model ({SHIPPED_BASE})")
+        base_dir = prepare_pretrained_base(out / "base-pretrained")
+        reference_dir = build_reference_model(out / "reference-init")
+        log_file = SHIPPED_BASE / "training_log.json"
+        info = json.loads(log_file.read_text("utf-8")) if log_file.is_file() else {}
+        base_desc = (
+            f"the shipped pre-trained causal model ({info.get('parameters', 0) / 1e6:.2f}M "
+            f"parameters, {info.get('steps', '?')} steps of {info.get('tokens_per_step', '?')} "
+            f"tokens on {info.get('machine', '?')}, `{info.get('command', '?')}`)"
+        )
+    else:
+        log("2/5 initial model: random Qwen3 with the embedded tokenizer (causal phase below)")
+        base_dir = reference_dir = build_initial_model(out / "base-init", size)
+        base_desc = f"a random width-{size.hidden} model trained {size.causal_steps} causal steps"
+    log("3/5 pipeline: MNTP, merges, contrastive x2 -> retrieval evaluations")
+    recipe = parse_recipe(demo_recipe(out, size, files, device, seed))
     report = run_pipeline(recipe, log=log)
     phases = {p["name"]: p for p in report["phases"]}
+    paths = {name: Path(p["output"]) for name, p in phases.items() if p["kind"] != "eval"}
+    paths["base"] = base_dir
     results: dict[str, Any] = {"metric": METRIC, "variants": {}, "mrr@10": {}, "recall@10": {}}
     for variant in VARIANTS:
         metrics = phases[eval_phase(variant)]["result"]
         results["variants"][variant] = metrics[METRIC]
         results["mrr@10"][variant] = metrics["mrr@10"]
         results["recall@10"][variant] = metrics["recall@10"]
-    metrics = phases[eval_phase(REFERENCE)]["result"]
-    results["reference"] = {
-        "name": REFERENCE,
-        **{key: metrics[key] for key in (METRIC, "mrr@10", "recall@10")},
+    results["sweep_retrieval"] = {
+        f"merge {r:g}": phases[eval_phase(f"merge {r:g}")]["result"][METRIC] for r in (0.25, 0.75)
     }
+    t0 = time.perf_counter()
+    log("4/5 references (untrained model, BM25); probes; held-out LM loss")
+    reference = ev.evaluate(
+        reference_dir,
+        task,
+        bidirectional=True,
+        pooling="mean",
+        max_length=size.eval_length,
+        batch_size=64,
+    )
+    results["reference"] = _metrics(reference, REFERENCE)
+    results["bm25"] = _metrics(bm25_metrics(task), BM25)
+    measured = measure(paths, size, log)
+    results["measure_seconds"] = round(time.perf_counter() - t0, 1)
+    assemble(results, measured, size)
     best = max(results["variants"], key=results["variants"].get)
     # sentence-transformers exports are bidirectional: export the best bidirectional variant.
     exported = max((v for v in VARIANTS if VARIANTS[v][1]), key=lambda v: results["variants"][v])
-    log(f"4/4 export: best bidirectional variant {exported} -> sentence-transformers")
-    best_path = Path(phases[VARIANTS[exported][0]]["output"])
-    export = export_best(best_path, out / "best-sentence-transformer", size.eval_length)
+    log(f"5/5 export: best bidirectional variant {exported} -> sentence-transformers")
+    export = export_best(
+        paths[phase_of(exported, size)], out / "best-sentence-transformer", size.eval_length
+    )
     export["variant"] = exported
     results.update(
         task=task.name,
@@ -456,17 +859,22 @@ def run_demo(
         num_documents=len(task.corpus),
         size=size.name,
         size_config=dataclasses.asdict(size),
+        seed=seed,
+        base=base_desc,
         best=best,
         export=export,
         phase_seconds={p["name"]: p["seconds"] for p in report["phases"] if p["kind"] != "eval"},
         seconds=round(time.perf_counter() - start, 1),
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         device=torch.cuda.get_device_name(0) if device == "cuda" else _cpu_name(),
         python=platform.python_version(),
         torch=torch.__version__,
         kernels="{0.impl} ({0.reason})".format(decide(device)),
     )
+    results["checks"] = checks(results)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     plot_results(results, out / "results.png")
+    plot_forgetting(results, out / "forgetting.png")
     (out / "report.md").write_text(format_report(results), encoding="utf-8")
     log(f"done in {results['seconds']:.0f} s: {out / 'results.json'}, report.md, results.png")
     return results

@@ -1,0 +1,248 @@
+"""The demo's measurements beside retrieval: BM25, classification probes, held-out LM loss.
+
+- `bm25_metrics(task)`: Okapi BM25 (k1 1.2, b 0.75, lower-cased word tokens) on a retrieval
+  task, scored with the same metrics as the encoders (a lexical row, no dependency).
+- `ProbeData` / `probe_scores(model, data)`: the embedded fine-tuning tasks
+  (`bidirlm.runtime.embedded.tasks`: docstring -> stdlib package, source token -> token class)
+  with one small protocol for every variant: the variant's encoder is frozen, its features
+  (mean-pooled for the sequence task, each word's first sub-token for the token task) train a
+  multinomial logistic-regression head (L-BFGS, fixed L2), scored on the held-out split
+  (macro-F1 and accuracy). A linear probe and not full fine-tuning: fine-tuning 8 models twice
+  does not fit the demo's CPU budget, and a probe reads what the adaptation left in the
+  representations, which is what the ablation compares.
+- `lm_loss(path, texts)`: mean next-token cross-entropy of a checkpoint used as a causal LM
+  (causal attention, its tied LM head) on held-out text: the demo's forgetting measure.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_WORD = re.compile(r"\w+")
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def bm25_rank(
+    queries: Sequence[str], documents: Sequence[str], *, k1: float = 1.2, b: float = 0.75
+) -> torch.Tensor:
+    """BM25 scores `[len(queries), len(documents)]` (Robertson-Sparck Jones idf, +1 inside log)."""
+    docs = [Counter(_words(d)) for d in documents]
+    n = len(docs)
+    lengths = [sum(c.values()) for c in docs]
+    avg = sum(lengths) / n if n else 0.0
+    postings: dict[str, list[tuple[int, int]]] = {}
+    for i, counts in enumerate(docs):
+        for word, tf in counts.items():
+            postings.setdefault(word, []).append((i, tf))
+    norm = [k1 * (1 - b + b * length / max(avg, 1e-9)) for length in lengths]
+    scores = torch.zeros(len(queries), n, dtype=torch.float64)
+    for qi, query in enumerate(queries):
+        row = [0.0] * n
+        for word in set(_words(query)):
+            hits = postings.get(word)
+            if not hits:
+                continue
+            idf = math.log(1 + (n - len(hits) + 0.5) / (len(hits) + 0.5))
+            for i, tf in hits:
+                row[i] += idf * tf * (k1 + 1) / (tf + norm[i])
+        scores[qi] = torch.tensor(row, dtype=torch.float64)
+    return scores
+
+
+def bm25_metrics(task: Any, k: int = 10) -> dict[str, Any]:
+    """BM25 on a `RetrievalTask`: the metrics `evaluation.evaluate` reports for an encoder."""
+    from bidirlm.runtime.evaluation.metrics import retrieval_metrics
+
+    doc_ids = list(task.corpus)
+    query_ids = [q for q, rel in task.qrels.items() if rel]
+    scores = bm25_rank([task.queries[q] for q in query_ids], [task.corpus[d] for d in doc_ids])
+    top = scores.topk(min(100, len(doc_ids)), dim=1).indices.tolist()
+    ranked = {q: [doc_ids[i] for i in row] for q, row in zip(query_ids, top)}
+    return retrieval_metrics(ranked, task.qrels, k=k)
+
+
+# ------------------------------------------------------------------------------------------
+# Classification probes
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProbeData:
+    """Subsets of the embedded fine-tuning tasks (deterministic: every n-th record)."""
+
+    seq_train: list[dict[str, Any]]
+    seq_test: list[dict[str, Any]]
+    tok_train: list[dict[str, Any]]
+    tok_test: list[dict[str, Any]]
+    seq_labels: tuple[str, ...]
+    tok_labels: tuple[str, ...]
+
+    @classmethod
+    def load(cls, seq_train: int, seq_test: int, tok_train: int, tok_test: int) -> ProbeData:
+        from bidirlm.runtime.embedded import PACKAGES, TOKEN_TAGS, package_task, token_task
+
+        def every(records: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+            step = max(len(records) // max(count, 1), 1)
+            return records[::step][:count]
+
+        return cls(
+            every(package_task("train"), seq_train),
+            every(package_task("heldout"), seq_test),
+            every(token_task("train"), tok_train),
+            every(token_task("heldout"), tok_test),
+            tuple(PACKAGES),
+            tuple(TOKEN_TAGS),
+        )
+
+
+def _padded(tokenizer: Any, encoded: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(e) for e in encoded)
+    pad = tokenizer.pad_token_id or 0
+    ids = torch.full((len(encoded), longest), pad, dtype=torch.long)
+    mask = torch.zeros(len(encoded), longest, dtype=torch.long)
+    for i, e in enumerate(encoded):
+        ids[i, : len(e)] = torch.tensor(e)
+        mask[i, : len(e)] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def token_features(
+    model: Any, records: Sequence[dict[str, Any]], max_length: int, batch_size: int = 32
+) -> tuple[torch.Tensor, list[str]]:
+    """Each word's hidden state at its first sub-token: `[n_words, d]` float32 and the tags.
+
+    Words are joined with spaces; a word cut by `max_length` is dropped.
+    """
+    tok = model.tokenizer
+    feats: list[torch.Tensor] = []
+    tags: list[str] = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        texts, spans = [], []
+        for r in chunk:
+            pos, sp = 0, []
+            for w in r["tokens"]:
+                sp.append((pos, pos + len(w)))
+                pos += len(w) + 1
+            texts.append(" ".join(r["tokens"]))
+            spans.append(sp)
+        enc = tok(texts, truncation=True, max_length=max_length, return_offsets_mapping=True)
+        ids, mask = _padded(tok, enc["input_ids"])
+        hidden = model(ids.to(model.device), attention_mask=mask.to(model.device)).float().cpu()
+        for i, r in enumerate(chunk):
+            offsets = enc["offset_mapping"][i]
+            for (ws, we), tag in zip(spans[i], r["tags"]):
+                first = next((t for t, (s, e) in enumerate(offsets) if e > s and e > ws), None)
+                if first is None or offsets[first][0] >= we:
+                    continue
+                feats.append(hidden[i, first])
+                tags.append(tag)
+    return torch.stack(feats), tags
+
+
+def _fit_predict(
+    x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, classes: int
+) -> torch.Tensor:
+    """Multinomial logistic regression (standardized features, L2 1e-2, L-BFGS 100 iterations)."""
+    x_train, x_test = x_train.double(), x_test.double()
+    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    w = torch.zeros(x_train.shape[1], classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, bias], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x_train @ w + bias, y_train)
+        loss = loss + 1e-2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return (x_test @ w + bias).argmax(-1).detach()
+
+
+def _scores(y_true: torch.Tensor, y_pred: torch.Tensor) -> dict[str, float]:
+    from bidirlm.runtime.evaluation.classification import accuracy, macro_f1
+
+    t, p = y_true.tolist(), y_pred.tolist()
+    return {"macro_f1": macro_f1(t, p), "accuracy": accuracy(t, p)}
+
+
+def probe_scores(
+    path: str | Path, data: ProbeData, *, bidirectional: bool, max_length: int = 64
+) -> dict[str, dict[str, float]]:
+    """The sequence and token probes of one checkpoint: `{"sequence": {...}, "token": {...}}`."""
+    from bidirlm.runtime import load_model
+
+    model = load_model(path, bidirectional=bidirectional, dtype=torch.float32)
+    model.eval()
+    with torch.inference_mode():
+        seq_x = model.encode(
+            [r["text"] for r in data.seq_train + data.seq_test], max_length=max_length
+        )
+    index = {name: i for i, name in enumerate(data.seq_labels)}
+    seq_y = torch.tensor([index[r["label"]] for r in data.seq_train + data.seq_test])
+    n = len(data.seq_train)
+    seq_pred = _fit_predict(seq_x[:n], seq_y[:n], seq_x[n:], len(data.seq_labels))
+    tags = {name: i for i, name in enumerate(data.tok_labels)}
+    x_train, t_train = token_features(model, data.tok_train, max_length)
+    x_test, t_test = token_features(model, data.tok_test, max_length)
+    y_train = torch.tensor([tags[t] for t in t_train])
+    y_test = torch.tensor([tags[t] for t in t_test])
+    tok_pred = _fit_predict(x_train, y_train, x_test, len(data.tok_labels))
+    return {"sequence": _scores(seq_y[n:], seq_pred), "token": _scores(y_test, tok_pred)}
+
+
+# ------------------------------------------------------------------------------------------
+# Forgetting: held-out causal-LM loss
+# ------------------------------------------------------------------------------------------
+
+
+def heldout_texts(kind: str, count: int) -> list[str]:
+    """`count` held-out stdlib texts of `kind` ("docs" or "code"), every n-th (deterministic)."""
+    from bidirlm.runtime.evaluation import stdlib_texts
+
+    texts = [t for t in stdlib_texts("heldout", kind) if t.strip()]
+    step = max(len(texts) // max(count, 1), 1)
+    return texts[::step][:count]
+
+
+@torch.inference_mode()
+def lm_loss(
+    path: str | Path, texts: Sequence[str], *, max_length: int = 128, batch_size: int = 16
+) -> float:
+    """Mean next-token cross-entropy (nats/token) of the checkpoint as a causal LM on `texts`."""
+    from bidirlm.runtime import load_model
+
+    model = load_model(path, bidirectional=False, dtype=torch.float32)
+    model.eval()
+    tok = model.tokenizer
+    head = model.lm_head_weight.float()
+    total, count = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        enc = tok(list(texts[start : start + batch_size]), truncation=True, max_length=max_length)
+        ids, mask = _padded(tok, enc["input_ids"])
+        hidden = model(ids.to(model.device), attention_mask=mask.to(model.device)).float()
+        logits = hidden[:, :-1] @ head.T
+        target = ids[:, 1:].clone().to(logits.device)
+        target[mask[:, 1:] == 0] = -100
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
+        )
+        total += float(loss)
+        count += int((target != -100).sum())
+    return total / max(count, 1)
