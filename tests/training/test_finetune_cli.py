@@ -89,3 +89,18 @@ def test_predict_tokens_and_plain_model_error(tmp_path: Path, capsys: pytest.Cap
     plain = str(embedded_tiny_model())
     assert cli_main(["predict", plain, "--input", str(inp), "--output", str(out)]) == 1
     assert "not a fine-tuned classifier" in capsys.readouterr().err
+
+
+def test_python_api_takes_in_memory_records(tmp_path: Path) -> None:
+    from bidirlm.runtime.evaluation.classify import evaluate_classifier, predict_records
+    from bidirlm.runtime.models import load_model
+
+    rows = [{"text": f"{w} {w}", "label": w} for w in ("up", "down") * 3]
+    final = _train(tmp_path, "tiny-seqcls.toml", _write(tmp_path / "d.jsonl", rows))
+    model = load_model(final)
+    metrics = evaluate_classifier(model, rows)
+    preds = predict_records(model, [{"text": r["text"]} for r in rows])
+    hits = sum(p["prediction"] == r["label"] for p, r in zip(preds, rows)) / len(rows)
+    assert metrics["task"] == "records" and metrics["accuracy"] == pytest.approx(hits)
+    with pytest.raises(ValueError, match="records:1: unknown label 'sideways'"):
+        evaluate_classifier(model, [{"text": "x", "label": "sideways"}])

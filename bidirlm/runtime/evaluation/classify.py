@@ -179,11 +179,24 @@ def _load(model: Any, device: str | torch.device | None) -> Any:
     return encoder
 
 
-def _encode(encoder: Any, data: str, *, max_length: int, with_labels: bool):
-    from bidirlm.runtime.training.task_data import encode_records, read_records
+def _records(data: Any):
+    """A file path / embedded name, or an in-memory list of record dicts."""
+    from bidirlm.runtime.training.task_data import TaskRecords, read_records
+
+    if isinstance(data, (list, tuple)):
+        if not data:
+            raise ValueError("records: the list is empty")
+        if not all(isinstance(r, dict) for r in data):
+            raise ValueError("records: expected a list of dicts")
+        return TaskRecords("records", [(i + 1, r) for i, r in enumerate(data)])
+    return read_records(str(data))
+
+
+def _encode(encoder: Any, data: Any, *, max_length: int, with_labels: bool):
+    from bidirlm.runtime.training.task_data import encode_records
 
     head = encoder.head
-    records = read_records(str(data))
+    records = _records(data)
     examples = encode_records(
         records,
         encoder.tokenizer,
@@ -198,16 +211,17 @@ def _encode(encoder: Any, data: str, *, max_length: int, with_labels: bool):
 
 def evaluate_classifier(
     model: Any,
-    data: str | Path,
+    data: str | Path | Sequence[dict[str, Any]],
     *,
     batch_size: int = 64,
     max_length: int = 512,
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:
-    """Metrics of a fine-tuned classifier (folder or loaded `Encoder`) on a labelled file."""
+    """Metrics of a fine-tuned classifier (folder or loaded `Encoder`) on labelled data: a JSON
+    Lines file, an `embedded:python-*` task name, or a list of record dicts."""
     encoder = _load(model, device)
     head = encoder.head
-    _, examples = _encode(encoder, str(data), max_length=max_length, with_labels=True)
+    _, examples = _encode(encoder, data, max_length=max_length, with_labels=True)
     metrics = score_examples(
         encoder,
         examples,
@@ -216,18 +230,20 @@ def evaluate_classifier(
         labels=head.labels,
         batch_size=batch_size,
     )
-    return {"task": str(data), "kind": head.kind, "problem_type": head.problem_type, **metrics}
+    name = "records" if isinstance(data, (list, tuple)) else str(data)
+    return {"task": name, "kind": head.kind, "problem_type": head.problem_type, **metrics}
 
 
 def predict_records(
     model: Any,
-    data: str | Path,
+    data: str | Path | Sequence[dict[str, Any]],
     *,
     batch_size: int = 64,
     max_length: int = 512,
     device: str | torch.device | None = None,
 ) -> list[dict[str, Any]]:
-    """One output record per input record: the input fields plus the prediction.
+    """One output record per input record (a file, embedded name or list of dicts): the input
+    fields plus the prediction.
 
     Sequence tasks add `prediction` (label name; a list of names for multi-label; the value(s)
     for regression) and `score` (its probability; every label's probability for multi-label);
@@ -235,7 +251,7 @@ def predict_records(
     """
     encoder = _load(model, device)
     head = encoder.head
-    records, examples = _encode(encoder, str(data), max_length=max_length, with_labels=False)
+    records, examples = _encode(encoder, data, max_length=max_length, with_labels=False)
     logits = predict_logits(
         encoder, examples, kind=head.kind, problem_type=head.problem_type, batch_size=batch_size
     )
