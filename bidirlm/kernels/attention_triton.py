@@ -108,7 +108,9 @@ def _block_ranges(
     """
     lo = (tl.maximum(p_first - reach_lo, 0) // BLOCK) * BLOCK
     hi = tl.minimum(p_last + reach_hi + 1, limit)
-    full_lo = tl.maximum(tl.cdiv(tl.maximum(p_last - reach_lo, 0), BLOCK) * BLOCK, lo)
+    # (x + BLOCK - 1) // BLOCK, not tl.cdiv: triton 3.6's interpreter makes a scalar tl.cdiv a
+    # 1-element array, which range() cannot take
+    full_lo = tl.maximum((tl.maximum(p_last - reach_lo, 0) + BLOCK - 1) // BLOCK * BLOCK, lo)
     if NO_FULL:
         full_hi = full_lo
     else:
@@ -667,7 +669,7 @@ CONFIGS: dict[str, list[tuple[int, LaunchConfig, LaunchConfig, LaunchConfig]]] =
     ],
     "cdna": [
         (64, C(128, 64, 8, 1, 2), C(32, 64, 4, 1, 1), C(128, 64, 8, 1, 1)),
-        (128, C(128, 64, 8, 1, 1), C(32, 64, 4, 1, 1), C(64, 64, 4, 1, 1)),
+        (128, C(128, 32, 8, 1, 1), C(32, 64, 4, 1, 1), C(64, 64, 4, 1, 1)),
         (256, C(64, 32, 4, 1, 1), C(16, 32, 4, 1, 1), C(32, 32, 4, 1, 1)),
     ],
     "interpreter": [
