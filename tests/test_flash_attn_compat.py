@@ -302,3 +302,24 @@ def test_bad_varlen_arguments():
         flash_attn_varlen_func(q, k, k, cu_q, cu_k, 5, 4, 0.5)
     with pytest.raises(ValueError, match="qkv"):
         flash_attn_varlen_qkvpacked_func(q, cu_q, 5)
+
+
+def test_torch_compile_fullgraph_cross_alibi():
+    """The extra op arguments (cu_seqlens_k, max_seqlen_k, alibi_slopes) trace with fake kernels."""
+    q, k, v = _inputs((1, 9, 2, 16), (1, 13, 1, 16), F32)
+    slopes = torch.tensor([0.2, 0.1])
+    cu_q = torch.tensor([0, 4, 9], dtype=torch.int32)
+    cu_k = torch.tensor([0, 6, 13], dtype=torch.int32)
+
+    def loss_fn(q, k, v):
+        dense = flash_attn_func(q, k, v, 0.0, None, True, (-1, -1), 2.0, slopes)
+        packed = flash_attn_varlen_func(q[0], k[0], v[0], cu_q, cu_k, 5, 7, causal=True)
+        return dense.square().sum() + packed.sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    eager = loss_fn(q, k, v)
+    torch.testing.assert_close(loss, eager)
+    for a, b in zip(grads, torch.autograd.grad(eager, (q, k, v))):
+        torch.testing.assert_close(a, b)
