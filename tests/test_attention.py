@@ -128,6 +128,13 @@ def test_softcap_and_scale(dtype, device):
     check_against_reference(q, k, v, softcap=5.0, softmax_scale=0.3)
 
 
+def test_softcap_small_arguments_float32(device):
+    """softcap=30 (Gemma 2) keeps tanh's argument below 0.2, where 1 - exp(-2x) cancels: the
+    kernel's tanh switches to its Taylor branch there and stays within 2x torch's fp32 error."""
+    q, k, v = _inputs((1, 37, 2, 32), (1, 37, 1, 32), torch.float32, device)
+    check_against_reference(q, k, v, softcap=30.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_key_padding_mask_with_fully_padded_sequence(dtype, device):
     b, s = 3, 45
