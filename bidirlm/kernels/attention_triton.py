@@ -903,17 +903,6 @@ def _geometry(
     return AttnShape(b, s, hq, k.shape[2], d, False, -1 if sk == s else sk)
 
 
-_FAMILIES: dict[tuple[torch.device, bool], str] = {}
-
-
-def _family(device: torch.device, interp: bool) -> str:
-    """arch_family, memoised per device: the string tests cost microseconds per call."""
-    family = _FAMILIES.get((device, interp))
-    if family is None:
-        family = _FAMILIES[(device, interp)] = arch_family(device)
-    return family
-
-
 def _aux_args(
     key_padding_mask: torch.Tensor | None, alibi_slopes: torch.Tensor | None, dummy: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -979,7 +968,7 @@ def attention_forward(
     has_kpm = key_padding_mask is not None
     interp = interpreting()
     plan = _plan(
-        _family(q.device, interp), interp, q.dtype, shape, window != (-1, -1), softcap > 0,
+        arch_family(q.device), interp, q.dtype, shape, window != (-1, -1), softcap > 0,
         has_kpm, has_kpm and not packed and shape.kv_len == shape.seqlen,
         alibi_slopes is not None,
     )  # fmt: skip
@@ -1029,7 +1018,7 @@ def attention_backward(
     has_kpm = key_padding_mask is not None
     interp = interpreting()
     plan = _plan(
-        _family(q.device, interp), interp, q.dtype, shape, window != (-1, -1), softcap > 0,
+        arch_family(q.device), interp, q.dtype, shape, window != (-1, -1), softcap > 0,
         has_kpm, has_kpm and not packed and shape.kv_len == shape.seqlen,
         alibi_slopes is not None,
     )  # fmt: skip
