@@ -659,7 +659,7 @@ C = LaunchConfig
 CONFIGS: dict[str, list[tuple[int, LaunchConfig, LaunchConfig, LaunchConfig]]] = {
     "hopper": [
         (64, C(128, 128, 8, 3), C(64, 128, 8, 2), C(128, 64, 8, 2)),
-        (128, C(128, 64, 8, 2), C(64, 128, 8, 1), C(128, 32, 8, 2)),
+        (128, C(128, 64, 8, 2), C(32, 128, 8, 1), C(128, 32, 8, 2)),
         (256, C(128, 32, 8, 2), C(32, 64, 4, 1), C(64, 16, 4, 1)),
     ],
     "ampere": [
@@ -700,6 +700,10 @@ CONFIGS_FP32["amd"] = CONFIGS_FP32["cdna"]
 CONFIGS_FP32["interpreter"] = CONFIGS["interpreter"]
 
 _KERNEL_INDEX = {"fwd": 1, "dkdv": 2, "dq": 3}
+# Largest head dim whose fast backward accumulates dQ by atomics inside the dK/dV kernel. On
+# sm_90 the dK/dV tile at D=128 (K, V, dK, dV of 128 keys on chip) plus dQ's dot spills 50-640
+# bytes per variant, while the two-kernel backward (dQ recomputes S and dP) compiles clean.
+ATOMIC_DQ_MAX_D = {"hopper": 64, "ampere": 64, "nvidia": 64, "cdna": 128, "amd": 128}
 
 
 def pick_config(
@@ -1046,9 +1050,9 @@ def attention_backward(
 
     # Fast mode: dQ accumulates in fp32 by atomics from every key block (order varies run to
     # run). Deterministic mode: a second kernel sums dQ over key blocks in a fixed order.
-    # D > 128: the dK/dV kernel cannot also hold dQ's operands in registers (it spills), so
-    # dQ always comes from its own kernel there (bitwise reproducible as a bonus).
-    atomic = not deterministic and shape.head_dim <= 128
+    # Above ATOMIC_DQ_MAX_D the dK/dV kernel cannot also hold dQ's operands in registers (it
+    # spills), so dQ comes from its own kernel there (bitwise reproducible as a bonus).
+    atomic = not deterministic and shape.head_dim <= ATOMIC_DQ_MAX_D.get(plan.family, 128)
     if atomic:
         dq_buf = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     else:
