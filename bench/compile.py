@@ -195,6 +195,62 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def compile_target(
+    target: str, cases: list[cc.Case], runner: Runner, version: str, jobs: int
+) -> list[dict[str, Any]]:
+    """Record, compile and write the rows of every distinct launch of `cases` on `target`."""
+    rows = []
+    specs, failures = cc.unique_specs(cases, target)
+    print(f"bench.compile: {target}: {len(specs)} distinct launches", flush=True)
+    for fail in failures:  # the op raised before launching: a launch we could not compile
+        row = {**fail, "triton": version, "kernel": "(launcher)", "cases": [fail["case"]],
+               "compiled": False}  # fmt: skip
+        row["violations"] = cc.violations(row)
+        rows.append(runner.record(case=fail["case"], impl="(launcher)", pass_="compile",
+                                  ms=None, extra=row)["extra"])  # fmt: skip
+    for spec, facts in zip(specs, compile_all(specs, jobs)):
+        row = spec_row(spec, facts, version)
+        rec = runner.record(
+            case=f"{target} {row['case']}",
+            impl=spec.kernel,
+            pass_=spec.phase,
+            ms=row["compile_s"] * 1e3,
+            extra=row,
+        )
+        rows.append(rec["extra"])
+    return rows
+
+
+def compile_target_isolated(
+    target: str, cases: list[cc.Case], runner: Runner, version: str, jobs: int
+) -> list[dict[str, Any]]:
+    """`compile_target` in a forked process: whatever a launcher caches per device (a family,
+    a config) while it believes it runs on one target cannot leak into the next target."""
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+
+    def child() -> None:
+        try:
+            queue.put(("ok", compile_target(target, cases, runner, version, jobs)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the parent
+            queue.put(("error", f"{type(exc).__name__}: {exc}"))
+
+    proc = ctx.Process(target=child)
+    proc.start()
+    status, payload = "error", "the process exited without a result (crashed?)"
+    while True:  # a child that dies without a word must not hang the parent
+        try:
+            status, payload = queue.get(timeout=5)
+            break
+        except Exception:  # noqa: BLE001 - queue.Empty: still running?
+            if not proc.is_alive():
+                break
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"compiling for {target} failed: {payload}")
+    return payload
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.table:  # print the README table of a results file, compile nothing
@@ -216,29 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     for target in targets:
-        specs, failures = cc.unique_specs(cases, target)
-        print(f"bench.compile: {target}: {len(specs)} distinct launches", flush=True)
-        for fail in failures:  # the op raised before launching: a launch we could not compile
-            row = {
-                **fail,
-                "triton": version,
-                "kernel": "(launcher)",
-                "cases": [fail["case"]],
-                "compiled": False,
-            }
-            row["violations"] = cc.violations(row)
-            rows.append(runner.record(case=fail["case"], impl="(launcher)", pass_="compile",
-                                      ms=None, extra=row)["extra"])  # fmt: skip
-        for spec, facts in zip(specs, compile_all(specs, args.jobs)):
-            row = spec_row(spec, facts, version)
-            rec = runner.record(
-                case=f"{target} {row['case']}",
-                impl=spec.kernel,
-                pass_=spec.phase,
-                ms=row["compile_s"] * 1e3,
-                extra=row,
-            )
-            rows.append(rec["extra"])
+        rows += compile_target_isolated(target, cases, runner, version, args.jobs)
     print(f"bench.compile: compiled in {time.perf_counter() - t_start:.0f} s")
     if not args.no_host:
         host_overhead(runner, reps=20)
