@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--steps",
         type=int,
         default=None,
-        help="--pretrain-base: optimizer steps of 4096 tokens (default 300)",
+        help="--pretrain-base: optimizer steps of 4096 tokens (default 450)",
     )
     parser.add_argument(
         "--threads",

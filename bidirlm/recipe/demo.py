@@ -81,8 +81,8 @@ SIZES: dict[str, DemoSize] = {
     "tiny": DemoSize("tiny", False, 32, 1, 2, 1, 16, 64, 6, 3, 3, 1024, 128, 8, 24, 64, 40, 120,
                      32, 3e-3, 1e-3, 1e-3, 0.05, (24, 24, 16, 16), 4),
     # `make demo`: the shipped pre-trained base, under 15 minutes on a (shared) 2-core CPU.
-    "quick": DemoSize("quick", True, 0, 0, 0, 0, 0, 0, 0, 60, 80, 2048, 128, 32, 24, 64,
-                      None, None, 64, 0.0, 1e-3, 1e-3, 0.05, (240, 240, 300, 200), 32),
+    "quick": DemoSize("quick", True, 0, 0, 0, 0, 0, 0, 0, 80, 120, 2048, 128, 16, 24, 64,
+                      None, None, 64, 0.0, 1e-3, 2e-3, 0.05, (240, 240, 300, 200), 32),
     # The default: the same base with a larger budget, meant for a GPU (runs anywhere, slowly).
     "full": DemoSize("full", True, 0, 0, 0, 0, 0, 0, 0, 600, 600, 8192, 256, 128, 32, 128,
                      None, None, 128, 0.0, 5e-4, 5e-4, 0.05, (918, 632, 1500, 500), 128),
