@@ -143,3 +143,32 @@ def test_probe_separates_linearly_separable_classes() -> None:
     x[:, 0] += 12 * y  # class i sits at 12 * i on the first feature
     pred = _fit_predict(x[:60], y[:60], x[60:], 3)
     assert (pred == y[60:]).float().mean().item() == 1.0
+
+
+def test_shipped_base_matches_its_command_and_log() -> None:
+    from bidirlm.recipe import demo_base
+    from bidirlm.runtime import load_model
+
+    folder = demo_base.SHIPPED_BASE
+    log = json.loads((folder / "training_log.json").read_text())
+    assert log["steps"] == demo_base.DEFAULT_STEPS and log["seed"] == demo_base.SEED
+    assert log["shape"] == demo_base.BASE_SHAPE and log["lr"] == demo_base.LR
+    assert f"--steps {log['steps']}" in log["command"] and "--pretrain-base" in log["command"]
+    assert log["loss_curve"][-1]["loss"] < log["loss_curve"][0]["loss"] - 2.0  # it learned
+    model = load_model(folder, bidirectional=False)
+    assert model.config.hidden_size == demo_base.BASE_SHAPE["hidden_size"]
+    assert model.config.num_hidden_layers == demo_base.BASE_SHAPE["num_hidden_layers"]
+    assert sum(p.numel() for p in model.parameters()) == log["parameters"]
+    assert (folder / "model.safetensors").stat().st_size < 4_000_000  # a few MB
+
+
+def test_pretrain_base_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BIDIRLM_KERNELS", "torch")
+    out = tmp_path / "base"
+    assert main(["demo", "--pretrain-base", "--output", str(out), "--steps", "1", "--cpu"]) == 0
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["steps"] == 1 and log["seed"] == 0 and len(log["loss_curve"]) == 1
+    assert log["command"].startswith("bidirlm demo --pretrain-base") and log["seconds"] > 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["hidden_size"] == 128 and config["num_hidden_layers"] == 4
+    assert main(["demo", "--pretrain-base", "--output", str(out), "--steps", "0"]) == 1
