@@ -157,7 +157,7 @@ def test_shipped_base_matches_its_command_and_log() -> None:
     assert log["loss_curve"][-1]["loss"] < log["loss_curve"][0]["loss"] - 2.0  # it learned
     model = load_model(folder, bidirectional=False)
     assert model.config.hidden_size == demo_base.BASE_SHAPE["hidden_size"]
-    assert model.config.num_hidden_layers == demo_base.BASE_SHAPE["num_hidden_layers"]
+    assert model.config.num_layers == demo_base.BASE_SHAPE["num_hidden_layers"]
     assert sum(p.numel() for p in model.parameters()) == log["parameters"]
     assert (folder / "model.safetensors").stat().st_size < 4_000_000  # a few MB
 

@@ -638,94 +638,123 @@ def plot_forgetting(results: dict[str, Any], path: Path) -> None:
 
 
 def format_report(results: dict[str, Any]) -> str:
-    """report.md: tables, charts, the goals and orderings checked, how the numbers were made."""
-    t, rel = results["tasks"], results["relative"]
-    sizes = results["measure_sizes"]
-    lines = [
-        f"# bidirlm demo ({results['size']}, seed {results['seed']})",
-        "",
-        f"Base: {results['base']}.",
-        "",
+    """report.md: tables, charts, the goals and orderings checked, how the numbers were made.
+
+    The task, forgetting and check sections appear when `results` has them (a retrieval-only
+    results dict gives the retrieval table alone).
+    """
+    seed = f", seed {results['seed']}" if "seed" in results else ""
+    lines = [f"# bidirlm demo ({results['size']}{seed})", ""]
+    if "base" in results:
+        lines += [f"Base: {results['base']}.", ""]
+    retrieval = (
         f"Retrieval: held-out task `{results['task']}`, {results['num_queries']} queries "
         f"(docstring summaries of held-out stdlib packages) against {results['num_documents']} "
-        "documents (docstring bodies); mean pooling, cosine similarity, nDCG@10. Sequence task: "
-        f"docstring -> stdlib package ({sizes['probe']['sequence'][0]} training / "
-        f"{sizes['probe']['sequence'][1]} held-out docstrings); token task: source token -> "
-        f"token class ({sizes['probe']['token_lines'][0]} / {sizes['probe']['token_lines'][1]} "
-        "lines); both scored by held-out macro-F1 of one protocol for every variant: a linear "
-        "probe (logistic regression) on the frozen variant's features.",
-        "",
-        "| variant | retrieval nDCG@10 | MRR@10 | sequence F1 | token F1 | "
-        "Δ retrieval | Δ sequence | Δ token |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for v in results["variants"]:
-        lines.append(
-            f"| {v} | {t[v]['retrieval']:.4f} | {results['mrr@10'][v]:.4f} | "
-            f"{t[v]['sequence']:.4f} | {t[v]['token']:.4f} | {rel[v]['retrieval']:+.4f} | "
-            f"{rel[v]['sequence']:+.4f} | {rel[v]['token']:+.4f} |"
-        )
-    for row in (results["bm25"], results["reference"]):
-        lines.append(
-            f"| *reference, not a variant: {row['name']}* | {row['ndcg@10']:.4f} | "
-            f"{row['mrr@10']:.4f} | | | | | |"
-        )
+        "documents (docstring bodies); mean pooling, cosine similarity, nDCG@10."
+    )
+    if "tasks" in results:
+        t, rel = results["tasks"], results["relative"]
+        sizes = results["measure_sizes"]
+        lines += [
+            retrieval + " Sequence task: docstring -> stdlib package "
+            f"({sizes['probe']['sequence'][0]} training / {sizes['probe']['sequence'][1]} "
+            "held-out docstrings); token task: source token -> token class "
+            f"({sizes['probe']['token_lines'][0]} / {sizes['probe']['token_lines'][1]} lines); "
+            "both scored by held-out macro-F1 of one protocol for every variant: a linear probe "
+            "(logistic regression) on the frozen variant's features.",
+            "",
+            "| variant | retrieval nDCG@10 | MRR@10 | sequence F1 | token F1 | "
+            "Δ retrieval | Δ sequence | Δ token |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for v in results["variants"]:
+            lines.append(
+                f"| {v} | {t[v]['retrieval']:.4f} | {results['mrr@10'][v]:.4f} | "
+                f"{t[v]['sequence']:.4f} | {t[v]['token']:.4f} | {rel[v]['retrieval']:+.4f} | "
+                f"{rel[v]['sequence']:+.4f} | {rel[v]['token']:+.4f} |"
+            )
+        empty = " | | | | | |"
+    else:
+        lines += [
+            retrieval,
+            "",
+            "| variant | nDCG@10 | MRR@10 | recall@10 |",
+            "|---|---:|---:|---:|",
+        ]
+        for v, score in results["variants"].items():
+            lines.append(
+                f"| {v} | {score:.4f} | {results['mrr@10'][v]:.4f} | "
+                f"{results['recall@10'][v]:.4f} |"
+            )
+        empty = ""
+    for key in ("bm25", "reference"):
+        row = results.get(key)
+        if row:
+            recall = "" if empty else f" {row['recall@10']:.4f} |"
+            lines.append(
+                f"| *reference, not a variant: {row['name']}* | {row['ndcg@10']:.4f} | "
+                f"{row['mrr@10']:.4f} |{recall}{empty}"
+            )
+    lines += ["", "Δ: change relative to Base (the paper's Figure 2 form)." if empty else ""]
+    lines += ["", "![results](results.png)", ""]
+    if "forgetting" in results:
+        sizes = results["measure_sizes"]
+        lines += [
+            "## Forgetting",
+            "",
+            "Causal-LM loss (nats/token, causal attention, the model's tied LM head) on held-out "
+            f"stdlib packages: {sizes['lm_texts']['docs']} docstring texts and "
+            f"{sizes['lm_texts']['code']} source files (first "
+            f"{results['size_config']['max_seq_len']} tokens each).",
+            "",
+            "| variant | docs loss | code loss |",
+            "|---|---:|---:|",
+        ]
+        for v in results["variants"]:
+            f = results["forgetting"][v]
+            lines.append(f"| {v} | {f['docs']:.4f} | {f['code']:.4f} |")
+        lines += [
+            "",
+            "Merge-ratio sweep (share of Bi+MNTP in a linear merge with the base):",
+            "",
+            "| ratio | docs loss | code loss | retrieval nDCG@10 | sequence F1 | token F1 |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in results["merge_sweep"]:
+            lines.append(
+                f"| {r['ratio']:g} | {r['docs_loss']:.4f} | {r['code_loss']:.4f} | "
+                f"{r['retrieval']:.4f} | {r['sequence']:.4f} | {r['token']:.4f} |"
+            )
+        lines += ["", "![forgetting](forgetting.png)", ""]
+    if "checks" in results:
+        lines += [
+            "## Goals and the paper's orderings, checked on these numbers",
+            "",
+            "| claim | holds here | margin | numbers |",
+            "|---|---|---:|---|",
+        ]
+        for c in results["checks"]:
+            lines.append(
+                f"| {c['claim']} | {'yes' if c['met'] else '**no**'} | {c['margin']:+.4f} | "
+                f"{c['detail']} |"
+            )
+        missed = [c["claim"] for c in results["checks"] if not c["met"]]
+        lines += [
+            "",
+            (
+                f"{len(missed)} of {len(results['checks'])} do not reproduce at this scale: "
+                + "; ".join(missed)
+                + "."
+            )
+            if missed
+            else "All hold at this scale.",
+            "",
+        ]
+    measured = (
+        f"measurements {results['measure_seconds']:.0f} s; " if "measure_seconds" in results else ""
+    )
+    date = f" ({results['date']})" if "date" in results else ""
     lines += [
-        "",
-        "Δ: change relative to Base (the paper's Figure 2 form).",
-        "",
-        "![results](results.png)",
-        "",
-        "## Forgetting",
-        "",
-        f"Causal-LM loss (nats/token, causal attention, the model's tied LM head) on held-out "
-        f"stdlib packages: {sizes['lm_texts']['docs']} docstring texts and "
-        f"{sizes['lm_texts']['code']} source files (first {results['size_config']['max_seq_len']} "
-        "tokens each).",
-        "",
-        "| variant | docs loss | code loss |",
-        "|---|---:|---:|",
-    ]
-    for v in results["variants"]:
-        f = results["forgetting"][v]
-        lines.append(f"| {v} | {f['docs']:.4f} | {f['code']:.4f} |")
-    lines += [
-        "",
-        "Merge-ratio sweep (share of Bi+MNTP in a linear merge with the base):",
-        "",
-        "| ratio | docs loss | code loss | retrieval nDCG@10 | sequence F1 | token F1 |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in results["merge_sweep"]:
-        lines.append(
-            f"| {r['ratio']:g} | {r['docs_loss']:.4f} | {r['code_loss']:.4f} | "
-            f"{r['retrieval']:.4f} | {r['sequence']:.4f} | {r['token']:.4f} |"
-        )
-    lines += [
-        "",
-        "![forgetting](forgetting.png)",
-        "",
-        "## Goals and the paper's orderings, checked on these numbers",
-        "",
-        "| claim | holds here | margin | numbers |",
-        "|---|---|---:|---|",
-    ]
-    for c in results["checks"]:
-        lines.append(
-            f"| {c['claim']} | {'yes' if c['met'] else '**no**'} | {c['margin']:+.4f} | "
-            f"{c['detail']} |"
-        )
-    missed = [c["claim"] for c in results["checks"] if not c["met"]]
-    lines += [
-        "",
-        (
-            f"{len(missed)} of {len(results['checks'])} do not reproduce at this scale: "
-            + "; ".join(missed)
-            + "."
-        )
-        if missed
-        else "All hold at this scale.",
-        "",
         f"Best variant on retrieval: **{results['best']}**. Best bidirectional variant "
         f"**{results['export']['variant']}** exported as a sentence-transformers model to "
         f"`{Path(results['export']['path']).name}/`; `SentenceTransformer(path).encode` gave "
@@ -736,9 +765,8 @@ def format_report(results: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v:.0f}" for k, v in results["phase_seconds"].items()),
         "",
         f"Total {sum(results['phase_seconds'].values()):.0f} s of phase time (the sum above; a "
-        "phase skipped on a re-run counts the time it took when it ran); measurements "
-        f"{results['measure_seconds']:.0f} s; this run took {results['seconds']:.0f} s on "
-        f"{results['device']} ({results['date']}); seed {results['seed']}; Python "
+        f"phase skipped on a re-run counts the time it took when it ran); {measured}this run "
+        f"took {results['seconds']:.0f} s on {results['device']}{date}{seed}; Python "
         f"{results['python']}, torch {results['torch']}; kernels: {results['kernels']}.",
         "",
     ]
