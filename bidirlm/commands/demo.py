@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--steps",
         type=int,
         default=None,
-        help="--pretrain-base: optimizer steps of 4096 tokens (default 450)",
+        help="--pretrain-base: optimizer steps of 4096 tokens (default 900)",
     )
     parser.add_argument(
         "--threads",

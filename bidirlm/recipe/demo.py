@@ -81,7 +81,7 @@ SIZES: dict[str, DemoSize] = {
     "tiny": DemoSize("tiny", False, 32, 1, 2, 1, 16, 64, 6, 3, 3, 1024, 128, 8, 24, 64, 40, 120,
                      32, 3e-3, 1e-3, 1e-3, 0.05, (24, 24, 16, 16), 4),
     # `make demo`: the shipped pre-trained base, under 15 minutes on a (shared) 2-core CPU.
-    # Contrastive lr measured on this base (120 steps x 16 pairs, held-out nDCG@10): 1e-4 0.070,
+    # Contrastive lr on a 450-step base (120 steps x 16 pairs, held-out nDCG@10): 1e-4 0.070,
     # 3e-4 0.089, 6e-4 0.099, 2e-3 0.033 (too high: it also wipes out the token task).
     "quick": DemoSize("quick", True, 0, 0, 0, 0, 0, 0, 0, 80, 120, 2048, 128, 16, 24, 64,
                       None, None, 64, 0.0, 5e-4, 6e-4, 0.05, (240, 240, 300, 200), 32),
