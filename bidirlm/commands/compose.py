@@ -2,7 +2,7 @@
 
 Composes one omnimodal (BidirLM-Omni) checkpoint: the text backbones averaged with the streaming
 merger, the vision tower (Qwen3-VL) and the audio tower + projector (Qwen3-ASR) attached
-unmerged. See `bidirlm.runtime.compose` for the output layout; `load_model(OUT)` reads it.
+unmerged. See `bidirlm.runtime.merging.compose` for the output layout; `load_model(OUT)` reads it.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _weights(text: str | None) -> list[float] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bidirlm.runtime.compose import compose_omni
+    from bidirlm.runtime.merging.compose import compose_omni
     from bidirlm.runtime.outputs import OutputError
 
     try:

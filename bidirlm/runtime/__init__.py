@@ -17,7 +17,7 @@ from .merging import merge as merge
 _EXPORTS = {
     "load_model": "models",
     "Encoder": "models",
-    "compose_omni": "compose",
+    "compose_omni": "merging.compose",
 }
 
 __all__ = sorted([*_EXPORTS, "merge"])

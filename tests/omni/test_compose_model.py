@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bidirlm.runtime import compose_omni, load_model
-from bidirlm.runtime.compose import ComposeError
+from bidirlm.runtime.merging.compose import ComposeError
 from bidirlm.runtime.models.encoder import Encoder
 from bidirlm.runtime.models.media import write_wav
 from tests.omni.helpers import bits_equal, image, specialists, tensors, tone

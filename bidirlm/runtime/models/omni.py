@@ -521,7 +521,7 @@ def load_omni(
     bidirectional: bool | None,
     allow_non_finite: bool | None = None,
 ) -> OmniEncoder:
-    """Read a composed checkpoint folder (see `bidirlm.runtime.compose`) as an `OmniEncoder`."""
+    """Read a composed checkpoint folder (`bidirlm.runtime.merging.compose`) as an `OmniEncoder`."""
     text = hf.get("text_config")
     if not isinstance(text, dict):
         raise ckpt.CheckpointError(f"{folder}: {MODEL_TYPE} config.json has no text_config")

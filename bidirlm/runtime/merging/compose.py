@@ -35,10 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .merging.config import MergeError, config_from_dict
-from .merging.io import read_checkpoint
-from .merging.merge import MergeResult, merge_from_config
-from .outputs import AtomicFolder
+from bidirlm.runtime.outputs import AtomicFolder
+
+from .config import MergeError, config_from_dict
+from .io import read_checkpoint
+from .merge import MergeResult, merge_from_config
 
 TEXT_OUT = "model.language_model."
 VISION_OUT = "model.visual."
