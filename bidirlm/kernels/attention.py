@@ -244,7 +244,16 @@ class FlashAttnFunction(torch.autograd.Function):
 # --- validation ----------------------------------------------------------------------------------
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ndim: int, layout: str) -> None:
+def _check_qkv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ndim: int,
+    layout: str,
+    *,
+    cross: bool = False,
+) -> None:
+    """Shapes, dtypes and devices of q/k/v; `cross` lets k/v have their own sequence length."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -262,7 +271,10 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ndim: int, lay
         raise ValueError(
             f"k and v must have the same shape, got {tuple(k.shape)}, {tuple(v.shape)}"
         )
-    if k.shape[:-2] != q.shape[:-2]:
+    if cross:
+        if ndim == 4 and k.shape[0] != q.shape[0]:
+            raise ValueError(f"k batch {k.shape[0]} != q batch {q.shape[0]}")
+    elif k.shape[:-2] != q.shape[:-2]:
         raise ValueError(
             f"k must match q in its leading (token) dims: q {tuple(q.shape)}, k {tuple(k.shape)}"
         )

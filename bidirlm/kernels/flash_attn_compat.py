@@ -32,10 +32,10 @@ import math
 import torch
 
 from .attention import (
-    MAX_HEAD_DIM,
     FlashAttnFunction,
     _check_cu_seqlens,
     _check_options,
+    _check_qkv,
     _unit_stride,
 )
 
@@ -48,41 +48,10 @@ __all__ = [
     "flash_attn_varlen_qkvpacked_func",
 ]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _Out = torch.Tensor | tuple[torch.Tensor, torch.Tensor, None]
 
 
 # --- argument checks -----------------------------------------------------------------------------
-
-
-def _check_tensors(q, k, v, ndim: int, layout: str) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != ndim:
-            raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(
-            f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}"
-        )
-    if k.shape != v.shape:
-        raise ValueError(
-            f"k and v must have the same shape, got {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if ndim == 4 and k.shape[0] != q.shape[0]:
-        raise ValueError(f"k batch {k.shape[0]} != q batch {q.shape[0]}")
-    head_dim = q.shape[-1]
-    if k.shape[-1] != head_dim:
-        raise ValueError(f"k head dim {k.shape[-1]} != q head dim {head_dim}")
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"q head dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
-    hq, hkv = q.shape[-2], k.shape[-2]
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv})")
 
 
 def _options(q, dropout_p, softmax_scale, causal, window_size, softcap, deterministic, ret):
@@ -171,7 +140,7 @@ def flash_attn_func(
     `h // (Hq // Hkv)`), the mask from `causal` / `window_size` aligned bottom-right when
     Sq != Sk; see the module docstring for the exact rules and the differences.
     """
-    _check_tensors(q, k, v, 4, "[B, S, H, D]")
+    _check_qkv(q, k, v, 4, "[B, S, H, D]", cross=True)
     scale, left, right, softcap = _options(
         q, dropout_p, softmax_scale, causal, window_size, softcap, deterministic,
         return_attn_probs,
@@ -262,7 +231,7 @@ def flash_attn_varlen_func(
     """
     if block_table is not None:
         raise ValueError("block_table (paged KV cache) is not supported: pass block_table=None")
-    _check_tensors(q, k, v, 3, "[T, H, D]")
+    _check_qkv(q, k, v, 3, "[T, H, D]", cross=True)
     scale, left, right, softcap = _options(
         q, dropout_p, softmax_scale, causal, window_size, softcap, deterministic,
         return_attn_probs,
