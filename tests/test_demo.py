@@ -172,3 +172,25 @@ def test_pretrain_base_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     config = json.loads((out / "config.json").read_text())
     assert config["hidden_size"] == 128 and config["num_hidden_layers"] == 4
     assert main(["demo", "--pretrain-base", "--output", str(out), "--steps", "0"]) == 1
+
+
+def test_pretrain_base_never_replaces_a_user_folder(tmp_path: Path) -> None:
+    from bidirlm.recipe.demo_base import pretrain_base
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a pre-trained base"):
+        pretrain_base(mine, steps=1)
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_omni_demo_never_deletes_a_work_folder_it_did_not_make(tmp_path: Path) -> None:
+    from bidirlm.recipe.omni_demo import run_omni_demo
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not made by the omni demo"):
+        run_omni_demo(tmp_path, "tiny")
+    assert (work / "notes.txt").read_text() == "keep me"

@@ -90,6 +90,9 @@ def pretrain_base(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     output = Path(output).expanduser().resolve()
+    if output.exists() and not (output / "training_log.json").is_file():
+        # Only a previous base (it has our training log) is ever replaced, never a user folder.
+        raise ValueError(f"output {output} exists and is not a pre-trained base: choose another")
     work = Path(work) if work is not None else output.with_name(output.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

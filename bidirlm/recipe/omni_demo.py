@@ -341,11 +341,15 @@ def run_omni_demo(out: str | Path, size_name: str = "quick") -> dict[str, Any]:
     size = SIZES[size_name]
     out = Path(out)
     work = out / "work"
+    marker = work / ".bidirlm-omni-demo"
     if work.exists():
+        if not marker.is_file():  # never delete a folder this demo did not create
+            raise ValueError(f"{work} exists and was not made by the omni demo: choose another")
         import shutil
 
-        shutil.rmtree(work)  # ours: created by a previous run of this demo
+        shutil.rmtree(work)  # ours: created by a previous run of this demo (marker)
     work.mkdir(parents=True)
+    marker.touch()
     start = time.perf_counter()
     torch.manual_seed(0)
     caps = captions(size.captions)
