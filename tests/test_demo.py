@@ -79,6 +79,48 @@ def test_demo_tiny_end_to_end(
     assert sweep[-1]["code_loss"] == results["forgetting"]["Bi+MNTP"]["code"]
     assert sweep[2]["retrieval"] == results["variants"]["Bi+MNTP (merged 50/50)"]
     assert sweep[-1]["token"] == results["tasks"]["Bi+MNTP"]["token"]
+    # Every variant fine-tuned with one protocol (the training phases), scores = the runs' own.
+    size = demo.SIZES["tiny"]
+    seq_steps, tok_steps, seeds = size.finetune
+    assert results["finetune_protocol"]["steps"] == {"sequence": seq_steps, "token": tok_steps}
+    configs = {}
+    for name in demo.VARIANTS:
+        for task in ("sequence", "token"):
+            ft = results["finetuned"][name][task]
+            assert len(ft["seeds"]) == seeds and ft["macro_f1"] == pytest.approx(
+                sum(ft["seeds"]) / seeds
+            )
+            assert results["tasks"][name][task] == ft["macro_f1"]
+            for seed in range(seeds):
+                run = out / "finetune" / demo.eval_phase(name)[5:] / f"{task}-seed{seed}"
+                rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+                steps = seq_steps if task == "sequence" else tok_steps
+                assert rows[-1]["step"] == steps
+                assert rows[-1]["dev"]["macro_f1"] == pytest.approx(ft["seeds"][seed])
+                assert not (run / "final").exists() and not (run / "checkpoints").exists()
+                configs[name, task] = (run / "config.toml").read_text()
+    for (name, task), text in configs.items():
+        causal = 'attention = "causal"' in text
+        assert causal == (name == "Base")
+        # the same protocol: only the model and the attention differ from Bi+Base's run
+        other = configs["Bi+Base", task].replace('attention = "bidirectional"', "")
+        strip = [
+            line
+            for line in text.replace('attention = "causal"', "")
+            .replace('attention = "bidirectional"', "")
+            .splitlines()
+            if not line.startswith(("model =", "output ="))
+        ]
+        assert strip == [
+            line for line in other.splitlines() if not line.startswith(("model =", "output ="))
+        ]
+    # The data-mix sweep: the main MNTP run (code share 0.5) and the extra shares.
+    mix = results["mix_sweep"]
+    assert [row["code_share"] for row in mix] == sorted([*size.mix_shares, 0.5])
+    main_row = next(row for row in mix if row["code_share"] == 0.5)
+    assert main_row["code_loss"] == results["forgetting"]["Bi+MNTP"]["code"]
+    assert main_row["retrieval"] == results["variants"]["Bi+MNTP"]
+    assert "Data-mix sweep" in (out / "report.md").read_text()
     # The goals and orderings are computed from the numbers, not written by hand.
     checks = {c["claim"]: c for c in results["checks"]}
     claim = "Bi+MNTP+Contrastive >= Bi+Contrastive on retrieval"
@@ -194,3 +236,46 @@ def test_omni_demo_never_deletes_a_work_folder_it_did_not_make(tmp_path: Path) -
     with pytest.raises(ValueError, match="not made by the omni demo"):
         run_omni_demo(tmp_path, "tiny")
     assert (work / "notes.txt").read_text() == "keep me"
+
+
+def test_finetune_score_runs_the_training_phase_once(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("BIDIRLM_KERNELS", "torch")
+    from bidirlm.recipe import demo_eval as de
+    from bidirlm.runtime.embedded import embedded_tiny_model
+
+    files = de.write_task_files(tmp_path / "tasks", (16, 16, 8, 8))
+    assert [len(p.read_text().splitlines()) for p in files["token"].values()] == [8, 8]
+    protocol = de.FinetuneProtocol({"sequence": 2, "token": 2}, seeds=1, max_seq_len=32)
+    run = tmp_path / "run"
+    model = embedded_tiny_model()
+    kwargs = dict(causal=False, seed=0, protocol=protocol)
+    score = de.finetune_score(model, "token", files["token"], run, **kwargs)
+    assert set(score) == {"macro_f1", "accuracy"} and 0.0 <= score["macro_f1"] <= 1.0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    assert rows[-1]["dev"]["accuracy"] == pytest.approx(score["accuracy"])
+    stamp = (run / "score.json").stat().st_mtime_ns
+    assert de.finetune_score(model, "token", files["token"], run, **kwargs) == score
+    assert (run / "score.json").stat().st_mtime_ns == stamp  # read back, not run again
+    # another protocol runs again in the same folder
+    other = de.FinetuneProtocol({"sequence": 2, "token": 3}, seeds=1, max_seq_len=32)
+    de.finetune_score(model, "token", files["token"], run, causal=False, seed=0, protocol=other)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    assert rows[-1]["step"] == 3 and len(rows) == 3
+    # a folder the demo did not make is never replaced
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not made by the demo"):
+        de.finetune_score(model, "token", files["token"], mine, **kwargs)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ValueError, match="seeds"):
+        de.FinetuneProtocol({"sequence": 2, "token": 2}, seeds=0)
+
+
+def test_demo_rejects_a_bad_mix_share(tmp_path: Path) -> None:
+    import dataclasses
+
+    size = dataclasses.replace(demo.SIZES["tiny"], mix_shares=(0.5,))
+    with pytest.raises(ValueError, match="mix_shares"):
+        demo.run_demo(tmp_path, size, prefer_gpu=False)
+    assert not any(tmp_path.iterdir())  # nothing made before the check

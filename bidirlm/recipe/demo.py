@@ -15,9 +15,11 @@
 4. measurements (`bidirlm.recipe.demo_eval`): held-out retrieval (docstring summary -> body,
    mean pooling, nDCG@10) with a BM25 row and the untrained random-init model as references;
    the embedded sequence task (docstring -> package) and token task (source token -> token
-   class) with one small protocol for every variant (a linear probe on the frozen encoder);
-   forgetting: each checkpoint's causal-LM loss on held-out stdlib docs and code; the
-   merge-ratio sweep (0, 0.25, 0.5, 0.75, 1 of Bi+MNTP) on those losses and on the tasks.
+   class), every variant fine-tuned with the same small protocol (the fine-tuning training
+   phases, a few seeds), and a linear probe on each frozen variant beside it; forgetting: each
+   checkpoint's causal-LM loss on held-out stdlib docs and code; the merge-ratio sweep (0,
+   0.25, 0.5, 0.75, 1 of Bi+MNTP) on those losses and on the tasks; the data-mix sweep (MNTP
+   with another share of code in its data) on those losses and on retrieval.
 5. `results.json`, `report.md` (tables, the change relative to Base, the paper's orderings and
    the demo's goals checked on the numbers), `results.png` (the paper's Figure 2 in miniature),
    `forgetting.png` (Figures 3-4), and the best bidirectional variant exported as a
@@ -74,12 +76,19 @@ class DemoSize:
     temperature: float  # InfoNCE temperature of the contrastive phase
     probe: tuple[int, int, int, int]  # sequence train/test docstrings, token train/test lines
     lm_texts: int  # held-out docs and code texts for the forgetting loss (each)
+    # The fine-tuning protocol of every variant: sequence steps, token steps, seeds (averaged)
+    finetune: tuple[int, int, int] = (60, 40, 3)
+    # Fine-tuning data: sequence train/test docstrings, token train/test lines (None: all)
+    finetune_data: tuple[int | None, int | None, int | None, int | None] = (None,) * 4
+    # The data-mix sweep: shares of code (vs docs) in extra MNTP runs (the main one has 0.5)
+    mix_shares: tuple[float, ...] = (0.0, 0.2, 0.8)
 
 
 SIZES: dict[str, DemoSize] = {
     # CI: the whole chain on a 2-core CPU in well under a minute; numbers are noise at this size.
     "tiny": DemoSize("tiny", False, 32, 1, 2, 1, 16, 64, 6, 3, 3, 1024, 128, 8, 24, 64, 40, 120,
-                     32, 3e-3, 1e-3, 1e-3, 0.05, (24, 24, 16, 16), 4),
+                     32, 3e-3, 1e-3, 1e-3, 0.05, (24, 24, 16, 16), 4, (3, 3, 1),
+                     (32, 32, 16, 16), (0.0,)),
     # `make demo`: the shipped pre-trained base, under 15 minutes on a (shared) 2-core CPU.
     # Contrastive lr on a 450-step base (120 steps x 16 pairs, held-out nDCG@10): 1e-4 0.070,
     # 3e-4 0.089, 6e-4 0.099, 2e-3 0.033 (too high: it also wipes out the token task).
@@ -109,7 +118,7 @@ BM25 = "BM25 (lexical)"
 # The merge-ratio sweep: share of Bi+MNTP in a linear merge with the base (0 = the base).
 MERGE_RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)
 TASKS = ("retrieval", "sequence", "token")
-# Primary score of each task: retrieval nDCG@10, the probes' held-out macro-F1.
+# Primary score of each task: retrieval nDCG@10, the fine-tuned held-out macro-F1.
 TASK_METRIC = {"retrieval": "ndcg@10", "sequence": "macro_f1", "token": "macro_f1"}
 
 EXAMPLE_QUERY = "Return the number of items in a queue."
@@ -299,18 +308,33 @@ def sweep_phase(ratio: float) -> str:
     return "merge" if ratio == 0.5 else f"merge_{round(ratio * 100):02d}"
 
 
+def mix_phase(share: float) -> str:
+    """The MNTP phase of the data-mix sweep with `share` of code: "mntp_code_20"."""
+    return f"mntp_code_{round(share * 100):02d}"
+
+
+MAIN_CODE_SHARE = 0.5  # the share of code (vs docs) in the main MNTP and causal data
+
+
+def lm_data(size: DemoSize, files: dict[str, Path], code_share: float) -> dict[str, Any]:
+    """Causal / MNTP data: the training packages' docs and code, `code_share` of it code."""
+    sources = [
+        {"path": str(files["docs"]), "weight": 1.0 - code_share, "name": "stdlib-docs"},
+        {"path": str(files["code"]), "weight": code_share, "name": "stdlib-code"},
+    ]
+    return {
+        "tokens_per_batch": size.tokens_per_batch,
+        "max_seq_len": size.max_seq_len,
+        "sources": [src for src in sources if src["weight"] > 0],
+    }
+
+
 def demo_recipe(
     out: Path, size: DemoSize, files: dict[str, Path], device: str, seed: int = 0
 ) -> dict[str, Any]:
-    """The demo as raw pipeline tables: (causal base,) MNTP, merges, contrastive x2, evaluations."""
-    lm_data = {
-        "tokens_per_batch": size.tokens_per_batch,
-        "max_seq_len": size.max_seq_len,
-        "sources": [
-            {"path": str(files["docs"]), "weight": 0.5, "name": "stdlib-docs"},
-            {"path": str(files["code"]), "weight": 0.5, "name": "stdlib-code"},
-        ],
-    }
+    """The demo as raw pipeline tables: (causal base,) MNTP, merges, contrastive x2, the
+    data-mix MNTP runs, evaluations."""
+    main_data = lm_data(size, files, MAIN_CODE_SHARE)
     pair_data = {
         "batch_size": size.pair_batch,
         "query_max_len": size.query_len,
@@ -323,10 +347,10 @@ def demo_recipe(
     tables: dict[str, Any] = {}
     if not size.pretrained:
         tables["causal"] = _train_table(
-            "@base", "causal", size.causal_steps, size.lr_causal, device, lm_data, seed
+            "@base", "causal", size.causal_steps, size.lr_causal, device, main_data, seed
         )
     tables["mntp"] = _train_table(
-        base, "mntp", size.mntp_steps, size.lr_mntp, device, lm_data, seed
+        base, "mntp", size.mntp_steps, size.lr_mntp, device, main_data, seed
     )
     tables["mntp"]["mntp"] = {"mask_ratio": 0.3}
     for ratio in MERGE_RATIOS[1:-1]:
@@ -346,10 +370,18 @@ def demo_recipe(
             seed,
         )
         tables[name]["contrastive"] = dict(contrastive)
+    for share in size.mix_shares:
+        data = lm_data(size, files, share)
+        tables[mix_phase(share)] = _train_table(
+            base, "mntp", size.mntp_steps, size.lr_mntp, device, data, seed
+        )
+        tables[mix_phase(share)]["mntp"] = {"mask_ratio": 0.3}
     task_dir = out / "data" / "heldout"
     evals = {v: (phase_of(v, size), bi) for v, (_, bi) in VARIANTS.items()}
     for ratio in (0.25, 0.75):
         evals[f"merge {ratio:g}"] = (sweep_phase(ratio), True)
+    for share in size.mix_shares:
+        evals[f"code share {share:g}"] = (mix_phase(share), True)
     for name, (phase, bidirectional) in evals.items():
         tables[eval_phase(name)] = {
             "kind": "eval",
@@ -378,14 +410,45 @@ def demo_recipe(
 # ------------------------------------------------------------------------------------------
 
 
-def measure(paths: dict[str, Path], size: DemoSize, log: Callable[[str], None]) -> dict[str, Any]:
-    """Probes of every variant and sweep merge, held-out LM loss of every distinct checkpoint.
+def _count_lines(path: Path) -> int:
+    with path.open(encoding="utf-8") as fh:
+        return sum(1 for line in fh if line.strip())
 
-    `paths`: pipeline phase (and "base") -> checkpoint folder.
+
+def finetune_protocol(size: DemoSize) -> Any:
+    """The demo size's fine-tuning protocol (`demo_eval.FinetuneProtocol`)."""
+    from bidirlm.recipe.demo_eval import FinetuneProtocol
+
+    seq_steps, tok_steps, seeds = size.finetune
+    return FinetuneProtocol(
+        {"sequence": seq_steps, "token": tok_steps}, seeds=seeds, max_seq_len=size.eval_length
+    )
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+
+
+def measure(
+    paths: dict[str, Path],
+    size: DemoSize,
+    log: Callable[[str], None],
+    out: Path | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Fine-tuning and probes of every variant and sweep merge, held-out LM loss of every
+    distinct checkpoint (the data-mix MNTP runs included).
+
+    `paths`: pipeline phase (and "base") -> checkpoint folder; `out`: the demo folder (the
+    fine-tuning data and runs go under it; default: next to the pipeline's runs).
     """
     from bidirlm.recipe import demo_eval as de
 
+    out = out if out is not None else paths["base"].parent
     data = de.ProbeData.load(*size.probe)
+    task_files = de.write_task_files(out / "data" / "tasks", size.finetune_data)
+    protocol = finetune_protocol(size)
     texts = {kind: de.heldout_texts(kind, size.lm_texts) for kind in ("docs", "code")}
     models: dict[str, tuple[str, bool]] = {
         v: (phase_of(v, size), bi) for v, (_, bi) in VARIANTS.items()
@@ -393,17 +456,46 @@ def measure(paths: dict[str, Path], size: DemoSize, log: Callable[[str], None]) 
     for ratio in (0.25, 0.75):
         models[f"merge {ratio:g}"] = (sweep_phase(ratio), True)
     probes: dict[str, Any] = {}
+    finetuned: dict[str, Any] = {}
     for name, (phase, bidirectional) in models.items():
         t0 = time.perf_counter()
         probes[name] = de.probe_scores(
             paths[phase], data, bidirectional=bidirectional, max_length=size.eval_length
         )
+        finetuned[name] = {}
+        for task in ("sequence", "token"):
+            runs = [
+                de.finetune_score(
+                    paths[phase],
+                    task,
+                    task_files[task],
+                    out / "finetune" / eval_phase(name)[5:] / f"{task}-seed{seed}",
+                    causal=not bidirectional,
+                    seed=seed,
+                    protocol=protocol,
+                    device=device,
+                )
+                for seed in range(protocol.seeds)
+            ]
+            f1 = [r["macro_f1"] for r in runs]
+            mean, sd = _mean_sd(f1)
+            finetuned[name][task] = {
+                "macro_f1": mean,
+                "macro_f1_sd": sd,
+                "accuracy": _mean_sd([r["accuracy"] for r in runs])[0],
+                "seeds": f1,
+            }
+        ft = finetuned[name]
         log(
-            f"    probe {name}: sequence F1 {probes[name]['sequence']['macro_f1']:.3f}, token F1 "
+            f"    {name}: fine-tuned sequence F1 {ft['sequence']['macro_f1']:.3f} "
+            f"± {ft['sequence']['macro_f1_sd']:.3f}, token F1 {ft['token']['macro_f1']:.3f} "
+            f"± {ft['token']['macro_f1_sd']:.3f} ({protocol.seeds} seeds); probe sequence "
+            f"{probes[name]['sequence']['macro_f1']:.3f}, token "
             f"{probes[name]['token']['macro_f1']:.3f} ({time.perf_counter() - t0:.0f} s)"
         )
     losses: dict[str, dict[str, float]] = {}
-    for phase in dict.fromkeys(p for p, _ in models.values()):
+    phases = [p for p, _ in models.values()] + [mix_phase(s) for s in size.mix_shares]
+    for phase in dict.fromkeys(phases):
         losses[phase] = {
             kind: de.lm_loss(paths[phase], texts[kind], max_length=size.max_seq_len)
             for kind in texts
@@ -414,31 +506,38 @@ def measure(paths: dict[str, Path], size: DemoSize, log: Callable[[str], None]) 
         )
     return {
         "probes": probes,
+        "finetuned": finetuned,
         "losses": losses,
         "probe_sizes": {
             "sequence": [len(data.seq_train), len(data.seq_test)],
             "token_lines": [len(data.tok_train), len(data.tok_test)],
         },
+        "finetune_sizes": {
+            task: [_count_lines(f[split]) for split in ("train", "test")]
+            for task, f in task_files.items()
+        },
+        "finetune_protocol": dataclasses.asdict(protocol),
         "lm_texts": {k: len(v) for k, v in texts.items()},
     }
 
 
 def assemble(results: dict[str, Any], measured: dict[str, Any], size: DemoSize) -> None:
-    """Add the task table, changes relative to Base, forgetting and the merge sweep."""
-    probes, losses = measured["probes"], measured["losses"]
+    """Add the task table (fine-tuned scores), the probes, changes relative to Base, forgetting,
+    the merge-ratio sweep and the data-mix sweep."""
+    probes, losses, ft = measured["probes"], measured["losses"], measured["finetuned"]
     tasks: dict[str, dict[str, float]] = {}
     for v in VARIANTS:
         tasks[v] = {
             "retrieval": results["variants"][v],
-            "sequence": probes[v]["sequence"]["macro_f1"],
-            "token": probes[v]["token"]["macro_f1"],
+            "sequence": ft[v]["sequence"]["macro_f1"],
+            "token": ft[v]["token"]["macro_f1"],
         }
     results["tasks"] = tasks
     results["task_metrics"] = dict(TASK_METRIC)
     results["relative"] = {v: {t: tasks[v][t] - tasks["Base"][t] for t in TASKS} for v in VARIANTS}
-    results["probe_accuracy"] = {
-        v: {t: probes[v][t]["accuracy"] for t in ("sequence", "token")} for v in VARIANTS
-    }
+    results["finetuned"] = {v: ft[v] for v in VARIANTS}
+    results["finetune_protocol"] = measured["finetune_protocol"]
+    results["probes"] = {v: probes[v] for v in VARIANTS}
     results["forgetting"] = {v: losses[phase_of(v, size)] for v in VARIANTS}
     sweep = []
     for ratio in MERGE_RATIOS:
@@ -451,15 +550,32 @@ def assemble(results: dict[str, Any], measured: dict[str, Any], size: DemoSize) 
             {
                 "ratio": ratio,
                 "retrieval": retrieval,
-                "sequence": probes[name]["sequence"]["macro_f1"],
-                "token": probes[name]["token"]["macro_f1"],
+                "sequence": ft[name]["sequence"]["macro_f1"],
+                "token": ft[name]["token"]["macro_f1"],
+                "sequence_probe": probes[name]["sequence"]["macro_f1"],
+                "token_probe": probes[name]["token"]["macro_f1"],
                 "docs_loss": losses[phase]["docs"],
                 "code_loss": losses[phase]["code"],
             }
         )
     results["merge_sweep"] = sweep
+    mix = {share: mix_phase(share) for share in size.mix_shares}
+    mix[MAIN_CODE_SHARE] = "mntp"
+    results["mix_sweep"] = [
+        {
+            "code_share": share,
+            "phase": mix[share],
+            "retrieval": results["variants"]["Bi+MNTP"]
+            if mix[share] == "mntp"
+            else results["mix_retrieval"][f"code share {share:g}"],
+            "docs_loss": losses[mix[share]]["docs"],
+            "code_loss": losses[mix[share]]["code"],
+        }
+        for share in sorted(mix)
+    ]
     results["measure_sizes"] = {
         "probe": measured["probe_sizes"],
+        "finetune": measured["finetune_sizes"],
         "lm_texts": measured["lm_texts"],
     }
 
@@ -491,11 +607,27 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
         a - b,
         f"nDCG@10 {a:.4f} vs {b:.4f}",
     )
+    ft = results.get("finetuned", {})
+
+    def f1(v: str, task: str) -> str:
+        sd = ft.get(v, {}).get(task, {}).get("macro_f1_sd")
+        return f"{t[v][task]:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
+
+    seeds = results.get("finetune_protocol", {}).get("seeds")
+    over = f" (fine-tuned, mean ± sd over {seeds} seeds)" if seeds else ""
     for v in ("Bi+MNTP", "Bi+MNTP+Contrastive"):
         a, b = t[v]["token"], t["Bi+Contrastive"]["token"]
-        add(f"{v} beats Bi+Contrastive on the token task", a - b, f"macro-F1 {a:.4f} vs {b:.4f}")
+        add(
+            f"{v} beats Bi+Contrastive on the token task",
+            a - b,
+            f"macro-F1 {f1(v, 'token')} vs {f1('Bi+Contrastive', 'token')}{over}",
+        )
     a, b = t["Bi+MNTP"]["token"], t["Bi+Base"]["token"]
-    add("Bi+MNTP beats Bi+Base on the token task", a - b, f"macro-F1 {a:.4f} vs {b:.4f}")
+    add(
+        "Bi+MNTP beats Bi+Base on the token task",
+        a - b,
+        f"macro-F1 {f1('Bi+MNTP', 'token')} vs {f1('Bi+Base', 'token')}{over}",
+    )
     f = results["forgetting"]
     for kind in ("docs", "code"):
         base, mntp = f["Base"][kind], f["Bi+MNTP"][kind]
@@ -515,6 +647,15 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
                 lost,
                 f"loss base {base:.3f}, Bi+MNTP {mntp:.3f}, merged {merged:.3f}",
             )
+    mix = {row["code_share"]: row for row in results.get("mix_sweep", [])}
+    if 0.0 in mix and MAIN_CODE_SHARE in mix:
+        none, main = mix[0.0]["code_loss"], mix[MAIN_CODE_SHARE]["code_loss"]
+        add(
+            "code in the MNTP mix lowers the held-out code LM loss (share 0 vs "
+            f"{MAIN_CODE_SHARE:g})",
+            none - main,
+            f"code loss {none:.3f} (docs only) vs {main:.3f} ({MAIN_CODE_SHARE:g} code)",
+        )
     return out
 
 
@@ -600,7 +741,8 @@ def plot_forgetting(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110)
+    mix = results.get("mix_sweep") or []
+    fig, axes = plt.subplots(1, 3 if mix else 2, figsize=(17 if mix else 12, 4.2), dpi=110)
     ax = axes[0]
     names = [n for n in results["variants"] if n != "Bi+Base"]  # same weights as Base
     xs = list(range(len(names)))
@@ -632,6 +774,20 @@ def plot_forgetting(results: dict[str, Any], path: Path) -> None:
     ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="best")
     ax.set_title("Merge-ratio sweep", fontsize=10)
     ax.grid(alpha=0.3)
+    if mix:
+        ax = axes[2]
+        shares = [row["code_share"] for row in mix]
+        ax.plot(shares, [r["docs_loss"] for r in mix], "o-", color="#3b6ea8", label="docs loss")
+        ax.plot(shares, [r["code_loss"] for r in mix], "o-", color="#e08a3c", label="code loss")
+        ax.set_xlabel("share of code in the MNTP data")
+        ax.set_ylabel("held-out causal-LM loss")
+        twin = ax.twinx()
+        twin.plot(shares, [r["retrieval"] for r in mix], "s--", color="#5a9e5a", label="nDCG@10")
+        twin.set_ylabel("retrieval nDCG@10 (Bi+MNTP)")
+        lines, more = ax.get_legend_handles_labels(), twin.get_legend_handles_labels()
+        ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="best")
+        ax.set_title("Data-mix sweep (MNTP)", fontsize=10)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -655,23 +811,34 @@ def format_report(results: dict[str, Any]) -> str:
     if "tasks" in results:
         t, rel = results["tasks"], results["relative"]
         sizes = results["measure_sizes"]
+        proto = results["finetune_protocol"]
+        ft_sizes = sizes["finetune"]
         lines += [
             retrieval + " Sequence task: docstring -> stdlib package "
-            f"({sizes['probe']['sequence'][0]} training / {sizes['probe']['sequence'][1]} "
-            "held-out docstrings); token task: source token -> token class "
-            f"({sizes['probe']['token_lines'][0]} / {sizes['probe']['token_lines'][1]} lines); "
-            "both scored by held-out macro-F1 of one protocol for every variant: a linear probe "
-            "(logistic regression) on the frozen variant's features.",
+            f"({ft_sizes['sequence'][0]} training docstrings, {ft_sizes['sequence'][1]} from "
+            "held-out packages); token task: source token -> token class "
+            f"({ft_sizes['token'][0]} training lines, {ft_sizes['token'][1]} held-out). Every "
+            "variant is fine-tuned with the same protocol (`bidirlm train`, phases "
+            "sequence-classification / token-classification): all weights plus a fresh head, "
+            f"{proto['steps']['sequence']} / {proto['steps']['token']} steps of "
+            f"{proto['batch_size']} examples (sequence / token), lr {proto['lr']:g} (head "
+            f"x{proto['head_lr_multiplier']:g}), 10% warmup then linear decay, "
+            f"{proto['pooling']} pooling, the Base variant with causal attention; scored by "
+            "held-out macro-F1 after the last step (no checkpoint picked on the held-out "
+            f"split), mean ± sd over {proto['seeds']} fine-tuning seeds.",
             "",
             "| variant | retrieval nDCG@10 | MRR@10 | sequence F1 | token F1 | "
             "Δ retrieval | Δ sequence | Δ token |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
+        ft = results["finetuned"]
         for v in results["variants"]:
             lines.append(
                 f"| {v} | {t[v]['retrieval']:.4f} | {results['mrr@10'][v]:.4f} | "
-                f"{t[v]['sequence']:.4f} | {t[v]['token']:.4f} | {rel[v]['retrieval']:+.4f} | "
-                f"{rel[v]['sequence']:+.4f} | {rel[v]['token']:+.4f} |"
+                f"{t[v]['sequence']:.4f} ± {ft[v]['sequence']['macro_f1_sd']:.4f} | "
+                f"{t[v]['token']:.4f} ± {ft[v]['token']['macro_f1_sd']:.4f} | "
+                f"{rel[v]['retrieval']:+.4f} | {rel[v]['sequence']:+.4f} | "
+                f"{rel[v]['token']:+.4f} |"
             )
         empty = " | | | | | |"
     else:
@@ -697,6 +864,23 @@ def format_report(results: dict[str, Any]) -> str:
             )
     lines += ["", "Δ: change relative to Base (the paper's Figure 2 form)." if empty else ""]
     lines += ["", "![results](results.png)", ""]
+    if "probes" in results:
+        sizes = results["measure_sizes"]["probe"]
+        lines += [
+            "Before fine-tuning moves the weights: a linear probe (logistic regression) on each "
+            f"frozen variant's features ({sizes['sequence'][0]} / {sizes['sequence'][1]} "
+            f"docstrings, {sizes['token_lines'][0]} / {sizes['token_lines'][1]} lines), "
+            "held-out macro-F1:",
+            "",
+            "| variant | sequence probe F1 | token probe F1 |",
+            "|---|---:|---:|",
+        ]
+        for v in results["variants"]:
+            p = results["probes"][v]
+            lines.append(
+                f"| {v} | {p['sequence']['macro_f1']:.4f} | {p['token']['macro_f1']:.4f} |"
+            )
+        lines.append("")
     if "forgetting" in results:
         sizes = results["measure_sizes"]
         lines += [
@@ -717,14 +901,31 @@ def format_report(results: dict[str, Any]) -> str:
             "",
             "Merge-ratio sweep (share of Bi+MNTP in a linear merge with the base):",
             "",
-            "| ratio | docs loss | code loss | retrieval nDCG@10 | sequence F1 | token F1 |",
-            "|---:|---:|---:|---:|---:|---:|",
+            "| ratio | docs loss | code loss | retrieval nDCG@10 | sequence F1 | token F1 | "
+            "sequence probe | token probe |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in results["merge_sweep"]:
             lines.append(
                 f"| {r['ratio']:g} | {r['docs_loss']:.4f} | {r['code_loss']:.4f} | "
-                f"{r['retrieval']:.4f} | {r['sequence']:.4f} | {r['token']:.4f} |"
+                f"{r['retrieval']:.4f} | {r['sequence']:.4f} | {r['token']:.4f} | "
+                f"{r['sequence_probe']:.4f} | {r['token_probe']:.4f} |"
             )
+        if results.get("mix_sweep"):
+            lines += [
+                "",
+                "Data-mix sweep (the paper's Figure 5 in miniature): MNTP from the base with the "
+                "same budget and a different share of code (vs docstrings) in its data; the "
+                f"main runs use {MAIN_CODE_SHARE:g}.",
+                "",
+                "| code share | docs loss | code loss | retrieval nDCG@10 |",
+                "|---:|---:|---:|---:|",
+            ]
+            for r in results["mix_sweep"]:
+                lines.append(
+                    f"| {r['code_share']:g} | {r['docs_loss']:.4f} | {r['code_loss']:.4f} | "
+                    f"{r['retrieval']:.4f} |"
+                )
         lines += ["", "![forgetting](forgetting.png)", ""]
     if "checks" in results:
         lines += [
@@ -814,6 +1015,14 @@ def run_demo(
     from bidirlm.recipe.pipeline import parse_recipe, run_pipeline
 
     size = SIZES[size] if isinstance(size, str) else size
+    shares = size.mix_shares
+    if len(set(shares)) != len(shares) or any(
+        not 0.0 <= s <= 1.0 or s == MAIN_CODE_SHARE for s in shares
+    ):
+        raise ValueError(
+            f"mix_shares must be distinct code shares in [0, 1] other than the main "
+            f"{MAIN_CODE_SHARE:g}, got {shares}"
+        )
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     device = _device(prefer_gpu)
@@ -845,7 +1054,7 @@ def run_demo(
         log("2/5 initial model: random Qwen3 with the embedded tokenizer (causal phase below)")
         base_dir = reference_dir = build_initial_model(out / "base-init", size)
         base_desc = f"a random width-{size.hidden} model trained {size.causal_steps} causal steps"
-    log("3/5 pipeline: MNTP, merges, contrastive x2 -> retrieval evaluations")
+    log("3/5 pipeline: MNTP, merges, contrastive x2, data-mix MNTP -> retrieval evaluations")
     recipe = parse_recipe(demo_recipe(out, size, files, device, seed))
     report = run_pipeline(recipe, log=log)
     phases = {p["name"]: p for p in report["phases"]}
@@ -860,8 +1069,15 @@ def run_demo(
     results["sweep_retrieval"] = {
         f"merge {r:g}": phases[eval_phase(f"merge {r:g}")]["result"][METRIC] for r in (0.25, 0.75)
     }
+    results["mix_retrieval"] = {
+        f"code share {s:g}": phases[eval_phase(f"code share {s:g}")]["result"][METRIC]
+        for s in size.mix_shares
+    }
     t0 = time.perf_counter()
-    log("4/5 references (untrained model, BM25); probes; held-out LM loss")
+    log(
+        "4/5 references (untrained model, BM25); fine-tuning and probes of every variant; "
+        "held-out LM loss"
+    )
     reference = ev.evaluate(
         reference_dir,
         task,
@@ -872,7 +1088,7 @@ def run_demo(
     )
     results["reference"] = _metrics(reference, REFERENCE)
     results["bm25"] = _metrics(bm25_metrics(task), BM25)
-    measured = measure(paths, size, log)
+    measured = measure(paths, size, log, out, device)
     results["measure_seconds"] = round(time.perf_counter() - t0, 1)
     assemble(results, measured, size)
     best = max(results["variants"], key=results["variants"].get)

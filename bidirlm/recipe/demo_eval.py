@@ -2,22 +2,28 @@
 
 - `bm25_metrics(task)`: Okapi BM25 (k1 1.2, b 0.75, lower-cased word tokens) on a retrieval
   task, scored with the same metrics as the encoders (a lexical row, no dependency).
-- `ProbeData` / `probe_scores(model, data)`: the embedded fine-tuning tasks
+- `FinetuneProtocol` / `finetune_score(model, task, ...)`: the embedded fine-tuning tasks
   (`bidirlm.runtime.embedded.tasks`: docstring -> stdlib package, source token -> token class)
-  with one small protocol for every variant: the variant's encoder is frozen, its features
-  (mean-pooled for the sequence task, each word's first sub-token for the token task) train a
-  multinomial logistic-regression head (L-BFGS, fixed L2), scored on the held-out split
-  (macro-F1 and accuracy). A linear probe and not full fine-tuning: fine-tuning 8 models twice
-  does not fit the demo's CPU budget, and a probe reads what the adaptation left in the
-  representations, which is what the ablation compares.
+  with one small protocol for every variant, run by the `sequence-classification` /
+  `token-classification` training phases (`bidirlm train`): every weight plus a fresh head,
+  a fixed number of steps, 10% warmup and linear decay, scored by held-out macro-F1 at the end
+  (no checkpoint selection on the held-out split), repeated over a few fine-tuning seeds.
+- `ProbeData` / `probe_scores(model, data)`: the same tasks read off the frozen encoder: its
+  features (mean-pooled for the sequence task, each word's first sub-token for the token task)
+  train a multinomial logistic-regression head (L-BFGS, fixed L2): what the adaptation left in
+  the representations, before fine-tuning moves them.
 - `lm_loss(path, texts)`: mean next-token cross-entropy of a checkpoint used as a causal LM
   (causal attention, its tied LM head) on held-out text: the demo's forgetting measure.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import math
 import re
+import shutil
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -205,6 +211,175 @@ def probe_scores(
     y_test = torch.tensor([tags[t] for t in t_test])
     tok_pred = _fit_predict(x_train, y_train, x_test, len(data.tok_labels))
     return {"sequence": _scores(seq_y[n:], seq_pred), "token": _scores(y_test, tok_pred)}
+
+
+# ------------------------------------------------------------------------------------------
+# Fine-tuning: the same small protocol for every variant
+# ------------------------------------------------------------------------------------------
+
+FINETUNE_PHASES = {"sequence": "sequence-classification", "token": "token-classification"}
+# The trainer's outputs of a fine-tuning run that the demo does not keep (weights, optimizer).
+_RUN_WEIGHTS = ("checkpoints", "final", "best")
+
+
+@dataclass(frozen=True)
+class FinetuneProtocol:
+    """One fine-tuning protocol, the same for every variant (the paper's: warmup 10% of the
+    steps, then linear decay; the head at `head_lr_multiplier` x the learning rate)."""
+
+    steps: dict[str, int]  # task ("sequence" / "token") -> optimizer steps
+    seeds: int = 1  # fine-tuning seeds (head init, data order): scores are averaged
+    lr: float = 1e-3
+    head_lr_multiplier: float = 10.0
+    batch_size: int = 16
+    max_seq_len: int = 64
+    dropout: float = 0.1
+    weight_decay: float = 0.01
+    pooling: str = "mean"  # sequence task; the encoders' retrieval pooling too
+
+    def __post_init__(self) -> None:
+        if set(self.steps) != set(FINETUNE_PHASES) or min(self.steps.values()) < 1:
+            raise ValueError(f"FinetuneProtocol.steps needs sequence and token >= 1: {self.steps}")
+        if self.seeds < 1:
+            raise ValueError(f"FinetuneProtocol.seeds must be >= 1, got {self.seeds}")
+
+
+def write_task_files(folder: Path, sizes: tuple[int | None, ...]) -> dict[str, dict[str, Path]]:
+    """The fine-tuning tasks as JSON Lines: `{task: {"train": path, "test": path}}`.
+
+    `sizes`: sequence train / test docstrings, token train / test lines (None: the whole split;
+    else every n-th record, deterministic). The test files are the held-out packages.
+    """
+    from bidirlm.runtime.embedded import package_task, token_task
+
+    def every(records: list[dict[str, Any]], count: int | None) -> list[dict[str, Any]]:
+        if count is None or count >= len(records):
+            return records
+        return records[:: max(len(records) // max(count, 1), 1)][:count]
+
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = {
+        ("sequence", "train"): (package_task, "train", sizes[0]),
+        ("sequence", "test"): (package_task, "heldout", sizes[1]),
+        ("token", "train"): (token_task, "train", sizes[2]),
+        ("token", "test"): (token_task, "heldout", sizes[3]),
+    }
+    files: dict[str, dict[str, Path]] = {"sequence": {}, "token": {}}
+    for (task, split), (make, source, count) in splits.items():
+        path = folder / f"{task}-{split}.jsonl"
+        text = "".join(json.dumps(r) + "\n" for r in every(make(source), count))
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(path)
+        files[task][split] = path
+    return files
+
+
+def finetune_config(
+    model: str | Path,
+    task: str,
+    files: dict[str, Path],
+    output: Path,
+    *,
+    causal: bool,
+    seed: int,
+    protocol: FinetuneProtocol,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """The `bidirlm train` config (as a dict) of one fine-tuning run of the protocol."""
+    from bidirlm.runtime.embedded import PACKAGES, TOKEN_TAGS
+
+    steps = protocol.steps[task]
+    section: dict[str, Any] = {
+        # every class, also when a small training subset lacks one
+        "labels": list(PACKAGES if task == "sequence" else TOKEN_TAGS),
+        "dropout": protocol.dropout,
+        "head_lr_multiplier": protocol.head_lr_multiplier,
+        "dev": str(files["test"]),
+        "eval_batch_size": 128,
+        "attention": "causal" if causal else "bidirectional",
+    }
+    if task == "sequence":
+        section["pooling"] = protocol.pooling
+    return {
+        "model": str(model),
+        "phase": FINETUNE_PHASES[task],
+        "train": {
+            "output": str(output),
+            "steps": steps,
+            "seed": seed,
+            "checkpoint_every": 0,
+            "log_every": steps,
+            "device": device,
+            "progress_bar": False,
+        },
+        "optim": {
+            "lr": protocol.lr,
+            "schedule": "linear",
+            "warmup_steps": max(steps // 10, 1),
+            "weight_decay": protocol.weight_decay,
+        },
+        "data": {
+            "batch_size": protocol.batch_size,
+            "max_seq_len": protocol.max_seq_len,
+            "sources": [{"path": str(files["train"])}],
+        },
+        "task": section,
+    }
+
+
+def finetune_score(
+    model: str | Path,
+    task: str,
+    files: dict[str, Path],
+    folder: Path,
+    *,
+    causal: bool,
+    seed: int,
+    protocol: FinetuneProtocol,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """Fine-tune `model` on `task` with `protocol` into `folder`; held-out `{macro_f1, accuracy}`.
+
+    The trainer's console output goes to `folder/train.log`; its metrics.jsonl and config.toml
+    stay, the weights do not (every variant x task x seed would keep a model). The score is
+    recorded in `folder/score.json` with the config: a re-run with the same config reads it.
+    """
+    from bidirlm.runtime.training.config import train_config_from_dict
+    from bidirlm.runtime.training.trainer import train
+
+    config = finetune_config(
+        model, task, files, folder, causal=causal, seed=seed, protocol=protocol, device=device
+    )
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    record = folder / "score.json"
+    if record.is_file():
+        done = json.loads(record.read_text(encoding="utf-8"))
+        if done.get("config_sha256") == digest:
+            return done["dev"]
+    if folder.exists():
+        # a partial or differently configured run of this demo (its train.log is the mark)
+        if not (folder / "train.log").is_file() and any(folder.iterdir()):
+            raise ValueError(f"{folder} exists and was not made by the demo's fine-tuning")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    with (folder / "train.log").open("w", encoding="utf-8") as fh, contextlib.redirect_stderr(fh):
+        train(train_config_from_dict(config))
+    dev: dict[str, float] = {}
+    with (folder / "metrics.jsonl").open(encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            if "dev" in row and row.get("step") == protocol.steps[task]:
+                dev = {k: float(row["dev"][k]) for k in ("macro_f1", "accuracy")}
+    if not dev:
+        raise RuntimeError(f"{folder}: the fine-tuning run recorded no final dev evaluation")
+    for name in _RUN_WEIGHTS:
+        shutil.rmtree(folder / name, ignore_errors=True)
+    tmp = record.with_name(f".{record.name}.tmp")
+    tmp.write_text(json.dumps({"config_sha256": digest, "dev": dev}, indent=2) + "\n", "utf-8")
+    tmp.replace(record)
+    return dev
 
 
 # ------------------------------------------------------------------------------------------
