@@ -90,9 +90,17 @@ def run(args: argparse.Namespace) -> int:
     finally:
         torch.set_num_threads(previous)  # the process may go on (tests call main() in-process)
     width = max(len(n) for n in results["variants"])
-    print(f"\n{'variant':<{width}}  nDCG@10  MRR@10")
+    seeds = results["finetune_protocol"]["seeds"]
+    print(
+        f"\n{'variant':<{width}}  nDCG@10  MRR@10  sequence F1  token F1  "
+        f"(F1: fine-tuned, mean of {seeds} seeds)"
+    )
     for name, score in results["variants"].items():
-        print(f"{name:<{width}}  {score:7.4f}  {results['mrr@10'][name]:6.4f}")
+        task = results["tasks"][name]
+        print(
+            f"{name:<{width}}  {score:7.4f}  {results['mrr@10'][name]:6.4f}  "
+            f"{task['sequence']:11.4f}  {task['token']:8.4f}"
+        )
     for reference in (results["bm25"], results["reference"]):
         print(
             f"(reference, not a variant: {reference['name']}: nDCG@10 "
