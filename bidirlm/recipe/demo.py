@@ -93,9 +93,11 @@ SIZES: dict[str, DemoSize] = {
     # Contrastive lr on a 450-step base (120 steps x 16 pairs, held-out nDCG@10): 1e-4 0.070,
     # 3e-4 0.089, 6e-4 0.099, 2e-3 0.033 (too high: it also wipes out the token task).
     # 240 contrastive steps: 120 gave Bi+Contrastive 0.156 / Bi+MNTP+Contrastive 0.149 nDCG@10,
-    # 240 gave 0.162 / 0.168 (seed 0); the fine-tuning (8 models x 2 tasks x 3 seeds) is ~280 s.
+    # 240 gave 0.162 / 0.168 (seed 0). Fine-tuning 8 models x 2 tasks x 3 seeds took 329 s of
+    # a 605 s demo (12:50 with the fresh-clone set-up): 2 seeds keep `make demo` near 11 minutes.
     "quick": DemoSize("quick", True, 0, 0, 0, 0, 0, 0, 0, 80, 240, 2048, 128, 16, 24, 64,
-                      None, None, 64, 0.0, 5e-4, 6e-4, 0.05, (240, 240, 300, 200), 32),
+                      None, None, 64, 0.0, 5e-4, 6e-4, 0.05, (240, 240, 300, 200), 32,
+                      (60, 40, 2)),
     # The default: the same base with a larger budget, meant for a GPU (runs anywhere, slowly).
     "full": DemoSize("full", True, 0, 0, 0, 0, 0, 0, 0, 600, 600, 8192, 256, 128, 32, 128,
                      None, None, 128, 0.0, 5e-4, 3e-4, 0.05, (918, 632, 1500, 500), 128),
