@@ -83,6 +83,7 @@ def test_demo_tiny_end_to_end(
     size = demo.SIZES["tiny"]
     seq_steps, tok_steps, seeds = size.finetune
     assert results["finetune_protocol"]["steps"] == {"sequence": seq_steps, "token": tok_steps}
+    assert results["finetune_protocol"]["seed_values"] == list(range(seeds))
     configs = {}
     for name in demo.VARIANTS:
         for task in ("sequence", "token"):
@@ -279,3 +280,35 @@ def test_demo_rejects_a_bad_mix_share(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="mix_shares"):
         demo.run_demo(tmp_path, size, prefer_gpu=False)
     assert not any(tmp_path.iterdir())  # nothing made before the check
+
+
+def test_demo_seed_moves_the_fine_tuning_seeds(tmp_path: Path, monkeypatch) -> None:
+    import dataclasses
+
+    from bidirlm.recipe import demo_eval as de
+
+    calls: list[tuple[str, int, bool]] = []
+
+    def fake_finetune(model, task, files, folder, *, causal, seed, protocol, device):
+        calls.append((Path(folder).name, seed, causal))
+        return {"macro_f1": 0.5 + seed / 100, "accuracy": 0.5}
+
+    monkeypatch.setattr(de, "finetune_score", fake_finetune)
+    monkeypatch.setattr(de, "probe_scores", lambda *a, **k: {
+        t: {"macro_f1": 0.1, "accuracy": 0.1} for t in ("sequence", "token")
+    })  # fmt: skip
+    monkeypatch.setattr(de, "lm_loss", lambda *a, **k: 1.0)
+    size = dataclasses.replace(demo.SIZES["tiny"], finetune=(2, 2, 2), mix_shares=())
+    paths = {p: tmp_path for p in ("causal", "mntp", "merge", "contrastive", "mntp_contrastive")}
+    paths |= {demo.sweep_phase(r): tmp_path for r in (0.25, 0.75)}
+    measured = demo.measure(paths, size, lambda msg: None, tmp_path, "cpu", seed=1)
+    assert sorted({seed for _, seed, _ in calls}) == [2, 3]  # demo seed 1: seeds 2 and 3
+    assert {name for name, _, _ in calls} == {
+        f"{t}-seed{s}" for t in ("sequence", "token") for s in (2, 3)
+    }
+    assert measured["finetune_protocol"]["seed_values"] == [2, 3]
+    ft = measured["finetuned"]["Bi+MNTP"]["sequence"]
+    assert ft["seeds"] == [0.52, 0.53] and ft["macro_f1"] == pytest.approx(0.525)
+    assert ft["macro_f1_sd"] == pytest.approx(0.005)
+    # only Base fine-tunes with causal attention: 2 tasks x 2 seeds
+    assert sum(causal for _, _, causal in calls) == 4

@@ -440,12 +440,15 @@ def measure(
     log: Callable[[str], None],
     out: Path | None = None,
     device: str = "cpu",
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Fine-tuning and probes of every variant and sweep merge, held-out LM loss of every
     distinct checkpoint (the data-mix MNTP runs included).
 
     `paths`: pipeline phase (and "base") -> checkpoint folder; `out`: the demo folder (the
-    fine-tuning data and runs go under it; default: next to the pipeline's runs).
+    fine-tuning data and runs go under it; default: next to the pipeline's runs); `seed`: the
+    demo's seed: the fine-tuning seeds are `seed * S ... seed * S + S - 1` for S protocol seeds
+    (demo seed 0 fine-tunes with 0 and 1, seed 1 with 2 and 3).
     """
     from bidirlm.recipe import demo_eval as de
 
@@ -461,6 +464,7 @@ def measure(
         models[f"merge {ratio:g}"] = (sweep_phase(ratio), True)
     probes: dict[str, Any] = {}
     finetuned: dict[str, Any] = {}
+    fine_tune_seeds = range(seed * protocol.seeds, (seed + 1) * protocol.seeds)
     for name, (phase, bidirectional) in models.items():
         t0 = time.perf_counter()
         probes[name] = de.probe_scores(
@@ -473,13 +477,13 @@ def measure(
                     paths[phase],
                     task,
                     task_files[task],
-                    out / "finetune" / eval_phase(name)[5:] / f"{task}-seed{seed}",
+                    out / "finetune" / eval_phase(name)[5:] / f"{task}-seed{ft_seed}",
                     causal=not bidirectional,
-                    seed=seed,
+                    seed=ft_seed,
                     protocol=protocol,
                     device=device,
                 )
-                for seed in range(protocol.seeds)
+                for ft_seed in fine_tune_seeds
             ]
             f1 = [r["macro_f1"] for r in runs]
             mean, sd = _mean_sd(f1)
@@ -520,7 +524,7 @@ def measure(
             task: [_count_lines(f[split]) for split in ("train", "test")]
             for task, f in task_files.items()
         },
-        "finetune_protocol": dataclasses.asdict(protocol),
+        "finetune_protocol": {**dataclasses.asdict(protocol), "seed_values": list(fine_tune_seeds)},
         "lm_texts": {k: len(v) for k, v in texts.items()},
     }
 
@@ -829,7 +833,8 @@ def format_report(results: dict[str, Any]) -> str:
             f"x{proto['head_lr_multiplier']:g}), 10% warmup then linear decay, "
             f"{proto['pooling']} pooling, the Base variant with causal attention; scored by "
             "held-out macro-F1 after the last step (no checkpoint picked on the held-out "
-            f"split), mean ± sd over {proto['seeds']} fine-tuning seeds.",
+            f"split), mean ± sd over {proto['seeds']} fine-tuning seeds "
+            f"({', '.join(str(v) for v in proto.get('seed_values', []))}).",
             "",
             "| variant | retrieval nDCG@10 | MRR@10 | sequence F1 | token F1 | "
             "Δ retrieval | Δ sequence | Δ token |",
@@ -1092,7 +1097,7 @@ def run_demo(
     )
     results["reference"] = _metrics(reference, REFERENCE)
     results["bm25"] = _metrics(bm25_metrics(task), BM25)
-    measured = measure(paths, size, log, out, device)
+    measured = measure(paths, size, log, out, device, seed)
     results["measure_seconds"] = round(time.perf_counter() - t0, 1)
     assemble(results, measured, size)
     best = max(results["variants"], key=results["variants"].get)
