@@ -744,6 +744,36 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+_SCORE_COLORS = {"retrieval": "#7b4fa0", "sequence": "#c0392b", "token": "#5a9e5a"}
+
+
+def _sweep_panel(
+    ax: Any,
+    rows: list[dict[str, Any]],
+    x: str,
+    scores: dict[str, str],
+    xlabel: str,
+    score_label: str,
+    title: str,
+) -> None:
+    """One sweep chart: held-out docs/code losses over `x`, task `scores` (name -> line style)
+    on a second axis."""
+    xs = [row[x] for row in rows]
+    ax.plot(xs, [r["docs_loss"] for r in rows], "o-", color="#3b6ea8", label="docs loss")
+    ax.plot(xs, [r["code_loss"] for r in rows], "o-", color="#e08a3c", label="code loss")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("held-out causal-LM loss")
+    twin = ax.twinx()
+    for task, style in scores.items():
+        color = _SCORE_COLORS[task]
+        twin.plot(xs, [r[task] for r in rows], style, color=color, label=task, alpha=0.8)
+    twin.set_ylabel(score_label)
+    lines, more = ax.get_legend_handles_labels(), twin.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="best")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+
+
 def plot_forgetting(results: dict[str, Any], path: Path) -> None:
     """Figures 3-4 in miniature: held-out LM loss per variant; the merge-ratio sweep."""
     import matplotlib
@@ -768,36 +798,25 @@ def plot_forgetting(results: dict[str, Any], path: Path) -> None:
     ax.set_title("Forgetting: held-out causal-LM loss", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    ax = axes[1]
-    sweep = results["merge_sweep"]
-    ratios = [row["ratio"] for row in sweep]
-    ax.plot(ratios, [r["docs_loss"] for r in sweep], "o-", color="#3b6ea8", label="docs loss")
-    ax.plot(ratios, [r["code_loss"] for r in sweep], "o-", color="#e08a3c", label="code loss")
-    ax.set_xlabel("share of Bi+MNTP in the merge with the base")
-    ax.set_ylabel("held-out causal-LM loss")
-    twin = ax.twinx()
-    for task, style in (("retrieval", "s--"), ("sequence", "^--"), ("token", "v--")):
-        twin.plot(ratios, [r[task] for r in sweep], style, label=task, alpha=0.8)
-    twin.set_ylabel("task score (nDCG@10 / macro-F1)")
-    lines = ax.get_legend_handles_labels()
-    more = twin.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="best")
-    ax.set_title("Merge-ratio sweep", fontsize=10)
-    ax.grid(alpha=0.3)
+    _sweep_panel(
+        axes[1],
+        results["merge_sweep"],
+        "ratio",
+        {"retrieval": "s--", "sequence": "^--", "token": "v--"},
+        "share of Bi+MNTP in the merge with the base",
+        "task score (nDCG@10 / macro-F1)",
+        "Merge-ratio sweep",
+    )
     if mix:
-        ax = axes[2]
-        shares = [row["code_share"] for row in mix]
-        ax.plot(shares, [r["docs_loss"] for r in mix], "o-", color="#3b6ea8", label="docs loss")
-        ax.plot(shares, [r["code_loss"] for r in mix], "o-", color="#e08a3c", label="code loss")
-        ax.set_xlabel("share of code in the MNTP data")
-        ax.set_ylabel("held-out causal-LM loss")
-        twin = ax.twinx()
-        twin.plot(shares, [r["retrieval"] for r in mix], "s--", color="#5a9e5a", label="nDCG@10")
-        twin.set_ylabel("retrieval nDCG@10 (Bi+MNTP)")
-        lines, more = ax.get_legend_handles_labels(), twin.get_legend_handles_labels()
-        ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="best")
-        ax.set_title("Data-mix sweep (MNTP)", fontsize=10)
-        ax.grid(alpha=0.3)
+        _sweep_panel(
+            axes[2],
+            mix,
+            "code_share",
+            {"retrieval": "s--"},
+            "share of code in the MNTP data",
+            "retrieval nDCG@10 (Bi+MNTP)",
+            "Data-mix sweep (MNTP)",
+        )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
