@@ -4,19 +4,25 @@ Trains a small causal model on Python's stdlib, builds the paper's adaptation va
 Bi+Base, Bi+MNTP, Bi+Contrastive, Bi+MNTP+Contrastive) and the MNTP model merged 50/50 with its
 base, evaluates each on held-out stdlib retrieval and writes DIR/results.json, DIR/report.md and
 DIR/results.png; the best variant is exported as a sentence-transformers model. `--quick` takes
-under 10 minutes on a 2-core CPU; the default size is meant for a GPU and uses one when present.
+about 10 minutes on a 2-core CPU; the default size is meant for a GPU and uses one when present.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from bidirlm.cli import CommandError
 
+T = TypeVar("T")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="the small CPU-sized demo (< 10 min)")
+    parser.add_argument(
+        "--quick", action="store_true", help="the small CPU-sized demo (about 10 min)"
+    )
     parser.add_argument(
         "--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)"
     )
@@ -62,6 +68,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _threaded(
+    args: argparse.Namespace,
+    out: Path,
+    errors: tuple[type[BaseException], ...],
+    job: Callable[[], T],
+) -> T:
+    """Run `job` on `--threads` torch threads (default 1), restored afterwards (the process may
+    go on: tests call main() in-process); `errors`, and an OSError of a read-only or full `out`,
+    become one-line CommandErrors."""
+    import torch
+
+    threads = 1 if args.threads is None else args.threads
+    if threads < 1:
+        raise CommandError(f"--threads must be >= 1, got {threads}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return job()
+    except errors as exc:
+        raise CommandError(str(exc)) from None
+    except OSError as exc:  # read-only or full output folder: one line naming the path
+        from bidirlm.runtime.outputs import write_error
+
+        raise CommandError(str(write_error(exc, out))) from None
+    finally:
+        torch.set_num_threads(previous)
+
+
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "omni", False):
         return _run_omni(args)
@@ -72,23 +106,12 @@ def run(args: argparse.Namespace) -> int:
     from bidirlm.runtime.training.trainer import TrainingError
 
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
-    threads = 1 if args.threads is None else args.threads
-    if threads < 1:
-        raise CommandError(f"--threads must be >= 1, got {threads}")
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        results = run_demo(args.out, size, prefer_gpu=not args.cpu, seed=args.seed)
-    except (RecipeError, TrainingError, FileNotFoundError) as exc:
-        raise CommandError(str(exc)) from None
-    except OSError as exc:  # read-only or full output folder: one line naming the path
-        from bidirlm.runtime.outputs import write_error
-
-        raise CommandError(str(write_error(exc, args.out))) from None
-    finally:
-        torch.set_num_threads(previous)  # the process may go on (tests call main() in-process)
+    results = _threaded(
+        args,
+        args.out,
+        (RecipeError, TrainingError, FileNotFoundError),
+        lambda: run_demo(args.out, size, prefer_gpu=not args.cpu, seed=args.seed),
+    )
     width = max(len(n) for n in results["variants"])
     seeds = results["finetune_protocol"]["seeds"]
     print(
@@ -123,28 +146,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_omni(args: argparse.Namespace) -> int:
     """`bidirlm demo --omni [--quick]` (bidirlm.recipe.omni_demo)."""
-    import torch
 
     from bidirlm.recipe.omni_demo import run_omni_demo
     from bidirlm.runtime.training.trainer import TrainingError
 
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
     out = Path("runs/omni-demo") if args.out == Path("runs/demo") else args.out
-    threads = 1 if args.threads is None else args.threads
-    if threads < 1:
-        raise CommandError(f"--threads must be >= 1, got {threads}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        results = run_omni_demo(out, size)
-    except (TrainingError, ValueError) as exc:
-        raise CommandError(str(exc)) from None
-    except OSError as exc:
-        from bidirlm.runtime.outputs import write_error
-
-        raise CommandError(str(write_error(exc, out))) from None
-    finally:
-        torch.set_num_threads(previous)
+    results = _threaded(args, out, (TrainingError, ValueError), lambda: run_omni_demo(out, size))
     print("\ndirection     unaligned R@1  aligned R@1  unaligned nDCG@10  aligned nDCG@10")
     for d, u in results["unaligned"].items():
         a = results["aligned"][d]
@@ -158,7 +166,6 @@ def _run_omni(args: argparse.Namespace) -> int:
 
 def _run_pretrain_base(args: argparse.Namespace) -> int:
     """`bidirlm demo --pretrain-base [--output DIR] [--steps N]` (bidirlm.recipe.demo_base)."""
-    import torch
 
     from bidirlm.recipe.demo_base import DEFAULT_STEPS, pretrain_base
     from bidirlm.runtime.training.trainer import TrainingError
@@ -167,21 +174,12 @@ def _run_pretrain_base(args: argparse.Namespace) -> int:
     steps = DEFAULT_STEPS if args.steps is None else args.steps
     if steps < 1:
         raise CommandError(f"--steps must be >= 1, got {steps}")
-    threads = 1 if args.threads is None else args.threads
-    if threads < 1:
-        raise CommandError(f"--threads must be >= 1, got {threads}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        record = pretrain_base(output, steps=steps, device="cpu" if args.cpu else "auto")
-    except (TrainingError, ValueError) as exc:
-        raise CommandError(str(exc)) from None
-    except OSError as exc:
-        from bidirlm.runtime.outputs import write_error
-
-        raise CommandError(str(write_error(exc, output))) from None
-    finally:
-        torch.set_num_threads(previous)
+    record = _threaded(
+        args,
+        output,
+        (TrainingError, ValueError),
+        lambda: pretrain_base(output, steps=steps, device="cpu" if args.cpu else "auto"),
+    )
     curve = record["loss_curve"]
     print(
         f"base pre-trained: {output} ({record['parameters'] / 1e6:.2f}M parameters, "

@@ -39,7 +39,7 @@ from bidirlm.runtime.outputs import AtomicFolder
 
 from .config import MergeError, config_from_dict
 from .io import read_checkpoint
-from .merge import MergeResult, merge_from_config
+from .merge import TOKENIZER_FILES, MergeResult, merge_from_config
 
 TEXT_OUT = "model.language_model."
 VISION_OUT = "model.visual."
@@ -67,16 +67,6 @@ ARCH_FIELDS = (
     "vocab_size",
 )
 SPECIAL_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-)
 
 
 class ComposeError(MergeError):
@@ -238,6 +228,16 @@ def _placeholders(
     return ids
 
 
+def _tower_prefix(src: Source, prefixes: Sequence[str]) -> str:
+    """The first of `prefixes` some tensor of `src` starts with (its vision / audio tower)."""
+    prefix = next((p for p in prefixes if any(n.startswith(p) for n in src.names)), None)
+    if prefix is None:
+        raise ComposeError(
+            f"{src.role} model {src.path}: no {src.role} tower (tensors under {prefixes})"
+        )
+    return prefix
+
+
 def _plan_names(src: Source) -> None:
     """Fill `src.rename` / `src.take`: text -> TEXT_OUT, towers -> their output prefixes, the
     head -> lm_head.weight, anything else -> unused.<role>.* (excluded)."""
@@ -251,19 +251,10 @@ def _plan_names(src: Source) -> None:
     if src.head is not None:
         src.rename[src.head] = HEAD_OUT
     if src.role == "vision":
-        prefix = next((p for p in VISION_PREFIXES if any(n.startswith(p) for n in src.names)), None)
-        if prefix is None:
-            raise ComposeError(
-                f"vision model {src.path}: no vision tower (tensors under {VISION_PREFIXES})"
-            )
-        src.rename[prefix] = VISION_OUT
+        src.rename[_tower_prefix(src, VISION_PREFIXES)] = VISION_OUT
         src.take.append(VISION_OUT + "*")
     if src.role == "audio":
-        prefix = next((p for p in AUDIO_PREFIXES if any(n.startswith(p) for n in src.names)), None)
-        if prefix is None:
-            raise ComposeError(
-                f"audio model {src.path}: no audio tower (tensors under {AUDIO_PREFIXES})"
-            )
+        prefix = _tower_prefix(src, AUDIO_PREFIXES)
         src.rename[prefix] = AUDIO_OUT
         for old, new in (("proj1.", "linear_1."), ("proj2.", "linear_2.")):
             if any(n.startswith(prefix + old) for n in src.names):
