@@ -8,7 +8,7 @@ mask, softcap, window, packed varlen, GQA, deterministic; MNTP with/without bias
 cosine/dot) runs the public op forward + backward on small CPU tensors while Triton launches are
 recorded instead of run and the kernels' architecture is reported as the target's; each distinct
 launch is then specialized with Triton's binder and compiled with `triton.compile` for the target
-(see `bidirlm/kernels/compile_check.py`). Nothing runs on a GPU.
+(see `bench/compile_check.py`). Nothing runs on a GPU.
 
 One row per distinct launch and target, in `bench/results/compile-<triton version>.jsonl`
 (`BIDIRLM_BENCH_RESULTS` redirects): `suite="compile"`, `case` (the first op call that makes the
@@ -49,7 +49,7 @@ except ModuleNotFoundError:  # run as a script: python bench/compile.py
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bidirlm.kernels import compile_check as cc
+from bench import compile_check as cc
 
 KNOWN_ISSUES = Path(__file__).resolve().parent / "compile_known_issues.toml"
 _SPECS: list[cc.Spec] = []  # read by forked workers by index

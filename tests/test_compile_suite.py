@@ -1,4 +1,4 @@
-"""The static GPU compile suite (bench/compile.py, bidirlm/kernels/compile_check.py).
+"""The static GPU compile suite (bench/compile.py, bench/compile_check.py).
 
 Parsers and rules run on fixed compiler output; real compiles for sm_90/gfx942/gfx90a run in a
 subprocess without TRITON_INTERPRET (this process has @triton.jit kernels in the interpreter).
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bidirlm.kernels import compile_check as cc
+from bench import compile_check as cc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,6 +97,8 @@ TTGIR = """\
 def _env_without_interpreter(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    # the compile tooling lives in the repo's bench/ (not in the installed package)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env.update(extra)
     return env
 
@@ -263,7 +265,7 @@ SMALL_KERNELS = """
 import json, sys
 import triton, triton.language as tl
 from triton.compiler import ASTSource
-from bidirlm.kernels import compile_check as cc
+from bench import compile_check as cc
 
 @triton.jit
 def matmul_loop(A, B, C, DQ, n, BLOCK: tl.constexpr, RELAXED: tl.constexpr):
