@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from bidirlm.runtime.models.checkpoint import SUPPORTED_ARCHITECTURES, CheckpointError
 from bidirlm.runtime.models.config import ModelConfig, RopeConfig
-from bidirlm.runtime.models.encoder import Encoder, load_model
+from bidirlm.runtime.models.encoder import Encoder
 from bidirlm.runtime.models.heads import (
     ClassificationHead,
     ClassifierOutput,
@@ -16,6 +16,7 @@ from bidirlm.runtime.models.heads import (
     TokenClassifier,
     as_classifier,
 )
+from bidirlm.runtime.models.loading import load_model
 from bidirlm.runtime.models.pooling import POOLINGS, packed_positions, pool
 
 __all__ = [

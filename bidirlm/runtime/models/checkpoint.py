@@ -18,10 +18,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from bidirlm.runtime.merging.io import HeaderError, TensorInfo, read_safetensors_header
 from bidirlm.runtime.models import gemma3, qwen3
 from bidirlm.runtime.models.common import ArchSpec
 from bidirlm.runtime.models.config import ModelConfig
+from bidirlm.runtime.safetensors_io import HeaderError, TensorInfo, read_safetensors_header
 
 SPECS: tuple[ArchSpec, ...] = (qwen3.SPEC, gemma3.SPEC)
 ARCHS: dict[str, ArchSpec] = {spec.name: spec for spec in SPECS}
@@ -46,7 +46,7 @@ def resolve(path: str | os.PathLike) -> Path:
     if p.exists():
         raise CheckpointError(f"{path}: is a file; expected a checkpoint folder with config.json")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # optional dependency: hub cache names
 
         return Path(snapshot_download(str(path), local_files_only=True))
     except Exception:  # noqa: BLE001 - any failure means "not available offline"

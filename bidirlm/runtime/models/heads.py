@@ -33,8 +33,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
+from bidirlm.runtime.models import checkpoint as ckpt
 from bidirlm.runtime.models.encoder import Encoder
 from bidirlm.runtime.models.pooling import pool
 
@@ -233,10 +235,6 @@ def load_head(
     Reads `score.*` (and `dense.*`) from the folder's safetensors. A folder written by
     transformers (no `bidirlm_head` record) is a `last`-pooling head, as transformers computes it.
     """
-    from safetensors import safe_open
-
-    from bidirlm.runtime.models import checkpoint as ckpt
-
     kind = head_kind(hf)
     if kind is None:
         return None

@@ -36,7 +36,7 @@ class Item:
 
 def _is_image(x: Any) -> bool:
     try:
-        from PIL import Image
+        from PIL import Image  # optional dependency ([omni] extra)
     except ImportError:  # pragma: no cover - pillow is a dependency of transformers' processors
         return False
     return isinstance(x, Image.Image)
@@ -60,7 +60,7 @@ def _path_kind(path: Path, where: str) -> str:
 
 def load_image(source: Any, where: str) -> Any:
     """An RGB PIL image from a PIL image or a path."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # optional dependency ([omni] extra)
 
     if _is_image(source):
         return source.convert("RGB")
@@ -76,7 +76,7 @@ def read_audio_file(path: Path, where: str) -> tuple[np.ndarray, int]:
     """(mono float32 waveform, sampling rate) of a .wav (stdlib) or .flac (soundfile) file."""
     if path.suffix.lower() == ".flac":
         try:
-            import soundfile
+            import soundfile  # optional dependency: only for .flac
         except ImportError:
             raise ValueError(
                 f"{where}: reading .flac needs the soundfile package (pip install soundfile); "
@@ -116,7 +116,7 @@ def resample(array: np.ndarray, rate: int, target: int) -> np.ndarray:
     """`array` resampled from `rate` to `target` Hz (scipy's polyphase filter), float32."""
     if rate == target:
         return array.astype(np.float32, copy=False)
-    from scipy.signal import resample_poly
+    from scipy.signal import resample_poly  # optional dependency ([omni] extra)
 
     g = math.gcd(int(rate), int(target))
     return resample_poly(array, target // g, rate // g).astype(np.float32)

@@ -29,7 +29,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -56,7 +55,7 @@ AUDIO_PROCESSOR_FILE = "audio_preprocessor_config.json"
 
 def _require(names: Sequence[str], what: str) -> list[Any]:
     """transformers classes by name, or one ValueError naming the installed version."""
-    import transformers
+    import transformers  # optional dependency ([omni] extra): the vision/audio towers
 
     missing = [n for n in names if not hasattr(transformers, n)]
     if missing:
@@ -139,7 +138,7 @@ class OmniEncoder(Encoder):
                 enc, acfg = _require(
                     ["Qwen3ASREncoder", "Qwen3ASREncoderConfig"], "the audio tower"
                 )
-                from transformers.models.qwen3_asr.modeling_qwen3_asr import (
+                from transformers.models.qwen3_asr.modeling_qwen3_asr import (  # optional dep
                     Qwen3ASRMultiModalProjector,
                 )
 
@@ -589,6 +588,7 @@ def load_omni(
     model.reset_rope("cpu")  # the meta-device RoPE buffers, before any move
     model.to(device)
     if ckpt.has_tokenizer(folder):
+        # optional dependency: transformers reads the tokenizer files
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -600,12 +600,3 @@ def load_omni(
             hf_logging.set_verbosity(level)
     _processors(model, folder)
     return model.eval()
-
-
-def random_waveform(seconds: float, rate: int = 16000, seed: int = 0) -> dict[str, Any]:
-    """A reproducible noise clip as an audio item (for examples and smoke tests)."""
-    rng = np.random.default_rng(seed)
-    return {
-        "array": (0.1 * rng.standard_normal(int(seconds * rate))).astype(np.float32),
-        "sampling_rate": rate,
-    }
