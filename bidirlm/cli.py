@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "predict": "label a JSON Lines file with a fine-tuned classifier (labels and scores)",
     "finetune-sweep": "the fine-tuning protocol: a learning-rate grid, best dev score per model",
     "domain-transfer": "merge an encoder with a specialist, compare fine-tuning learning curves",
+    "check": "prove a model is bidirectional and that its backends and exports agree",
     "bench": "run benchmark suites and append rows under bench/results/",
     "demo": "the main job: the BidirLM recipe end to end on the embedded corpora",
 }
