@@ -255,6 +255,21 @@ def test_torch_compile_fullgraph(device):
         torch.testing.assert_close(a, b)
 
 
+def test_profiler_range(device):
+    """Both public calls run inside the `bidirlm.flash_attn` profiler range (forward and the
+    autograd backward nodes it records), and a range-less call is not named so."""
+    q, k, v = _inputs((1, 8, 2, 16), (1, 8, 2, 16), torch.float32, device)
+    cu = torch.tensor([0, 5, 8], dtype=torch.int32, device=device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        flash_attn_func(q, k, v).sum().backward()
+        flash_attn_varlen_func(q[0], k[0], v[0], cu, 5)
+    names = [e.name for e in prof.events()]
+    assert names.count("bidirlm.flash_attn") == 2, sorted(set(names))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert "bidirlm.flash_attn" not in [e.name for e in prof.events()]
+
+
 def test_empty_inputs(device):
     q, k, v = _inputs((0, 2, 16), (0, 2, 16), torch.float32, device)
     cu = torch.zeros(1, dtype=torch.int32, device=device)

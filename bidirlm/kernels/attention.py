@@ -359,6 +359,11 @@ def _check_flags(deterministic: bool, return_lse: bool) -> None:
             raise ValueError(f"{name} must be a bool, got {flag!r}")
 
 
+# The profiler range every public attention call runs in (a trace names the op's kernels and
+# torch ops by it; under torch.compile Dynamo keeps the range as a no-op context).
+PROFILER_RANGE = "bidirlm.flash_attn"
+
+
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     # The kernels index the head dim with unit stride; any other layout is read through strides.
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -405,9 +410,10 @@ def flash_attn_func(
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
         key_padding_mask = key_padding_mask.contiguous()
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
-    out, lse = FlashAttnFunction.apply(
-        q, k, v, None, key_padding_mask, q.shape[1], scale, left, right, softcap, deterministic
-    )
+    with torch.profiler.record_function(PROFILER_RANGE):
+        out, lse = FlashAttnFunction.apply(
+            q, k, v, None, key_padding_mask, q.shape[1], scale, left, right, softcap, deterministic
+        )
     return (out, lse) if return_lse else out
 
 
@@ -438,7 +444,8 @@ def flash_attn_varlen_func(
     _check_flags(deterministic, return_lse)
     _check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen, q.device)
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
-    out, lse = FlashAttnFunction.apply(
-        q, k, v, cu_seqlens, None, max_seqlen, scale, left, right, softcap, deterministic
-    )
+    with torch.profiler.record_function(PROFILER_RANGE):
+        out, lse = FlashAttnFunction.apply(
+            q, k, v, cu_seqlens, None, max_seqlen, scale, left, right, softcap, deterministic
+        )
     return (out, lse) if return_lse else out
