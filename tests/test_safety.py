@@ -638,7 +638,7 @@ def test_sigterm_during_atomic_folder_removes_the_temporary(tmp_path: Path) -> N
         cwd=ROOT,
     )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    assert len(_names(tmp_path)) == 1
+    assert len(_names(tmp_path)) == 2  # the temporary and the publish lock
     proc.terminate()
     assert proc.wait(timeout=60) == 143
     assert _names(tmp_path) == []

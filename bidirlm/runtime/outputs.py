@@ -4,10 +4,14 @@ that keep an output from swallowing its own inputs or the working directory.
 - `check_output(out, inputs=...)`: refuse an output that is (or contains) an input, the working
   directory or one of its parents, or the home folder, before anything is written or replaced.
 - `AtomicFolder(target, force=...)`: build into a hidden temporary folder beside `target`, then
-  swap it in; an old `target` (with `force`) is removed only once the new one is complete. On an
-  error, Ctrl-C or SIGTERM the temporary folder is removed; folders of killed processes
-  (`.NAME.tmp-PID-HOST-RANDOM`, PID dead on this host) are removed by the next run in the same
-  parent folder. Nothing else is ever deleted.
+  swap it in; an old `target` (with `force`) is removed only once the new one is complete. The
+  run holds the publish lock of `target` (`.NAME.bidirlm-lock` beside it) from start to end, so a
+  second run to the same target is refused at once; and the commit re-checks the target right
+  before the rename: a target that appeared since the run started (another program, the user) is
+  refused unless `force`, and even with `force` a folder a live bidirlm run holds is never
+  replaced. On an error, Ctrl-C or SIGTERM the temporary folder is removed; folders of killed
+  processes (`.NAME.tmp-PID-HOST-RANDOM`, PID dead on this host) and their publish locks are
+  removed by the next run in the same parent folder. Nothing else is ever deleted.
 - `atomic_write(path, write)`: the same for one file (temporary file + `os.replace`).
 - `OutputLock(folder)`: one process per output folder (`.bidirlm.lock` holds the pid and host;
   an `flock` makes it exclusive; the lock of a dead process on this host is taken over).
@@ -38,6 +42,9 @@ LOCK_NAME = ".bidirlm.lock"
 _TEMP = re.compile(
     r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-(?P<host>[0-9a-f]{8})-[0-9a-f]{8}$"
 )
+# .NAME.bidirlm-lock: the publish lock of the folder NAME beside it (see AtomicFolder)
+PUBLISH_LOCK_SUFFIX = ".bidirlm-lock"
+_PUBLISH_LOCK = re.compile(r"^\.(?P<name>.+)" + re.escape(PUBLISH_LOCK_SUFFIX) + "$")
 
 
 class OutputError(ValueError):
@@ -70,8 +77,9 @@ def write_error(exc: OSError, path: str | os.PathLike) -> OutputError:
         name is None
         or _TEMP.match(Path(str(name)).name)
         or _TEMP.match(Path(str(name)).parent.name)
+        or _PUBLISH_LOCK.match(Path(str(name)).name)
     ):
-        name = path  # our temporary beside the output: name the output the user gave
+        name = path  # our temporary or lock beside the output: name the output the user gave
     return OutputError(f"cannot write {name}: {reason}")
 
 
@@ -143,6 +151,10 @@ def remove_stale_temporaries(parent: Path) -> list[Path]:
         return removed
     host = host_tag()
     for entry in entries:
+        if _PUBLISH_LOCK.match(entry.name) and entry.is_file() and not entry.is_symlink():
+            if _remove_dead_lock(entry):
+                removed.append(entry)
+            continue
         m = _TEMP.match(entry.name)
         if not m or m["host"] != host or pid_alive(int(m["pid"])) or entry.is_symlink():
             continue
@@ -159,6 +171,73 @@ def remove_stale_temporaries(parent: Path) -> list[Path]:
     return removed
 
 
+def _lock_holder(raw: str) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+        return data if isinstance(data, dict) else {}
+    except ValueError:
+        return {}
+
+
+def _remove_dead_lock(path: Path) -> bool:
+    """Remove the lock file `path` when no process holds it and its recorded owner (if any) is
+    a dead process on this host; the flock is held while unlinking (see OutputLock.acquire)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # held (or no flock here: leave it to the pid check of acquire)
+        holder = _lock_holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+        pid, host = holder.get("pid"), holder.get("host")
+        if holder and (host != socket.gethostname() or not isinstance(pid, int)):
+            return False
+        if isinstance(pid, int) and pid_alive(pid):
+            return False
+        try:
+            if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                return False
+        except FileNotFoundError:
+            return False
+        path.unlink()
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def folder_in_use(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The record of a live bidirlm process holding `folder`'s `OutputLock` (a training run,
+    a pipeline), else None. Reads only: nothing is created or changed."""
+    import fcntl
+
+    path = Path(folder) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        holder = _lock_holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return holder or {"pid": "?", "host": "?"}
+        except OSError:  # no flock on this filesystem: the pid record decides
+            pid = holder.get("pid")
+            local = holder.get("host") == socket.gethostname()
+            if holder and (not local or (isinstance(pid, int) and pid_alive(pid))):
+                return holder
+        return None
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -171,8 +250,11 @@ class AtomicFolder:
     """A temporary folder beside `target` that becomes `target` on `commit()`, or disappears.
 
     `force` allows replacing an existing `target` (removed only after the new folder is in
-    place); `inputs` are folders the output must not be or contain (see `check_output`).
-    Subclasses set `error` to raise their own exception type.
+    place); `replace_empty` allows replacing a `target` that is an empty folder when the run
+    starts and still empty at the commit; `inputs` are folders the output must not be or contain
+    (see `check_output`). From `__enter__` to `__exit__` the run holds the publish lock of
+    `target` (a second run to the same target is refused), and `commit()` re-checks the target
+    right before the rename. Subclasses set `error` to raise their own exception type.
     """
 
     error: type[Exception] = OutputError
@@ -183,16 +265,46 @@ class AtomicFolder:
         *,
         force: bool = False,
         inputs: Iterable[str | os.PathLike] = (),
+        replace_empty: bool = False,
     ) -> None:
         self.target = Path(target)
         self.force = force
+        self.replace_empty = replace_empty
         self.inputs = list(inputs)
         self.tmp: Path | None = None
         self._made_parents: list[Path] = []
         self._signals: contextlib.ExitStack | None = None
+        self._lock: OutputLock | None = None
+        self._was_empty = False  # target was an empty folder at the start (replace_empty)
 
     def _fail(self, message: str) -> Exception:
         return self.error(message)
+
+    def _check_target(self, when: str) -> None:
+        """Refuse a target we may not replace: `when` is "start" or "commit"."""
+        target = self.target
+        if not (target.exists() or target.is_symlink()):
+            return
+        if target.is_symlink() or not target.is_dir():
+            raise self._fail(f"output {target} exists and is not a folder")
+        if not self.force:
+            empty = not any(target.iterdir())
+            if when == "start":
+                if self.replace_empty and empty:
+                    self._was_empty = True
+                    return
+                raise self._fail(f"output {target} already exists (use --force / force=True)")
+            if not (self._was_empty and empty):
+                raise self._fail(
+                    f"output {target} appeared while this run was writing it (created by another "
+                    "program or run): left as it is; use --force to replace it"
+                )
+        holder = folder_in_use(target)
+        if holder is not None:
+            raise self._fail(
+                f"output {target} is in use by a running bidirlm process (pid "
+                f"{holder.get('pid', '?')} on host {holder.get('host', '?')}): not replacing it"
+            )
 
     def __enter__(self) -> Path:
         target = self.target
@@ -200,10 +312,7 @@ class AtomicFolder:
             check_output(target, inputs=self.inputs)
         except OutputError as exc:
             raise self._fail(str(exc)) from None
-        if target.exists() and not self.force:
-            raise self._fail(f"output {target} already exists (use --force / force=True)")
-        if target.exists() and not target.is_dir():
-            raise self._fail(f"output {target} exists and is not a folder")
+        self._check_target("start")
         self._signals = contextlib.ExitStack()
         self._signals.enter_context(sigterm_cleans_up())
         try:
@@ -215,6 +324,17 @@ class AtomicFolder:
             for parent in reversed(missing):
                 parent.mkdir()
                 self._made_parents.insert(0, parent)
+            lock = OutputLock(
+                target.parent,
+                name=f".{target.name}{PUBLISH_LOCK_SUFFIX}",
+                subject=target,
+            )
+            try:
+                lock.acquire()
+            except OutputError as exc:
+                raise self._fail(str(exc)) from None
+            self._lock = lock
+            self._check_target("start")  # (another run may have published before our lock)
             remove_stale_temporaries(target.parent)
             self.tmp = _temp_name(target, "tmp")
             self.tmp.mkdir()
@@ -224,15 +344,29 @@ class AtomicFolder:
         return self.tmp
 
     def commit(self) -> None:
-        """fsync the folder and move it into place (replacing an old output only now)."""
+        """fsync the folder and move it into place (replacing an old output only now).
+
+        Right before the rename the target is checked again (under the publish lock): one that
+        appeared since the start is refused unless `force`, one a live run holds always."""
         assert self.tmp is not None
         _fsync_dir(self.tmp)
+        self._check_target("commit")
         old = None
         if self.target.exists():
             old = _temp_name(self.target, "old")
             os.rename(self.target, old)
         try:
             os.rename(self.tmp, self.target)
+        except OSError as exc:
+            if old is not None:
+                os.rename(old, self.target)
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                # created in the instant between the check and the rename: still not replaced
+                raise self._fail(
+                    f"output {self.target} appeared while this run was writing it: left as it "
+                    "is; use --force to replace it"
+                ) from None
+            raise
         except BaseException:
             if old is not None:
                 os.rename(old, self.target)
@@ -248,6 +382,9 @@ class AtomicFolder:
             if self.tmp is not None:  # failed or interrupted: leave nothing behind
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 self.tmp = None
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
             for parent in self._made_parents:
                 try:
                     parent.rmdir()
@@ -300,33 +437,37 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 class OutputLock:
     """Exclusive use of an output folder by one process (`with OutputLock(folder): ...`).
 
-    `folder/.bidirlm.lock` records `{"pid", "host", "started", "command"}` and is held with
+    `folder/.bidirlm.lock` (or `folder/name`; errors then name `subject`, e.g. the output a
+    publish lock stands for) records `{"pid", "host", "started", "command"}` and is held with
     `flock`, which the kernel releases when the process dies: a lock file left by a dead process
     on this host is taken over. A lock recorded by another host is respected (remove the file if
     that run is gone). Raises `OutputError` naming the other process, or the folder when it
     cannot be written (read-only, full).
     """
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        *,
+        name: str = LOCK_NAME,
+        subject: str | os.PathLike | None = None,
+    ) -> None:
         self.folder = Path(folder)
-        self.path = self.folder / LOCK_NAME
+        self.path = self.folder / name
+        self.subject = Path(subject) if subject is not None else self.folder
         self._fd: int | None = None
         self._made: list[Path] = []  # folders this lock created, deepest first
         self.took_over: dict[str, Any] | None = None
 
     def _holder(self, raw: str) -> dict[str, Any]:
-        try:
-            data = json.loads(raw)
-            return data if isinstance(data, dict) else {}
-        except ValueError:
-            return {}
+        return _lock_holder(raw)
 
     def _busy(self, holder: dict[str, Any]) -> OutputError:
         who = f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}"
         since = holder.get("started")
         when = f" since {since}" if since else ""
         return OutputError(
-            f"{self.folder} is in use by another bidirlm process ({who}{when}); wait for it, "
+            f"{self.subject} is in use by another bidirlm process ({who}{when}); wait for it, "
             f"or if it is gone remove {self.path}"
         )
 
@@ -394,7 +535,7 @@ class OutputLock:
             self._fd = fd
         except OSError as exc:
             self._cleanup_folder()
-            raise write_error(exc, self.folder) from None
+            raise write_error(exc, self.subject) from None
         except BaseException:
             self._cleanup_folder()
             raise

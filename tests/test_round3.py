@@ -1,0 +1,187 @@
+"""Round-three fixes (issue 24): publishing races, media-path strings, shard paths leaving the
+model folder, absurd lengths, wrong-typed config fields, the causes named for bad inputs and
+`--threads` on every command that computes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bidirlm.runtime import outputs
+from bidirlm.runtime.outputs import AtomicFolder, OutputError, OutputLock
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+# ------------------------------------------------------------------ 1. publish races
+
+
+def test_target_appearing_mid_run_is_not_replaced(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    folder = AtomicFolder(target)
+    with pytest.raises(OutputError, match=r"appeared while this run was writing it") as info:
+        with folder as tmp:
+            (tmp / "ours.txt").write_text("ours")
+            target.mkdir()  # the user (or another program) creates the output meanwhile
+            (target / "theirs.txt").write_text("theirs")
+            folder.commit()
+    assert "\n" not in str(info.value) and str(target) in str(info.value)
+    assert _names(tmp_path) == ["out"] and _names(target) == ["theirs.txt"]  # theirs kept, no temp
+
+
+def test_target_appearing_empty_mid_run_is_refused_too(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    folder = AtomicFolder(target)
+    with pytest.raises(OutputError, match="appeared"):
+        with folder:
+            target.mkdir()
+            folder.commit()
+    assert _names(tmp_path) == ["out"]
+
+
+def test_target_appearing_mid_run_is_replaced_with_force(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    folder = AtomicFolder(target, force=True)
+    with folder as tmp:
+        (tmp / "ours.txt").write_text("ours")
+        target.mkdir()
+        (target / "theirs.txt").write_text("theirs")
+        folder.commit()
+    assert _names(tmp_path) == ["out"] and _names(target) == ["ours.txt"]
+
+
+def test_replace_empty_only_while_the_folder_stays_empty(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    target.mkdir()
+    folder = AtomicFolder(target, replace_empty=True)
+    with pytest.raises(OutputError, match="appeared"):
+        with folder as tmp:
+            (tmp / "ours.txt").write_text("ours")
+            (target / "theirs.txt").write_text("theirs")  # the user fills it meanwhile
+            folder.commit()
+    assert _names(target) == ["theirs.txt"]
+    (target / "theirs.txt").unlink()
+    folder = AtomicFolder(target, replace_empty=True)
+    with folder as tmp:
+        (tmp / "ours.txt").write_text("ours")
+        folder.commit()
+    assert _names(tmp_path) == ["out"] and _names(target) == ["ours.txt"]
+
+
+def test_rename_racing_the_check_is_still_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The target is created in the instant between the re-check and the rename."""
+    target = tmp_path / "out"
+    folder = AtomicFolder(target)
+    real = os.rename
+
+    def late(src, dst, *a, **k):
+        if Path(dst) == target and not target.exists():
+            target.mkdir()
+            (target / "theirs.txt").write_text("theirs")
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "rename", late)
+    with pytest.raises(OutputError, match="appeared"):
+        with folder as tmp:
+            (tmp / "ours.txt").write_text("ours")
+            folder.commit()
+    assert _names(tmp_path) == ["out"] and _names(target) == ["theirs.txt"]
+
+
+PUBLISH = """
+import sys, time
+from pathlib import Path
+from bidirlm.runtime.outputs import AtomicFolder
+folder = AtomicFolder(sys.argv[1], force=len(sys.argv) > 2)
+with folder as tmp:
+    (tmp / "first.txt").write_text("first")
+    print("writing", flush=True)
+    sys.stdin.readline()
+    folder.commit()
+print("published", flush=True)
+"""
+
+
+def _publisher(target: Path, *extra: str) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PUBLISH, str(target), *extra],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
+    return proc
+
+
+def test_second_run_to_the_same_target_is_refused_while_the_first_runs(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    first = _publisher(target)
+    try:
+        for force in (False, True):  # --force does not let two runs write one output
+            with pytest.raises(OutputError, match=rf"pid {first.pid}") as info:
+                with AtomicFolder(target, force=force):
+                    pass
+            assert str(target) in str(info.value) and "in use" in str(info.value)
+        assert first.stdin is not None
+        first.stdin.write("\n")
+        first.stdin.flush()
+        assert first.stdout is not None and first.stdout.readline().strip() == "published"
+        assert first.wait(timeout=60) == 0
+    finally:
+        first.kill()
+        first.wait()
+    assert _names(tmp_path) == ["out"] and _names(target) == ["first.txt"]  # lock file removed
+    with pytest.raises(OutputError, match="already exists"):  # and now it exists: as before
+        with AtomicFolder(target):
+            pass
+
+
+def test_killed_publisher_lock_is_taken_over_and_cleaned(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    first = _publisher(target)
+    first.kill()
+    first.wait()
+    left = _names(tmp_path)
+    assert f".out{outputs.PUBLISH_LOCK_SUFFIX}" in left and len(left) == 2  # lock + temporary
+    folder = AtomicFolder(target)
+    with folder as tmp:
+        (tmp / "second.txt").write_text("second")
+        folder.commit()
+    assert _names(tmp_path) == ["out"] and _names(target) == ["second.txt"]
+    # a leftover lock of a dead run beside another output is removed too; a live one is not
+    other = tmp_path / f".other{outputs.PUBLISH_LOCK_SUFFIX}"
+    other.write_text(json.dumps({"pid": first.pid, "host": __import__("socket").gethostname()}))
+    with OutputLock(tmp_path, name=f".held{outputs.PUBLISH_LOCK_SUFFIX}"):
+        outputs.remove_stale_temporaries(tmp_path)
+        assert _names(tmp_path) == [f".held{outputs.PUBLISH_LOCK_SUFFIX}", "out"]
+
+
+def test_force_never_replaces_a_folder_a_live_run_holds(tmp_path: Path) -> None:
+    target = tmp_path / "run"
+    with OutputLock(target):  # a training run writing into it
+        with pytest.raises(
+            OutputError, match=rf"in use by a running bidirlm process \(pid {os.getpid()}"
+        ):
+            with AtomicFolder(target, force=True):
+                pass
+        assert _names(target) == [outputs.LOCK_NAME]
+    folder = AtomicFolder(target, force=True)  # not in use when this run starts ...
+    with pytest.raises(OutputError, match="in use by a running bidirlm process"):
+        with folder as tmp:
+            (tmp / "ours.txt").write_text("ours")
+            with OutputLock(target):  # ... but a run takes it before the commit
+                (target / "theirs.txt").write_text("theirs")
+                folder.commit()
+    assert _names(tmp_path) == ["run"] and _names(target) == ["theirs.txt"]
