@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bidirlm.runtime.models import load_model
+
 
 def _prompt_type_name(prompt_type: Any) -> str | None:
     """mteb's PromptType enum ("query"/"document") as a plain string."""
@@ -61,8 +63,6 @@ class MTEBEncoder:
         revision: str | None = None,
     ) -> None:
         if isinstance(model, (str, os.PathLike)):
-            from bidirlm.runtime import load_model
-
             path = Path(model)
             model = load_model(path, dtype=dtype, device=device, bidirectional=bidirectional)
             name = name or f"bidirlm/{path.resolve().name}"

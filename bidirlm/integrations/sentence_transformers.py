@@ -6,6 +6,9 @@ so `SentenceTransformer(folder)` needs neither bidirlm nor custom code and gives
 of `Encoder.encode(texts, pooling=...)` (up to float rounding). The tokenizer pads on the right:
 transformers numbers padded positions 0..S-1, so left padding would shift the RoPE positions of
 short texts and change their embeddings.
+
+sentence-transformers is an optional dependency (the `[st]` extra): it is imported inside the
+functions that use it, so this module imports without it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from bidirlm import kernels
 from bidirlm.runtime.models import Encoder, load_model
 from bidirlm.runtime.outputs import AtomicFolder
 
@@ -170,13 +174,11 @@ def fused_settings(loss) -> dict | None:  # noqa: ANN001
 def _fused_loss(embeddings: list[torch.Tensor], settings: dict) -> torch.Tensor:
     """Anchors `embeddings[0]` against the positives `embeddings[1]` and every hard negative
     column after it (all rows of every column are negatives of every other anchor)."""
-    from bidirlm.kernels import infonce_loss
-
     if len(embeddings) < 2:
         raise ValueError(f"expected at least 2 embedding columns, got {len(embeddings)}")
     queries = embeddings[0]
     docs = torch.cat(embeddings[1:], dim=0) if len(embeddings) > 2 else embeddings[1]
-    return infonce_loss(queries, docs, **settings)
+    return kernels.infonce_loss(queries, docs, **settings)  # looked up per call (patchable)
 
 
 def _st_losses() -> tuple[type, type, type]:

@@ -18,6 +18,9 @@
   mask, the window, `scaling` and `softcap`; K/V are never repeated for GQA.
 
 Nothing of transformers is patched: models pick the entries up through their interfaces.
+
+transformers is an optional dependency (the `[train]` / `[st]` extras): it is imported inside
+the functions that use it, so this module imports without it.
 """
 
 from __future__ import annotations

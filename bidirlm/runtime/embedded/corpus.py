@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import platform
+import pydoc_data.topics
 import shutil
 import sysconfig
 import tempfile
@@ -115,8 +116,6 @@ def _docstrings(tree: ast.Module, module: str) -> list[tuple[str, str]]:
 
 
 def _extract_corpus() -> dict[str, list]:
-    import pydoc_data.topics
-
     root = Path(sysconfig.get_paths()["stdlib"])
     docs = [pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics)]
     pairs: list[dict] = []

@@ -22,10 +22,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-if TYPE_CHECKING:
-    from bidirlm.runtime.evaluation.tasks import RetrievalTask
+from bidirlm.runtime.retrieval_task import RetrievalTask
 
 Split = Literal["train", "heldout"]
 
@@ -165,8 +164,6 @@ def embedded_task(max_queries: int | None = None) -> RetrievalTask:
     deterministic subset of the queries (by hash of their id), the other bodies staying in the
     corpus as distractors. None keeps all queries.
     """
-    from bidirlm.runtime.evaluation.tasks import RetrievalTask
-
     docs = _unique_pairs("heldout")
     records = _with_ids(docs)
     corpus = {i: d.body for i, d in records}

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .corpus import _build_atomic, cache_root, python_code_texts, python_docs_texts
 
 # Bump when the tiny model changes, so stale caches are not reused.
@@ -24,6 +26,7 @@ _TOKENIZER_TRAIN_CHARS = 3_000_000
 
 
 def _train_tokenizer():
+    # optional dependencies ([train] extra): tokenizers trains the BPE, transformers wraps it
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -65,7 +68,7 @@ def _train_tokenizer():
 
 def tiny_qwen3_config(vocab_size: int, **overrides):
     """The tiny model's architecture: 2 layers, width 64, GQA 4:2, head dim 16, tied head."""
-    from transformers import Qwen3Config
+    from transformers import Qwen3Config  # optional dependency ([train] extra)
 
     kwargs = dict(
         vocab_size=vocab_size,
@@ -89,8 +92,7 @@ def save_random_qwen3(folder: Path, tokenizer: Any, **overrides: Any) -> None:
     The vocabulary is the tokenizer's, rounded up to a multiple of 64 (friendlier shapes for the
     kernels); the global RNG is left untouched.
     """
-    import torch
-    from transformers import Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM  # optional dependency ([train] extra)
 
     config = tiny_qwen3_config(
         -(-len(tokenizer) // 64) * 64,

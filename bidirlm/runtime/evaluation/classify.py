@@ -23,6 +23,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from bidirlm.runtime.models import Encoder, load_model
+from bidirlm.runtime.models.heads import head_kind
+from bidirlm.runtime.training.task_data import (
+    TaskRecords,
+    encode_records,
+    iter_batches,
+    read_records,
+)
+
 from .classification import task_metrics
 
 
@@ -30,8 +39,6 @@ def _forward_logits(
     module: nn.Module, ids: torch.Tensor, cu: torch.Tensor, max_seqlen: int
 ) -> torch.Tensor:
     """Logits of a packed batch from an `Encoder` with a head or a trainer's task module."""
-    from bidirlm.runtime.models import Encoder
-
     if isinstance(module, Encoder):
         if module.head is None:
             raise ValueError("the model has no classification head")
@@ -52,8 +59,6 @@ def predict_logits(
     amp: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> list[np.ndarray] | np.ndarray:
     """float32 logits of `examples` (`task_data.TaskExample`s), batched in order, eval mode."""
-    from bidirlm.runtime.training.task_data import iter_batches
-
     if device is None:
         device = next(module.parameters()).device
     was_training = module.training
@@ -163,8 +168,6 @@ def score_examples(
 
 
 def _load(model: Any, device: str | torch.device | None) -> Any:
-    from bidirlm.runtime.models import load_model
-
     if isinstance(model, nn.Module):
         encoder = model
     else:
@@ -181,8 +184,6 @@ def _load(model: Any, device: str | torch.device | None) -> Any:
 
 def _records(data: Any):
     """A file path / embedded name, or an in-memory list of record dicts."""
-    from bidirlm.runtime.training.task_data import TaskRecords, read_records
-
     if isinstance(data, (list, tuple)):
         if not data:
             raise ValueError("records: the list is empty")
@@ -193,8 +194,6 @@ def _records(data: Any):
 
 
 def _encode(encoder: Any, data: Any, *, max_length: int, with_labels: bool):
-    from bidirlm.runtime.training.task_data import encode_records
-
     head = encoder.head
     records = _records(data)
     examples = encode_records(
@@ -292,8 +291,6 @@ def is_classifier(model: Any) -> bool:
     config = Path(str(model)).expanduser() / "config.json"
     if not config.is_file():
         return False
-    from bidirlm.runtime.models.heads import head_kind
-
     try:
         return head_kind(json.loads(config.read_text(encoding="utf-8"))) is not None
     except (OSError, ValueError):

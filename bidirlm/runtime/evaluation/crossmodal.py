@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from bidirlm.runtime.models import load_model
+
 from .metrics import rank_by_similarity, retrieval_metrics
 from .retrieval import embed
 
@@ -89,8 +91,6 @@ def evaluate_crossmodal(
     pairs = load_pairs(task)
     model = model_or_path
     if isinstance(model_or_path, (str, Path)):
-        from bidirlm.runtime import load_model
-
         model = load_model(model_or_path, device=device)
     if not hasattr(model, "embed_items"):
         raise ValueError(

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from bidirlm.runtime.models import load_model
+
 from .metrics import rank_by_similarity, retrieval_metrics
 from .tasks import RetrievalTask, load_task
 
@@ -59,8 +61,6 @@ def evaluate(
     retrieval = load_task(task)
     model = model_or_path
     if isinstance(model_or_path, (str, Path)):
-        from bidirlm.runtime import load_model
-
         model = load_model(model_or_path, bidirectional=bidirectional, device=device)
     doc_ids = list(retrieval.corpus)
     query_ids = [q for q, rel in retrieval.qrels.items() if rel]

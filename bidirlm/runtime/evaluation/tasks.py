@@ -1,4 +1,5 @@
-"""Retrieval tasks: the `RetrievalTask` container and user data in JSON Lines.
+"""Retrieval tasks: user data in JSON Lines, `load_task`, `save_task` (`RetrievalTask` itself
+lives in `bidirlm.runtime.retrieval_task`, below `embedded/` and `evaluation/`).
 
 User data (`load_retrieval_jsonl`): either one ``.jsonl`` file of pairs, one object per line,
 ``{"query": str, "positive": str | [str, ...], "negatives": [str, ...]}`` (corpus = every
@@ -12,35 +13,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bidirlm.runtime.embedded.heldout import embedded_task
+from bidirlm.runtime.retrieval_task import RetrievalTask
 
-@dataclass
-class RetrievalTask:
-    """Queries, a corpus and binary relevance judgments (`qrels[query_id]` = relevant doc ids)."""
-
-    name: str
-    queries: dict[str, str]
-    corpus: dict[str, str]
-    qrels: dict[str, set[str]]
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.queries or not self.corpus:
-            raise ValueError(f"task {self.name!r}: queries and corpus must not be empty")
-        for qid, docs in self.qrels.items():
-            if qid not in self.queries:
-                raise ValueError(f"task {self.name!r}: qrels name unknown query {qid!r}")
-            unknown = [d for d in docs if d not in self.corpus]
-            if unknown:
-                raise ValueError(
-                    f"task {self.name!r}: qrels of query {qid!r} name unknown document "
-                    f"{unknown[0]!r}"
-                )
-        if not any(self.qrels.values()):
-            raise ValueError(f"task {self.name!r}: no query has a relevant document")
+__all__ = ["RetrievalTask", "load_retrieval_jsonl", "load_task", "save_task"]
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -202,7 +181,5 @@ def load_task(task: str | Path | RetrievalTask) -> RetrievalTask:
     if isinstance(task, RetrievalTask):
         return task
     if str(task) == "embedded":
-        from bidirlm.runtime.embedded.heldout import embedded_task
-
         return embedded_task()
     return load_retrieval_jsonl(task)
