@@ -185,3 +185,63 @@ def test_force_never_replaces_a_folder_a_live_run_holds(tmp_path: Path) -> None:
                 (target / "theirs.txt").write_text("theirs")
                 folder.commit()
     assert _names(tmp_path) == ["run"] and _names(target) == ["theirs.txt"]
+
+
+# ------------------------------------------------------------------ 17. --threads everywhere
+
+THREADED = {  # command -> (argv after the command, the function it computes with)
+    "predict": (["m", "--input", "{input}", "--output", "{tmp}/p.jsonl"],
+                "bidirlm.runtime.evaluation.classify.predict_records"),
+    "finetune-sweep": (["{examples}/tiny-seqcls.toml", "--lrs", "1e-4"],
+                       "bidirlm.recipe.finetune.finetune_sweep"),
+    "domain-transfer": (["{examples}/tiny-seqcls.toml", "--encoder", "e", "--specialist", "s"],
+                        "bidirlm.recipe.finetune.domain_transfer"),
+    "export": (["{tmp}/model", "{tmp}/st"],
+               "bidirlm.integrations.sentence_transformers.export_sentence_transformers"),
+    "compose": (["--text", "{tmp}/model", "{tmp}/omni"],
+                "bidirlm.runtime.merging.compose.compose_omni"),
+    "demo": (["--tiny", "--cpu", "--out", "{tmp}/demo"], "bidirlm.recipe.demo.run_demo"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", sorted(THREADED))
+def test_every_computing_command_takes_threads(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import importlib
+
+    import torch
+
+    from bidirlm.cli import build_parser, main
+    from bidirlm.commands._threads import add_threads_argument
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    (tmp_path / "in.jsonl").write_text('{"text": "a"}\n')
+    template, target = THREADED[command]
+    argv = [
+        a.format(tmp=tmp_path, input=tmp_path / "in.jsonl", examples=ROOT / "examples")
+        for a in template
+    ]
+    # the same option and default as train/encode/eval
+    reference = build_parser(["encode"])._subparsers._group_actions[0].choices["encode"]
+    ours = build_parser([command])._subparsers._group_actions[0].choices[command]
+    ref = next(a for a in reference._actions if a.dest == "threads")
+    act = next(a for a in ours._actions if a.dest == "threads")
+    assert (act.option_strings, act.default, act.type, act.help) == (
+        ref.option_strings, ref.default, ref.type, ref.help,
+    )  # fmt: skip
+    del add_threads_argument
+    seen: list[int] = []
+
+    def fake(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise FileNotFoundError("stopped by the test")
+
+    module, name = target.rsplit(".", 1)
+    monkeypatch.setattr(importlib.import_module(module), name, fake)
+    before = torch.get_num_threads()
+    assert main([command, *argv, "--threads", "3"]) == 1
+    assert seen == [3] and torch.get_num_threads() == before  # set for the run, then restored
+    assert "stopped by the test" in capsys.readouterr().err
+    assert main([command, *argv, "--threads", "0"]) == 1
+    assert "--threads must be an integer >= 1" in capsys.readouterr().err and seen == [3]

@@ -1,4 +1,5 @@
-"""`--threads N` for the commands that compute on the CPU (train, encode, eval).
+"""`--threads N` for every command that computes on the CPU (train, pipeline, encode, eval,
+predict, finetune-sweep, domain-transfer, export, compose, demo, check).
 
 torch's default is one OpenMP thread per core. On a shared or busy machine those threads
 spin-wait on each other: 5 steps of `examples/tiny-contrastive.toml` on a busy 2-core machine

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from bidirlm.cli import CommandError
+from bidirlm.commands._threads import add_threads_argument, resolve_threads, torch_threads
 
 T = TypeVar("T")
 
@@ -58,14 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="--pretrain-base: optimizer steps of 4096 tokens (default 900)",
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads for torch on the CPU (default 1: the demo's small per-sequence ops are "
-        "overhead-bound, and several OpenMP threads spin-wait on a shared CPU, measured 10x "
-        "slower there)",
-    )
+    add_threads_argument(parser)
 
 
 def _threaded(
@@ -74,26 +68,22 @@ def _threaded(
     errors: tuple[type[BaseException], ...],
     job: Callable[[], T],
 ) -> T:
-    """Run `job` on `--threads` torch threads (default 1), restored afterwards (the process may
-    go on: tests call main() in-process); `errors`, and an OSError of a read-only or full `out`,
-    become one-line CommandErrors."""
-    import torch
-
-    threads = 1 if args.threads is None else args.threads
-    if threads < 1:
-        raise CommandError(f"--threads must be >= 1, got {threads}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    """Run `job` on `--threads` torch threads (the shared default of every command), restored
+    afterwards (the process may go on: tests call main() in-process); `errors`, and an OSError
+    of a read-only or full `out`, become one-line CommandErrors."""
     try:
-        return job()
+        resolve_threads(args.threads)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        with torch_threads(args.threads):
+            return job()
     except errors as exc:
         raise CommandError(str(exc)) from None
     except OSError as exc:  # read-only or full output folder: one line naming the path
         from bidirlm.runtime.outputs import write_error
 
         raise CommandError(str(write_error(exc, out))) from None
-    finally:
-        torch.set_num_threads(previous)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import argparse
 import json
 
 from bidirlm.cli import CommandError
+from bidirlm.commands._threads import add_threads_argument, threaded
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,8 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="SECTION.KEY=VALUE", help="override a config value")  # fmt: skip
     parser.add_argument("--no-chart", action="store_true", help="skip the matplotlib chart")
     parser.add_argument("--json", action="store_true", help="print the JSON report")
+    add_threads_argument(parser)
 
 
+@threaded
 def run(args: argparse.Namespace) -> int:
     from bidirlm.recipe.finetune import domain_transfer, format_transfer
     from bidirlm.runtime.training.config import load_train_config

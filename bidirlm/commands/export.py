@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from bidirlm.cli import CommandError
+from bidirlm.commands._threads import add_threads_argument, threaded
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -41,8 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="load a model whose weights hold NaN/Inf (refused by default)",
     )
+    add_threads_argument(parser)
 
 
+@threaded
 def run(args: argparse.Namespace) -> int:
     import torch
 

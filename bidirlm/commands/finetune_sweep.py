@@ -13,6 +13,7 @@ import argparse
 import json
 
 from bidirlm.cli import CommandError
+from bidirlm.commands._threads import add_threads_argument, threaded
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="override a config value")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the JSON report")
+    add_threads_argument(parser)
 
 
 def parse_models(text: str) -> dict[str, str]:
@@ -42,6 +44,7 @@ def parse_models(text: str) -> dict[str, str]:
     return out
 
 
+@threaded
 def run(args: argparse.Namespace) -> int:
     from bidirlm.recipe.finetune import finetune_sweep, format_sweep
     from bidirlm.runtime.training.config import load_train_config

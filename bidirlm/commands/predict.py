@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 
 from bidirlm.cli import CommandError
+from bidirlm.commands._threads import add_threads_argument, threaded
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,8 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=512, help="token limit per record")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
+    add_threads_argument(parser)
 
 
+@threaded
 def run(args: argparse.Namespace) -> int:
     import torch
 
