@@ -1,6 +1,7 @@
 """Static GPU compile suite: every Triton launch of our ops compiled for sm_90/gfx942/gfx90a on CPU.
 
     python -m bench.compile [--quick] [--check] [--targets sm90,gfx942,gfx90a] [--jobs N]
+                            [--cases 'attention bf16 hd64 *,...']
                             [--known-issues bench/compile_known_issues.toml] [--no-host]
 
 How launches are found: each case (an op, a dtype, a head dim, a variant: dense, key padding
@@ -16,8 +17,10 @@ launch), `impl` (the kernel), `pass` (fwd/bwd), `ms` (compile wall time), and in
 `target, triton, op, kernel, dtype, head_dim, variant, cases, config` (constexprs, num_warps,
 num_stages, waves_per_eu), `compiled, error, registers, spill_bytes, shared_bytes, mma`
 (wgmma / mma.sync / mfma / none), `tma, fences_main_loop, dots16, dots16_not_wgmma, violations`
-and per target extras (NVIDIA: stack/spill load bytes, CTA-scope fences, MUFU count; AMD: SGPRs,
-scratch bytes). Host overhead rows (`pass="host"`): microseconds of Python per op call with the
+and per target extras (NVIDIA: stack/spill load bytes, CTA-scope fences, MUFU count, and
+`ptxas_flags`: the options of triton's own ptxas invocation, e.g. `--regAllocOptLevel=2` on
+triton 3.9, which the register report is read with; AMD: SGPRs, scratch bytes). Host overhead
+rows (`pass="host"`): microseconds of Python per op call with the
 launch itself replaced by a recorder.
 
 `--check` fails (exit 1) on any rule violation (`compile_check.RULES`) that the allow-list file
@@ -183,7 +186,9 @@ class _OpCounter(TorchDispatchMode):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench.compile", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a representative subset (~2 min)")
+    p.add_argument("--quick", action="store_true", help="every public variant, 16-bit (the CI set)")
+    p.add_argument("--cases", default="", help="comma-separated fnmatch patterns on case labels, "
+                   "e.g. 'attention bf16 hd256 *' (default: all of the chosen suite)")  # fmt: skip
     p.add_argument("--check", action="store_true", help="exit 1 on a rule violation")
     p.add_argument("--targets", default=",".join(cc.TARGETS), help="comma-separated targets")
     p.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8))
@@ -265,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         cc.gpu_target(t)  # ValueError naming the bad target
     ops = {o.strip() for o in args.ops.split(",") if o.strip()}
     cases = [c for c in cc.all_cases(args.quick) if c.op in ops]
+    cases = cc.select_cases(cases, args.cases)
     known = cc.load_known_issues(args.known_issues)
     version = _version("triton")
     runner = Runner("compile", filename=f"compile-{version}.jsonl")

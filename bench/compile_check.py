@@ -51,7 +51,10 @@ TARGETS: dict[str, tuple[str, int | str, int, str]] = {
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HEAD_DIMS = (64, 80, 128, 256)
-ATTN_VARIANTS = ("dense", "kpm", "softcap", "window", "packed", "gqa", "deterministic")
+ATTN_VARIANTS = (
+    "dense", "kpm", "softcap", "window", "packed", "packed+window", "gqa", "mqa", "alibi",
+    "cross", "deterministic", "deterministic+packed+window",
+)  # fmt: skip
 MNTP_VARIANTS = ("plain", "bias", "softcap", "bias-softcap")
 INFONCE_VARIANTS = ("cosine", "dot", "cosine-symmetric")
 
@@ -119,34 +122,65 @@ class Case:
 _PHASE = ["fwd"]  # the pass the recorder is in
 
 
+ATTN_TOKENS = ("dense", "kpm", "softcap", "window", "packed", "gqa", "mqa", "alibi", "cross",
+               "deterministic")  # fmt: skip
+
+
 def _attention_call(
     case: Case, randn: Callable[..., torch.Tensor], tiny: bool = False
 ) -> Callable[[], torch.Tensor]:
+    """One attention call of a variant: tokens of ATTN_TOKENS joined by '+' ("packed+window").
+    gqa: 8 query heads on 2 kv heads (4 per group); mqa: 8 on 1; cross: 192 keys for 128 queries
+    (dense) or per-sequence key lengths that differ from the query ones (packed); alibi and cross
+    go through the flash-attn call forms (`flash_attn_compat`), the rest through the native ops."""
+    from bidirlm.kernels import flash_attn_compat as fa
     from bidirlm.kernels import flash_attn_func, flash_attn_varlen_func
 
-    d, hq = case.head_dim, 4
-    hkv = 2 if case.variant == "gqa" else hq
-    if case.variant == "packed":
-        lengths = [100, 28]  # sums to 128 = S of the dense cases: same divisibility of strides
+    tokens = set(case.variant.split("+"))
+    unknown = tokens - set(ATTN_TOKENS)
+    if unknown:
+        bad = ", ".join(sorted(unknown))
+        raise ValueError(f"unknown attention variant {case.variant!r}: {bad}")
+    d = case.head_dim
+    hq = 8 if tokens & {"gqa", "mqa"} else 4
+    hkv = 2 if "gqa" in tokens else 1 if "mqa" in tokens else hq
+    window = (32, 32) if "window" in tokens else (-1, -1)
+    softcap = 30.0 if "softcap" in tokens else 0.0
+    det = "deterministic" in tokens
+    compat = bool(tokens & {"alibi", "cross"})
+    alibi = torch.linspace(0.05, 0.5, hq, dtype=torch.float32) if "alibi" in tokens else None
+    if "packed" in tokens:
+        if "kpm" in tokens:
+            raise ValueError("a key padding mask is for dense calls, not packed ones")
+        # 100 + 28 = 128 query tokens: the divisibility of the dense cases' strides
+        kv_lens = [150, 42] if "cross" in tokens else [100, 28]
         cu = torch.tensor([0, 100, 128], dtype=torch.int32)
-        q, k, v = randn(128, hq, d), randn(128, hkv, d), randn(128, hkv, d)
-        return lambda: flash_attn_varlen_func(q, k, v, cu, max(lengths))
+        cu_k = torch.tensor([0, kv_lens[0], sum(kv_lens)], dtype=torch.int32)
+        q = randn(128, hq, d)
+        k, v = randn(sum(kv_lens), hkv, d), randn(sum(kv_lens), hkv, d)
+        if compat:
+            return lambda: fa.flash_attn_varlen_func(
+                q, k, v, cu, cu_k, 100, max(kv_lens), window_size=window, softcap=softcap,
+                alibi_slopes=alibi, deterministic=det,
+            )  # fmt: skip
+        return lambda: flash_attn_varlen_func(
+            q, k, v, cu, 100, window_size=window, softcap=softcap, deterministic=det
+        )
     b, s = (1, 16) if tiny else (2, 128)
-    q, k, v = randn(b, s, hq, d), randn(b, s, hkv, d), randn(b, s, hkv, d)
-    kw: dict[str, Any] = {}
-    if case.variant == "kpm":
-        kpm = torch.ones(b, s, dtype=torch.bool)
-        kpm[-1, s - 5 :] = False
-        kw["key_padding_mask"] = kpm
-    elif case.variant == "softcap":
-        kw["softcap"] = 30.0
-    elif case.variant == "window":
-        kw["window_size"] = (32, 32)
-    elif case.variant == "deterministic":
-        kw["deterministic"] = True
-    elif case.variant not in ("dense", "gqa"):
-        raise ValueError(f"unknown attention variant {case.variant!r}")
-    return lambda: flash_attn_func(q, k, v, **kw)
+    sk = s + s // 2 if "cross" in tokens else s
+    q, k, v = randn(b, s, hq, d), randn(b, sk, hkv, d), randn(b, sk, hkv, d)
+    kpm = None
+    if "kpm" in tokens:
+        kpm = torch.ones(b, sk, dtype=torch.bool)
+        kpm[-1, sk - 5 :] = False
+    if compat:
+        return lambda: fa.flash_attn_func(
+            q, k, v, window_size=window, softcap=softcap, alibi_slopes=alibi,
+            deterministic=det, key_padding_mask=kpm,
+        )  # fmt: skip
+    return lambda: flash_attn_func(
+        q, k, v, window_size=window, softcap=softcap, deterministic=det, key_padding_mask=kpm
+    )
 
 
 def _mntp_call(
@@ -177,20 +211,44 @@ def _infonce_call(
     return lambda: infonce_loss(queries, docs, normalize=normalize, symmetric=symmetric)
 
 
+QUICK_ATTN_VARIANTS = (
+    "dense", "packed", "gqa", "mqa", "window", "packed+window", "softcap", "alibi", "cross",
+    "kpm", "deterministic", "deterministic+packed+window",
+)  # fmt: skip
+
+
 def all_cases(quick: bool = False) -> list[Case]:
-    """Every case of the full suite, or the representative `--quick` subset."""
+    """Every case of the full suite, or the `--quick` subset (the CI check)."""
     if quick:
-        # Every kernel and every flag that changes its code, bf16 only (fp16 compiles to the same
-        # code; fp32 is the slow compile and is in the full suite).
-        out = [Case("attention", "bf16", "dense", hd) for hd in (64, 128, 256)]
-        variants = ("packed", "softcap", "window", "kpm", "deterministic")
-        out += [Case("attention", "bf16", v, 128) for v in variants]
+        # Every public attention variant (atomic dQ is the default, non-deterministic backward
+        # at head dim 64) at head dims 64, 128 and 256 in both 16-bit types: register allocation
+        # differs between them and between triton versions. fp32 is the slow compile: full suite.
+        out = [
+            Case("attention", dt, v, hd)
+            for dt in ("bf16", "fp16")
+            for hd in (64, 128, 256)
+            for v in QUICK_ATTN_VARIANTS
+        ]
         out += [Case("mntp_loss", "bf16", v) for v in ("plain", "bias-softcap")]
         out += [Case("infonce", "bf16", "cosine")]
         return out
     out = [Case("attention", dt, v, hd) for dt in DTYPES for hd in HEAD_DIMS for v in ATTN_VARIANTS]
     out += [Case("mntp_loss", dt, v) for dt in DTYPES for v in MNTP_VARIANTS]
     out += [Case("infonce", dt, v) for dt in DTYPES for v in INFONCE_VARIANTS]
+    return out
+
+
+def select_cases(cases: list[Case], patterns: str | None) -> list[Case]:
+    """The cases whose label matches one of the comma-separated fnmatch `patterns` (all when
+    empty); a pattern that matches nothing is an error naming it."""
+    if not patterns:
+        return cases
+    out = []
+    for pat in (p.strip() for p in patterns.split(",") if p.strip()):
+        hits = [c for c in cases if fnmatch.fnmatchcase(c.label, pat)]
+        if not hits:
+            raise ValueError(f"--cases pattern {pat!r} matches no case")
+        out += [c for c in hits if c not in out]
     return out
 
 
@@ -364,14 +422,31 @@ def compile_spec(spec: Spec) -> dict[str, Any]:
     log = io.StringIO()
     t0 = time.perf_counter()
     try:
-        with _ptxas_log(knobs), contextlib.redirect_stdout(log):
+        with (
+            _ptxas_log(knobs),
+            _maybe_recording(spec.target) as rec,
+            contextlib.redirect_stdout(log),
+        ):
             compiled = triton.compile(src, target=target, options=spec.options)
     except Exception as exc:  # noqa: BLE001 - a compile error is a result
         return {"compiled": False, "error": _error(exc), "compile_s": time.perf_counter() - t0}
     facts: dict[str, Any] = {"compiled": True, "error": None}
     facts["compile_s"] = time.perf_counter() - t0
-    facts.update(analyze(compiled.asm, compiled.metadata, spec.target, log.getvalue()))
+    text = log.getvalue()
+    cmds = [c for c in (rec.commands if rec else []) if "ptxas" in Path(c[0]).name]
+    if cmds:  # triton ran ptxas in this compile: its own log, its own flags
+        text += "\n# ptxas flags: " + " ".join(ptxas_flags(cmds[-1])) + "\n"
+    facts.update(analyze(compiled.asm, compiled.metadata, spec.target, text))
     return facts
+
+
+@contextlib.contextmanager
+def _maybe_recording(target: str) -> Iterator[_RecordingSubprocess | None]:
+    if TARGETS[target][0] != "cuda":
+        yield None
+        return
+    with recording_ptxas() as rec:
+        yield rec
 
 
 @contextlib.contextmanager
@@ -400,26 +475,78 @@ def nvidia_tool(name: str) -> Path:
     return path
 
 
-def _ptxas_path(arch: int) -> str:
+class _RecordingSubprocess:
+    """Stands in for the `subprocess` module inside triton's NVIDIA backend: runs every command
+    unchanged and keeps its argv (the exact ptxas invocation triton made)."""
+
+    def __init__(self) -> None:
+        self.commands: list[list[str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+    def run(self, cmd: Any, *args: Any, **kwargs: Any) -> Any:
+        self.commands.append([str(c) for c in cmd])
+        return subprocess.run(cmd, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def recording_ptxas() -> Iterator[_RecordingSubprocess]:
+    """Within the block, every command triton's NVIDIA backend runs is recorded (`.commands`)."""
     from triton.backends.nvidia import compiler as nv
 
-    return nv.get_ptxas(arch).path
+    rec = _RecordingSubprocess()
+    saved = nv.subprocess
+    nv.subprocess = rec
+    try:
+        yield rec
+    finally:
+        nv.subprocess = saved
 
 
-def rerun_ptxas(ptx: str, arch: int = 90) -> str:
-    """The ptxas `-v` log of `ptx` with triton's flags (when the cubin came from the cache)."""
-    from triton.backends.nvidia.compiler import sm_arch_from_capability
+def ptxas_flags(command: list[str]) -> list[str]:
+    """The options of a ptxas command line (no program, no input/output file names)."""
+    out, skip = [], False
+    for arg in command[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg == "-o":
+            skip = True
+            continue
+        if arg.endswith(".ptx"):
+            continue
+        out.append(arg)
+    return out
 
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
-        src.write_text(ptx)
-        cmd = [_ptxas_path(arch), "-lineinfo", "-v", f"--gpu-name={sm_arch_from_capability(arch)}"]
-        proc = subprocess.run(
-            [*cmd, str(src), "-o", str(Path(tmp) / "k.o")], capture_output=True, text=True
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"ptxas failed: {proc.stderr.strip()[:400]}")
-        return proc.stderr + proc.stdout
+
+def rerun_ptxas(ptx: str, arch: int = 90, options: dict[str, Any] | None = None) -> str:
+    """The ptxas `-v` log of `ptx`, assembled by triton's own `make_cubin` with the compile
+    options of the kernel (`options`: the compiled kernel's metadata or a spec's options), so the
+    flags are exactly those triton passes in the installed version (triton 3.9 adds
+    `--regAllocOptLevel=2`, 3.6 does not). The log ends with a `# ptxas flags:` line."""
+    from triton import knobs
+
+    backend = _backend_for_arch(arch)
+    opts = {k: v for k, v in (options or {}).items() if k in backend.parse_options({}).__dict__}
+    opt = backend.parse_options(opts)
+    log = io.StringIO()
+    try:
+        with _ptxas_log(knobs), recording_ptxas() as rec, contextlib.redirect_stdout(log):
+            backend.make_cubin(ptx, {}, opt, arch)
+    except Exception as exc:  # noqa: BLE001 - re-raised as one line
+        raise RuntimeError(f"ptxas failed: {_error(exc)}") from exc
+    flags = next((ptxas_flags(c) for c in rec.commands if "ptxas" in Path(c[0]).name), [])
+    return log.getvalue() + "\n# ptxas flags: " + " ".join(flags) + "\n"
+
+
+def _backend_for_arch(arch: int) -> Any:
+    from triton.compiler import make_backend
+
+    return make_backend(GPUTarget("cuda", arch, 32))
+
+
+_FLAGS_LINE = re.compile(r"^# ptxas flags: (.*)$", re.M)
 
 
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
@@ -480,6 +607,57 @@ def _in_loops(addr: int, ranges: list[tuple[int, int]]) -> bool:
     return any(lo <= addr <= hi for lo, hi in ranges)
 
 
+# HGMMA.64x128x16.F32[.BF16] Rd, A, B, C: A is `gdesc[URn]` (shared memory) or `Rn` (registers)
+_HGMMA = re.compile(r"HGMMA\.(\d+)x(\d+)x(\d+)\S*\s+(\S+?),\s*(\S+?)[,\s;]")
+# bytes one warp moves per shared-memory instruction (32 lanes x the access width; LDSM.x4 loads
+# four 8x8 16-bit matrices = 512 B, .x2 256 B, .x1 128 B; STSM the same)
+_SMEM_BYTES = {".128": 512, ".64": 256, ".U16": 64, ".16": 64, ".U8": 32, ".8": 32}
+
+
+def _smem_bytes(op: str) -> int:
+    if op.startswith(("LDSM", "STSM")):
+        return 512 if ".X4" in op.upper() else 256 if ".X2" in op.upper() else 128
+    for suffix, nbytes in _SMEM_BYTES.items():
+        if suffix in op:
+            return nbytes
+    return 128  # 32-bit accesses
+
+
+def main_loop(ins: list[tuple[int, str]], ranges: list[tuple[int, int]]) -> dict[str, Any]:
+    """Per-iteration instruction facts of the kernel's main loop, the innermost loop with the most
+    matrix instructions (ties: the shortest body, i.e. the unmasked interior loop), as one warp
+    executes them: `hgmma` [[M, N, K, a_from_registers], ...], `instructions`, `mufu`, shared
+    memory bytes read/written by LDS/LDSM/STS/STSM (`lds_bytes`, `sts_bytes`), global loads
+    (`ldg`: LDG + LDGSTS), TMA loads (`utmaldg`), `bar` (CTA barriers) and `hmma` (mma.sync).
+    Empty when the kernel has no loop."""
+    inner = [r for r in ranges if not any(o != r and r[0] <= o[0] and o[1] <= r[1] for o in ranges)]
+    best: dict[str, Any] = {}
+    for lo, hi in inner:
+        body = [t for a, t in ins if lo <= a <= hi]
+        ops = [t.split()[1] if t.startswith("@") else t.split()[0] for t in body]
+        hgmma = []
+        for text in body:
+            m = _HGMMA.search(text)
+            if m:
+                a_regs = bool(re.fullmatch(r"R\d+", m.group(5)))
+                hgmma.append([int(m.group(1)), int(m.group(2)), int(m.group(3)), a_regs])
+        facts = {
+            "hgmma": hgmma,
+            "instructions": len(body),
+            "mufu": sum(op.startswith("MUFU") for op in ops),
+            "lds_bytes": sum(_smem_bytes(op) for op in ops if op.startswith(("LDS", "LDSM"))),
+            "sts_bytes": sum(_smem_bytes(op) for op in ops if op.startswith(("STS", "STSM"))),
+            "ldg": sum(op.startswith(("LDG", "LDGSTS")) for op in ops),
+            "utmaldg": sum(op.startswith("UTMALDG") for op in ops),
+            "bar": sum(op.startswith("BAR") for op in ops),
+            "hmma": sum(op.startswith("HMMA") for op in ops),
+        }
+        key = (len(hgmma) + facts["hmma"], -len(body))
+        if not best or key > (len(best["hgmma"]) + best["hmma"], -best["instructions"]):
+            best = facts
+    return best
+
+
 def analyze_sass(sass: str) -> dict[str, Any]:
     """MMA kind, TMA loads and memory fences (GPU/system scope MEMBAR) inside loops."""
     ins = sass_instructions(sass)
@@ -500,6 +678,7 @@ def analyze_sass(sass: str) -> dict[str, Any]:
             else:
                 fences += 1
     return {
+        "main_loop": main_loop(ins, ranges),
         "mma": "+".join(kinds) or "none",
         "tma": any(op.startswith("UTMALDG") for op in ops),
         "fences_main_loop": fences,
@@ -582,9 +761,14 @@ def analyze(asm: dict[str, Any], metadata: Any, target: str, log: str = "") -> d
     if TARGETS[target][0] == "cuda":
         try:
             usage = parse_ptxas_log(log)
-        except ValueError:  # compiled earlier: the cubin came from triton's cache
-            usage = parse_ptxas_log(rerun_ptxas(asm["ptx"], int(TARGETS[target][1])))
+            if not _FLAGS_LINE.search(log):
+                raise ValueError("no flags")
+        except ValueError:  # compiled earlier (the cubin came from triton's cache): re-assemble
+            log = rerun_ptxas(asm["ptx"], int(TARGETS[target][1]), _metadata_options(metadata))
+            usage = parse_ptxas_log(log)
         facts.update(usage)
+        flags = _FLAGS_LINE.findall(log)
+        facts["ptxas_flags"] = flags[-1].strip() if flags else None
         facts["spill_bytes"] = usage["spill_store_bytes"]
         with tempfile.TemporaryDirectory() as tmp:
             cubin = Path(tmp) / "k.cubin"
@@ -595,6 +779,17 @@ def analyze(asm: dict[str, Any], metadata: Any, target: str, log: str = "") -> d
     else:
         facts.update(analyze_amdgcn(asm["amdgcn"]))
     return facts
+
+
+def _metadata_options(metadata: Any) -> dict[str, Any]:
+    """The compile options a compiled kernel's metadata records (a namedtuple or a dict)."""
+    if metadata is None:
+        return {}
+    if hasattr(metadata, "_asdict"):
+        return dict(metadata._asdict())
+    if isinstance(metadata, dict):
+        return dict(metadata)
+    return dict(getattr(metadata, "__dict__", {}))
 
 
 def _run(cmd: list[Any]) -> str:
@@ -608,7 +803,8 @@ def _run(cmd: list[Any]) -> str:
 
 RULES = {
     "compile": "every launch compiles for every target",
-    "spill": "no register spills on sm_90 in a default 16-bit config (attention: head dim <= 128)",
+    "spill": "no register spills on sm_90 in a default 16-bit config (attention: every head dim "
+    "up to 256)",
     "wgmma": "every 16-bit tl.dot compiles to wgmma on sm_90",
     "fence": "no GPU/system-scope memory fence inside a loop",
 }
@@ -624,7 +820,7 @@ def violations(row: dict[str, Any]) -> list[str]:
         return ["compile"]
     out = []
     sm90 = row["target"] == "sm90"
-    hd_ok = row.get("op") != "attention" or (row.get("head_dim") or 0) <= 128
+    hd_ok = row.get("op") != "attention" or (row.get("head_dim") or 0) <= 256
     if sm90 and is_16bit(row) and hd_ok and (row.get("spill_bytes") or 0) > 0:
         out.append("spill")
     if sm90 and (row.get("dots16_not_wgmma") or 0) > 0:
@@ -753,6 +949,9 @@ __all__ = [
     "KnownIssue",
     "CheckReport",
     "all_cases",
+    "select_cases",
+    "ptxas_flags",
+    "recording_ptxas",
     "record_launches",
     "recording",
     "specialize",
@@ -760,6 +959,7 @@ __all__ = [
     "compile_spec",
     "analyze",
     "analyze_sass",
+    "main_loop",
     "analyze_amdgcn",
     "dot_counts",
     "parse_ptxas_log",

@@ -188,8 +188,9 @@ def test_violations() -> None:
     assert cc.violations(_row()) == []
     assert cc.violations(_row(compiled=False, error="x")) == ["compile"]
     assert cc.violations(_row(spill_bytes=24)) == ["spill"]
-    # spills are allowed at head dim 256, in fp32, and off sm_90
-    assert cc.violations(_row(spill_bytes=24, head_dim=256)) == []
+    # every 16-bit head dim up to 256 counts (the hd256 backward spilled kilobytes unnoticed);
+    # spills are allowed in fp32 and off sm_90
+    assert cc.violations(_row(spill_bytes=24, head_dim=256)) == ["spill"]
     assert cc.violations(_row(spill_bytes=24, dtype="fp32")) == []
     assert cc.violations(_row(spill_bytes=24, target="gfx942")) == []
     # the MNTP / InfoNCE kernels have no head dim: any spill counts
@@ -254,6 +255,47 @@ def test_load_known_issues_rejects_bad_entries(tmp_path: Path) -> None:
     assert cc.load_known_issues(tmp_path / "missing.toml") == []
 
 
+# Recorded quick-suite runs (bf16, sm_90) of the kernels as they were before the configs of
+# 2026-12-07 (commit df50f39): the expanded check must fail on them, with exactly the spills the
+# narrower suite missed (GQA/packed/window at head dim 64, every hd256 backward).
+BEFORE_RUNS = {"3.6.0": "20261207T175648Z-6873efdf", "3.9.0": "20261207T175828Z-0f38a70f"}
+
+
+def _recorded_rows(version: str, run_id: str) -> list[dict]:
+    path = ROOT / "bench" / "results" / f"compile-{version}.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r["extra"] for r in rows if r["run_id"] == run_id and r.get("pass") != "host"]
+
+
+def test_expanded_check_fails_on_the_recorded_old_kernels() -> None:
+    old = _recorded_rows("3.6.0", BEFORE_RUNS["3.6.0"])
+    assert len(old) > 50
+    report = cc.check(old, cc.load_known_issues(ROOT / "bench" / "compile_known_issues.toml"))
+    assert not report.ok
+    spilled = {(row["kernel"], row["case"]): row["spill_bytes"] for rule, row in report.new}
+    assert all(rule == "spill" for rule, _ in report.new)
+    # the hd64 dK/dV launches the old quick suite never compiled (issue 26: 84-220 B)
+    assert spilled[("_attn_bwd_dkdv_kernel", "attention bf16 hd64 gqa")] == 84
+    assert spilled[("_attn_bwd_dkdv_kernel", "attention bf16 hd64 packed")] == 136
+    assert spilled[("_attn_bwd_dkdv_kernel", "attention bf16 hd64 packed+window")] == 220
+    det = ("_attn_bwd_dkdv_kernel", "attention bf16 hd64 deterministic+packed+window")
+    assert spilled[det] == 60
+    # head dim 256: the dQ kernel (292-636 B) and kilobytes in dK/dV, once outside the rule
+    dq = [b for (k, c), b in spilled.items() if k == "_attn_bwd_dq_kernel" and "hd256" in c]
+    dkdv = [b for (k, c), b in spilled.items() if k == "_attn_bwd_dkdv_kernel" and "hd256" in c]
+    assert min(dq) == 292 and max(dq) == 636 and min(dkdv) > 3000
+    # triton 3.9 (register report read with its --regAllocOptLevel=2): the hd256 forward too
+    old39 = _recorded_rows("3.9.0", BEFORE_RUNS["3.9.0"])
+    report39 = cc.check(old39, [])
+    fwd = [row for _, row in report39.new if row["kernel"] == "_attn_fwd_kernel"]
+    assert fwd and all(row["head_dim"] == 256 for row in fwd)
+    assert all(
+        row["ptxas_flags"].find("--regAllocOptLevel=2") >= 0
+        for row in old39
+        if "ptxas_flags" in row
+    )
+
+
 def test_repository_allow_list_is_valid() -> None:
     for entry in cc.load_known_issues(ROOT / "bench" / "compile_known_issues.toml"):
         assert entry.rule in cc.RULES and entry.reason.strip()
@@ -284,6 +326,14 @@ def matmul_loop(A, B, C, DQ, n, BLOCK: tl.constexpr, RELAXED: tl.constexpr):
 sig = {"A": "*bf16", "B": "*bf16", "C": "*bf16", "DQ": "*fp32", "n": "i32",
        "BLOCK": "constexpr", "RELAXED": "constexpr"}
 out = {}
+# the flags triton itself passes to ptxas (fresh cache dir: ptxas runs) vs the re-run's
+with cc.recording_ptxas() as rec:
+    c = triton.compile(ASTSource(matmul_loop, sig, {"BLOCK": 64, "RELAXED": True}),
+                       target=cc.gpu_target("sm90"), options={"num_warps": 4, "num_stages": 2})
+ran = [cc.ptxas_flags(cmd) for cmd in rec.commands if "ptxas" in cmd[0]]
+rerun = cc.rerun_ptxas(c.asm["ptx"], 90, c.metadata._asdict())
+out["flags"] = {"triton": ran[-1], "rerun": rerun.rsplit("# ptxas flags: ", 1)[1].split(),
+                "version": triton.__version__}
 for target in ("sm90", "gfx942", "gfx90a"):
     for relaxed in (True, False):
         if target != "sm90" and not relaxed:
@@ -291,7 +341,7 @@ for target in ("sm90", "gfx942", "gfx90a"):
         src = ASTSource(matmul_loop, sig, {"BLOCK": 64, "RELAXED": relaxed})
         c = triton.compile(src, target=cc.gpu_target(target),
                            options={"num_warps": 4, "num_stages": 2})
-        log = cc.rerun_ptxas(c.asm["ptx"]) if target == "sm90" else ""
+        log = cc.rerun_ptxas(c.asm["ptx"], 90, c.metadata._asdict()) if target == "sm90" else ""
         out[f"{target}-{relaxed}"] = cc.analyze(c.asm, c.metadata, target, log)
 json.dump(out, sys.stdout)
 """
@@ -305,11 +355,20 @@ def test_small_kernel_compiles_for_every_target(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env=_env_without_interpreter(),
+        env=_env_without_interpreter(TRITON_CACHE_DIR=str(tmp_path / "cache")),
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     facts = json.loads(proc.stdout)
+    # the register report is read with exactly the options triton assembled the kernel with
+    flags = facts.pop("flags")
+    assert flags["rerun"] == flags["triton"] and "-v" in flags["triton"]
+    major_minor = tuple(int(x) for x in flags["version"].split(".")[:2])
+    if major_minor >= (3, 9):  # triton 3.9 works around a ptxas 13 bug with this option
+        assert "--regAllocOptLevel=2" in flags["triton"], flags
+    if major_minor <= (3, 6):
+        assert "--regAllocOptLevel=2" not in flags["triton"], flags
+    assert facts["sm90-True"]["ptxas_flags"] == " ".join(flags["triton"])
     sm90 = facts["sm90-True"]
     assert 0 < sm90["registers"] <= 255 and sm90["spill_bytes"] == 0
     assert sm90["mma"] == "wgmma" and sm90["dots16"] == 1 and sm90["dots16_not_wgmma"] == 0
