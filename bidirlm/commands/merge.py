@@ -2,7 +2,8 @@
 
 See `bidirlm.runtime.merging.merge` for the YAML keys (mergekit's methods: linear,
 task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs(_ties), della(_linear), slerp, nuslerp,
-model_stock, passthrough and `slices:`; plus bidirlm's `rename`, `take`, `exclude`, `config_from`,
+model_stock, passthrough, sce, ram, ramplus_tl, multislerp, karcher, arcee_fusion, nearswap and
+`slices:`; plus bidirlm's `rename`, `take`, `exclude`, `config_from`,
 `tokenizer_from`).
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import warnings
+from typing import Any
 
 from bidirlm.cli import CommandError
 
@@ -71,7 +74,25 @@ def _log_progress(name: str, done: int, total: int) -> None:
         print(f"merge: {done}/{total} tensors ({100 * done // total}%)", file=sys.stderr)
 
 
+def _print_warning(message: Any, category: type, *_: Any, **__: Any) -> None:
+    """Merge warnings as one stderr line each (no file/line of Python source)."""
+    print(f"bidirlm merge: warning: {message}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
+    from bidirlm.runtime.merging.merge import MergeWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", MergeWarning)
+        previous = warnings.showwarning
+        warnings.showwarning = _print_warning
+        try:
+            return _run(args)
+        finally:
+            warnings.showwarning = previous
+
+
+def _run(args: argparse.Namespace) -> int:
     from bidirlm.runtime.merging.merge import (
         MergeError,
         format_report,

@@ -155,10 +155,10 @@ def test_bad_input_is_one_line_naming_model_and_tensor(case, pair, tmp_path, cap
 BAD_CONFIGS = {
     "unknown-key": ("mergekit_version: 1\n", "unknown key 'mergekit_version'"),
     "slices": ("slices: []\n", "give either `models:` or `slices:`"),
-    "method": ("", "merge_method 'karcher' is not supported"),
+    "method": ("", "merge_method 'frankenmerge' is not supported"),
     "no-base": ("", "needs `base_model:`"),
     "dtype": ("dtype: int4\n", "dtype 'int4' is not supported"),
-    "param": ("parameters: {density: 0.5}\n", "unknown parameter 'density'"),
+    "param": ("parameters: {densty: 0.5}\n", "unknown parameter 'densty'"),
     "take-nothing": ("", "take pattern 'vision.*'"),
     "exclude-nothing": ("exclude: ['nope.*']\n", "exclude pattern 'nope.*' matches no tensor"),
     "zero-sum": ("", "sum to 0"),
@@ -171,7 +171,7 @@ def test_bad_config_errors(case, pair, tmp_path, capsys):
     extra, needle = BAD_CONFIGS[case]
     text = yaml_for(*pair, extra=extra)
     if case == "method":
-        text = text.replace("linear", "karcher")
+        text = text.replace("linear", "frankenmerge")
     elif case == "no-base":
         text = text.replace("linear", "task_arithmetic")
     elif case == "take-nothing":

@@ -450,8 +450,8 @@ BAD = {
                 "{{weight: 1, density: 0.9, epsilon: 0.2}}}}]\n", "must stay in"),
     "seed": ("merge_method: linear\nmodels: [{{model: {a}, parameters: {{weight: 1}}}}]\n"
              "random_seed: -1\n", "random_seed"),
-    "gamma": ("merge_method: ties\nbase_model: {a}\nmodels: [{{model: {b}, parameters: "
-              "{{weight: 1, gamma: 0.1}}}}]\n", "unknown parameter 'gamma'"),
+    "typo": ("merge_method: ties\nbase_model: {a}\nmodels: [{{model: {b}, parameters: "
+             "{{weight: 1, gama: 0.1}}}}]\n", "unknown parameter 'gama'"),
 }  # fmt: skip
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .methods import METHODS, REQUIRED, SPECS
+from .methods import ALL_PARAMETERS, METHODS, REQUIRED, SPECS
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 
@@ -23,7 +23,10 @@ DTYPES = ("float64", "float32", "bfloat16", "float16")
 # density/rescale/int8_mask, so a file written for mergekit runs unchanged).
 METHOD_PARAMETERS = {m: (*s.shared, *s.per_input) for m, s in SPECS.items()}
 BOOL_PARAMETERS = ("normalize", "rescale", "int8_mask", "nuslerp_row_wise", "nuslerp_flatten")
-BOOL_PARAMETERS += ("filter_wise",)
+BOOL_PARAMETERS += ("filter_wise", "normalize_weights")
+# Files that make a folder a tokenizer source (transformers otherwise builds an empty tokenizer
+# from config.json alone, and the merge would publish a model without its tokenizer).
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 
 TOP_KEYS = (
     "merge_method",
@@ -39,14 +42,16 @@ TOP_KEYS = (
     "slices",
     "random_seed",
     "tokenizer",
+    "chat_template",
 )
 TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
 MODEL_KEYS = ("model", "parameters", "rename", "take")
 SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 UNSUPPORTED_TOP_KEYS = {
-    "modules": "`modules:` is not supported; list whole models under `models:`",
-    "chat_template": "`chat_template` is not supported; edit tokenizer_config.json afterwards",
+    "modules": "`modules:` (mergekit's per-module recipes for multi-module architectures, read "
+    "from its architecture tables) is not supported: bidirlm merges by tensor name, so list whole "
+    "models under `models:` and copy a tower unmerged with `take:` (rename it with `rename:`)",
 }
 
 
@@ -118,6 +123,8 @@ class MergeConfig:
     tokenizer_source: str | None = None  # "base", "union" or a folder: vocabulary alignment
     pad_to_multiple_of: int | None = None  # `tokenizer: {pad_to_multiple_of}`: padded vocabulary
     random_seed: int = 0  # masks of dare_* / della*, drawn per tensor
+    chat_template: str | None = None  # "auto", a template name or Jinja text (mergekit's key)
+    ignored: tuple[str, ...] = ()  # parameters given that the method ignores (as mergekit)
 
     @property
     def reference_index(self) -> int:
@@ -132,7 +139,7 @@ class MergeConfig:
         scopes = (self.parameters,) if scopes is None else scopes
         out: dict[str, Any] = {}
         for key, default in SPECS[self.method].shared.items():
-            value = _convert(key, _resolve_scopes(scopes, key, name, t), key)
+            value = _convert(key, _resolve_scopes(scopes, key, name, t), key, self.method)
             if value is None:
                 if default is REQUIRED:
                     raise MergeError(
@@ -156,7 +163,10 @@ class MergeConfig:
         out: dict[str, Any] = {}
         for key, default in SPECS[self.method].per_input.items():
             value = _convert(
-                key, _resolve_scopes(scopes, key, name, t), f"{key} of model {spec.label}"
+                key,
+                _resolve_scopes(scopes, key, name, t),
+                f"{key} of model {spec.label}",
+                self.method,
             )
             if value is None:
                 if default is REQUIRED:
@@ -173,12 +183,51 @@ class MergeConfig:
         return self.input_params(index, name, t)["weight"]
 
 
-def _convert(key: str, value: Any, what: str) -> Any:
+def _convert(key: str, value: Any, what: str, method: str | None = None) -> Any:
     if value is None:
         return None
     if key in BOOL_PARAMETERS:
         return _as_bool(value, what, False)
-    return _as_float(value, what)
+    number = _as_float(value, what)
+    spec = SPECS.get(method) if method else None
+    if spec is not None:
+        _check_domain(spec, key, number, what, method)
+        if key in spec.integers:
+            return int(number)
+    return number
+
+
+def _check_domain(spec: Any, key: str, number: float, what: str, method: str) -> None:
+    """`number` in the valid range of parameter `key` of `method`, else a `MergeError`."""
+    if key in spec.integers and number != int(number):
+        raise MergeError(f"{what} must be a whole number for merge_method {method}, got {number}")
+    low, high = spec.domains.get(key, (None, None))
+    if (low is not None and number < low) or (high is not None and number > high):
+        if high is None:
+            want = f">= {low:g}"
+        elif low is None:
+            want = f"<= {high:g}"
+        else:
+            want = f"in [{low:g}, {high:g}]"
+        raise MergeError(f"{what} must be {want} for merge_method {method}, got {number:g}")
+
+
+def _what(key: str, where: str) -> str:
+    """How messages name parameter `key` of the scope `where` ("weight of model m")."""
+    prefix = "parameters of "
+    if where == "parameters":
+        return key
+    return f"{key} of {where[len(prefix):]}" if where.startswith(prefix) else f"{key} in {where}"
+
+
+def _leaves(setting: Any) -> list[Any]:
+    """The scalar values of a parameter setting (scalars, gradients, {filter, value} lists):
+    a gradient interpolates between them, so checking them checks every resolved value."""
+    if isinstance(setting, Mapping):
+        return _leaves(setting.get("value"))
+    if isinstance(setting, list):
+        return [leaf for item in setting for leaf in _leaves(item)]
+    return [setting]
 
 
 def _resolve_scopes(
@@ -274,11 +323,21 @@ def _model_path(ref: Any, what: str) -> Path:
         raise MergeError(f"{what} must be a path to a local model folder, got {ref!r}")
     path = Path(ref).expanduser()
     if not path.is_dir():
-        hint = ""
-        if not path.exists() and "/" in str(ref) and not str(ref).startswith((".", "/", "~")):
-            hint = " (Hub ids are not fetched: download the model and give its local folder)"
-        raise MergeError(f"{what} {str(ref)!r} is not a local model folder{hint}")
+        text = str(ref)
+        hub_like = any(c in text for c in "/@+") and not text.startswith((".", "/", "~"))
+        if hub_like and not path.exists():  # mergekit's org/name, org/name@rev, model+lora
+            raise MergeError(
+                f"{what} {text!r} is not a local folder: bidirlm merge reads local model folders "
+                "only and never downloads (Hub ids are not fetched); download the model first "
+                "and give its folder"
+            )
+        raise MergeError(f"{what} {text!r} is not a local model folder")
     return path
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """Whether `folder` holds tokenizer files (not only a config or a processor)."""
+    return any((folder / name).is_file() for name in TOKENIZER_MARKERS)
 
 
 def _model_spec(entry: Any, position: int) -> ModelSpec:
@@ -346,12 +405,19 @@ def config_from_dict(data: Mapping[str, Any], *, source_text: str | None = None)
             (f"parameters of slices[{k}] source {models[src.index].label}", src.parameters)
             for src in sl.sources
         ]
+    ignored: dict[str, None] = {}
     for where, scope in scopes:
-        for key in scope:
-            if key not in METHOD_PARAMETERS[method]:
+        for key, setting in scope.items():
+            if key in METHOD_PARAMETERS[method]:
+                for leaf in _leaves(setting):  # domains checked before anything is read
+                    if isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
+                        _convert(key, leaf, _what(key, where), method)
+            elif key in ALL_PARAMETERS:  # mergekit accepts and ignores it: so do we (warned)
+                ignored.setdefault(key)
+            else:
                 raise MergeError(
                     f"unknown parameter {key!r} in {where} for merge_method {method}; "
-                    f"valid: {', '.join(METHOD_PARAMETERS[method])}"
+                    f"valid: {', '.join(METHOD_PARAMETERS[method]) or 'none'}"
                 )
     resolved = [m.path.resolve() for m in models]
     if len(set(resolved)) != len(resolved):
@@ -410,6 +476,17 @@ def config_from_dict(data: Mapping[str, Any], *, source_text: str | None = None)
     if data.get("tokenizer_source") is not None:
         value = data["tokenizer_source"]
         tokenizer_source = value if value in ("base", "union") else str(ref("tokenizer_source"))
+        folder = ref("tokenizer_source")
+        if folder is not None and not has_tokenizer(folder):
+            raise MergeError(
+                f"tokenizer_source {value} has no tokenizer (none of "
+                f"{', '.join(TOKENIZER_MARKERS)} in {folder}): choose a folder with one"
+            )
+    chat_template = data.get("chat_template")
+    if chat_template is not None and (not isinstance(chat_template, str) or not chat_template):
+        raise MergeError(
+            f"chat_template must be auto, a template name or Jinja text, got {chat_template!r}"
+        )
     seed = data.get("random_seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise MergeError(f"random_seed must be a non-negative integer, got {seed!r}")
@@ -429,6 +506,8 @@ def config_from_dict(data: Mapping[str, Any], *, source_text: str | None = None)
         tokenizer_source=tokenizer_source,
         random_seed=seed,
         pad_to_multiple_of=pad,
+        chat_template=chat_template,
+        ignored=tuple(ignored),
     )
 
 

@@ -69,6 +69,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -78,7 +79,8 @@ from typing import Any
 
 import torch
 
-from .config import MergeConfig, MergeError, config_from_dict, load_config
+from .checks import check_config_fits
+from .config import MergeConfig, MergeError, config_from_dict, has_tokenizer, load_config
 from .io import (
     INDEX_NAME,
     AtomicFolder,
@@ -93,12 +95,13 @@ from .io import (
 )
 from .plan import Task, compute_piece, output_layers, plan, renamed_tensors, split_pieces
 from .report import Stats, build_report, format_report
-from .vocab import Alignment, build_alignment
+from .vocab import Alignment, build_alignment, resolve_chat_template, write_chat_template
 
 __all__ = [
     "MergeConfig",
     "MergeError",
     "MergeResult",
+    "MergeWarning",
     "format_report",
     "load_config",
     "merge",
@@ -123,6 +126,10 @@ TOKENIZER_FILES = (
     "processor_config.json",
     "video_preprocessor_config.json",
 )
+
+
+class MergeWarning(UserWarning):
+    """Something a merge accepted but did not use (parameters the method ignores)."""
 
 
 @dataclass(frozen=True)
@@ -155,13 +162,20 @@ def parse_size(value: str | int) -> int:
     return size
 
 
-def _copy_side_files(
-    config: MergeConfig, tmp: Path, dtype_name: str | None, alignment: Alignment | None = None
-) -> None:
+def _output_config(
+    config: MergeConfig, dtype_name: str | None, alignment: Alignment | None = None
+) -> dict[str, Any] | None:
+    """The output's config.json: `config_from`'s (default: the base, else the first model)
+    with the merge's dtype, vocabulary size and layer count; None when the source has none."""
     cfg_src = config.config_from or config.models[config.reference_index].path
     cfg_path = cfg_src / "config.json"
     if cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise MergeError(f"cannot read {cfg_path}: {exc}") from None
+        if not isinstance(cfg, dict):
+            raise MergeError(f"{cfg_path} is not a JSON object")
         if dtype_name:  # the dtype transformers loads the checkpoint in
             cfg["dtype"] = dtype_name
             if "torch_dtype" in cfg:
@@ -182,18 +196,33 @@ def _copy_side_files(
                     for src in sl.sources[:1]
                     for o in range(sl.layers)
                 ]
-        write_json(tmp / "config.json", cfg)
-    elif config.config_from is not None:
+        return cfg
+    if config.config_from is not None:
         raise MergeError(f"config_from {config.config_from} has no config.json")
+    return None
+
+
+def _copy_side_files(
+    config: MergeConfig,
+    tmp: Path,
+    cfg: dict[str, Any] | None,
+    alignment: Alignment | None = None,
+    chat_template: str | None = None,
+) -> None:
+    cfg_src = config.config_from or config.models[config.reference_index].path
+    if cfg is not None:
+        write_json(tmp / "config.json", cfg)
     if (cfg_src / "generation_config.json").is_file():
         copy_file(cfg_src / "generation_config.json", tmp / "generation_config.json")
     if alignment is not None and alignment.tokenizer is not None:  # union or stripped
         alignment.tokenizer.save_pretrained(str(tmp))
-        return
-    tok_src = config.tokenizer_from or cfg_src
-    for fname in TOKENIZER_FILES:
-        if (tok_src / fname).is_file():
-            copy_file(tok_src / fname, tmp / fname)
+    else:
+        tok_src = config.tokenizer_from or cfg_src
+        for fname in TOKENIZER_FILES:
+            if (tok_src / fname).is_file():
+                copy_file(tok_src / fname, tmp / fname)
+    if chat_template is not None:
+        write_chat_template(tmp, chat_template)
 
 
 def _stream(
@@ -331,8 +360,28 @@ def merge_from_config(
     ]
     if report and config.slices:
         raise MergeError("the similarity report compares whole models: not with `slices:`")
+    if config.ignored:  # listed once, as one line
+        warnings.warn(
+            f"merge_method {config.method} ignores parameter(s) {', '.join(config.ignored)} "
+            "(accepted as mergekit does)",
+            MergeWarning,
+            stacklevel=2,
+        )
     alignment = build_alignment(config)
     tasks = plan(config, inputs, alignment)
+    out_cfg = _output_config(config, config.out_dtype or config.dtype, alignment)
+    if config.config_from is not None and out_cfg is not None:
+        check_config_fits(out_cfg, ((t.out.name, t.out.shape) for t in tasks), config.config_from)
+    chat_template = None
+    if config.chat_template is not None:
+        tok_src = config.tokenizer_from or config.config_from
+        tok_src = tok_src or config.models[config.reference_index].path
+        if (alignment is None or alignment.tokenizer is None) and not has_tokenizer(tok_src):
+            raise MergeError(
+                f"chat_template needs a tokenizer in the output, but {tok_src} has none "
+                "(set tokenizer_source or tokenizer_from to a folder with one)"
+            )
+        chat_template = resolve_chat_template(config.chat_template, [m.path for m in config.models])
     shards = plan_shards([t.out for t in tasks], max_bytes)
     names = shard_names(len(shards))
     total_bytes = sum(t.out.nbytes for t in tasks)
@@ -366,7 +415,7 @@ def merge_from_config(
                 weight_map = {e.name: names[s] for s, entries in enumerate(shards) for e in entries}
                 index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
                 write_json(tmp / INDEX_NAME, index)
-            _copy_side_files(config, tmp, config.out_dtype or config.dtype, alignment)
+            _copy_side_files(config, tmp, out_cfg, alignment, chat_template)
             _save_config_copy(config, tmp)
             result_report = build_report(config, stats) if report else None
             if result_report is not None:

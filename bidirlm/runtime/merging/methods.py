@@ -42,6 +42,16 @@ class MethodSpec:
     max_non_base: int | None = None
     streamable: bool = False  # elementwise: merged slice by slice instead of whole tensors
     random: bool = False
+    # Valid range of a parameter, `(low, high)` inclusive, None for no bound: mergekit checks
+    # only della's epsilon (mid-merge); a value outside is refused before anything is written.
+    domains: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    integers: tuple[str, ...] = ()  # parameters that take whole numbers
+    float32_result: bool = False  # mergekit's arithmetic promotes bf16/fp16 results to float32
+
+
+UNIT = (0.0, 1.0)
+NON_NEGATIVE = (0.0, None)
+GTA_DOMAINS = {"density": UNIT, "gamma": UNIT, "epsilon": NON_NEGATIVE}
 
 
 def _gta(normalize: bool, rescale: bool, extra: dict[str, Any] | None = None) -> MethodSpec:
@@ -49,6 +59,7 @@ def _gta(normalize: bool, rescale: bool, extra: dict[str, Any] | None = None) ->
         shared={"int8_mask": False, "normalize": normalize, "rescale": rescale, "lambda": 1.0},
         per_input={"weight": REQUIRED, "density": 1.0, **(extra or {})},
         base="required",
+        domains=GTA_DOMAINS,
     )
 
 
@@ -67,7 +78,9 @@ SPECS: dict[str, MethodSpec] = {
     "breadcrumbs_ties": _gta(False, False, {"gamma": 0.01}),
     "della": MethodSpec(**{**_gta(True, True, {"epsilon": 0.15}).__dict__, "random": True}),
     "della_linear": MethodSpec(**{**_gta(False, True, {"epsilon": 0.15}).__dict__, "random": True}),
-    "slerp": MethodSpec(shared={"t": REQUIRED}, base="required", min_inputs=2, max_inputs=2),
+    "slerp": MethodSpec(
+        shared={"t": REQUIRED}, base="required", min_inputs=2, max_inputs=2, domains={"t": UNIT}
+    ),
     "nuslerp": MethodSpec(
         shared={"nuslerp_row_wise": False, "nuslerp_flatten": True},
         per_input={"weight": REQUIRED},
@@ -77,8 +90,46 @@ SPECS: dict[str, MethodSpec] = {
     ),
     "model_stock": MethodSpec(shared={"filter_wise": False}, base="required", min_inputs=3),
     "passthrough": MethodSpec(per_input={"scale": None}, per_input_base=True, max_inputs=1),
+    # mergekit's newer methods (implemented in `extra_methods`)
+    "sce": MethodSpec(
+        shared={"int8_mask": False, "select_topk": 1.0},
+        base="required",
+        domains={"select_topk": UNIT},
+    ),
+    "ram": MethodSpec(shared={"epsilon": 1e-5}, base="required", domains={"epsilon": NON_NEGATIVE}),
+    "ramplus_tl": MethodSpec(
+        shared={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
+        base="required",
+        domains={"r": NON_NEGATIVE, "alpha": NON_NEGATIVE, "epsilon": NON_NEGATIVE},
+        float32_result=True,
+    ),
+    "multislerp": MethodSpec(
+        shared={"normalize_weights": True, "eps": 1e-8},
+        per_input={"weight": REQUIRED},
+        base="optional",
+        min_non_base=1,
+        domains={"eps": NON_NEGATIVE},
+    ),
+    "karcher": MethodSpec(
+        shared={"max_iter": 10, "tol": 1e-5},
+        domains={"max_iter": NON_NEGATIVE, "tol": NON_NEGATIVE},
+        integers=("max_iter",),
+    ),
+    "arcee_fusion": MethodSpec(
+        base="required", min_inputs=2, max_inputs=2, float32_result=True, random=True
+    ),
+    "nearswap": MethodSpec(
+        shared={"t": REQUIRED},
+        base="required",
+        min_inputs=2,
+        max_inputs=2,
+        domains={"t": NON_NEGATIVE},
+    ),
 }
 METHODS = tuple(SPECS)
+# Every parameter some method reads: mergekit accepts these on any method and ignores the ones
+# the method does not read (we do too, with a warning); other names are typos (refused).
+ALL_PARAMETERS = tuple(dict.fromkeys(k for s in SPECS.values() for k in (*s.shared, *s.per_input)))
 
 # (consensus, sparsification) of mergekit's generalized task arithmetic family.
 GTA_FAMILY = {
@@ -451,40 +502,3 @@ def model_stock(xs: Sequence[torch.Tensor], base: int, filter_wise: bool = False
 def passthrough(x: torch.Tensor, scale: float | None) -> torch.Tensor:
     """The single input, times `scale` when set (layer stacking with `slices:`)."""
     return x if scale is None else x * scale
-
-
-WHOLE_TENSOR = {
-    "ties": ties,
-    "dare_ties": dare_ties,
-    "dare_linear": dare_linear,
-    "breadcrumbs": breadcrumbs,
-    "breadcrumbs_ties": breadcrumbs_ties,
-    "della": della,
-    "della_linear": della_linear,
-}
-
-
-def merge_tensor(
-    method: str,
-    xs: Sequence[torch.Tensor],
-    base: int | None,
-    params: Sequence[dict[str, Any]],
-    shared: dict[str, Any],
-    generators: Sequence[torch.Generator | None] = (),
-) -> torch.Tensor:
-    """Dispatch one whole tensor to its method. `params` are the per-input parameters of the
-    inputs the method binds them to (non-base ones, or every input for passthrough)."""
-    if method in WHOLE_TENSOR:
-        assert base is not None
-        return WHOLE_TENSOR[method](xs, base, params, shared, generators)
-    if method == "slerp":
-        assert base is not None
-        return slerp(float(shared["t"]), xs[base], xs[1 - base])
-    if method == "nuslerp":
-        return nuslerp_merge(xs, base, [p["weight"] for p in params], shared)
-    if method == "model_stock":
-        assert base is not None
-        return model_stock(xs, base, bool(shared["filter_wise"]))
-    if method == "passthrough":
-        return passthrough(xs[0], params[0]["scale"])
-    raise ValueError(f"method {method!r} is not a whole-tensor method")

@@ -17,9 +17,11 @@ from typing import Any
 
 import torch
 
+from .checks import architectures_differ
 from .config import MergeConfig, MergeError
 from .io import MappedFiles, OutEntry, TensorInfo
-from .methods import SPECS, merge_tensor, tensor_generator
+from .methods import SPECS, tensor_generator
+from .registry import merge_tensor
 from .report import Stats
 from .vocab import Alignment, align_rows
 
@@ -133,7 +135,11 @@ def plan(
     for i, tensors in enumerate(inputs):
         missing = [n for n in merged if n not in tensors]
         if missing:
-            has = next(labels[j] for j in range(len(inputs)) if missing[0] in inputs[j])
+            j = next(j for j in range(len(inputs)) if missing[0] in inputs[j])
+            has = labels[j]
+            differ = architectures_differ(config, j, i)
+            if differ:
+                raise MergeError(f"{differ} (tensor {missing[0]} is missing from {labels[i]})")
             raise MergeError(
                 f"tensor {missing[0]} is missing from model {labels[i]} (present in {has}; "
                 f"{len(missing)} tensor(s) missing in all): align names with `rename`, copy "
@@ -165,6 +171,12 @@ def plan(
             count = len(layers[n[: m.start()]])
             t = int(m.group(1)) / (count - 1) if count > 1 else 1.0
         infos = [tensors[n] for tensors in inputs]
+        for i, info in enumerate(infos[1:], 1):
+            if info.shape != infos[0].shape and (differ := architectures_differ(config, 0, i)):
+                raise MergeError(
+                    f"{differ} (tensor {n} is {list(infos[0].shape)} in {labels[0]} but "
+                    f"{list(info.shape)} in {labels[i]})"
+                )
         tasks.append(
             merged_task(
                 config,
@@ -221,8 +233,11 @@ def merged_task(
     if base_model is not None and base_model in model_ids:
         base = model_ids.index(base_model)
     shape = infos[0].shape
+    result = align
+    if spec.float32_result:  # mergekit's float32 mask/scale promotes the result
+        result = torch.promote_types(align, torch.float32)
     task = Task(
-        out_entry(n, out_dtype or align, shape),
+        out_entry(n, out_dtype or result, shape),
         infos,
         merged=True,
         method=config.method,
@@ -440,7 +455,7 @@ def compute_whole(
     task: Task, views: list[torch.Tensor], files: MappedFiles, ref: int | None
 ) -> tuple[torch.Tensor, Stats | None]:
     """A whole-tensor task: inputs read whole, cast to `dtype:` (mergekit casts on load),
-    vocabulary rows aligned, cast to the merge dtype, merged by `methods.merge_tensor`."""
+    vocabulary rows aligned, cast to the merge dtype, merged by `registry.merge_tensor`."""
     xs = [v.reshape(info.shape) for v, info in zip(views, task.sources)]
     if task.load is not None:
         xs = [x.to(task.load) for x in xs]

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import MergeConfig, MergeError
+from .config import TOKENIZER_MARKERS, MergeConfig, MergeError, has_tokenizer
 
 LOG = logging.getLogger(__name__)
 
@@ -53,6 +55,9 @@ def config_vocab_size(folder: Path) -> int | None:
 
 
 def _load(folder: Path) -> Any:
+    # transformers builds an empty tokenizer from config.json alone: refuse such a folder
+    if not has_tokenizer(folder):
+        raise MergeError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_MARKERS)})")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder), use_fast=True)
@@ -215,3 +220,71 @@ def align_rows(
             new[n:] = torch.mean(new[:n], dim=0)
         out.append(new)
     return out
+
+
+# --- chat templates (mergekit's `chat_template:` key) ---------------------------------------------
+
+# ChatML, written for bidirlm: each message as <|im_start|>ROLE\nCONTENT<|im_end|>\n.
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+NAMED_TEMPLATES = {"chatml": CHATML}
+MERGEKIT_ONLY_TEMPLATES = ("alpaca", "exaone", "llama3", "mistral")
+
+
+def model_chat_template(folder: Path) -> str | None:
+    """A model folder's chat template: chat_template.jinja, else tokenizer_config.json's
+    `chat_template` (its "default" entry when it is a list of named templates)."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8").strip() or None
+    try:
+        cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    template = cfg.get("chat_template") if isinstance(cfg, dict) else None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template.strip() if isinstance(template, str) and template.strip() else None
+
+
+def resolve_chat_template(value: str, models: list[Path]) -> str | None:
+    """mergekit's `chat_template:`: "auto" (the template most input models share, None when
+    none has one), a template name (chatml) or Jinja text (at least 20 characters with a `{`)."""
+    if value == "auto":
+        found = [t for t in (model_chat_template(m) for m in models) if t is not None]
+        return Counter(found).most_common(1)[0][0] if found else None
+    if value in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[value]
+    if value in MERGEKIT_ONLY_TEMPLATES:
+        raise MergeError(
+            f"chat_template {value!r} is a template file shipped with mergekit, not with bidirlm: "
+            "give its Jinja text instead (or auto / chatml)"
+        )
+    if len(value) < 20 or "{" not in value:
+        raise MergeError(
+            f"chat_template {value!r} is neither auto, a template name (chatml) nor Jinja text"
+        )
+    return value
+
+
+def write_chat_template(folder: Path, template: str) -> None:
+    """Make `template` the chat template of the tokenizer files in `folder`
+    (chat_template.jinja, which transformers reads first; stale copies elsewhere removed)."""
+    with open(folder / "chat_template.jinja", "w", encoding="utf-8") as fh:
+        fh.write(template)
+        fh.flush()
+        os.fsync(fh.fileno())
+    (folder / "chat_template.json").unlink(missing_ok=True)
+    cfg_path = folder / "tokenizer_config.json"
+    if cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if isinstance(cfg, dict) and "chat_template" in cfg:
+            del cfg["chat_template"]
+            with open(cfg_path, "w", encoding="utf-8") as fh:
+                json.dump(cfg, fh, indent=2)
+                fh.flush()
+                os.fsync(fh.fileno())

@@ -1,0 +1,248 @@
+"""mergekit's own test configs (tests/test_basic_merges.py and tests/test_chat_template.py of
+arcee-ai/mergekit) on tiny Qwen3 checkpoints: each merges with `bidirlm merge` unchanged and,
+for every deterministic method, gives the same bits as the installed mergekit.
+
+Like mergekit's `two_model_config`, every model carries `weight` 0.6 / 0.4 whatever the method;
+methods that do not read `weight` (slerp, model_stock, sce, ram, karcher, ...) accept it with
+one warning, as mergekit ignores it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from bidirlm.runtime.merging.config import MergeError, config_from_dict
+from bidirlm.runtime.merging.merge import MergeWarning, merge_from_config
+from tests.merging.fixtures import bits_equal, load_folder, qwen3
+
+RANDOM = ("dare_ties", "della")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("mk")
+    return {k: qwen3(root / k, seed, shard=None) for seed, k in enumerate("abc")}
+
+
+def two_model(
+    a: str, b: str, method: str, base: str | None = None, params: dict | None = None
+) -> dict:
+    """mergekit's `two_model_config`: weights 0.6 / 0.4, dtype bfloat16."""
+    config = {
+        "merge_method": method,
+        "models": [
+            {"model": a, "parameters": {"weight": 0.6}},
+            {"model": b, "parameters": {"weight": 0.4}},
+        ],
+        "dtype": "bfloat16",
+    }
+    if base is not None:
+        config["base_model"] = base
+    if params:
+        config["parameters"] = params
+    return config
+
+
+def cases(m: dict[str, Path]) -> dict[str, dict]:
+    a, b, c = (str(m[k]) for k in "abc")
+    out = {
+        "passthrough-copy": {"merge_method": "passthrough", "models": [{"model": a}],
+                             "dtype": "bfloat16"},
+        "passthrough-scale": {"merge_method": "passthrough", "models": [{"model": a, "parameters": {
+            "scale": [{"filter": "o_proj", "value": 0}, {"value": 1}]}}]},
+        "stack": {"merge_method": "passthrough", "dtype": "bfloat16",
+                  "slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]}] * 2},
+        "linear": two_model(a, b, "linear"),
+        "slerp": {**two_model(a, b, "slerp", a), "parameters": {"t": 0.35}},
+        "task_arithmetic": two_model(a, b, "task_arithmetic", c),
+        "breadcrumbs": two_model(a, b, "breadcrumbs", c),
+        "ties": two_model(a, b, "ties", c, {"density": 0.3}),
+        "sce": two_model(a, b, "sce", c, {"select_topk": 0.5}),
+        "ram": two_model(a, b, "ram", c),
+        "ramplus_tl": two_model(a, b, "ramplus_tl", c, {"r": 0.05, "alpha": 1.0}),
+        "multislerp": two_model(a, b, "multislerp", c),
+        "model_stock": two_model(b, c, "model_stock", a),
+        "model_stock-filterwise": two_model(b, c, "model_stock", a, {"filter_wise": True}),
+        "arcee_fusion": two_model(a, b, "arcee_fusion", a),
+        "nearswap": two_model(a, b, "nearswap", a, {"t": 0.0001}),
+        "karcher": two_model(a, b, "karcher", c, {"max_iter": 5, "tol": 1e-5}),
+        "dare_ties": two_model(a, b, "dare_ties", c, {"density": 0.66}),
+        "della": two_model(a, b, "della", c, {"density": 0.66, "epsilon": 0.05, "lambda": 0.5}),
+    }  # fmt: skip
+    for base in (None, c):
+        for row_wise in (False, True):
+            for flatten in (False, True):
+                params = {"nuslerp_row_wise": row_wise, "nuslerp_flatten": flatten}
+                name = f"nuslerp-{'base' if base else 'nobase'}-{row_wise:d}{flatten:d}"
+                out[name] = two_model(a, b, "nuslerp", base, params)
+    zero = two_model(a, b, "nuslerp", c, {"nuslerp_row_wise": False, "nuslerp_flatten": False})
+    zero["models"][0]["parameters"]["weight"] = -0.5
+    zero["models"][1]["parameters"]["weight"] = 0.5
+    out["nuslerp-zero-sum"] = zero
+    return out
+
+
+CASE_NAMES = list(cases({k: Path(k) for k in "abc"}))
+# methods that do not read `weight`: mergekit ignores it, we warn once
+IGNORES_WEIGHT = ("slerp", "sce", "ram", "ramplus_tl", "model_stock", "arcee_fusion", "nearswap")
+IGNORES_WEIGHT += ("karcher",)
+
+
+def run_mergekit(config: dict, out: Path) -> Path:
+    mk_config = pytest.importorskip("mergekit.config")
+    mk_merge = pytest.importorskip("mergekit.merge")
+    mk_options = pytest.importorskip("mergekit.options")
+    cfg = mk_config.MergeConfiguration.model_validate(config)
+    mk_merge.run_merge(cfg, str(out), mk_options.MergeOptions(quiet=True))
+    return out
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_mergekit_config_merges_like_mergekit(case, models, tmp_path):
+    config = cases(models)[case]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merge_from_config(config_from_dict(config), tmp_path / "ours", threads=2)
+    ours = load_folder(tmp_path / "ours")
+    assert all(bool(torch.isfinite(t.float()).all()) for t in ours.values())
+    notes = [str(w.message) for w in caught if issubclass(w.category, MergeWarning)]
+    if case.split("-")[0] in IGNORES_WEIGHT:
+        assert len(notes) == 1 and "ignores parameter(s) weight" in notes[0], notes
+    else:
+        assert notes == []
+    if case == "stack":  # mergekit keeps Qwen3's 2 layer_types for 4 layers: its output does
+        # not load in transformers; ours (layer_types stacked too) is layer k % 2 of model a
+        src = load_folder(models["a"])
+        for n, t in ours.items():
+            m = re.search(r"layers\.(\d+)\.", n)
+            name = n if m is None else n.replace(m.group(0), f"layers.{int(m.group(1)) % 2}.")
+            assert bits_equal(t, src[name]), n
+        cfg = json.loads((tmp_path / "ours" / "config.json").read_text())
+        assert cfg["num_hidden_layers"] == len(cfg["layer_types"]) == 4
+        return
+    if case in RANDOM:  # mergekit's masks come from torch's global stream: same names/dtypes
+        theirs = load_folder(run_mergekit(config, tmp_path / "theirs"))
+        assert {n: (t.dtype, t.shape) for n, t in ours.items()} == {
+            n: (t.dtype, t.shape) for n, t in theirs.items()
+        }
+        return
+    theirs = load_folder(run_mergekit(config, tmp_path / "theirs"))
+    assert sorted(ours) == sorted(theirs)
+    differing = [n for n in theirs if not bits_equal(ours[n], theirs[n])]
+    assert not differing, (
+        f"{case}: {len(differing)}/{len(theirs)} differ, e.g. {differing[0]} "
+        f"{ours[differing[0]].dtype}/{theirs[differing[0]].dtype}"
+    )
+    if case == "passthrough-scale":
+        assert all(bool((t == 0).all()) for n, t in ours.items() if "o_proj" in n)
+    if case == "stack":
+        assert json.loads((tmp_path / "ours" / "config.json").read_text())["num_hidden_layers"] == 4
+
+
+def test_della_invalid_epsilon_is_refused(models, tmp_path):
+    """mergekit's test_della_invalid_epsilon: density 0.66 +/- epsilon 1.35 leaves (0, 1)."""
+    a, b, c = (str(models[k]) for k in "abc")
+    config = two_model(a, b, "della", c, {"density": 0.66, "epsilon": 1.35, "lambda": 0.5})
+    with pytest.raises(MergeError, match="epsilon") as err:
+        merge_from_config(config_from_dict(config), tmp_path / "out")
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(models, tmp_path_factory) -> Path:
+    """Model a with a tokenizer and no chat template (mergekit's `model_base`)."""
+    from tests.merging.test_merge_methods import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("tok") / "a"
+    import shutil
+
+    shutil.copytree(models["a"], folder)
+    train_tokenizer(128, json).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "template, needle",
+    [("chatml", "<|im_start|>"), ("{{messages[0]['content']}}", "{{messages[0]['content']}}")],
+)
+def test_chat_template(template, needle, with_tokenizer, models, tmp_path):
+    """mergekit's test_chat_template: a named or literal template lands in the tokenizer."""
+    from transformers import AutoTokenizer
+
+    config = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(with_tokenizer), "parameters": {"weight": 0.5}},
+            {"model": str(models["b"]), "parameters": {"weight": 0.5}},
+        ],
+        "base_model": str(with_tokenizer),
+        "dtype": "bfloat16",
+        "chat_template": template,
+    }
+    merge_from_config(config_from_dict(config), tmp_path / "out")
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert tok.chat_template and needle in tok.chat_template
+    if template == "chatml":
+        text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+        assert text == "<|im_start|>user\nhi<|im_end|>\n"
+
+
+def test_chat_template_refusals(with_tokenizer, models, tmp_path):
+    base = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(with_tokenizer), "parameters": {"weight": 0.5}},
+            {"model": str(models["b"]), "parameters": {"weight": 0.5}},
+        ],
+    }
+    for value, needle in (("llama3", "shipped with mergekit"), ("short", "neither auto")):
+        with pytest.raises(MergeError, match=needle):
+            merge_from_config(config_from_dict({**base, "chat_template": value}), tmp_path / "o")
+    no_tok = {**base, "models": base["models"][::-1], "chat_template": "chatml"}
+    with pytest.raises(MergeError, match="chat_template needs a tokenizer"):
+        merge_from_config(config_from_dict(no_tok), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_modules_and_hub_ids_are_refused_with_the_reason(models):
+    a = str(models["a"])
+    with pytest.raises(MergeError, match="modules.*not supported.*take"):
+        config_from_dict({"merge_method": "linear", "modules": {"text_decoder": {}}})
+    for ref in ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B@main", "org/model+org/lora"):
+        data = {"merge_method": "linear", "models": [{"model": a}, {"model": ref}]}
+        with pytest.raises(MergeError, match="local model folders only and never downloads"):
+            config_from_dict(data)
+
+
+def test_ignored_parameters_warn_once_and_typos_are_refused(models, tmp_path):
+    a, b, c = (str(models[k]) for k in "abc")
+    config = two_model(a, b, "task_arithmetic", c, {"t": 0.5, "density": 0.5})
+    config["models"][0]["parameters"]["gamma"] = 0.1  # a breadcrumbs parameter: ignored too
+    parsed = config_from_dict(config)
+    assert parsed.ignored == ("t", "gamma")
+    linear = two_model(a, b, "linear", params={"density": 0.5})  # mergekit ignores it too
+    assert config_from_dict(linear).ignored == ("density",)
+    with pytest.raises(MergeError, match="unknown parameter 'wieght'"):
+        config_from_dict({**linear, "parameters": {"wieght": 1}})
+
+
+def test_same_yaml_text_through_the_cli(models, tmp_path, capsys):
+    """The YAML of mergekit's slerp test (with its ignored weights) runs with `bidirlm merge`:
+    exit 0, one warning line."""
+    from bidirlm import cli
+
+    text = yaml.safe_dump({**two_model(str(models["a"]), str(models["b"]), "slerp",
+                                       str(models["a"])), "parameters": {"t": 0.35}})  # fmt: skip
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(text)
+    assert cli.main(["merge", str(cfg), str(tmp_path / "out"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("ignores parameter(s) weight") == 1 and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "warning" in line]) == 1
