@@ -183,9 +183,13 @@ def test_compose_errors(parts, tmp_path: Path) -> None:
         compose_omni(parts["text"], bad, output=tmp_path / "x")
     cfg.num_hidden_layers, cfg.rope_theta = 2, 5e6
     cfg.rope_parameters = {"rope_type": "default", "rope_theta": 5e6}
-    bad2 = build_vision_specialist(tmp_path / "bad2", cfg)
-    with pytest.raises(ComposeError, match="rope_theta"):
-        compose_omni(parts["text"], bad2, output=tmp_path / "x")
+    theta = build_vision_specialist(tmp_path / "theta", cfg)
+    # a different rope_theta is a free field (rope_from policy), not an error
+    with pytest.raises(ComposeError, match="rope_from: 'audio' names no given model"):
+        compose_omni(parts["text"], theta, output=tmp_path / "x", rope_from="audio")
+    done = compose_omni(parts["text"], theta, output=tmp_path / "theta-omni").output
+    got = json.loads((done / "config.json").read_text())
+    assert got["rope_from"] == "vision" and got["differing_fields"]["rope_theta"]["vision"] == 5e6
     with pytest.raises(ComposeError, match="weights: got 2 values for 3 models"):
         compose_omni(parts["text"], parts["vision"], parts["audio"], tmp_path / "x", weights=[1, 1])
     with pytest.raises(ComposeError, match="needs a vision model, an audio model"):
@@ -208,9 +212,15 @@ def test_released_asr_layout_and_derived_processors(tmp_path: Path) -> None:
     `thinker_config`) and specialists without processor files: processors come from the towers'
     configs."""
     from tests.merging.fixtures import qwen3, qwen3_asr, qwen3_vl
+    from tests.models.test_models import tiny_tokenizer
 
     text = qwen3(tmp_path / "t", 0, shard=None)
     vl, asr = qwen3_vl(tmp_path / "vl", 1), qwen3_asr(tmp_path / "asr", 2)
+    # issue 24 item 7: a text model without tokenizer files is refused, nothing is written
+    with pytest.raises(ComposeError, match="no tokenizer files"):
+        compose_omni(text, vl, asr, tmp_path / "omni")
+    assert not (tmp_path / "omni").exists()
+    tiny_tokenizer().save_pretrained(text)
     out = compose_omni(text, vl, asr, tmp_path / "omni", weights=[1, 1, 1]).output
     t, a, o = tensors(text), tensors(asr), tensors(out)
     n = "model.layers.1.self_attn.q_proj.weight"
@@ -223,5 +233,4 @@ def test_released_asr_layout_and_derived_processors(tmp_path: Path) -> None:
     model = load_model(out)
     emb = model.encode([image(0, (16, 12)), tone(300)])
     assert emb.shape == (2, 32) and torch.isfinite(emb).all()
-    with pytest.raises(ValueError, match="need a tokenizer"):
-        model.encode(["text without a tokenizer"])
+    assert (out / "tokenizer.json").is_file()

@@ -14,15 +14,33 @@ The output folder:
   and `model.multi_modal_projector.{linear_1,linear_2}` (transformers' Qwen3-ASR names; the
   released checkpoints' `audio_tower.proj1/proj2` are renamed to them);
 - `config.json`: `model_type: "bidirlm_omni"` with `text_config` (the text source's Qwen3
-  config, `is_causal: false`), `vision_config` / `audio_config` (the towers' configs, as
-  transformers' `Qwen3VLVisionConfig` / `Qwen3ASREncoderConfig` read them), the placeholder
-  token ids (`image_token_id`, `vision_start_token_id`, `vision_end_token_id`, `audio_token_id`,
-  `audio_start_token_id`, `audio_end_token_id`), `mrope_section` and `merge_weights`;
+  config, `is_causal: false`, its RoPE fields from the `rope_from` source), `vision_config` /
+  `audio_config` (the towers' configs, as transformers' `Qwen3VLVisionConfig` /
+  `Qwen3ASREncoderConfig` read them), the placeholder token ids (`image_token_id`,
+  `vision_start_token_id`, `vision_end_token_id`, `audio_token_id`, `audio_start_token_id`,
+  `audio_end_token_id`), `mrope_section`, `merge_weights`, `rope_from` and `differing_fields`
+  (every free field on which the specialists differ, with each one's value);
 - the text source's tokenizer files, `preprocessor_config.json` (the image processor, from the
   vision source or derived from its tower config) and `audio_preprocessor_config.json` (the log-mel
   feature extractor, from the audio source or derived from its tower config), `merge_config.yml`.
 
 The folder appears only once complete (a temporary folder renamed into place, as `merge`).
+
+Fields the specialists' text backbones may differ on, and the policy (`rope_from`):
+
+- must agree, else a one-line `ComposeError` naming the field and both values: the widths
+  (`hidden_size`, `intermediate_size`, `head_dim`), heads and key/value heads, layer count,
+  vocabulary size, `rms_norm_eps` / `hidden_act` (when both configs give them) and the special
+  ids (`bos_token_id`, `eos_token_id`, `pad_token_id`, when both give them);
+- free (FREE_FIELDS): the RoPE parameters (`rope_theta`, rope type and scaling: Qwen3-1.7B has
+  theta 1e6, Qwen3-VL-2B 5e6 with interleaved MRoPE) and `max_position_embeddings` are taken from
+  the one source `rope_from` names (default: the vision model when there is one, since image
+  positions are 3-D MRoPE positions the vision model was trained with, else the text model);
+  `tie_word_embeddings` follows the heads (one averaged untied head when every source has one,
+  else tied); generation settings (`generation_config.json`) are not carried over. The MRoPE
+  axis split (`mrope_section`) always comes from the vision model. The choice and every
+  differing value are recorded in config.json (`rope_from`, `differing_fields`) and
+  `policy_line(config)` renders them in one line.
 """
 
 from __future__ import annotations
@@ -67,6 +85,12 @@ ARCH_FIELDS = (
     "vocab_size",
 )
 SPECIAL_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# Compared only when both configs give them (defaults differ between config classes).
+OPTIONAL_ARCH_FIELDS = ("rms_norm_eps", "hidden_act")
+ROLES = ("text", "vision", "audio")
+# Fields that may differ between the text backbones: taken from the `rope_from` source.
+FREE_FIELDS = ("rope_theta", "rope_type", "rope_scaling", "max_position_embeddings")
+MROPE_KEYS = ("mrope_section", "mrope_interleaved", "interleaved", "type")
 
 
 class ComposeError(MergeError):
@@ -137,10 +161,71 @@ def _load_source(role: str, path: str | os.PathLike) -> Source:
     return Source(role, folder, config, names, prefix, head, text_config)
 
 
-def _rope_theta(text: dict[str, Any]) -> float:
-    params = text.get("rope_parameters") or {}
-    value = params.get("rope_theta", text.get("rope_theta"))
-    return float(value) if value is not None else 10000.0
+def rope_parameters(text: dict[str, Any]) -> dict[str, Any]:
+    """The text backbone's RoPE as one transformers-5 `rope_parameters` dict (theta, type and
+    scaling; the MRoPE axis keys left out), from `rope_parameters` or legacy `rope_theta` +
+    `rope_scaling`."""
+    params = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+    params = {k: v for k, v in params.items() if k not in MROPE_KEYS}
+    theta = params.get("rope_theta", text.get("rope_theta"))
+    params["rope_theta"] = float(theta) if theta is not None else 10000.0
+    params["rope_type"] = params.get("rope_type") or "default"
+    return params
+
+
+def _free_values(src: Source) -> dict[str, Any]:
+    rope = rope_parameters(src.text_config)
+    scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "rope_type")}
+    return {
+        "rope_theta": rope["rope_theta"],
+        "rope_type": rope["rope_type"],
+        "rope_scaling": scaling or None,
+        "max_position_embeddings": src.text_config.get("max_position_embeddings"),
+    }
+
+
+def resolve_rope_from(sources: Sequence[Source], rope_from: str | None) -> Source:
+    """The source whose RoPE / position fields the composite takes (see the module docstring)."""
+    roles = [s.role for s in sources]
+    if rope_from is None:
+        rope_from = "vision" if "vision" in roles else "text"
+    if rope_from not in ROLES:
+        raise ComposeError(f"rope_from: expected one of {', '.join(ROLES)}, got {rope_from!r}")
+    if rope_from not in roles:
+        raise ComposeError(
+            f"rope_from: {rope_from!r} names no given model (given: {', '.join(roles)})"
+        )
+    return sources[roles.index(rope_from)]
+
+
+def differing_fields(sources: Sequence[Source]) -> dict[str, dict[str, Any]]:
+    """{field: {role: value}} for every free field on which the sources differ."""
+    values = {s.role: _free_values(s) for s in sources}
+    out: dict[str, dict[str, Any]] = {}
+    for key in FREE_FIELDS:
+        per_role = {role: v[key] for role, v in values.items()}
+        if len({json.dumps(v, sort_keys=True) for v in per_role.values()}) > 1:
+            out[key] = per_role
+    return out
+
+
+def policy_line(config: dict[str, Any]) -> str:
+    """One line: where the composite's RoPE came from and what differed between the models."""
+    chosen = config.get("rope_from", "text")
+    diffs = config.get("differing_fields") or {}
+    if not diffs:
+        return f"rope-from {chosen}: the models agree on rope and positions"
+    parts = []
+    for key, per_role in diffs.items():
+        others = ", ".join(f"{r} {_fmt(v)}" for r, v in per_role.items() if r != chosen)
+        parts.append(f"{key} {_fmt(per_role.get(chosen))} ({others})")
+    return f"rope-from {chosen}: " + "; ".join(parts)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)
 
 
 def _mrope_section(text: dict[str, Any]) -> list[int] | None:
@@ -171,12 +256,13 @@ def check_compatible(sources: Sequence[Source]) -> None:
                     f"text backbones differ: {key} is {a} in the text model and {b} in the "
                     f"{src.role} model ({src.path})"
                 )
-        a, b = _rope_theta(ref.text_config), _rope_theta(src.text_config)
-        if a != b:
-            raise ComposeError(
-                f"text backbones differ: rope_theta is {a:g} in the text model and {b:g} in the "
-                f"{src.role} model ({src.path})"
-            )
+        for key in OPTIONAL_ARCH_FIELDS:
+            a, b = ref.text_config.get(key), src.text_config.get(key)
+            if a is not None and b is not None and a != b:
+                raise ComposeError(
+                    f"text backbones differ: {key} is {a} in the text model and {b} in the "
+                    f"{src.role} model ({src.path})"
+                )
         for key in SPECIAL_FIELDS:
             a, b = ref.text_config.get(key), src.text_config.get(key)
             if a is not None and b is not None and a != b:
@@ -318,16 +404,28 @@ def composite_config(
     ids: dict[str, int],
     weights: list[float],
     dtype: str | None,
+    rope_from: Source | None = None,
 ) -> dict[str, Any]:
     """The config.json of the composed checkpoint (see the module docstring)."""
-    text_config = {k: v for k, v in text.text_config.items() if k != "architectures"}
+    given = [s for s in (text, vision, audio) if s is not None]
+    chosen = rope_from or text
+    text_config = {
+        k: v
+        for k, v in text.text_config.items()
+        if k not in ("architectures", "rope_theta", "rope_scaling", "rope_parameters")
+    }
     text_config["model_type"] = "qwen3"
     text_config["is_causal"] = False
+    text_config["rope_parameters"] = rope_parameters(chosen.text_config)
+    if chosen.text_config.get("max_position_embeddings") is not None:
+        text_config["max_position_embeddings"] = chosen.text_config["max_position_embeddings"]
     out: dict[str, Any] = {
         "model_type": MODEL_TYPE,
         "architectures": ["BidirLMOmniModel"],
         "text_config": text_config,
         "merge_weights": {"text": weights[0]},
+        "rope_from": chosen.role,
+        "differing_fields": differing_fields(given),
         **ids,
     }
     i = 1
@@ -373,6 +471,7 @@ def compose_omni(
     dtype: str | None = None,
     out_dtype: str | None = None,
     placeholder_ids: dict[str, int] | None = None,
+    rope_from: str | None = None,
     shard_size: str | int = "5GB",
     threads: int | None = None,
     force: bool = False,
@@ -383,8 +482,12 @@ def compose_omni(
     linear average of the text backbones (normalized by their sum); `dtype` / `out_dtype` are the
     merger's (arithmetic in float32 by default, output in the inputs' promoted dtype).
     `placeholder_ids` overrides token ids read from the specialists' configs (keys such as
-    `image_token_id`). Raises `ComposeError` (a `ValueError`) naming the mismatch before anything
-    is written. Returns the merger's `MergeResult` (its `output` is `output`).
+    `image_token_id`). `rope_from` ("text", "vision" or "audio"; default "vision" when a vision
+    model is given, else "text") names the source whose RoPE parameters and
+    `max_position_embeddings` the composite takes (see the module docstring; `policy_line` of
+    the written config says what differed). Raises `ComposeError` (a `ValueError`) naming the
+    mismatch before anything is written. Returns the merger's `MergeResult` (its `output` is
+    `output`).
     """
     if output is None:
         raise ComposeError("output: the folder to write is required")
@@ -409,6 +512,12 @@ def compose_omni(
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ComposeError(f"weights must be >= 0 with a positive sum, got {weights}")
     check_compatible(sources)
+    chosen = resolve_rope_from(sources, rope_from)
+    if not any((sources[0].path / f).is_file() for f in TOKENIZER_FILES):
+        raise ComposeError(
+            f"text model {sources[0].path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}"
+            ", ...); the composite takes its tokenizer from the text model"
+        )
     by_role = {s.role: s for s in sources}
     ids = _placeholders(
         by_role["text"], by_role.get("vision"), by_role.get("audio"), dict(placeholder_ids or {})
@@ -448,6 +557,7 @@ def compose_omni(
         ids,
         weights,
         out_dtype or dtype,
+        chosen,
     )
     if HEAD_OUT in excludes:
         final["text_config"]["tie_word_embeddings"] = True
@@ -491,4 +601,12 @@ def compose_omni(
     )
 
 
-__all__ = ["ComposeError", "compose_omni", "composite_config", "check_compatible"]
+__all__ = [
+    "ComposeError",
+    "check_compatible",
+    "compose_omni",
+    "composite_config",
+    "differing_fields",
+    "policy_line",
+    "rope_parameters",
+]

@@ -1,0 +1,378 @@
+"""Tiny random checkpoints built from real published configs (tests/data/real_configs).
+
+`shrink(config)` divides only the size fields and keeps everything else as the real model has
+it: `rope_theta`, rope scaling, special-token ids, `tie_word_embeddings`, norms and their eps,
+activation, attention window and layer-type pattern, patch / merge sizes, mel bins, windows.
+
+Size rules (one divisor per field, so two real models that differ in a size still differ after
+shrinking, and two that agree still agree):
+
+- text: `hidden_size` / 64, `intermediate_size` / 64, `num_attention_heads` / 4,
+  `num_key_value_heads` / 4 (GQA ratio kept), `head_dim` / 4, `num_hidden_layers` // 14 (at least
+  1, and at least up to the first `full_attention` layer when `layer_types` mixes kinds, so a
+  Gemma3 keeps its 5 sliding + 1 global pattern); `layer_types` and `max_window_layers` follow.
+  The vocabulary is kept (the special-token ids, e.g. 151655 or 151676, must stay inside it);
+  `query_pre_attn_scalar` (Gemma3's score scale) is kept as the real value.
+- MRoPE: `mrope_section` is scaled by (new head_dim / 2) / sum(section), rounded down, the
+  remainder added to the temporal section, so it still sums to head_dim / 2 ([24, 20, 20] for
+  head_dim 128 becomes [6, 5, 5] for head_dim 32).
+- vision tower: `depth` // 12, `hidden_size` / 32, `intermediate_size` / 32, `num_heads` / 8,
+  `out_hidden_size` / 64 (= the shrunk text width); `deepstack_visual_indexes` are mapped to the
+  same relative depth (i * new_depth // old_depth, duplicates dropped).
+- audio tower: `encoder_layers` // 12, `d_model` / 32, `encoder_attention_heads` / 8,
+  `encoder_ffn_dim` / 64, `downsample_hidden_size` / 60, `output_dim` / 64 (= the text width).
+
+Builders write checkpoints in the layout the real model ships: a Qwen3 / Gemma3 `*ForCausalLM`
+(`model.*`), a Qwen3-VL (`model.language_model.*`, `model.visual.*`) and a released Qwen3-ASR
+(`thinker.model.*`, `thinker.audio_tower.*` with the projector as `audio_tower.proj1/proj2`),
+each with the shrunk real config as its config.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+REAL_CONFIGS = Path(__file__).parent / "data" / "real_configs"
+
+TEXT_DIV = {
+    "hidden_size": 64,
+    "intermediate_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "head_dim": 4,
+}
+VISION_DIV = {"hidden_size": 32, "intermediate_size": 32, "num_heads": 8, "out_hidden_size": 64}
+AUDIO_DIV = {
+    "d_model": 32,
+    "encoder_attention_heads": 8,
+    "encoder_ffn_dim": 64,
+    "downsample_hidden_size": 60,
+    "output_dim": 64,
+}
+TEXT_LAYERS_DIV = 14
+VISION_DEPTH_DIV = 12
+AUDIO_LAYERS_DIV = 12
+
+
+def real_config(name: str) -> dict[str, Any]:
+    """The stored config.json of `name` (a folder under tests/data/real_configs)."""
+    return json.loads((REAL_CONFIGS / name / "config.json").read_text(encoding="utf-8"))
+
+
+def _div(config: dict[str, Any], table: dict[str, int]) -> None:
+    for key, div in table.items():
+        if isinstance(config.get(key), int):
+            config[key] = max(1, config[key] // div)
+
+
+def scale_mrope(section: list[int], half: int) -> list[int]:
+    """`section` (summing to the old head_dim / 2) scaled to sum to `half`."""
+    total = sum(section)
+    out = [s * half // total for s in section]
+    out[0] += half - sum(out)
+    return out
+
+
+def _shrink_text(c: dict[str, Any]) -> None:
+    heads = c.get("num_attention_heads")
+    _div(c, TEXT_DIV)
+    old = c.get("num_hidden_layers")
+    if isinstance(old, int):
+        n = max(1, old // TEXT_LAYERS_DIV)
+        types = c.get("layer_types")
+        if isinstance(types, list) and "full_attention" in types and len(set(types)) > 1:
+            n = max(n, types.index("full_attention") + 1)
+        c["num_hidden_layers"] = n
+        if isinstance(types, list):
+            c["layer_types"] = types[:n]
+        if isinstance(c.get("max_window_layers"), int):
+            c["max_window_layers"] = min(c["max_window_layers"], n)
+    head_dim = c.get("head_dim")
+    if head_dim is None and heads:
+        head_dim = c["hidden_size"] // c["num_attention_heads"]
+    for key in ("rope_scaling", "rope_parameters"):
+        params = c.get(key)
+        if isinstance(params, dict) and params.get("mrope_section") and head_dim:
+            params["mrope_section"] = scale_mrope(list(params["mrope_section"]), head_dim // 2)
+
+
+def _shrink_vision(c: dict[str, Any]) -> None:
+    old = c.get("depth")
+    _div(c, VISION_DIV)
+    if isinstance(old, int):
+        new = max(1, old // VISION_DEPTH_DIV)
+        c["depth"] = new
+        idx: list[int] = []
+        for i in c.get("deepstack_visual_indexes") or []:
+            j = min(new - 1, int(i) * new // old)
+            if j not in idx:
+                idx.append(j)
+        if "deepstack_visual_indexes" in c:
+            c["deepstack_visual_indexes"] = idx
+
+
+def _shrink_audio(c: dict[str, Any]) -> None:
+    _div(c, AUDIO_DIV)
+    if isinstance(c.get("encoder_layers"), int):
+        c["encoder_layers"] = max(1, c["encoder_layers"] // AUDIO_LAYERS_DIV)
+
+
+def shrink(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a real config with only its size fields shrunk (see the module docstring)."""
+    out = copy.deepcopy(config)
+
+    def walk(c: dict[str, Any], role: str) -> None:
+        if role == "text":
+            _shrink_text(c)
+        elif role == "vision":
+            _shrink_vision(c)
+        elif role == "audio":
+            _shrink_audio(c)
+        for key, sub_role in (
+            ("thinker_config", "container"),
+            ("text_config", "text"),
+            ("vision_config", "vision"),
+            ("audio_config", "audio"),
+        ):
+            if isinstance(c.get(key), dict):
+                walk(c[key], sub_role)
+
+    nested = any(k in out for k in ("text_config", "thinker_config"))
+    walk(out, "container" if nested else "text")
+    return out
+
+
+def check_special_ids(config: dict[str, Any]) -> None:
+    """Every `*_token_id` of the config (and its sub-configs) lies inside the text vocabulary."""
+    text = config.get("text_config") or (config.get("thinker_config") or {}).get("text_config")
+    vocab = int((text or config)["vocab_size"])
+
+    def ids(c: dict[str, Any]):
+        for k, v in c.items():
+            if k.endswith("_token_id") and isinstance(v, int):
+                yield k, v
+            elif isinstance(v, dict):
+                yield from ids(v)
+
+    bad = {k: v for k, v in ids(config) if not 0 <= v < vocab}
+    assert not bad, f"special ids outside the vocabulary ({vocab}): {bad}"
+
+
+def _perturb(model: torch.nn.Module, seed: int) -> None:
+    """Norm weights and biases moved off their init, so a swapped or missing one shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.2 * torch.randn(p.shape, generator=g).to(p.dtype))
+
+
+def _with_dtype(config: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    name = str(dtype).removeprefix("torch.")
+    out = dict(config)
+    for key in ("torch_dtype", "dtype"):
+        if key in out:
+            out[key] = name
+    if "torch_dtype" not in out and "dtype" not in out:
+        out["dtype"] = name
+    return out
+
+
+def _write_config(folder: Path, config: dict[str, Any]) -> None:
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def _tokenizer(folder: Path) -> None:
+    from tests.models.test_models import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(folder)
+
+
+TEXT_ARCHS = {"Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3_text"}
+
+
+def build_text(
+    folder: Path,
+    config: dict[str, Any],
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    tokenizer: bool = True,
+) -> Path:
+    """A random Qwen3 / Gemma3 `*ForCausalLM` of the (already shrunk) `config`.
+
+    config.json is `config` itself (plus `model_type` when the source lacks it, and its dtype
+    field set to `dtype`), not transformers' re-serialization of it.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(config)
+    if "model_type" not in cfg:
+        cfg["model_type"] = TEXT_ARCHS[cfg["architectures"][0]]
+    check_special_ids(cfg)
+    hf = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(hf)
+    _perturb(model, seed)
+    model.to(dtype).save_pretrained(folder)
+    (folder / "generation_config.json").unlink(missing_ok=True)
+    _write_config(folder, _with_dtype(cfg, dtype))
+    if tokenizer:
+        _tokenizer(folder)
+    return Path(folder)
+
+
+def build_vision(
+    folder: Path, config: dict[str, Any], *, seed: int = 1, dtype: torch.dtype = torch.float32
+) -> Path:
+    """A random Qwen3-VL (`Qwen3VLForConditionalGeneration`) of the shrunk `config`."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    check_special_ids(config)
+    hf = Qwen3VLConfig(**{k: v for k, v in config.items() if k not in ("architectures",)})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3VLForConditionalGeneration(hf)
+    _perturb(model, seed)
+    model.to(dtype).save_pretrained(folder)
+    (folder / "generation_config.json").unlink(missing_ok=True)
+    _write_config(folder, _with_dtype(config, dtype))
+    _tokenizer(folder)
+    return Path(folder)
+
+
+# transformers' Qwen3-ASR names -> the released checkpoints' names
+ASR_RELEASED = (
+    ("model.language_model.", "thinker.model."),
+    ("model.audio_tower.", "thinker.audio_tower."),
+    ("model.multi_modal_projector.linear_1.", "thinker.audio_tower.proj1."),
+    ("model.multi_modal_projector.linear_2.", "thinker.audio_tower.proj2."),
+    ("lm_head.", "thinker.lm_head."),
+)
+
+
+def build_audio(
+    folder: Path, config: dict[str, Any], *, seed: int = 2, dtype: torch.dtype = torch.float32
+) -> Path:
+    """A random Qwen3-ASR of the shrunk released `config` (`thinker_config` layout), with the
+    released checkpoints' tensor names."""
+    from transformers import Qwen3ASRConfig, Qwen3ASRForConditionalGeneration
+
+    check_special_ids(config)
+    thinker = config["thinker_config"]
+    hf = Qwen3ASRConfig(
+        audio_config=thinker["audio_config"],
+        text_config={**thinker["text_config"], "model_type": "qwen3"},
+        audio_token_id=thinker["audio_token_id"],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3ASRForConditionalGeneration(hf)
+    _perturb(model, seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, t in model.to(dtype).state_dict().items():
+        for old, new in ASR_RELEASED:
+            if name.startswith(old):
+                name = new + name[len(old) :]
+                break
+        tensors[name] = t.contiguous()
+    if hf.tie_word_embeddings:
+        tensors.pop("thinker.lm_head.weight", None)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    _write_config(folder, _with_dtype(config, dtype))
+    _tokenizer(folder)
+    return folder
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+# --- the paper's three specialists (text Qwen3-1.7B, vision Qwen3-VL-2B, audio Qwen3-ASR-1.7B) ---
+
+# Qwen3-VL-2B-Instruct's config.json could not be found (tests/data/real_configs/README.md).
+# These are the facts its Qwen3-VL-shaped stand-in keeps: the text RoPE issue #25 states
+# (theta 5e6, interleaved MRoPE [24, 20, 20]) and the placeholder ids and vision-tower fields the
+# BidirLM-Omni remote code writes for its Qwen3-VL tower. Its size fields are shrunk anyway.
+QWEN3_VL_TEXT_ROPE = {
+    "rope_theta": 5000000,
+    "rope_scaling": {
+        "mrope_interleaved": True,
+        "mrope_section": [24, 20, 20],
+        "rope_type": "default",
+    },
+}
+QWEN3_VL_IDS = {
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+}
+QWEN3_VL_TOWER = {
+    "hidden_act": "gelu_pytorch_tanh",
+    "in_channels": 3,
+    "patch_size": 16,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "num_position_embeddings": 2304,
+    # sizes (shrunk below): a 24-block tower of width 1024 feeding a 2048-wide text model
+    "depth": 24,
+    "hidden_size": 1024,
+    "num_heads": 16,
+    "intermediate_size": 4096,
+    "out_hidden_size": 2048,
+    "deepstack_visual_indexes": [5, 11, 17],
+}
+
+
+def qwen3_1p7b_config() -> dict[str, Any]:
+    """Qwen3-1.7B: its stored (abridged) config over Qwen3-0.6B's published one for the fields
+    the abridged copy lacks (`rope_theta`, `max_position_embeddings`, token ids, norms)."""
+    out = {**real_config("qwen3-0.6b"), **real_config("qwen3-1.7b")}
+    out.pop("_name_or_path", None)
+    return out
+
+
+def qwen3_vl_2b_standin() -> dict[str, Any]:
+    """A Qwen3-VL config with Qwen3-1.7B's text sizes and the Qwen3-VL facts above."""
+    text = qwen3_1p7b_config()
+    for key in (
+        "architectures",
+        "rope_theta",
+        "rope_scaling",
+        "torch_dtype",
+        "transformers_version",
+    ):
+        text.pop(key, None)
+    text.update(model_type="qwen3_vl_text", **QWEN3_VL_TEXT_ROPE)
+    return {
+        "architectures": ["Qwen3VLForConditionalGeneration"],
+        "model_type": "qwen3_vl",
+        "text_config": text,
+        "vision_config": {"model_type": "qwen3_vl", **QWEN3_VL_TOWER},
+        "tie_word_embeddings": text["tie_word_embeddings"],
+        **QWEN3_VL_IDS,
+    }
+
+
+def build_paper_three(root: Path, *, dtype: torch.dtype = torch.float32) -> dict[str, Path]:
+    """Tiny text (Qwen3-1.7B), vision (Qwen3-VL-2B stand-in) and audio (Qwen3-ASR-1.7B)
+    checkpoints, each its real config with the sizes shrunk."""
+    root = Path(root)
+    return {
+        "text": build_text(root / "text", shrink(qwen3_1p7b_config()), dtype=dtype),
+        "vision": build_vision(root / "vision", shrink(qwen3_vl_2b_standin()), dtype=dtype),
+        "audio": build_audio(root / "audio", shrink(real_config("qwen3-asr-1.7b")), dtype=dtype),
+    }
