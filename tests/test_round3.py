@@ -245,3 +245,84 @@ def test_every_computing_command_takes_threads(
     assert "stopped by the test" in capsys.readouterr().err
     assert main([command, *argv, "--threads", "0"]) == 1
     assert "--threads must be an integer >= 1" in capsys.readouterr().err and seen == [3]
+
+
+# ------------------------------------------------------------------ 3, 14. omni items
+
+
+@pytest.fixture(scope="module")
+def omni(tmp_path_factory: pytest.TempPathFactory):
+    from bidirlm.runtime.merging.compose import compose_omni
+    from bidirlm.runtime.models import load_model
+    from tests.omni.helpers import specialists
+
+    root = tmp_path_factory.mktemp("omni")
+    parts = specialists(root)
+    out = compose_omni(parts["text"], parts["vision"], parts["audio"], root / "omni").output
+    return load_model(out)
+
+
+@pytest.fixture()
+def _torch_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BIDIRLM_KERNELS", "torch")
+
+
+@pytest.mark.usefixtures("_torch_kernels")
+def test_missing_media_path_is_an_error_and_text_stays_text(omni, tmp_path: Path) -> None:
+    import torch
+
+    from tests.omni.helpers import image
+
+    for missing in ("/x/nope.png", "nope.wav", "./a b.jpg", "~/gone.flac"):
+        with pytest.raises(ValueError, match=r"items\[1\]: no such file") as info:
+            omni.encode(["text first", missing])
+        assert "\n" not in str(info.value) and "{'text': ...}" in str(info.value)
+    with pytest.raises(ValueError, match=r"items\[0\]: no such file"):
+        omni.encode([{"image": "/x/nope.png"}])
+    with pytest.raises(ValueError, match=r"items\[0\]: no such file"):
+        omni.encode([{"audio": "/x/nope.wav"}])
+    with pytest.raises(ValueError, match=r"items\[0\]: a folder"):
+        (tmp_path / "dir.png").mkdir()
+        omni.encode([str(tmp_path / "dir.png")])
+    # text that mentions a file among other words is text; {"text": ...} is text outright
+    sentence = "the chart in fig.png shows it"
+    text_only = omni.text_encoder().encode([sentence, "/x/nope.png"])
+    got = omni.encode([sentence, {"text": "/x/nope.png"}])
+    torch.testing.assert_close(got, text_only, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"items\[0\]: 'text' must be a string"):
+        omni.encode([{"text": 3}])
+    image(1).save(tmp_path / "real.png")  # an existing path is still an image
+    by_path = omni.encode([str(tmp_path / "real.png")])
+    torch.testing.assert_close(by_path, omni.encode([{"image": tmp_path / "real.png"}]))
+
+
+@pytest.mark.usefixtures("_torch_kernels")
+def test_absurd_media_names_the_item(omni, tmp_path: Path) -> None:
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from bidirlm.runtime.models import media
+
+    loud = {"array": np.full(1600, 1e30, np.float32), "sampling_rate": 16000}
+    with pytest.raises(ValueError, match=r"items\[1\]: audio peaks at amplitude 1e\+30"):
+        omni.encode(["a", loud])
+    int16_scale = {"array": np.full(1600, 20000.0, np.float32), "sampling_rate": 16000}
+    assert omni.encode([int16_scale]).isfinite().all()  # unscaled PCM is still accepted
+    long = Image.new("RGB", (32 * 2500, 32))
+    with pytest.raises(
+        ValueError, match=r"items\[2\]: image of 80000x32 pixels has aspect ratio 2500"
+    ):
+        omni.encode(["a", "b", long])
+    for side in (12000, 15000):  # 144 MP (PIL warns), 225 MP (PIL's DecompressionBombError)
+        big = tmp_path / f"big{side}.png"
+        Image.new("1", (side, side)).save(big)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(ValueError, match=rf"items\[0\]: image '{big}'"):
+                omni.encode([str(big)])
+        assert not [w for w in caught if "DecompressionBomb" in type(w.message).__name__]
+    assert media.MAX_IMAGE_PIXELS == 100_000_000
+    with pytest.raises(ValueError, match=r"items\[0\]: 12000x12000 = 144.0 megapixels"):
+        omni.encode([Image.new("1", (12000, 12000))])

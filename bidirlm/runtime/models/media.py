@@ -2,15 +2,21 @@
 
 An item is text (`str`), an image (`PIL.Image.Image`, a .png/.jpg/.jpeg path, `{"image": path or
 PIL image}`) or audio (`{"array": np.ndarray, "sampling_rate": int}`, a .wav/.flac path,
-`{"audio": path or array dict}`). A `str` is a path only when it ends in a media suffix and the
-file exists; an `os.PathLike` is always a path. Audio is mixed down to mono float32 and resampled
-to the tower's rate (polyphase filter, scipy). Errors are one-line `ValueError`s naming the item.
+`{"audio": path or array dict}`). A bare `str` that looks like a media path (one line ending in an
+image/audio suffix, with no whitespace or starting like a path: `/`, `./`, `../`, `~/`, `C:`)
+is a path, and an error when the file does not exist; any other `str` is text, even one that
+mentions `fig.png` among other words. `{"text": ...}`, `{"image": ...}` and `{"audio": ...}` say
+the kind outright. An `os.PathLike` is always a path. Audio is mixed down to mono float32 and
+resampled to the tower's rate (polyphase filter, scipy). Errors are one-line `ValueError`s naming
+the item.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
+import warnings
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +28,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 AUDIO_SUFFIXES = (".wav", ".flac")
 # Media files we recognise but cannot read: a clear error instead of embedding the path as text.
 OTHER_MEDIA = (".gif", ".bmp", ".webp", ".tif", ".tiff", ".mp3", ".ogg", ".m4a", ".aac", ".opus")
+# Largest image accepted, in pixels (width x height): 100 megapixels. The vision processor
+# resizes every image down to its max_pixels anyway, and decoding a 144-megapixel PNG costs
+# ~1.8 GB (3 bytes a pixel, twice); raise it here if you really need more.
+MAX_IMAGE_PIXELS = 100_000_000
+# Largest audio sample magnitude accepted: float PCM is in [-1, 1]; up to 2**31 covers int16/int32
+# PCM passed unscaled. Far beyond (~1e17) the mel power spectrum overflows float32 to inf/NaN.
+MAX_AUDIO_AMPLITUDE = float(2**31)
+# How a path begins: absolute, relative to here or a parent, the home folder, a Windows drive.
+_PATH_START = re.compile(r"^(/|\./|\.\./|~/|[A-Za-z]:[\\/])")
 
 
 @dataclass
@@ -58,18 +73,46 @@ def _path_kind(path: Path, where: str) -> str:
     return kind
 
 
+def looks_like_media_path(text: str) -> bool:
+    """Whether a bare string is meant as a media file: one line ending in a media suffix, and
+    either a single word or beginning like a path (see the module docstring)."""
+    if len(text) >= 4096 or "\n" in text or text != text.strip():
+        return False
+    if Path(text).suffix.lower() not in IMAGE_SUFFIXES + AUDIO_SUFFIXES + OTHER_MEDIA:
+        return False
+    return not any(c.isspace() for c in text) or bool(_PATH_START.match(text))
+
+
 def load_image(source: Any, where: str) -> Any:
-    """An RGB PIL image from a PIL image or a path."""
+    """An RGB PIL image from a PIL image or a path; at most `MAX_IMAGE_PIXELS` (checked from the
+    header, before decoding)."""
     from PIL import Image, UnidentifiedImageError  # optional dependency ([omni] extra)
 
     if _is_image(source):
+        _check_pixels(source.size, where)
         return source.convert("RGB")
     path = Path(source)
+    too_big = f"{where}: image {str(path)!r} has more than {MAX_IMAGE_PIXELS:,} pixels"
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # our own limit below replaces PIL's bomb warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            _check_pixels(img.size, f"{where}: image {str(path)!r}")
             return img.convert("RGB")
+    except Image.DecompressionBombError:  # (above twice PIL's own limit: size not even read)
+        raise ValueError(f"{too_big} (limit: media.MAX_IMAGE_PIXELS)") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"{where}: cannot read image {str(path)!r} ({exc})") from None
+
+
+def _check_pixels(size: tuple[int, int], what: str) -> None:
+    w, h = size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"{what}: {w}x{h} = {w * h / 1e6:.1f} megapixels, above the limit of "
+            f"{MAX_IMAGE_PIXELS / 1e6:.0f} (media.MAX_IMAGE_PIXELS); downscale it first"
+        )
 
 
 def read_audio_file(path: Path, where: str) -> tuple[np.ndarray, int]:
@@ -142,6 +185,12 @@ def load_audio(source: Any, target_rate: int, where: str) -> np.ndarray:
         raise ValueError(f"{where}: empty audio (0 samples)")
     if not np.isfinite(array).all():
         raise ValueError(f"{where}: audio has non-finite samples")
+    peak = float(np.abs(array).max())
+    if peak > MAX_AUDIO_AMPLITUDE:
+        raise ValueError(
+            f"{where}: audio peaks at amplitude {peak:.3g}; expected float samples in [-1, 1] "
+            f"(at most {MAX_AUDIO_AMPLITUDE:.3g}, media.MAX_AUDIO_AMPLITUDE)"
+        )
     return resample(array, int(rate), target_rate)
 
 
@@ -158,8 +207,12 @@ def parse_item(x: Any, index: int, *, audio_rate: int = 16000) -> Item:
                 f"'array'+'sampling_rate', got keys {sorted(x)}"
             )
         key = keys[0]
-        if key == "text":
-            return parse_item(str(x["text"]), index, audio_rate=audio_rate)
+        if key == "text":  # text outright, even when it looks like a path
+            if not isinstance(x["text"], str):
+                raise ValueError(
+                    f"{where}: 'text' must be a string, got {type(x['text']).__name__}"
+                )
+            return Item("text", x["text"])
         if key == "image":
             src = x["image"]
             if not _is_image(src):
@@ -177,11 +230,15 @@ def parse_item(x: Any, index: int, *, audio_rate: int = 16000) -> Item:
             return Item("image", load_image(x, where))
         return Item("audio", load_audio(x, audio_rate, where), audio_rate)
     if isinstance(x, str):
-        suffix = Path(x).suffix.lower() if len(x) < 4096 and "\n" not in x else ""
-        if suffix in IMAGE_SUFFIXES + AUDIO_SUFFIXES and Path(x).is_file():
-            return parse_item(Path(x), index, audio_rate=audio_rate)
-        if suffix in OTHER_MEDIA and Path(x).is_file():
-            _path_kind(Path(x), where)  # raises: unsupported file
+        if looks_like_media_path(x):
+            path = Path(x).expanduser()
+            if not path.is_file():
+                what = "a folder" if path.is_dir() else "no such file"
+                raise ValueError(
+                    f"{where}: {what} {x!r} (a media path; pass {{'text': ...}} to embed it as "
+                    "text)"
+                )
+            return parse_item(path, index, audio_rate=audio_rate)  # unsupported kinds raise
         return Item("text", x)
     if isinstance(x, np.ndarray):
         raise ValueError(

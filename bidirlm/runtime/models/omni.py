@@ -50,6 +50,8 @@ TOWER_PREFIXES = {
     "audio_projector.": "model.multi_modal_projector.",
 }
 IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
+# Qwen2-VL/Qwen3-VL's smart_resize refuses images longer than 200x their width (or height).
+MAX_ASPECT_RATIO = 200
 AUDIO_PROCESSOR_FILE = "audio_preprocessor_config.json"
 
 
@@ -207,6 +209,13 @@ class OmniEncoder(Encoder):
                     raise ValueError(
                         f"items[{i}]: image of {img.size[0]}x{img.size[1]} pixels is below the "
                         f"minimum {side}x{side} (patch_size x merge_size)"
+                    )
+                ratio = max(img.size) / min(img.size)
+                if ratio > MAX_ASPECT_RATIO:
+                    raise ValueError(
+                        f"items[{i}]: image of {img.size[0]}x{img.size[1]} pixels has aspect "
+                        f"ratio {ratio:.0f}, above the vision processor's limit of "
+                        f"{MAX_ASPECT_RATIO}; crop or pad it"
                     )
             proc = self.image_processor(images=[img for _, img in images], return_tensors="pt")
             out["pixel_values"] = proc["pixel_values"]
