@@ -77,7 +77,20 @@ def read_checkpoint(folder: Path, label: str) -> dict[str, TensorInfo]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise MergeError(f"model {label}: {INDEX_NAME} is unreadable: {exc}") from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and v for v in weight_map.values()
+        ):
+            raise MergeError(f"model {label}: {INDEX_NAME} has no valid weight_map")
         files = sorted(set(weight_map.values()))
+        # A shard path must name a file of this folder, not ../x or /x (checked on the text:
+        # the files of a Hugging Face cache snapshot are symlinks into ../../blobs, legitimately).
+        for fname in files:
+            if Path(fname).is_absolute() or ".." in Path(fname).parts:
+                raise MergeError(
+                    f"model {label}: {INDEX_NAME} lists shard {fname!r}, a path outside the model "
+                    f"folder {folder}: refusing to read it (shard paths must be file names in "
+                    "that folder)"
+                )
     elif (folder / SINGLE_NAME).is_file():
         weight_map, files = None, [SINGLE_NAME]
     else:
@@ -100,7 +113,7 @@ def read_checkpoint(folder: Path, label: str) -> dict[str, TensorInfo]:
             tensors[name] = info
     if weight_map is not None:
         for name, fname in weight_map.items():
-            if name not in tensors or tensors[name].file.name != fname:
+            if name not in tensors or tensors[name].file != folder / fname:
                 raise MergeError(
                     f"model {label}: tensor {name} is listed in {INDEX_NAME} under {fname} "
                     "but that shard does not hold it"
