@@ -480,3 +480,60 @@ def test_gpu_loss_memory_below_one_percent_of_eager() -> None:
     ours = loss_memory(lambda a, c: infonce_loss(a, c))
     eager = loss_memory(lambda a, c: _eager(a, c, 0.05, False, True))
     assert ours < 0.01 * eager, f"{ours / 2**20:.1f} MB vs eager {eager / 2**20:.1f} MB"
+
+
+def _st_loss(scale: float, symmetric: bool):
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.util import dot_score
+
+    directions = ("query_to_doc", "doc_to_query") if symmetric else ("query_to_doc",)
+    return MultipleNegativesRankingLoss(
+        None, scale=scale, similarity_fct=dot_score, directions=directions,
+        partition_mode="per_direction",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+@pytest.mark.parametrize("temperature", [1.0, 0.05, 0.01])
+def test_fp32_dot_gradients_within_2x_sentence_transformers(device, temperature, symmetric):
+    """Unnormalized fp32 embeddings, dot similarity, scale up to 100: our gradient error against
+    float64 is at most 2x sentence-transformers' own fp32 error (+ 1e-6 of the gradient's size:
+    at temperature 0.01 the softmax is nearly one-hot and both errors can round to 0)."""
+    g = torch.Generator().manual_seed(int(100 * temperature) + symmetric)
+    anchors = torch.randn(B, D, generator=g).to(device).requires_grad_()
+    positives = torch.randn(B, D, generator=g).to(device).requires_grad_()
+    negatives = torch.randn(B, D, generator=g).to(device).requires_grad_()
+    # Nearly tied logits keep the softmax from collapsing to one-hot even at scale 100.
+    with torch.no_grad():
+        positives[: B // 2] = anchors[: B // 2] * 0.2 + positives[: B // 2] * 0.01
+    tensors = (anchors, positives, negatives)
+    t64 = [t.detach().double().requires_grad_() for t in tensors]
+    st, st64 = _st_loss(1.0 / temperature, symmetric), _st_loss(1.0 / temperature, symmetric)
+    ref = st64.compute_loss_from_embeddings([t64[0], t64[1], t64[2]], None)
+    ref_g = _grads(ref, *t64)
+    theirs = st.compute_loss_from_embeddings(list(tensors), None)
+    ours = infonce_loss(anchors, torch.cat([positives, negatives]), temperature=temperature,
+                        normalize=False, symmetric=symmetric)  # fmt: skip
+    assert abs(ours.double() - ref).item() <= 2 * abs(theirs.double() - ref).item() + 1e-6 * abs(
+        ref.item()
+    )
+    for name, a, b, r in zip(("queries", "positives", "negatives"), _grads(ours, *tensors),
+                             _grads(theirs, *tensors), ref_g):  # fmt: skip
+        err, err_st = (a.double() - r).abs().max().item(), (b.double() - r).abs().max().item()
+        floor = 1e-6 * r.abs().max().item()
+        assert err <= 2 * err_st + floor, f"{name}: {err:.3g} vs sentence-transformers {err_st:.3g}"
+
+
+def test_exact_zero_loss_gives_exact_zeros(device):
+    """Batch 1, no negatives: the loss is exactly 0 (lse = the positive logit), and so are the
+    gradients, symmetric or not, cosine or dot (sentence-transformers gives exact zeros too)."""
+    q = torch.randn(1, D, device=device) * 3.0
+    doc = torch.randn(1, D, device=device) * 3.0
+    for symmetric in (False, True):
+        for normalize in (False, True):
+            qq, dd = q.clone().requires_grad_(), doc.clone().requires_grad_()
+            loss = infonce_loss(qq, dd, temperature=0.01, symmetric=symmetric,
+                                normalize=normalize)  # fmt: skip
+            assert loss.item() == 0.0, (symmetric, normalize, loss.item())
+            gq, gd = _grads(loss, qq, dd)
+            assert torch.count_nonzero(gq) == 0 and torch.count_nonzero(gd) == 0

@@ -7,6 +7,7 @@ tile), d = 96 (not a power of two), 257 rows.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import pytest
@@ -261,46 +262,100 @@ def test_accuracy_and_z_loss_edge_cases(device: torch.device) -> None:
     assert isinstance(mntp_loss(h, w, y), torch.Tensor)
 
 
-def test_deterministic_and_chunked_scratch(
-    device: torch.device, monkeypatch: pytest.MonkeyPatch
+def _plans(monkeypatch: pytest.MonkeyPatch, **changes: object) -> None:
+    family = mntp_triton._CONFIGS["interpreter"]
+    monkeypatch.setitem(mntp_triton._CONFIGS, "interpreter", dataclasses.replace(family, **changes))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_deterministic_and_every_backward_plan(
+    device: torch.device, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
 ) -> None:
-    """Bitwise reproducible; the two-pass chunked backward (a tiny scratch budget: 128 x 128
-    chunks, 3 row chunks x 3 vocabulary chunks) agrees with the one-row-chunk backward."""
-    h, w, b, y = _inputs(device, torch.float32, labelled=1.0, bias=True, d=40, vocab=300)
+    """Bitwise reproducible; every backward plan agrees with the one-chunk backward: several
+    vocabulary chunks with dH's partial in a buffer, in dH itself (float32) or in dH's ignored
+    rows (16-bit, `num_labelled` <= rows / 3), and the two-pass plan (tiny scratch budget)."""
+    if device.type != "cpu":
+        pytest.skip("the plans are forced through the interpreter's launch family")
+    h, w, b, y = _inputs(device, dtype, labelled=0.25, bias=True, d=40, vocab=300)
+    n_lab = int((y != -100).sum())
+    assert 3 * n_lab <= ROWS
 
-    def grads() -> list[torch.Tensor]:
+    def grads(**kw: object) -> list[torch.Tensor]:
         tt = [_leaf(t) for t in (h, w, b)]
-        return [_run(lambda *a: mntp_loss(a[0], a[1], y, bias=a[2], softcap=3.0), tt, 1)[0]] + [
-            t.grad for t in tt
-        ]
+        loss = mntp_loss(tt[0], tt[1], y, bias=tt[2], softcap=3.0, reduction="sum", **kw)
+        loss.backward()
+        return [loss.detach()] + [t.grad for t in tt]
 
-    first = grads()
-    assert all(torch.equal(a, b_) for a, b_ in zip(first, grads())), "not reproducible"
-    if device.type == "cpu":
-        rc, vc = mntp_triton._chunk_sizes(ROWS, 300, 40, 4, True, True, device)
-        assert rc >= ROWS, "the default budget takes all rows in one chunk"
+    one = grads()
+    assert all(torch.equal(a, b_) for a, b_ in zip(one, grads())), "not reproducible"
+    fam = mntp_triton._CONFIGS["interpreter"]
+    elem = 4 if dtype == torch.float32 else 2
+    plan = mntp_triton._bwd_plan_of(fam, ROWS, n_lab, 300, 40, 4, elem, True, True)
+    assert plan.vocab >= 300 and not plan.two_pass, "one chunk by default at these sizes"
+    _plans(monkeypatch, vocab_cap=128)  # 3 vocabulary chunks of 128
+    fam = mntp_triton._CONFIGS["interpreter"]
+    results = {}
+    for name, kw in (("all rows", {}), ("num_labelled", {"num_labelled": n_lab})):
+        plan = mntp_triton._bwd_plan_of(
+            fam, ROWS, kw.get("num_labelled", ROWS), 300, 40, 4, elem, True, True
+        )
+        assert plan.vocab == 128 and not plan.two_pass
+        results[(name, plan.acc_mode)] = grads(**kw)
+    modes = {mode for _, mode in results}
+    assert modes == ({1} if dtype == torch.float32 else {0, 2}), modes
     monkeypatch.setattr(mntp_triton, "_SCRATCH_BYTES", 1)
-    rc, vc = mntp_triton._chunk_sizes(ROWS, 300, 40, 4, True, True, device)
-    assert rc < ROWS and vc < 300, "the tiny budget must split rows and vocabulary"
-    chunked = grads()
-    assert all(torch.equal(a, b_) for a, b_ in zip(chunked, grads())), "not reproducible"
-    for name, a, b_ in zip(("loss", "dhidden", "dweight", "dbias"), first, chunked):
-        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-7, msg=f"{name} changed")
+    plan = mntp_triton._bwd_plan_of(fam, ROWS, ROWS, 300, 40, 4, elem, True, True)
+    assert plan.two_pass and plan.rows < ROWS and plan.vocab < 300
+    results[("two-pass", 0)] = grads()
+    assert all(torch.equal(a, b_) for a, b_ in zip(results[("two-pass", 0)], grads()))
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 0, "atol": 0}
+    for key, got in results.items():
+        for name, a, b_ in zip(("loss", "dhidden", "dweight", "dbias"), one, got):
+            if dtype != torch.float32 and name != "loss" and key[0] == "two-pass":
+                # the two-pass plan casts dH per row chunk in another order: one 16-bit ulp
+                torch.testing.assert_close(a, b_, rtol=1e-3, atol=1e-3, msg=f"{key} {name}")
+                continue
+            torch.testing.assert_close(a, b_, **tol, msg=f"{key} {name} changed")
+    # dH's ignored rows (the spare partial) are zero again
+    ignored = y == -100
+    assert torch.equal(results[("num_labelled", max(modes))][1][ignored],
+                       torch.zeros_like(h[ignored]))  # fmt: skip
 
 
-def test_chunk_memory_at_the_target_shape(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The backward's working memory at V = 151,936, 32k tokens (any labelled fraction), bf16,
-    on H100/H200 tiles: the dlogits chunk + one float32 partial <= 48 MB < the 64 MB target."""
-    monkeypatch.setattr(mntp_triton, "arch_family", lambda device: "hopper")
-    dev = torch.device("cpu")
+def test_num_labelled_bound(device: torch.device) -> None:
+    """`num_labelled` is an upper bound: larger is fine, smaller is refused, bad types too."""
+    h, w, _, y = _inputs(device, torch.float32, shape=(40,), d=24, vocab=101, labelled=0.5)
+    n_lab = int((y != -100).sum())
+    want = mntp_loss(h, w, y)
+    for bound in (n_lab, n_lab + 3, 40, 1000):
+        torch.testing.assert_close(mntp_loss(h, w, y, num_labelled=bound), want)
+    if device.type == "cpu":
+        with pytest.raises(ValueError, match="num_labelled"):
+            mntp_loss(h, w, y, num_labelled=n_lab - 1)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="num_labelled"):
+            mntp_loss(h, w, y, num_labelled=bad)
+    for bad in (0.0, 1.0, -1e-3, True):
+        with pytest.raises(ValueError, match="filter_eps"):
+            mntp_loss(h, w, y, filter_eps=bad)
+
+
+def test_plans_at_the_target_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """V = 151,936, 32k tokens, 30% labelled, bf16, H100 tiles: with `num_labelled` the backward
+    is one row chunk (8 n V d), <= 200 launches in all and < 64 MB of working memory at d = 1024
+    and 2048; the forward is one persistent launch whose last wave is > 90% full. Without the
+    count (any labelled fraction) the memory stays bounded as well."""
+    n, v = 32768, 151936
+    n_lab = int(0.3 * n)
     for d in (1024, 2048):
-        rc, vc = mntp_triton._chunk_sizes(32768, 151936, d, 2, True, True, dev)
-        working = rc * vc * 2 + max(rc, vc) * d * 4 + vc * 4
-        assert working <= 48 * 2**20 + vc * 4, (d, rc, vc, working)
-        assert rc >= 2048 and vc >= 2048, "chunks large enough for efficient GEMMs"
-    # few rows: one row chunk, each dlogits chunk feeds both GEMMs (8 n V d FLOPs)
-    rc, vc = mntp_triton._chunk_sizes(2048, 151936, 1024, 2, True, True, dev)
-    assert rc >= 2048 and vc >= 1024
+        mem = mntp_triton.working_memory(n, v, d, 2, num_labelled=n_lab)
+        assert not mem["two_pass"] and mem["chunk_rows"] >= n_lab
+        assert mem["fwd_launches"] + mem["bwd_launches"] <= 200, mem
+        assert max(mem["fwd"], mem["bwd"]) < 64 * 2**20, mem
+        waves = mem["fwd_waves"]
+        assert waves / -(-waves // 1) > 0.9, mem
+        blind = mntp_triton.working_memory(n, v, d, 2)
+        assert max(blind["fwd"], blind["bwd"]) < 64 * 2**20, blind
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -61,6 +61,8 @@ class MNTPParams:
     lse_square_scale: float = 0.0
     return_z_loss: bool = False
     return_token_accuracy: bool = False
+    num_labelled: Optional[int] = None
+    filter_eps: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.reduction not in REDUCTIONS:
@@ -84,6 +86,14 @@ class MNTPParams:
         for name in ("return_z_loss", "return_token_accuracy"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        n = self.num_labelled
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ValueError(f"num_labelled must be None or an int >= 0, got {n!r}")
+        eps = self.filter_eps
+        if eps is not None and (
+            isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < eps < 1.0
+        ):
+            raise ValueError(f"filter_eps must be None or a float in (0, 1), got {eps!r}")
 
 
 class MNTPOutput(NamedTuple):
@@ -130,16 +140,21 @@ def _mntp_loss_fwd(
     softcap: float,
     label_smoothing: float = 0.0,
     with_accuracy: bool = False,
+    num_labelled: int = -1,
+    filter_eps: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss [N], lse [N], correct [N] or [0]) of `hidden [N, d]`, 0 at ignored rows; softcap
-    0.0 = off. `correct` (1.0 where the first argmax is the label) only with `with_accuracy`."""
+    0.0 = off. `correct` (1.0 where the first argmax is the label) only with `with_accuracy`.
+    `num_labelled` (-1 = unknown) bounds the labelled rows, for the launch grids; `filter_eps`
+    is the backward's (carried here for autograd)."""
     _check_label_range(labels, weight.shape[0], ignore_index)
     if use_triton(hidden):
         from .mntp_loss_triton import _triton_forward
 
         return _triton_forward(
-            hidden, weight, bias, labels, ignore_index, softcap, label_smoothing, with_accuracy
-        )
+            hidden, weight, bias, labels, ignore_index, softcap, label_smoothing, with_accuracy,
+            num_labelled,
+        )  # fmt: skip
     return reference.mntp_loss_reference_forward(
         hidden, weight, bias, labels, ignore_index=ignore_index, softcap=softcap or None,
         label_smoothing=label_smoothing, with_accuracy=with_accuracy,
@@ -148,7 +163,16 @@ def _mntp_loss_fwd(
 
 @_mntp_loss_fwd.register_fake
 def _(  # noqa: ANN202
-    hidden, weight, bias, labels, ignore_index, softcap, label_smoothing=0.0, with_accuracy=False
+    hidden,
+    weight,
+    bias,
+    labels,
+    ignore_index,
+    softcap,
+    label_smoothing=0.0,
+    with_accuracy=False,
+    num_labelled=-1,
+    filter_eps=0.0,
 ):  # noqa: ANN001
     dtype = torch.promote_types(hidden.dtype, torch.float32)
     n = hidden.shape[0]
@@ -173,16 +197,19 @@ def _mntp_loss_bwd(
     need_dw: bool,
     label_smoothing: float = 0.0,
     grad_lse: Optional[torch.Tensor] = None,
+    num_labelled: int = -1,
+    filter_eps: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dhidden [N, d], dweight [V, d], dbias [V]) for the per-row gradients of the loss (`grad`)
     and of the lse (`grad_lse`, None = 0); an empty tensor for each one not needed (need_dh;
-    need_dw covers weight and bias) or absent (bias None)."""
+    need_dw covers weight and bias) or absent (bias None). `num_labelled` (-1 = unknown) sizes
+    the chunks; `filter_eps > 0` turns on gradient filtering (Triton path only)."""
     if use_triton(hidden):
         from .mntp_loss_triton import _triton_backward
 
         dh, dw, db = _triton_backward(
             grad, hidden, weight, bias, labels, lse, ignore_index, softcap, need_dh, need_dw,
-            label_smoothing, grad_lse,
+            label_smoothing, grad_lse, num_labelled, filter_eps,
         )  # fmt: skip
     else:
         dh, dw, db = reference.mntp_loss_reference_backward(
@@ -208,6 +235,8 @@ def _(  # noqa: ANN202
     need_dw,
     label_smoothing=0.0,
     grad_lse=None,  # noqa: ANN001
+    num_labelled=-1,
+    filter_eps=0.0,
 ):
     empty = weight.new_empty(0)
     dh = torch.empty_like(hidden) if need_dh else empty
@@ -217,28 +246,31 @@ def _(  # noqa: ANN202
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
-    hidden, weight, bias, labels, ignore_index, softcap, label_smoothing, _ = inputs
+    hidden, weight, bias, labels, ignore_index, softcap, label_smoothing, _, *rest = inputs
+    num_labelled, filter_eps = (*rest, -1, 0.0)[:2] if len(rest) != 1 else (rest[0], 0.0)
     _, lse, correct = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse)
-    ctx.options = (ignore_index, softcap, label_smoothing)
+    ctx.options = (ignore_index, softcap, label_smoothing, num_labelled, filter_eps)
     ctx.mark_non_differentiable(correct)
 
 
 def _backward(ctx, grad_loss, grad_lse, grad_correct):  # noqa: ANN001, ANN202
     hidden, weight, bias, labels, lse = ctx.saved_tensors
-    ignore_index, softcap, label_smoothing = ctx.options
+    ignore_index, softcap, label_smoothing, num_labelled, filter_eps = ctx.options
     need_dh = ctx.needs_input_grad[0]
     need_dw = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
     if grad_loss is None:
         grad_loss = torch.zeros_like(lse)
     dh, dw, db = torch.ops.bidirlm.mntp_loss_bwd(
         grad_loss, hidden, weight, bias, labels, lse, ignore_index, softcap, need_dh, need_dw,
-        label_smoothing, grad_lse,
+        label_smoothing, grad_lse, num_labelled, filter_eps,
     )  # fmt: skip
     return (
         dh if need_dh else None,
         dw if ctx.needs_input_grad[1] else None,
         db if bias is not None and ctx.needs_input_grad[2] else None,
+        None,
+        None,
         None,
         None,
         None,
@@ -308,6 +340,8 @@ def mntp_loss(
     lse_square_scale: float = 0.0,
     return_z_loss: bool = False,
     return_token_accuracy: bool = False,
+    num_labelled: int | None = None,
+    filter_eps: float | None = None,
 ) -> torch.Tensor | MNTPOutput:
     """Masked next-token prediction loss, fused with the lm_head.
 
@@ -337,6 +371,16 @@ def mntp_loss(
         return_token_accuracy: also return the token accuracy: `mean(argmax(z) == labels)` over
             labelled rows (first argmax, as torch.argmax), a float32 scalar for "mean"/"sum"
             (0.0 over zero labelled rows), per row for "none" (0.0 at ignored rows).
+        num_labelled: the number of labelled rows (or any upper bound of it) when the caller
+            knows it without a host sync (an MNTP collator does): the Triton kernels size their
+            grids and backward chunks from it (at 32k tokens and 30% labelled: ~135 launches
+            instead of ~1,300 with the bound `rows`). A value below the true count is an error
+            (ValueError on CPU; a device-side assert on a GPU). None: every row may be labelled.
+        filter_eps: Cut Cross-Entropy's gradient filtering (off by default): the backward skips
+            every dlogits tile whose entries are all at most `filter_eps * |g_row|` (the row's
+            upstream gradient), so each gradient entry moves by at most `filter_eps * |g| *
+            sum |other operand|` (e.g. 2**-12 for bf16 training). Triton path only; the torch
+            path is exact.
 
     Returns the float32 loss (float64 for float64 inputs), or `MNTPOutput(loss, z_loss,
     token_accuracy)` when either `return_*` flag is set. Gradients flow to hidden, weight
@@ -347,7 +391,20 @@ def mntp_loss(
         ignore_index=ignore_index, softcap=softcap, reduction=reduction,
         label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
         return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
+        num_labelled=num_labelled, filter_eps=filter_eps,
     )  # fmt: skip
+    # a named range for profilers (`bidirlm profile` groups the trace by it)
+    with torch.profiler.record_function("bidirlm.mntp_loss"):
+        return _mntp_loss(hidden, weight, labels, bias, params)
+
+
+def _mntp_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    params: MNTPParams,
+) -> torch.Tensor | MNTPOutput:
     _validate(hidden, weight, labels, bias)
     d = hidden.shape[-1]
     h2 = hidden.reshape(-1, d)
@@ -356,9 +413,13 @@ def mntp_loss(
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     b = bias.contiguous() if bias is not None else None
     flat = labels.reshape(-1).to(torch.int64).contiguous()  # the kernels index labels[row]
+    if params.num_labelled is not None and not use_triton(h2) and not torch.compiler.is_compiling():
+        _check_num_labelled(flat, params.ignore_index, params.num_labelled)
     rows, lse, correct = torch.ops.bidirlm.mntp_loss_fwd(
         h2, w, b, flat, params.ignore_index, float(params.softcap or 0.0),
         float(params.label_smoothing), params.return_token_accuracy,
+        -1 if params.num_labelled is None else params.num_labelled,
+        float(params.filter_eps or 0.0),
     )  # fmt: skip
     z_rows = None
     if params.lse_square_scale > 0.0 or params.return_z_loss:
@@ -388,6 +449,13 @@ def mntp_loss(
     return MNTPOutput(loss, z_loss, accuracy)
 
 
+def _check_num_labelled(labels: torch.Tensor, ignore_index: int, num_labelled: int) -> None:
+    """CPU (torch path): `num_labelled` below the labelled rows is a ValueError (no sync cost)."""
+    count = int((labels != ignore_index).sum())
+    if num_labelled < count:
+        raise ValueError(f"num_labelled={num_labelled} is below the {count} labelled rows")
+
+
 class MNTPLoss(torch.nn.Module):
     """`nn.Module` form of `mntp_loss`: `MNTPLoss(softcap=30.0)(hidden, weight, labels)`."""
 
@@ -401,12 +469,14 @@ class MNTPLoss(torch.nn.Module):
         lse_square_scale: float = 0.0,
         return_z_loss: bool = False,
         return_token_accuracy: bool = False,
+        filter_eps: float | None = None,
     ) -> None:
         super().__init__()
         self.params = MNTPParams(
             ignore_index=ignore_index, softcap=softcap, reduction=reduction,
             label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
             return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
+            filter_eps=filter_eps,
         )  # fmt: skip
 
     def forward(
@@ -415,13 +485,17 @@ class MNTPLoss(torch.nn.Module):
         weight: torch.Tensor,
         labels: torch.Tensor,
         bias: torch.Tensor | None = None,
+        *,
+        num_labelled: int | None = None,
     ) -> torch.Tensor | MNTPOutput:
+        """`num_labelled` (per batch, as `mntp_loss`'s) sizes the kernels without a host sync."""
         p = self.params
         return mntp_loss(
             hidden, weight, labels, bias=bias, ignore_index=p.ignore_index, softcap=p.softcap,
             reduction=p.reduction, label_smoothing=p.label_smoothing,
             lse_square_scale=p.lse_square_scale, return_z_loss=p.return_z_loss,
-            return_token_accuracy=p.return_token_accuracy,
+            return_token_accuracy=p.return_token_accuracy, num_labelled=num_labelled,
+            filter_eps=p.filter_eps,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -3,17 +3,23 @@
 Kept apart from the public API so that `import bidirlm.kernels` (which imports `mntp_loss`
 eagerly, see the package docstring) never imports Triton.
 
-Forward (2 launches): `_mntp_fwd_kernel` on a (labelled-row blocks x vocabulary splits) grid,
-each program an online log-sum-exp over its split; `_mntp_merge_kernel` merges the splits'
-log-sum-exps exactly (`lse = M + log sum_k exp(lse_k - M)`), adds the target logit written by the
-split that holds it, and scatters the per-row results.
+Forward (2 launches, whatever the number of rows): `_mntp_fwd_kernel` is persistent: a grid of
+`persist` programs per SM strides over (vocabulary split, labelled-row block) units, the number
+of row blocks read from the on-device labelled count, each unit an online log-sum-exp over its
+split; `_mntp_merge_kernel` merges the splits' log-sum-exps exactly
+(`lse = M + log sum_k exp(lse_k - M)`), adds the target logit written by the split that holds it,
+and scatters the per-row results.
 
-Backward: chunks of `Rc` labelled slots x `Vc` vocabulary entries. `_mntp_dz_kernel` writes the
-chunk's `dlogits` (input dtype, as torch's own backward feeds its GEMMs) into one bounded buffer;
-`_mntp_dh_kernel` (`dz @ W[chunk]`) and `_mntp_dw_kernel` (`dz.T @ H[slots]`) are GEMMs over the
-whole chunk with fp32 accumulators on chip. A GEMM adds its tile to a float32 partial in global
-memory once per chunk (its epilogue), never inside its K loop; the partial of dW covers one
-vocabulary chunk, that of dH one row chunk. Every output tile has one owner: deterministic.
+Backward (2 launches per dlogits chunk): chunks of `Rc` labelled slots x `Vc` vocabulary entries,
+`Rc` covering every labelled slot (sized from `num_labelled` when the caller passes it).
+`_mntp_dz_kernel` writes the chunk's `dlogits` (input dtype, as torch's own backward feeds its
+GEMMs) into one bounded buffer; `_mntp_grads_kernel` runs both GEMMs on it in one launch,
+`dW[chunk] = dz.T @ H[slots]` (K loop over all slots: no partial) and `dH[slots] += dz @
+W[chunk]`, with fp32 accumulators on chip: 8 n V d FLOPs in all with the forward. dH's float32
+partial across vocabulary chunks is read and written once per chunk (its epilogue), never inside
+a K loop, and lives in dH's own ignored rows when there is room (see `_bwd_plan_of`). Every
+output tile has one owner: deterministic, no atomics. Optional gradient filtering (Cut
+Cross-Entropy's): dlogits tiles below `filter_eps` x the row's gradient are skipped by the GEMMs.
 """
 
 from __future__ import annotations
@@ -113,76 +119,77 @@ def _logits_tile(
 def _mntp_fwd_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, order_ptr, count_ptr,
     lse_part_ptr, sum_part_ptr, max_part_ptr, arg_part_ptr, tgt_ptr,
-    N, V, D, stride_h, stride_w, softcap,
+    N, V, D, stride_h, stride_w, softcap, row_bound, n_splits,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
     ACCURACY: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """Program (labelled-slot block, vocabulary split): the split's log-sum-exp per row.
+    """Persistent program: work units (vocabulary split s, labelled-slot block b), `unit = s *
+    blocks + b`, strided over the grid; the number of blocks comes from the on-device count.
 
-    Writes `lse_part[split, slot]` (-inf for an empty split), and when asked the split's sum of
-    logits (label smoothing) and its max / first argmax (token accuracy); the split holding a
-    row's target writes the target logit `tgt[slot]`.
+    Per unit: the split's log-sum-exp per row in `lse_part[s, slot]` (-inf for an empty split),
+    and when asked the split's sum of logits (label smoothing) and its max / first argmax (token
+    accuracy); the split holding a row's target writes the target logit `tgt[slot]`. Programs
+    running together share a split (consecutive units), so its weight tiles are read from L2.
     """
-    n_valid = tl.load(count_ptr)
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    if pid_m * BLOCK_M >= n_valid:
-        return  # the grid covers all rows; only the first n_valid compacted slots are labelled
-    n_splits = tl.num_programs(1)
+    n_valid = tl.minimum(tl.load(count_ptr), row_bound)
+    n_blocks = tl.cdiv(n_valid, BLOCK_M)
     per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), n_splits) * BLOCK_V
-    v_lo = pid_s * per_split
-    v_hi = tl.minimum(v_lo + per_split, V)
-    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = pos < n_valid
-    # row * stride overflows int32 past 2**31 elements: index in int64
-    rows = tl.load(order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
-    target = tl.load(labels_ptr + rows, mask=row_mask, other=0)
-    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    s = tl.zeros([BLOCK_M], dtype=tl.float32)
-    tgt = tl.zeros([BLOCK_M], dtype=tl.float32)
-    xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    amax = tl.zeros([BLOCK_M], dtype=tl.int32)
-    for v0 in range(v_lo, v_hi, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_mask = cols < v_hi
-        x = _logits_tile(
-            h_ptr, w_ptr, b_ptr, rows, row_mask, cols.to(tl.int64), col_mask, D, stride_h,
-            stride_w, HAS_BIAS, UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_K,
-        )  # fmt: skip
-        if HAS_SOFTCAP:
-            x = softcap * _tanh(x / softcap)
-        x = tl.where(col_mask[None, :], x, float("-inf"))
-        tgt += tl.sum(tl.where(cols[None, :] == target[:, None], x, 0.0), axis=1)
+    for unit in range(tl.program_id(0), n_blocks * n_splits, tl.num_programs(0)):
+        pid_s = unit // n_blocks
+        pid_m = unit % n_blocks
+        v_lo = pid_s * per_split
+        v_hi = tl.minimum(v_lo + per_split, V)
+        pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = pos < n_valid
+        # row * stride overflows int32 past 2**31 elements: index in int64
+        rows = tl.load(order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
+        target = tl.load(labels_ptr + rows, mask=row_mask, other=0)
+        m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        s = tl.zeros([BLOCK_M], dtype=tl.float32)
+        tgt = tl.zeros([BLOCK_M], dtype=tl.float32)
+        xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        amax = tl.zeros([BLOCK_M], dtype=tl.int32)
+        for v0 in range(v_lo, v_hi, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_mask = cols < v_hi
+            x = _logits_tile(
+                h_ptr, w_ptr, b_ptr, rows, row_mask, cols.to(tl.int64), col_mask, D, stride_h,
+                stride_w, HAS_BIAS, UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_K,
+            )  # fmt: skip
+            if HAS_SOFTCAP:
+                x = softcap * _tanh(x / softcap)
+            x = tl.where(col_mask[None, :], x, float("-inf"))
+            tgt += tl.sum(tl.where(cols[None, :] == target[:, None], x, 0.0), axis=1)
+            if SMOOTH:
+                xsum += tl.sum(tl.where(col_mask[None, :], x, 0.0), axis=1)
+            tile_max = tl.max(x, axis=1)  # every tile has >= 1 real column: finite
+            if ACCURACY:  # first index of the max, as torch.argmax
+                first = tl.min(tl.where(x == tile_max[:, None], cols[None, :], V), axis=1)
+                amax = tl.where(tile_max > m, first, amax)
+            m_new = tl.maximum(m, tile_max)
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+            m = m_new
+        part = pid_s * N + pos
+        tl.store(lse_part_ptr + part, m + tl.log(s), mask=row_mask)  # -inf: the split is empty
         if SMOOTH:
-            xsum += tl.sum(tl.where(col_mask[None, :], x, 0.0), axis=1)
-        tile_max = tl.max(x, axis=1)  # every tile has >= 1 real column: finite
-        if ACCURACY:  # first index of the max, as torch.argmax
-            first = tl.min(tl.where(x == tile_max[:, None], cols[None, :], V), axis=1)
-            amax = tl.where(tile_max > m, first, amax)
-        m_new = tl.maximum(m, tile_max)
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
-        m = m_new
-    part = pid_s * N + pos
-    tl.store(lse_part_ptr + part, m + tl.log(s), mask=row_mask)  # -inf when the split is empty
-    if SMOOTH:
-        tl.store(sum_part_ptr + part, xsum, mask=row_mask)
-    if ACCURACY:
-        tl.store(max_part_ptr + part, m, mask=row_mask)
-        tl.store(arg_part_ptr + part, amax, mask=row_mask)
-    owns = row_mask & (target >= v_lo) & (target < v_hi)
-    tl.store(tgt_ptr + pos, tgt, mask=owns)
+            tl.store(sum_part_ptr + part, xsum, mask=row_mask)
+        if ACCURACY:
+            tl.store(max_part_ptr + part, m, mask=row_mask)
+            tl.store(arg_part_ptr + part, amax, mask=row_mask)
+        owns = row_mask & (target >= v_lo) & (target < v_hi)
+        tl.store(tgt_ptr + pos, tgt, mask=owns)
 
 
 @triton.jit
 def _mntp_merge_kernel(
     lse_part_ptr, sum_part_ptr, max_part_ptr, arg_part_ptr, tgt_ptr, labels_ptr, order_ptr,
-    count_ptr, loss_ptr, lse_ptr, correct_ptr, N, V, smoothing,
+    count_ptr, loss_ptr, lse_ptr, correct_ptr, N, V, smoothing, row_bound,
     SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, SMOOTH: tl.constexpr,
     ACCURACY: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """Exact merge of the splits per labelled row; scatters loss, lse (and correct) by row."""
-    n_valid = tl.load(count_ptr)
+    n_valid = tl.minimum(tl.load(count_ptr), row_bound)
     if tl.program_id(0) * BLOCK_R >= n_valid:
         return
     pos = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -215,17 +222,21 @@ def _mntp_merge_kernel(
 @triton.jit
 def _mntp_dz_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, order_ptr, count_ptr, gce_ptr, glse_ptr, lse_ptr, dz_ptr,
-    r0, c0, n_chunk_cols, V, D, stride_h, stride_w, stride_dz, softcap, smoothing,
+    flag_ptr, r0, c0, n_chunk_cols, V, D, stride_h, stride_w, stride_dz, softcap, smoothing,
+    filter_eps, row_bound,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
-    HAS_GLSE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    HAS_GLSE: tl.constexpr, FILTER: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One tile of the chunk `dz[slot r0 + i, col c0 + j] = d loss / d logit` (before softcap').
 
     `dz = (g_ce + g_lse) * softmax - g_ce * ((1 - eps) [j == t] + eps / V)`, times
-    `1 - tanh^2` under softcap; 0 outside the labelled slots and the vocabulary.
+    `1 - tanh^2` under softcap; 0 outside the labelled slots and the vocabulary. With FILTER
+    (Cut Cross-Entropy's gradient filtering), a tile whose every `|dz|` is at most
+    `filter_eps * (|g_ce| + |g_lse|)` of its row is stored as zeros and flagged 0 in
+    `flag[tile row, tile col]`, so the GEMMs skip it.
     """
-    n_valid = tl.load(count_ptr)
+    n_valid = tl.minimum(tl.load(count_ptr), row_bound)
     pid_m = tl.program_id(0)
     if r0 + pid_m * BLOCK_M >= n_valid:
         return  # no GEMM reads these slots (their K loops stop at n_valid, their rows exit)
@@ -250,7 +261,8 @@ def _mntp_dz_kernel(
         z = x
     p = tl.exp(z - lse[:, None])
     if HAS_GLSE:
-        p = p * (g_ce + tl.load(glse_ptr + rows, mask=row_mask, other=0.0))[:, None]
+        g_lse = tl.load(glse_ptr + rows, mask=row_mask, other=0.0)
+        p = p * (g_ce + g_lse)[:, None]
     else:
         p = p * g_ce[:, None]
     hit = cols[None, :] == target[:, None]
@@ -261,72 +273,35 @@ def _mntp_dz_kernel(
     if HAS_SOFTCAP:
         dz = dz * (1.0 - t * t)  # d/dx softcap*tanh(x/softcap)
     dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
+    if FILTER:
+        g_abs = tl.abs(g_ce)
+        if HAS_GLSE:
+            g_abs += tl.abs(g_lse)
+        big = tl.abs(dz) > (filter_eps * g_abs)[:, None]
+        keep = tl.max(big.to(tl.int32))
+        dz = dz * keep.to(tl.float32)
+        tl.store(flag_ptr + pid_m * tl.num_programs(1) + tl.program_id(1), keep.to(tl.int8))
     ptrs = dz_ptr + local_r[:, None].to(tl.int64) * stride_dz + local_c[None, :]
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty))
 
 
 @triton.jit
-def _mntp_dh_kernel(
-    dz_ptr, w_ptr, order_ptr, count_ptr, acc_ptr, dh_ptr,
-    r0, c0, n_chunk_cols, D, stride_w, stride_dz, stride_dh, first, last,
+def _dw_role(
+    dz_ptr, h_ptr, order_ptr, acc_ptr, accb_ptr, dw_ptr, db_ptr, flag_ptr, n_valid, pid_c, pid_d,
+    r0, c0, n_chunk_rows, n_chunk_cols, D, stride_h, stride_dz, stride_dw, n_flag_cols,
+    HAS_BIAS: tl.constexpr, FILTER: tl.constexpr, FLAG_M: tl.constexpr, FLAG_V: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """`dH[slots] (+)= dz[Rc, vc] @ W[c0 : c0 + vc]`: a GEMM whose K loop (the chunk's
-    vocabulary) accumulates on chip; the float32 row-chunk partial `acc` is read and written once
-    per vocabulary chunk, and the last chunk scatters the result to `dH[order[slot]]`."""
-    n_valid = tl.load(count_ptr)
-    pid_m = tl.program_id(0)
-    if r0 + pid_m * BLOCK_M >= n_valid:
-        return
-    local_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = r0 + local_r < n_valid
-    ds = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    d_mask = ds < D
-    a_base = dz_ptr + local_r[:, None].to(tl.int64) * stride_dz
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, n_chunk_cols, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < n_chunk_cols
-        a = tl.load(a_base + ks[None, :], mask=k_mask[None, :], other=0.0)
-        b = tl.load(
-            w_ptr + (c0 + ks).to(tl.int64)[:, None] * stride_w + ds[None, :],
-            mask=k_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
-    mask = row_mask[:, None] & d_mask[None, :]
-    acc_ptrs = acc_ptr + local_r[:, None].to(tl.int64) * D + ds[None, :]
-    if first == 0:
-        acc += tl.load(acc_ptrs, mask=mask, other=0.0)
-    if last != 0:
-        rows = tl.load(order_ptr + r0 + local_r, mask=row_mask, other=0).to(tl.int64)
-        out = dh_ptr + rows[:, None] * stride_dh + ds[None, :]
-        tl.store(out, acc.to(dh_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(acc_ptrs, acc, mask=mask)
-
-
-@triton.jit
-def _mntp_dw_kernel(
-    dz_ptr, h_ptr, order_ptr, count_ptr, acc_ptr, accb_ptr, dw_ptr, db_ptr,
-    r0, c0, n_chunk_rows, n_chunk_cols, D, stride_h, stride_dz, stride_dw,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """`dW[c0 + j] (+)= dz[:, j].T @ H[order[r0 + k]]` over the chunk's labelled slots: a GEMM
-    whose K loop (the slots) accumulates on chip in float32; the vocabulary-chunk partial `acc`
-    is read and written once per row chunk, and the last row chunk writes dW (and dBias)."""
-    n_valid = tl.load(count_ptr)
+    """`dW[c0 + j] (+)= dz[:, j].T @ H[order[r0 + k]]` over the chunk's labelled slots: the K
+    loop (slots, bounded by the on-device count) accumulates on chip in float32; with one row
+    chunk (the usual plan) there is no partial, else the vocabulary-chunk partial `acc` is read
+    and written once per row chunk. The last row chunk writes dW (and dBias)."""
     if r0 >= n_valid:
         return
     n_k = tl.minimum(n_chunk_rows, n_valid - r0)
-    local_c = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    local_c = pid_c * BLOCK_M + tl.arange(0, BLOCK_M)
     col_mask = local_c < n_chunk_cols
-    pid_d = tl.program_id(1)
     ds = pid_d * BLOCK_N + tl.arange(0, BLOCK_N)
     d_mask = ds < D
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -334,23 +309,29 @@ def _mntp_dw_kernel(
     for k0 in range(0, n_k, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < n_k
-        a = tl.load(
-            dz_ptr + ks[:, None].to(tl.int64) * stride_dz + local_c[None, :],
-            mask=k_mask[:, None] & col_mask[None, :],
-            other=0.0,
-        )  # [BLOCK_K, BLOCK_M]
-        rows = tl.load(order_ptr + r0 + ks, mask=k_mask, other=0).to(tl.int64)
-        b = tl.load(
-            h_ptr + rows[:, None] * stride_h + ds[None, :],
-            mask=k_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(tl.trans(a), b, acc, input_precision=PREC)
-        if HAS_BIAS:
-            dbias += tl.sum(a.to(tl.float32), axis=0)
+        run = True
+        if FILTER:  # skip K steps whose dz tiles were all filtered out
+            f_idx = (ks // FLAG_M)[:, None] * n_flag_cols + (local_c // FLAG_V)[None, :]
+            flags = tl.load(flag_ptr + f_idx, mask=k_mask[:, None] & col_mask[None, :], other=0)
+            run = tl.max(flags.to(tl.int32)) > 0
+        if run:
+            a = tl.load(
+                dz_ptr + ks[:, None].to(tl.int64) * stride_dz + local_c[None, :],
+                mask=k_mask[:, None] & col_mask[None, :],
+                other=0.0,
+            )  # [BLOCK_K, BLOCK_M]
+            rows = tl.load(order_ptr + r0 + ks, mask=k_mask, other=0).to(tl.int64)
+            b = tl.load(
+                h_ptr + rows[:, None] * stride_h + ds[None, :],
+                mask=k_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(tl.trans(a), b, acc, input_precision=PREC)
+            if HAS_BIAS:
+                dbias += tl.sum(a.to(tl.float32), axis=0)
     mask = col_mask[:, None] & d_mask[None, :]
     b_mask = col_mask & (pid_d + tl.zeros_like(local_c) == 0)  # one program per column owns it
     acc_ptrs = acc_ptr + local_c[:, None].to(tl.int64) * D + ds[None, :]
@@ -368,6 +349,105 @@ def _mntp_dw_kernel(
         tl.store(acc_ptrs, acc, mask=mask)
         if HAS_BIAS:
             tl.store(accb_ptr + local_c, dbias, mask=b_mask)
+
+
+@triton.jit
+def _dh_role(
+    dz_ptr, w_ptr, order_ptr, acc_ptr, dh_ptr, flag_ptr, n_valid, pid_m, pid_d,
+    r0, c0, n_chunk_cols, D, stride_w, stride_dz, stride_dh, stride_acc, acc_width, first, last,
+    n_flag_cols,
+    ACC_MODE: tl.constexpr, FILTER: tl.constexpr, FLAG_M: tl.constexpr, FLAG_V: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """`dH[slots] (+)= dz[Rc, vc] @ W[c0 : c0 + vc]`: the K loop (the chunk's vocabulary)
+    accumulates on chip; the float32 partial across vocabulary chunks is read and written once
+    per chunk, in the epilogue, and the last chunk writes `dH[order[slot]]`. Where the partial
+    lives (`ACC_MODE`): 0 its own `[Rc, d]` buffer; 1 dH itself (float32 inputs); 2 the
+    ignored rows of dH, which are zero in the result and otherwise unused: slot i's float32
+    partial spans the bytes of rows `order[n_valid + 2 i]` and `order[n_valid + 2 i + 1]`
+    (16-bit dH, `acc_ptr` its float32 view of width `acc_width = d / 2`); the last chunk
+    zeroes them again."""
+    if r0 + pid_m * BLOCK_M >= n_valid:
+        return
+    local_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = r0 + local_r < n_valid
+    ds = pid_d * BLOCK_N + tl.arange(0, BLOCK_N)
+    d_mask = ds < D
+    a_base = dz_ptr + local_r[:, None].to(tl.int64) * stride_dz
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, n_chunk_cols, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < n_chunk_cols
+        run = True
+        if FILTER:
+            f_idx = (local_r // FLAG_M)[:, None] * n_flag_cols + (ks // FLAG_V)[None, :]
+            flags = tl.load(flag_ptr + f_idx, mask=row_mask[:, None] & k_mask[None, :], other=0)
+            run = tl.max(flags.to(tl.int32)) > 0
+        if run:
+            a = tl.load(a_base + ks[None, :], mask=k_mask[None, :], other=0.0)
+            b = tl.load(
+                w_ptr + (c0 + ks).to(tl.int64)[:, None] * stride_w + ds[None, :],
+                mask=k_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+    mask = row_mask[:, None] & d_mask[None, :]
+    rows = tl.load(order_ptr + r0 + local_r, mask=row_mask, other=0).to(tl.int64)
+    if ACC_MODE == 0:
+        acc_ptrs = acc_ptr + local_r[:, None].to(tl.int64) * stride_acc + ds[None, :]
+    elif ACC_MODE == 1:
+        acc_ptrs = acc_ptr + rows[:, None] * stride_acc + ds[None, :]
+    else:
+        spare = n_valid + (r0 + local_r)[:, None] * 2 + (ds // acc_width)[None, :]
+        prow = tl.load(order_ptr + spare, mask=mask, other=0).to(tl.int64)
+        acc_ptrs = acc_ptr + prow * stride_acc + (ds % acc_width)[None, :]
+    if first == 0:
+        acc += tl.load(acc_ptrs, mask=mask, other=0.0)
+    if last != 0:
+        out = dh_ptr + rows[:, None] * stride_dh + ds[None, :]
+        tl.store(out, acc.to(dh_ptr.dtype.element_ty), mask=mask)
+        if ACC_MODE == 2:
+            if first == 0:
+                tl.store(acc_ptrs, tl.zeros_like(acc), mask=mask)  # the ignored rows stay 0
+    else:
+        tl.store(acc_ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _mntp_grads_kernel(
+    dz_ptr, h_ptr, w_ptr, order_ptr, count_ptr, accw_ptr, accb_ptr, dw_ptr, db_ptr, acch_ptr,
+    dh_ptr, flag_ptr, r0, c0, n_chunk_rows, n_chunk_cols, D, stride_h, stride_w, stride_dz,
+    stride_dw, stride_dh, stride_acch, acch_width, first, last, n_flag_cols, n_dw_programs,
+    row_bound,
+    HAS_BIAS: tl.constexpr, ACC_MODE: tl.constexpr, FILTER: tl.constexpr,
+    FLAG_M: tl.constexpr, FLAG_V: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Both GEMMs of one dlogits chunk in one launch: programs `[0, n_dw_programs)` compute dW
+    tiles (their K loops over all labelled slots are the long ones, so they start first), the
+    rest dH tiles. Each output tile has one owner: deterministic, no atomics."""
+    n_valid = tl.minimum(tl.load(count_ptr), row_bound)
+    pid = tl.program_id(0)
+    n_d = tl.cdiv(D, BLOCK_N)
+    if pid < n_dw_programs:
+        _dw_role(
+            dz_ptr, h_ptr, order_ptr, accw_ptr, accb_ptr, dw_ptr, db_ptr, flag_ptr, n_valid,
+            pid // n_d, pid % n_d, r0, c0, n_chunk_rows, n_chunk_cols, D, stride_h, stride_dz,
+            stride_dw, n_flag_cols, HAS_BIAS, FILTER, FLAG_M, FLAG_V, UPCAST, PREC,
+            BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+    else:
+        q = pid - n_dw_programs
+        _dh_role(
+            dz_ptr, w_ptr, order_ptr, acch_ptr, dh_ptr, flag_ptr, n_valid, q // n_d, q % n_d,
+            r0, c0, n_chunk_cols, D, stride_w, stride_dz, stride_dh, stride_acch, acch_width,
+            first, last, n_flag_cols, ACC_MODE, FILTER, FLAG_M, FLAG_V, UPCAST, PREC,
+            BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
 
 
 # --- launch configs ------------------------------------------------------------------------------
@@ -395,7 +475,9 @@ class _Family:
     gemm: _LaunchConfig  # dH and dW GEMMs
     align: int  # chunk sizes are multiples of this (every tile divides it)
     max_chunk: int  # largest Rc / Vc
-    programs_per_sm: int  # forward splits aim at this many programs per SM
+    programs_per_sm: int  # (kept for the autotuned grids) programs per SM of a full wave
+    persist: int = 2  # persistent forward programs per SM (two 128 x 128 bf16 programs fit)
+    vocab_cap: int = 65536  # largest Vc of the one-row-chunk backward plan
 
 
 C = _LaunchConfig
@@ -414,7 +496,9 @@ _CONFIGS: dict[str, _Family] = {
     # Interpreter: tl.dot is a numpy matmul whose cost follows the padded MACs, so tiles fit the
     # test shapes (d = 96 is 3 K steps of 32, V = 1003 eight vocabulary tiles) and chunks are
     # small so the tests cover several chunks and splits.
-    "interpreter": _Family(C(32, 128, 32, 4, 1), C(64, 128, 64, 4, 1), 128, 512, 4),
+    "interpreter": _Family(
+        C(32, 128, 32, 4, 1), C(64, 128, 64, 4, 1), 128, 512, 4, persist=1, vocab_cap=512
+    ),
 }
 
 
@@ -471,69 +555,106 @@ def _launch_tiles(
 
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
-        return 4  # interpreter: a few "SMs" so the tests see several vocabulary splits
+        return 4  # interpreter: a few "SMs" so the tests see several programs and splits
     index = device.index if device.index is not None else torch.cuda.current_device()
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _num_splits(n: int, v: int, device: torch.device) -> int:
-    """Vocabulary splits of the forward so that few labelled rows still fill the GPU.
+@dataclass(frozen=True)
+class _FwdPlan:
+    splits: int  # vocabulary splits
+    programs: int  # persistent programs (the grid)
+    units: int  # (split, row block) work units for `rows` labelled rows
+    waves: float  # units / programs: the last wave is `waves - floor(waves)` full
 
-    The number of labelled rows is on the device (no host sync), so the grid assumes MNTP's
-    usual fraction, about a third of `n`: (row blocks / 3) x splits ~ `programs_per_sm` waves.
-    Each split keeps >= 4 vocabulary tiles (one tile in the interpreter) so its merge is cheap.
+
+def _fwd_plan_of(family: _Family, rows: int, v: int, sms: int, interpreter: bool) -> _FwdPlan:
+    """Splits and persistent grid of the forward for `rows` labelled rows (a bound or estimate).
+
+    The grid is `persist` programs per SM (two 128 x 128 programs fit an H100 SM) and every
+    program strides over (split, row block) units, so the number of launches does not depend on
+    the rows. Splits keep >= 4 vocabulary tiles each (one in the interpreter) and are chosen, up
+    to 64, so the last wave of units is as full as possible (at 9,830 rows: 77 row blocks x 64
+    splits = 4,928 units on 264 programs = 18.7 waves, 98% of the last-wave-rounded time busy).
     """
-    name = arch_family(device)
-    return _num_splits_of(_CONFIGS[name], n, v, _sm_count(device), name == "interpreter")
-
-
-def _num_splits_of(family: _Family, n: int, v: int, sms: int, interpreter: bool = False) -> int:
     bm, bv = family.fwd.block_m, family.fwd.block_n
     tiles = triton.cdiv(v, bv)
-    min_tiles = 1 if interpreter else 4
-    row_blocks = max(1, triton.cdiv(n, bm) // 3)
-    wanted = triton.cdiv(family.programs_per_sm * sms, row_blocks)
-    return max(1, min(wanted, tiles // min_tiles, 64))
+    blocks = triton.cdiv(max(rows, 1), bm)
+    programs = sms * family.persist
+    most = max(1, min(64, tiles // (1 if interpreter else 4)))
+    best, best_eff = 1, -1.0
+    for s in range(1, most + 1):
+        units = blocks * s
+        eff = units / (triton.cdiv(units, programs) * programs)
+        # fewer splits when equally good (cheaper merge); aim for >= 4 waves of units
+        score = eff + (0.0 if units >= 4 * programs or s == most else -1.0)
+        if score > best_eff + 1e-9:
+            best, best_eff = s, score
+    units = blocks * best
+    programs = min(programs, units)
+    return _FwdPlan(best, programs, units, units / programs)
 
 
-def working_memory(
-    n: int, v: int, d: int, elem: int, *, family: str = "hopper", sms: int = 132
-) -> dict[str, int]:
-    """Bytes the op allocates beyond its inputs, outputs and gradients, as the launchers size
-    them (no GPU needed): `fwd` (compaction, split partials, saved lse) and `bwd` (compaction,
-    float32 upstream gradient, saved lse, dlogits chunk, the larger float32 partial)."""
-    fam = _CONFIGS[family]
-    splits = _num_splits_of(fam, n, v, sms)
-    compact = n * 8 + 4
-    fwd = compact + splits * n * 4 + n * 4 + n * 4  # order, lse parts, target logits, lse
-    rc, vc = _chunk_sizes_of(fam, n, v, d, elem, True, True)
-    partial = max(rc * d * 4 if vc < v else 0, (vc * d * 4 + vc * 4) if rc < n else 0)
-    bwd = compact + n * 4 + n * 4 + rc * vc * elem + partial
-    return {"fwd": fwd, "bwd": bwd, "chunk_rows": rc, "chunk_vocab": vc, "splits": splits}
+@dataclass(frozen=True)
+class _BwdPlan:
+    rows: int  # Rc: labelled slots per chunk (all of them unless `two_pass`)
+    vocab: int  # Vc: vocabulary entries per chunk
+    acc_mode: int  # where dH's float32 partial lives: 0 buffer, 1 dH itself, 2 dH's ignored rows
+    two_pass: bool  # several row chunks: a dW pass and a dH pass recompute dlogits (10 n V d)
+
+    def chunks(self, n_rows: int, v: int) -> int:
+        return triton.cdiv(max(n_rows, 1), self.rows) * triton.cdiv(v, self.vocab)
 
 
-def _chunk_sizes(
-    n: int, v: int, d: int, elem: int, need_dh: bool, need_dw: bool, device: torch.device
-) -> tuple[int, int]:
-    """(Rc, Vc): labelled slots x vocabulary per backward chunk.
+def _bwd_plan_of(
+    family: _Family, n: int, bound: int, v: int, d: int, elem: int, dh_elem: int,
+    need_dh: bool, need_dw: bool,
+) -> _BwdPlan:  # fmt: skip
+    """(Rc, Vc, partial placement) of the backward for `bound` labelled rows out of `n`.
 
-    Working memory = `Rc * Vc * elem` (the dlogits chunk) + the float32 partials: dH's
-    `Rc * d * 4` (only with more than one vocabulary chunk) and dW's `Vc * d * 4` (only with more
-    than one row chunk); at most `_SCRATCH_BYTES` unless even the smallest chunk exceeds it. One
-    row chunk covering all `n` rows is preferred (each dlogits chunk then feeds both GEMMs: 8
-    n V d FLOPs in all); otherwise the dH and dW passes recompute the chunk each (10 n V d).
-    Example (bf16, H100/H200): n = 32,768 tokens, V = 151,936, d = 1024: one row chunk would
-    need a 128 MB float32 dH partial, so two passes with Rc = Vc = 3840: 28 MB of dlogits + a
-    15 MB partial = 43 MB (d = 2048: 3328 x 3328, 21 + 26 = 47 MB); with the compaction index,
-    float32 upstream gradient and saved lse (0.4 MB) the backward needs 44 MB (48 MB at d = 2048),
-    below the 64 MB target, whatever the labelled fraction (`working_memory`).
+    The usual plan is one row chunk holding every labelled slot: each dlogits chunk `[Rc, Vc]`
+    feeds both GEMMs (8 n V d FLOPs with the forward, as Cut Cross-Entropy), dW needs no partial
+    (its K loop covers all slots) and dH's float32 partial across vocabulary chunks lives where
+    it costs no memory when it can: in dH itself for float32 inputs, else in the rows of dH that
+    are ignored (zero in the result): that takes `n >= 3 * bound` for 16-bit dH (MNTP labels
+    20-33% of rows). Vc is the largest multiple of the alignment with `Rc Vc elem` (+ a partial
+    buffer when one is needed) within `_SCRATCH_BYTES`. Example (bf16, H100): n = 32,768, 9,830
+    labelled, V = 151,936: Rc = 9,984, Vc = 2,304 (44 MB), 66 chunks, d = 1024 or 2048 alike.
+    When no single row chunk fits (many labelled rows and no room for dH's partial), the
+    two-pass plan of `_two_pass_sizes_of` bounds the memory at 10 n V d FLOPs.
     """
-    return _chunk_sizes_of(_CONFIGS[arch_family(device)], n, v, d, elem, need_dh, need_dw)
+    align = family.align
+    rows = triton.cdiv(max(bound, 1), align) * align
+    v_al = triton.cdiv(v, align) * align
+    if not need_dh:
+        mode = 0
+    elif dh_elem == 4:
+        mode = 1
+    elif (d * dh_elem) % 4 == 0 and n >= bound * (1 + 4 // dh_elem):
+        mode = 2
+    else:
+        mode = 0
+
+    def cost(vc: int) -> int:
+        partial = rows * d * 4 if need_dh and mode == 0 and vc < v else 0
+        return rows * vc * elem + partial
+
+    vc = min(v_al, family.vocab_cap)
+    if cost(vc) > _SCRATCH_BYTES:
+        vc = max(align, (_SCRATCH_BYTES // max(rows * elem, 1)) // align * align)
+        while vc > align and cost(vc) > _SCRATCH_BYTES:
+            vc -= align
+    if cost(vc) <= _SCRATCH_BYTES:
+        return _BwdPlan(rows, vc, mode, False)
+    rc, vc = _two_pass_sizes_of(family, bound, v, d, elem, need_dh, need_dw)
+    return _BwdPlan(rc, vc, 0, rc < rows)
 
 
-def _chunk_sizes_of(
+def _two_pass_sizes_of(
     family: _Family, n: int, v: int, d: int, elem: int, need_dh: bool, need_dw: bool
 ) -> tuple[int, int]:
+    """(Rc, Vc) of the two-pass plan: the dlogits chunk + the larger float32 partial (dH rows of
+    a row chunk or dW rows of a vocabulary chunk) within `_SCRATCH_BYTES`."""
     align, cap = family.align, family.max_chunk
     n_al = triton.cdiv(max(n, 1), align) * align
     v_al = triton.cdiv(v, align) * align
@@ -543,20 +664,49 @@ def _chunk_sizes_of(
         dw = (vc * d * 4 + vc * 4) if need_dw and rc < n else 0
         return rc * vc * elem + max(dh, dw)
 
-    # one row chunk: the largest vocabulary chunk that fits, if it is not tiny
-    vc = min(v_al, cap)
-    while vc > align and cost(n_al, vc) > _SCRATCH_BYTES:
-        vc -= align
-    if cost(n_al, vc) <= _SCRATCH_BYTES and (vc >= min(v_al, cap // 4) or n_al <= cap):
-        return n_al, vc
     size = cap
     while size > align and cost(min(size, n_al), min(size, v_al)) > _SCRATCH_BYTES:
         size -= align
     return min(size, n_al), min(size, v_al)
 
 
+def _row_bound(n: int, num_labelled: int | None) -> int:
+    """Rows the kernels may see labelled: the caller's count, else all `n` (no host sync)."""
+    return n if num_labelled is None or num_labelled < 0 else min(int(num_labelled), n)
+
+
+def working_memory(
+    n: int, v: int, d: int, elem: int, *, num_labelled: int | None = None,
+    family: str = "hopper", sms: int = 132,
+) -> dict[str, int]:  # fmt: skip
+    """Bytes the op allocates beyond its inputs, outputs and gradients, as the launchers size
+    them (no GPU needed): `fwd` (compaction, split partials, target logits, saved lse) and `bwd`
+    (compaction, float32 upstream gradient, dlogits chunk, a partial buffer if the plan needs
+    one), with the plans' chunk sizes, splits, launches and waves."""
+    fam = _CONFIGS[family]
+    bound = _row_bound(n, num_labelled)
+    fp = _fwd_plan_of(fam, bound, v, sms, False)
+    compact = n * 8 + 4
+    fwd = compact + fp.splits * n * 4 + n * 4 + n * 4
+    bp = _bwd_plan_of(fam, n, bound, v, d, elem, elem, True, True)
+    if bp.two_pass:
+        partial = max(bp.rows * d * 4 if bp.vocab < v else 0, bp.vocab * d * 4 + bp.vocab * 4)
+    else:
+        partial = bp.rows * d * 4 if bp.acc_mode == 0 and bp.vocab < v else 0
+    bwd = compact + n * 4 + bp.rows * bp.vocab * elem + partial
+    chunks = bp.chunks(bound, v)
+    bwd_launches = chunks * (4 if bp.two_pass else 2)
+    return {
+        "fwd": fwd, "bwd": bwd, "chunk_rows": bp.rows, "chunk_vocab": bp.vocab,
+        "splits": fp.splits, "fwd_programs": fp.programs, "fwd_units": fp.units,
+        "fwd_waves": fp.waves, "chunks": chunks, "two_pass": bp.two_pass,
+        "fwd_launches": 2, "bwd_launches": bwd_launches,
+    }  # fmt: skip
+
+
 def _compact(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order, count): labelled row indices first, in order; count as a 1-element int32 tensor.
+    """(order, count): labelled row indices first, in order, then the ignored rows in order;
+    count as a 1-element int32 tensor.
 
     A stable partition on the device instead of `nonzero()`, which would sync with the host.
     """
@@ -564,6 +714,18 @@ def _compact(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, tor
     order = torch.argsort(valid.to(torch.uint8), descending=True, stable=True)
     count = valid.sum(dtype=torch.int32).reshape(1)
     return order, count
+
+
+def _check_bound(count: torch.Tensor, bound: int, n: int) -> None:
+    """`num_labelled` must be at least the labelled rows: a device-side assert on a GPU (no
+    host sync), a ValueError elsewhere. The kernels also clamp to it, so no address past the
+    buffers is ever formed."""
+    if bound >= n:
+        return
+    if count.device.type == "cuda":
+        torch._assert_async(count[0] <= bound, "num_labelled is below the labelled rows")
+    elif int(count[0]) > bound:
+        raise ValueError(f"num_labelled={bound} is below the {int(count[0])} labelled rows")
 
 
 def _dot_precision(dtype: torch.dtype, device: torch.device) -> str | None:
@@ -604,9 +766,12 @@ def _triton_forward(
     softcap: float,
     label_smoothing: float = 0.0,
     with_accuracy: bool = False,
+    num_labelled: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row loss [N], lse [N] and correct [N] (float32; 0 at ignored rows; correct is empty
-    unless `with_accuracy`) of `hidden [N, d]`."""
+    unless `with_accuracy`) of `hidden [N, d]`; `num_labelled` (-1 = unknown) sizes the grid.
+
+    Two Triton launches whatever N: the persistent `_mntp_fwd_kernel` and the merge."""
     n, d = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
@@ -616,7 +781,13 @@ def _triton_forward(
     if n == 0:
         return loss, lse, correct
     order, count = _compact(labels, ignore_index)
-    splits = _num_splits(n, v, dev)
+    bound = _row_bound(n, num_labelled)
+    _check_bound(count, bound, n)
+    name = arch_family(dev)
+    # unknown count: MNTP's usual third of the rows sizes the splits (any count stays correct)
+    estimate = bound if num_labelled is not None and num_labelled >= 0 else max(1, n // 3)
+    plan = _fwd_plan_of(_CONFIGS[name], estimate, v, _sm_count(dev), name == "interpreter")
+    splits = plan.splits
     smooth = label_smoothing > 0.0
     lse_part = torch.empty(splits, n, dtype=torch.float32, device=dev)
     sum_part = torch.empty(splits, n, dtype=torch.float32, device=dev) if smooth else lse_part
@@ -626,15 +797,18 @@ def _triton_forward(
     b = bias if bias is not None else weight  # dummy pointer, never read (HAS_BIAS=False)
     flags = _flags(hidden, bias, softcap)
     args = (hidden, weight, b, labels, order, count, lse_part, sum_part, max_part, arg_part, tgt,
-            n, v, d, hidden.stride(0), weight.stride(0), softcap)  # fmt: skip
+            n, v, d, hidden.stride(0), weight.stride(0), softcap, bound, splits)  # fmt: skip
     flags = {**flags, "SMOOTH": smooth, "ACCURACY": with_accuracy}
-    _launch_tiles(
-        "fwd", dev, lambda bm, bv: (triton.cdiv(n, bm), splits), args, flags, hidden.dtype
-    )
+    programs = _sm_count(dev) * _CONFIGS[name].persist
+
+    def grid_of(bm: int, bv: int) -> tuple[int]:
+        return (max(1, min(programs, triton.cdiv(bound, bm) * splits)),)
+
+    _launch_tiles("fwd", dev, grid_of, args, flags, hidden.dtype)
     block_r = 64
-    _mntp_merge_kernel[(triton.cdiv(n, block_r),)](
+    _mntp_merge_kernel[(triton.cdiv(bound, block_r),)](
         lse_part, sum_part, max_part, arg_part, tgt, labels, order, count, loss, lse,
-        correct if with_accuracy else loss, n, v, float(label_smoothing),
+        correct if with_accuracy else loss, n, v, float(label_smoothing), bound,
         SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), SMOOTH=smooth,
         ACCURACY=with_accuracy, BLOCK_R=block_r, num_warps=4,
     )  # fmt: skip
@@ -654,12 +828,17 @@ def _triton_backward(
     need_dw: bool = True,
     label_smoothing: float = 0.0,
     grad_lse: torch.Tensor | None = None,
+    num_labelled: int = -1,
+    filter_eps: float = 0.0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dhidden [N, d], dweight [V, d], dbias [V]) for per-row gradients of the loss (`grad`)
     and of the log-sum-exp (`grad_lse`, from the z-loss; None = 0).
 
-    A gradient that is not needed (need_dh / need_dw, the latter covering weight and bias) is
-    None and its GEMMs are not launched: a frozen lm_head saves a third of the backward.
+    Two Triton launches per dlogits chunk (`_mntp_dz_kernel`, then `_mntp_grads_kernel` with
+    both GEMMs), the chunks sized by `_bwd_plan_of` from `num_labelled` (-1: all rows may be
+    labelled). A gradient that is not needed (need_dh / need_dw, the latter covering weight and
+    bias) is None and its GEMM programs are not launched. `filter_eps > 0` skips the dlogits
+    tiles whose every entry is at most `filter_eps` times its row's upstream gradient.
     """
     n, d = hidden.shape
     v = weight.shape[0]
@@ -672,69 +851,86 @@ def _triton_backward(
     grad = grad.to(torch.float32).contiguous()
     glse = grad_lse.to(torch.float32).contiguous() if grad_lse is not None else grad
     order, count = _compact(labels, ignore_index)
+    bound = _row_bound(n, num_labelled)
+    _check_bound(count, bound, n)
     flags = _flags(hidden, bias, softcap)
     # the interpreter keeps dlogits in float32: its bf16 stores are not round-to-nearest
     dz_dtype = torch.float32 if flags["UPCAST"] else hidden.dtype
     elem = torch.finfo(dz_dtype).bits // 8
-    rc, vc = _chunk_sizes(n, v, d, elem, need_dh, need_dw, dev)
+    dh_elem = hidden.element_size()
+    family = _CONFIGS[arch_family(dev)]
+    plan = _bwd_plan_of(family, n, bound, v, d, elem, dh_elem, need_dh, need_dw)
+    rc, vc = plan.rows, plan.vocab
     dz = torch.empty(rc, vc, dtype=dz_dtype, device=dev)
-    multi_row = rc < n
     f32 = {"dtype": torch.float32, "device": dev}
-    acc_h = acc_w = acc_b = dz  # dummies until a pass needs them (never both partials at once)
     b = bias if bias is not None else weight
     smooth = label_smoothing > 0.0
-    dz_flags = {**flags, "SMOOTH": smooth, "HAS_GLSE": grad_lse is not None}
+    filtering = filter_eps > 0.0
+    fwd_cfg = launch_config(dev, "fwd", hidden.dtype)
+    flag = torch.empty(
+        triton.cdiv(rc, fwd_cfg.block_m) * triton.cdiv(vc, fwd_cfg.block_n) if filtering else 1,
+        dtype=torch.int8, device=dev,
+    )  # fmt: skip
+    dz_flags = {**flags, "SMOOTH": smooth, "HAS_GLSE": grad_lse is not None, "FILTER": filtering}
     gemm = launch_config(dev, "gemm", hidden.dtype)
     gemm_kw = {"BLOCK_M": gemm.block_m, "BLOCK_N": gemm.block_n, "BLOCK_K": gemm.block_k,
-               "UPCAST": flags["UPCAST"], "PREC": flags["PREC"],
+               "UPCAST": flags["UPCAST"], "PREC": flags["PREC"], "HAS_BIAS": db is not None,
+               "FILTER": filtering, "FLAG_M": fwd_cfg.block_m, "FLAG_V": fwd_cfg.block_n,
                **gemm.launch_kwargs()}  # fmt: skip
-    row_chunks = range(0, n, rc)
-    vocab_chunks = range(0, v, vc)
+    n_dt = triton.cdiv(d, gemm.block_n)
+    # dH's partial: a buffer, dH itself (float32) or the float32 view of dH's ignored rows
+    acc_h, acc_width = dz, d
+    if need_dh and vc < v and not plan.two_pass:
+        if plan.acc_mode == 1:
+            acc_h = dh
+        elif plan.acc_mode == 2:
+            acc_h, acc_width = dh.view(torch.float32), d * dh_elem // 4
+        else:
+            acc_h = torch.empty(rc, d, **f32)
+    acc_w = acc_b = dz  # dW's partial: only in the two-pass plan
 
     def make_dz(r0: int, c0: int) -> int:
         cols = min(vc, v - c0)
-        args = (hidden, weight, b, labels, order, count, grad, glse, lse, dz, r0, c0, cols, v, d,
-                hidden.stride(0), weight.stride(0), dz.stride(0), softcap,
-                float(label_smoothing))  # fmt: skip
+        args = (hidden, weight, b, labels, order, count, grad, glse, lse, dz, flag, r0, c0, cols,
+                v, d, hidden.stride(0), weight.stride(0), dz.stride(0), softcap,
+                float(label_smoothing), float(filter_eps), bound)  # fmt: skip
         grid_of = lambda bm, bv: (triton.cdiv(rc, bm), triton.cdiv(cols, bv))  # noqa: E731
-        _launch_tiles("dz", dev, grid_of, args, dz_flags, hidden.dtype)
+        if filtering:  # the flag layout must be the fixed config's tiles: never autotuned
+            _mntp_dz_kernel[grid_of(fwd_cfg.block_m, fwd_cfg.block_n)](
+                *args, **dz_flags, BLOCK_M=fwd_cfg.block_m, BLOCK_V=fwd_cfg.block_n,
+                BLOCK_K=fwd_cfg.block_k, **fwd_cfg.launch_kwargs(),
+            )  # fmt: skip
+        else:
+            _launch_tiles("dz", dev, grid_of, args, dz_flags, hidden.dtype)
         return cols
 
-    def dw_gemm(r0: int, c0: int, cols: int) -> None:
-        grid = (triton.cdiv(cols, gemm.block_m), triton.cdiv(d, gemm.block_n))
-        _mntp_dw_kernel[grid](
-            dz, hidden, order, count, acc_w, acc_b, dw, db if db is not None else dw, r0, c0,
-            rc, cols, d, hidden.stride(0), dz.stride(0), dw.stride(0),
-            HAS_BIAS=db is not None, **gemm_kw,
+    def grads(r0: int, c0: int, cols: int, do_dw: bool, do_dh: bool) -> None:
+        n_dw = triton.cdiv(cols, gemm.block_m) * n_dt if do_dw else 0
+        n_dh = triton.cdiv(rc, gemm.block_m) * n_dt if do_dh else 0
+        _mntp_grads_kernel[(n_dw + n_dh,)](
+            dz, hidden, weight, order, count, acc_w, acc_b, dw if dw is not None else dz,
+            db if db is not None else dz, acc_h, dh if dh is not None else dz, flag, r0, c0, rc,
+            cols, d, hidden.stride(0), weight.stride(0), dz.stride(0), dw.stride(0) if do_dw else 0,
+            dh.stride(0) if do_dh else 0, acc_h.stride(0), acc_width, int(c0 == 0),
+            int(c0 + vc >= v), triton.cdiv(cols, fwd_cfg.block_n), n_dw, bound,
+            ACC_MODE=plan.acc_mode if do_dh and vc < v else 0, **gemm_kw,
         )  # fmt: skip
 
-    def dh_gemm(r0: int, c0: int, cols: int) -> None:
-        grid = (triton.cdiv(rc, gemm.block_m), triton.cdiv(d, gemm.block_n))
-        _mntp_dh_kernel[grid](
-            dz, weight, order, count, acc_h, dh, r0, c0, cols, d, weight.stride(0), dz.stride(0),
-            dh.stride(0), int(c0 == 0), int(c0 + vc >= v), **gemm_kw,
-        )  # fmt: skip
-
-    if not multi_row:  # one row chunk: each dlogits chunk feeds both GEMMs
-        if need_dh and vc < v:
-            acc_h = torch.empty(rc, d, **f32)
-        for c0 in vocab_chunks:
-            cols = make_dz(0, c0)
-            if need_dw:
-                dw_gemm(0, c0, cols)
-            if need_dh:
-                dh_gemm(0, c0, cols)
+    if not plan.two_pass:  # one row chunk: each dlogits chunk feeds both GEMMs
+        for c0 in range(0, v, vc):
+            grads(0, c0, make_dz(0, c0), need_dw, need_dh)
         return dh, dw, db
+    row_chunks = range(0, bound, rc)
     if need_dw:  # vocabulary-major: dW's partial covers one vocabulary chunk
         acc_w = torch.empty(vc, d, **f32)
         acc_b = torch.empty(vc, **f32) if db is not None else dz
-        for c0 in vocab_chunks:
+        for c0 in range(0, v, vc):
             for r0 in row_chunks:
-                dw_gemm(r0, c0, make_dz(r0, c0))
+                grads(r0, c0, make_dz(r0, c0), True, False)
     if need_dh:  # row-major: dH's partial covers one row chunk
         acc_w = acc_b = dz
         acc_h = torch.empty(rc, d, **f32) if vc < v else dz
         for r0 in row_chunks:
-            for c0 in vocab_chunks:
-                dh_gemm(r0, c0, make_dz(r0, c0))
+            for c0 in range(0, v, vc):
+                grads(r0, c0, make_dz(r0, c0), False, True)
     return dh, dw, db
