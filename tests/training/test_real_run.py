@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 
 from bidirlm.cli import main as cli_main
 from bidirlm.runtime.embedded import embedded_tiny_model, save_random_qwen3
+from bidirlm.runtime.training.audit import config_changes
 from bidirlm.runtime.training.config import load_train_config
 from bidirlm.runtime.training.trainer import (
     TrainingError,
     TrainingInterrupted,
-    config_changes,
     train,
 )
 
@@ -86,7 +86,7 @@ def test_activations_stay_in_the_autocast_dtype() -> None:
     """float32 master weights under a bf16 autocast: q, k, v (and so the attention) are bf16,
     the LM head sees bf16 hidden states, and the loss is close to the float32 one."""
     from bidirlm.runtime.models import load_model
-    from bidirlm.runtime.training.trainer import PhaseModule
+    from bidirlm.runtime.training.phases import PhaseModule
 
     encoder = load_model(embedded_tiny_model(), dtype=torch.float32)
     seen: list[torch.dtype] = []

@@ -17,13 +17,13 @@ from .corpus import (
     stdlib_files,
 )
 from .heldout import HELDOUT_FRACTION, embedded_task, split_of, stdlib_pairs, stdlib_texts
+from .names import is_embedded, resolve_embedded, resolve_model_path
 from .tasks import EMBEDDED_TASKS, PACKAGES, TOKEN_TAGS, package_task, token_task
 from .tiny import (
     TINY_MODEL_NAME,
     TINY_SPECIAL_TOKENS,
     TINY_VOCAB_SIZE,
     embedded_tiny_model,
-    resolve_model_path,
     save_random_qwen3,
     tiny_qwen3_config,
 )
@@ -40,10 +40,12 @@ __all__ = [
     "cache_root",
     "embedded_task",
     "embedded_tiny_model",
+    "is_embedded",
     "package_task",
     "python_code_texts",
     "python_docs_texts",
     "python_pairs",
+    "resolve_embedded",
     "resolve_model_path",
     "save_random_qwen3",
     "split_of",

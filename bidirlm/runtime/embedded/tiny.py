@@ -126,12 +126,3 @@ def embedded_tiny_model(cache_dir: str | os.PathLike[str] | None = None) -> Path
         )
 
     return _build_atomic(final, build)
-
-
-def resolve_model_path(name: str) -> Path:
-    """Map `embedded:tiny` to its cached folder; any other name is returned as a Path."""
-    if name.startswith("embedded:"):
-        if name != "embedded:tiny":
-            raise ValueError(f"unknown embedded model {name!r}; the only one is 'embedded:tiny'")
-        return embedded_tiny_model()
-    return Path(name).expanduser()

@@ -20,6 +20,7 @@ across nodes) and rank 0 renames it after a barrier.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -30,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from bidirlm.runtime.jsonl import read_jsonl
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "state.json"
@@ -241,3 +244,37 @@ def load_checkpoint(path: str | Path, *, rank: int = 0) -> Checkpoint:
         rng_tensors = load_tensors(path / f"rng-rank{rank}.safetensors")
         rng_data = json.loads((path / f"rng-rank{rank}.json").read_text(encoding="utf-8"))
     return Checkpoint(path, int(state["step"]), model, optimizer, state, rng_tensors, rng_data)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the rows of `metrics.jsonl` logged after the checkpoint we resume from (they will
+    be redone). An incomplete last line (a crash in the middle of writing it) is dropped; a bad
+    line elsewhere is a ValueError naming the file and line. The file is rewritten atomically."""
+    if not path.is_file():
+        return
+    keep = [row for _, row in read_jsonl(path, torn_tail_ok=True) if row.get("step", 0) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def check_shapes(
+    path: Path, state: dict[str, torch.Tensor], own_state: dict[str, torch.Tensor], model: str
+) -> None:
+    """A checkpoint `state` of another model than the encoder whose state dict is `own_state`
+    (other shapes or tensors) is a one-line ValueError."""
+    own = {f"encoder.{k}": tuple(v.shape) for k, v in own_state.items()}
+    saved = {k: tuple(v.shape) for k, v in state.items()}
+    for key in sorted(own.keys() & saved.keys()):
+        if own[key] != saved[key]:
+            raise ValueError(
+                f"{path} is a checkpoint of another model: {key} is {list(saved[key])} there but "
+                f"{list(own[key])} in {model}; use another train.output"
+            )
+    missing = sorted(own.keys() - saved.keys())
+    if missing and saved.keys() & own.keys():
+        raise ValueError(
+            f"{path} is a checkpoint of another model: it lacks {missing[0]}"
+            f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}; use another "
+            "train.output"
+        )

@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
+from bidirlm.runtime.embedded.names import is_embedded
+
+from .registry import get_phase
 from .task_config import TaskConfig, resolve_dev_path
 
 if sys.version_info >= (3, 11):
@@ -286,8 +289,6 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 # The training config
 # --------------------------------------------------------------------------------------------
 
-Phase = Literal["causal", "mntp", "contrastive", "sequence-classification", "token-classification"]
-
 
 def check_device(device: str, key: str) -> None:
     """`auto`, `cpu`, `cuda`, `cuda:N`, `mps`...: a device torch can name (ValueError naming `key`).
@@ -461,7 +462,7 @@ class TrainConfig:
     """A training run: `phase` on `model` with `data`, writing under `train.output`."""
 
     model: str  # Hugging Face folder or "embedded:tiny"
-    phase: Phase
+    phase: str  # a name in `training.registry.PHASES` (causal, mntp, contrastive, ...)
     train: TrainSection
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -471,6 +472,7 @@ class TrainConfig:
     task: TaskConfig = field(default_factory=TaskConfig)  # the fine-tuning phases
 
     def __post_init__(self) -> None:
+        get_phase(self.phase)  # a ValueError listing the registered phases
         if not self.data.sources:
             raise ValueError("data.sources is empty: add at least one [[data.sources]] table")
 
@@ -511,15 +513,17 @@ def _resolve_source_paths(data: dict[str, Any], folder: Path) -> None:
     for source in sources:
         if isinstance(source, dict) and isinstance(source.get("path"), str):
             path = source["path"]
-            if path and not path.startswith("embedded:"):
+            if path and not is_embedded(path):
                 expanded = Path(path).expanduser()
                 if not expanded.is_absolute():
                     source["path"] = os.path.abspath(folder / expanded)
 
 
 def _resolve(value: str, base: Path) -> str:
-    if value.startswith("embedded:") or Path(value).expanduser().is_absolute():
-        return str(Path(value).expanduser()) if not value.startswith("embedded:") else value
+    if is_embedded(value):
+        return value
+    if Path(value).expanduser().is_absolute():
+        return str(Path(value).expanduser())
     return str(base / value)
 
 

@@ -34,7 +34,6 @@ permutation per epoch, so no record repeats before all have been seen.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +42,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from bidirlm.runtime.embedded.names import is_embedded, resolve_embedded
+from bidirlm.runtime.jsonl import JsonLinesError, index_jsonl, parse_line, read_record
+
 from .config import SourceConfig
 from .multimodal import is_item, localize
 
-EMBEDDED_SOURCES = ("embedded:python-docs", "embedded:python-code", "embedded:python-pairs")
 # JSON Lines files up to this size are read whole before training (measured 66 MiB/s on a busy
 # 2-core CPU: about 4 s for the largest).
 FULL_CHECK_BYTES = 256 * 2**20
@@ -116,16 +117,7 @@ class JsonLinesSource(RecordSource):
     def __init__(self, path: Path) -> None:
         self.name = str(path)
         self.path = path
-        offsets, lines = [], []
-        with path.open("rb") as fh:
-            pos = 0
-            for number, line in enumerate(fh, 1):
-                if line.strip():
-                    offsets.append(pos)
-                    lines.append(number)
-                pos += len(line)
-        self._offsets = np.asarray(offsets, dtype=np.int64)
-        self._lines = np.asarray(lines, dtype=np.int64)
+        self._offsets, self._lines = index_jsonl(path)
 
     def __len__(self) -> int:
         return len(self._offsets)
@@ -133,41 +125,25 @@ class JsonLinesSource(RecordSource):
     def where(self, index: int) -> str:
         return f"line {int(self._lines[index])}"
 
-    def parse(self, line: bytes, index: int) -> dict[str, Any]:
-        """One line's record; `BadRecordError` naming the file and line when it is not one."""
-        try:
-            record = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise BadRecordError(
-                f"{self.path}: {self.where(index)} is not valid UTF-8 "
-                f"(byte {exc.object[exc.start]:#04x} at column {exc.start + 1})"
-            ) from None
-        except json.JSONDecodeError as exc:
-            raise BadRecordError(
-                f"{self.path}: {self.where(index)} is not valid JSON: {exc}"
-            ) from None
-        if not isinstance(record, dict):
-            raise BadRecordError(f"{self.path}: {self.where(index)} is not a JSON object")
-        return record
-
     def __getitem__(self, index: int) -> dict[str, Any]:
-        with self.path.open("rb") as fh:
-            fh.seek(int(self._offsets[index]))
-            line = fh.readline()
-        return self.parse(line, index)
+        """Record `index`; `BadRecordError` naming the file and line when it is not one."""
+        try:
+            return read_record(self.path, int(self._offsets[index]), int(self._lines[index]))
+        except JsonLinesError as exc:
+            raise BadRecordError(exc.sentence) from None
 
     def scan(self, fields: Sequence[str]) -> list[str]:
         """Read every record in order; the problem of each bad one (`file: line N ...`)."""
         problems = []
         with self.path.open("rb") as fh:
             index = 0
-            for line in fh:
+            for number, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
                 try:
-                    problem = record_problem(self.parse(line, index), fields)
-                except BadRecordError as exc:
-                    problems.append(str(exc))
+                    problem = record_problem(parse_line(line, self.path, number), fields)
+                except JsonLinesError as exc:
+                    problems.append(exc.sentence)
                 else:
                     if problem is not None:
                         problems.append(f"{self.path}: {self.where(index)} {problem}")
@@ -254,20 +230,8 @@ def _is_hf_dataset_dir(path: Path) -> bool:
 def open_source(config: SourceConfig) -> RecordSource:
     """Open the source a `[[data.sources]]` table names; errors name the path and the problem."""
     spec = config.path
-    if spec.startswith("embedded:"):
-        from bidirlm.runtime import embedded
-
-        if spec == "embedded:python-docs":
-            records = [{"text": t} for t in embedded.python_docs_texts()]
-        elif spec == "embedded:python-code":
-            records = [{"text": t} for t in embedded.python_code_texts()]
-        elif spec == "embedded:python-pairs":
-            records = embedded.python_pairs()
-        else:
-            raise ValueError(
-                f"unknown embedded source {spec!r}; choose one of {', '.join(EMBEDDED_SOURCES)}"
-            )
-        return ListSource(spec, records)
+    if is_embedded(spec):
+        return ListSource(spec, resolve_embedded(spec, "source"))
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"data source {spec} does not exist")

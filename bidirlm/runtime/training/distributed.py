@@ -186,3 +186,17 @@ def load_full_state(
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=options)
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def nonfinite_parameters(model: nn.Module, info: DistInfo) -> list[str]:
+    """Names of this rank's parameters holding NaN/Inf; every rank agrees on whether any does
+    (the count is all-reduced: "(on another rank)" when only others have some)."""
+    names = []
+    for name, param in model.named_parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        if not bool(torch.isfinite(local.detach()).all()):
+            names.append(name)
+    count = torch.tensor(float(len(names)), device=info.device)
+    if float(all_reduce_sum(count, info)) > 0 and not names:
+        names.append("(on another rank)")
+    return names

@@ -76,8 +76,28 @@ def cached_backward(
         raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
     if len(queries) == 0 or len(documents) == 0:
         raise ValueError("cached_backward needs at least one query and one document")
-    chunks = [("q", c) for c in _chunks(queries, mini_batch_size)]
-    chunks += [("d", c) for c in _chunks(documents, mini_batch_size)]
+    return cached_backward_chunks(
+        embed,
+        _chunks(queries, mini_batch_size),
+        _chunks(documents, mini_batch_size),
+        loss_fn,
+        no_sync=no_sync,
+    )
+
+
+def cached_backward_chunks(
+    embed: Callable[[Any], torch.Tensor],
+    query_chunks: Sequence[Any],
+    document_chunks: Sequence[Any],
+    loss_fn: LossFn,
+    *,
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> torch.Tensor:
+    """`cached_backward` over chunks made beforehand (e.g. tokenized by a batch stream):
+    `embed(chunk)` gives the chunk's embeddings `[n, d]`; one re-embedding pass per chunk."""
+    if not query_chunks or not document_chunks:
+        raise ValueError("cached_backward needs at least one query and one document")
+    chunks = [("q", c) for c in query_chunks] + [("d", c) for c in document_chunks]
 
     # 1. embed everything without autograd, remembering each chunk's RNG state
     states, q_parts, d_parts = [], [], []
@@ -93,8 +113,8 @@ def cached_backward(
     q_grad, d_grad = torch.autograd.grad(loss, (q, d), allow_unused=True)
     q_grad = torch.zeros_like(q) if q_grad is None else q_grad
     d_grad = torch.zeros_like(d) if d_grad is None else d_grad
-    grads = list(torch.split(q_grad, [len(c) for k, c in chunks if k == "q"]))
-    grads += list(torch.split(d_grad, [len(c) for k, c in chunks if k == "d"]))
+    grads = list(torch.split(q_grad, [len(p) for p in q_parts]))
+    grads += list(torch.split(d_grad, [len(p) for p in d_parts]))
 
     # 3. re-embed with autograd and push the cached gradient through each chunk
     for i, ((_, chunk), grad, state) in enumerate(zip(chunks, grads, states)):

@@ -5,17 +5,16 @@ The contrastive phase needs nothing else of its own: the mixture of modalities i
 sources (`data.sources` weights, e.g. the paper's 0.65 text-text, 0.175 image-text, 0.175
 audio-text), every batch comes from one source, the gradient cache and the fused InfoNCE run on
 pooled embeddings whatever their modality, and resuming replays the same records. This module
-checks media fields, resolves relative media paths against the data file's folder, and embeds
-a mixed list through the `OmniEncoder` (`PhaseModule(items=...)`). The towers stay frozen (the
-`OmniEncoder` default); `OmniEncoder.freeze_towers(False)` before training unfreezes them.
+checks media fields, resolves relative media paths against the data file's folder, and turns a
+mixed list into the `OmniEncoder`'s model inputs (`prepare_items`), which the contrastive batch
+streams do (`training.phases.contrastive`, `...multimodal_contrastive`). The towers stay frozen
+(the `OmniEncoder` default); `contrastive.train_towers = true` unfreezes them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-
-import torch
 
 MEDIA_KEYS = ("image", "audio")
 
@@ -61,19 +60,13 @@ def has_media(items: list[Any]) -> bool:
     return any(not isinstance(x, str) for x in items)
 
 
-def embed_mixed(run: Any, items: list[Any], max_len: int, *, count: bool = True) -> torch.Tensor:
-    """Pooled float32 embeddings `[N, d]` of a mixed list, with gradients, for the trainer's
-    `_Run` (`run.module` is the wrapped `PhaseModule`, `run.encoder` the `OmniEncoder`)."""
-    encoder = run.encoder
+def prepare_items(encoder: Any, items: list[Any], max_len: int) -> dict[str, Any]:
+    """The `OmniEncoder.prepare` batch of a mixed list (text, `{"image"|"audio": path}`): the
+    tokens, the placeholder tokens of each image / audio clip and the towers' inputs."""
     if not hasattr(encoder, "embed_items"):
-        first = next(x for x in items if not isinstance(x, str))
+        first = next((x for x in items if not isinstance(x, str)), items[0] if items else None)
         raise ValueError(
             f"data: a record holds {first!r}, but the model is text-only: compose an omni "
             "model first (bidirlm compose)"
         )
-    batch = encoder.prepare(encoder.parse(items), max_length=max_len)
-    if count:  # text tokens plus the image/audio placeholder tokens
-        run._step_tokens += int(batch["input_ids"].numel())  # noqa: SLF001
-    with run._amp():  # noqa: SLF001
-        out = run.module(None, None, max_len, items=batch)
-    return out.float()
+    return encoder.prepare(encoder.parse(items), max_length=max_len)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from bidirlm.runtime.embedded.names import is_embedded
+
 TASK_PHASES = ("sequence-classification", "token-classification")
 
 
@@ -68,7 +70,7 @@ def resolve_dev_path(data: dict, folder: Path) -> None:
     (as `data.sources` paths are)."""
     section = data.get("task")
     dev = section.get("dev") if isinstance(section, dict) else None
-    if isinstance(dev, str) and dev and not dev.startswith("embedded:"):
+    if isinstance(dev, str) and dev and not is_embedded(dev):
         expanded = Path(dev).expanduser()
         if not expanded.is_absolute():
             section["dev"] = os.path.abspath(folder / expanded)

@@ -29,7 +29,6 @@ drawn from the weighted mixture of sources, deterministic from the seed and resu
 from __future__ import annotations
 
 import bisect
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +36,12 @@ from typing import Any
 
 import torch
 
+from bidirlm.runtime.embedded.names import is_embedded, resolve_embedded
+from bidirlm.runtime.jsonl import read_jsonl
+
 from .data import _Mixture
 from .task_config import TaskConfig
+from .task_metrics import metric_names
 
 IGNORE_INDEX = -100
 
@@ -56,27 +59,14 @@ class TaskRecords:
 
 def read_records(spec: str) -> TaskRecords:
     """Read a JSON Lines file or an embedded task; errors name the file and line."""
-    if spec.startswith("embedded:"):
-        from bidirlm.runtime.embedded.tasks import embedded_task_records
-
-        records = embedded_task_records(spec)
+    if is_embedded(spec):
+        records = resolve_embedded(spec, "task")
         return TaskRecords(spec, [(i + 1, r) for i, r in enumerate(records)])
     path = Path(spec).expanduser()
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"
         raise FileNotFoundError(f"task data {spec} {what} (expected a JSON Lines file)")
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{spec}:{line_no}: invalid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{spec}:{line_no}: expected a JSON object per line")
-            rows.append((line_no, record))
+    rows = read_jsonl(path)
     if not rows:
         raise ValueError(f"{spec}: empty file (no records)")
     return TaskRecords(spec, rows)
@@ -486,8 +476,6 @@ def check_task(
             else:
                 encode_label(r["label"], labels, problem, where)
     if task.metric != "auto":
-        from bidirlm.runtime.evaluation.classification import metric_names
-
         valid = metric_names(kind, problem, labels)
         if task.metric not in valid:
             raise ValueError(

@@ -1,23 +1,26 @@
-"""The fine-tuning phases inside the shared training loop (`trainer.py`).
+"""The fine-tuning phases' common part (`sequence_classification.py`, `token_classification.py`).
 
-`sequence-classification` and `token-classification` run the same loop as the other phases
-(optimizer steps of `train.grad_accum` micro-batches on every rank, checkpoints, exact resume,
-DDP / FSDP2, autocast); this module supplies what differs:
+They run the loop of every phase (optimizer steps of `train.grad_accum` micro-batches on every
+rank, checkpoints, exact resume, DDP / FSDP2, autocast); `FineTunePhase` supplies what differs:
 
-- `TaskModule`: the encoder with its head (`encoder.head`, `models.heads.ClassificationHead`);
-  `forward(ids, cu_seqlens, max_seqlen, labels)` returns the micro-batch loss (cross-entropy,
-  binary cross-entropy or MSE, with the optional class weights), or the logits when `labels`
-  is None (evaluation), inside one forward so DDP and FSDP2 see every parameter use;
-- `TaskRun`: built by the trainer for these phases. It attaches a fresh head (initialized from
-  `train.seed` alone, identical on every rank; a model that already has a head of the same shape
-  and labels keeps it), freezes an untied LM head (unused), tokenizes the data (`task_data`),
-  makes the head's parameter group (learning rate x `task.head_lr_multiplier`) and evaluates
-  the dev set every `task.eval_every` steps, at `task.eval_steps` and at the end. The metrics go
-  into that step's metrics.jsonl row under `dev` (with `dev_score`, the `task.metric`); a better
-  score saves `OUTPUT/best/` (Hugging Face layout, like `final/`) and `OUTPUT/best.json`;
-  `task.patience` evaluations without improvement stop the run early (`early_stop` in the row;
-  `final/` is the last model, `best/` the best one). The best score, its step and the patience
-  counter are part of the checkpoint state, so a resumed run decides as an uninterrupted one.
+- the module: `TaskModule`, the encoder with its head (`encoder.head`,
+  `models.heads.ClassificationHead`); `forward(ids, cu_seqlens, max_seqlen, labels)` returns the
+  micro-batch loss (cross-entropy, binary cross-entropy or MSE, with the optional class
+  weights), or the logits when `labels` is None (evaluation), inside one forward so DDP and
+  FSDP2 see every parameter use. A fresh head is initialized from `train.seed` alone (identical
+  on every rank); a model that already has a head of the same shape and labels keeps it. An
+  untied LM head (unused) is frozen;
+- the batches: the records, checked and labelled before training (`task_data.check_task`),
+  tokenized once (`task_data.encode_records`) and drawn as packed micro-batches of
+  `data.batch_size` examples (`task_data.TaskBatches`);
+- the parameter groups: the head's learning rate is `optim.lr * task.head_lr_multiplier`;
+- after a step: the dev set is evaluated every `task.eval_every` steps, at `task.eval_steps` and
+  at the end (`task_eval.score_examples`). The metrics go into that step's metrics.jsonl row
+  under `dev` (with `dev_score`, the `task.metric`); a better score saves `OUTPUT/best/`
+  (Hugging Face layout, like `final/`) and `OUTPUT/best.json`; `task.patience` evaluations
+  without improvement stop the run early (`early_stop` in the row; `final/` is the last model,
+  `best/` the best one). The best score, its step and the patience counter are the phase's
+  checkpoint state, so a resumed run decides as an uninterrupted one.
 
 Every rank evaluates the whole dev set (FSDP2 needs all ranks in each forward); rank 0's
 decision is broadcast.
@@ -27,13 +30,23 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from .task_config import TaskConfig
-from .task_data import TaskBatches, TaskSpec, encode_records, phase_kind
+from bidirlm.runtime.models.heads import ClassificationHead
+
+from ..config import TrainConfig
+from ..distributed import DistInfo
+from ..task_config import TaskConfig
+from ..task_data import TaskBatch, TaskBatches, TaskSpec, check_task, encode_records
+from ..task_eval import score_examples
+from ..task_metrics import primary_metric
+from .base import MicroStep, PhaseBase, PhaseContext, RankBatches, RunView
 
 
 class TaskModule(nn.Module):
@@ -68,11 +81,9 @@ def _same_head(head: Any, kind: str, labels: list[str], task: TaskConfig, proble
     )
 
 
-def attach_head(encoder: nn.Module, config: Any, spec: TaskSpec) -> None:
+def attach_head(encoder: nn.Module, config: TrainConfig, spec: TaskSpec) -> None:
     """Give `encoder` the task's head (kept when it already has a matching one)."""
-    from bidirlm.runtime.models.heads import ClassificationHead
-
-    task: TaskConfig = config.task
+    task = config.task
     if _same_head(getattr(encoder, "head", None), spec.kind, spec.labels, task, spec.problem_type):
         encoder.head.dropout.p = task.dropout
         encoder.head.dropout_p = task.dropout
@@ -92,24 +103,31 @@ def attach_head(encoder: nn.Module, config: Any, spec: TaskSpec) -> None:
     encoder.head = head.to(encoder.device)
 
 
-class TaskRun:
-    """The fine-tuning side of a training run (see the module docstring)."""
+class FineTunePhase(PhaseBase):
+    """A fine-tuning phase; subclasses set `name` and `kind` ("sequence" or "token")."""
 
-    def __init__(self, config: Any, encoder: nn.Module, spec: TaskSpec, info: Any) -> None:
-        from bidirlm.runtime.evaluation.classification import primary_metric
+    kind: ClassVar[str] = ""
 
-        self.config, self.spec, self.info = config, spec, info
-        self.task: TaskConfig = config.task
-        self.kind = phase_kind(config.phase)
-        self.encoder = encoder
+    @classmethod
+    def check(cls, config: TrainConfig, model_path: Path, log: Callable[[str], None]) -> TaskSpec:
+        paths = [s.path for s in config.data.sources]
+        return check_task(cls.name, config.task, paths, names=[s.name for s in config.data.sources])
+
+    @classmethod
+    def bidirectional(cls, config: TrainConfig) -> bool:
+        return config.task.attention == "bidirectional"
+
+    def __init__(self, context: PhaseContext, encoder: nn.Module) -> None:
+        super().__init__(context, encoder)
+        config, spec = self.config, context.data
+        self.spec: TaskSpec = spec
+        self.task = config.task
         attach_head(encoder, config, spec)
         if getattr(encoder, "lm_head", None) is not None:
             encoder.lm_head.requires_grad_(False)  # untied LM head: unused by the task
-        weights = None
+        self.class_weights = None
         if self.task.class_weights:
-            weights = torch.tensor(self.task.class_weights, dtype=torch.float32)
-        self.class_weights = weights
-        tokenizer = encoder.tokenizer
+            self.class_weights = torch.tensor(self.task.class_weights, dtype=torch.float32)
         encode = dict(
             kind=self.kind,
             labels=spec.labels,
@@ -117,16 +135,8 @@ class TaskRun:
             max_len=config.data.max_seq_len,
             label_all_subwords=self.task.label_all_subwords,
         )
-        examples = [encode_records(src, tokenizer, **encode) for src in spec.sources]
-        self.stream = TaskBatches(
-            examples,
-            [s.weight for s in config.data.sources],
-            batch_size=config.data.batch_size,
-            seed=config.train.seed,
-            kind=self.kind,
-            problem_type=spec.problem_type,
-        )
-        self.dev = encode_records(spec.dev, tokenizer, **encode) if spec.dev else None
+        self.examples = [encode_records(src, self.tokenizer, **encode) for src in spec.sources]
+        self.dev = encode_records(spec.dev, self.tokenizer, **encode) if spec.dev else None
         self.metric = (
             self.task.metric
             if self.task.metric != "auto"
@@ -135,13 +145,35 @@ class TaskRun:
         self.best: float | None = None
         self.best_step = 0
         self.bad_evals = 0
-        self.stopped = False
 
-    # --- pieces the trainer asks for ----------------------------------------------------------
+    # --- the Phase members --------------------------------------------------------------------
 
     def module(self) -> TaskModule:
-        weights = None if self.class_weights is None else self.class_weights.to(self.encoder.device)
-        return TaskModule(self.encoder, weights)
+        weights = self.class_weights
+        device = self.encoder.device
+        return TaskModule(self.encoder, None if weights is None else weights.to(device))
+
+    def batches(self) -> RankBatches:
+        stream = TaskBatches(
+            self.examples,
+            [s.weight for s in self.config.data.sources],
+            batch_size=self.config.data.batch_size,
+            seed=self.config.train.seed,
+            kind=self.kind,
+            problem_type=self.spec.problem_type,
+        )
+        return RankBatches(stream, self.context.info)
+
+    def loss(self, module: nn.Module, batch: TaskBatch, micro: MicroStep) -> torch.Tensor:
+        device = self.context.device
+        with self.context.amp():
+            loss = module(
+                batch.input_ids.to(device),
+                batch.cu_seqlens.to(device),
+                batch.max_seqlen,
+                batch.labels.to(device),
+            )
+        return loss / micro.accum
 
     def param_groups(self, module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         """AdamW groups: decay on matrices only; the head's groups get `lr_scale`."""
@@ -150,43 +182,19 @@ class TaskRun:
             if param.requires_grad:
                 key = ("encoder.head." in name or name.startswith("head."), param.dim() >= 2)
                 groups.setdefault(key, []).append(param)
-        out = []
-        for (is_head, decay), params in sorted(groups.items()):
-            out.append(
-                {
-                    "params": params,
-                    "weight_decay": weight_decay if decay else 0.0,
-                    "lr_scale": self.task.head_lr_multiplier if is_head else 1.0,
-                }
-            )
-        return out
+        return [
+            {
+                "params": params,
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr_scale": self.task.head_lr_multiplier if is_head else 1.0,
+            }
+            for (is_head, decay), params in sorted(groups.items())
+        ]
 
-    def loss(self, module: nn.Module, batch: Any, device: torch.device, amp: Any) -> torch.Tensor:
-        with amp():
-            return module(
-                batch.input_ids.to(device),
-                batch.cu_seqlens.to(device),
-                batch.max_seqlen,
-                batch.labels.to(device),
-            )
+    def prepare_copy(self, encoder: nn.Module) -> None:
+        attach_head(encoder, self.config, self.spec)
 
-    # --- evaluation, best checkpoint, early stopping ------------------------------------------
-
-    def evaluate(self, run: Any) -> dict[str, float]:
-        from bidirlm.runtime.evaluation.classify import score_examples
-
-        return score_examples(
-            run.module,
-            self.dev,
-            kind=self.kind,
-            problem_type=self.spec.problem_type,
-            labels=self.spec.labels,
-            batch_size=self.task.eval_batch_size,
-            device=run.device,
-            amp=run._amp,
-        )
-
-    def after_step(self, run: Any, row: dict[str, Any]) -> None:
+    def after_step(self, run: RunView, row: dict[str, Any]) -> None:
         """Evaluate when due; adds `dev`, `dev_score` (and `best`, `early_stop`) to `row`."""
         if self.dev is None:
             return
@@ -194,17 +202,26 @@ class TaskRun:
         every = self.task.eval_every
         if not ((every and step % every == 0) or step == total or step in self.task.eval_steps):
             return
-        metrics = self.evaluate(run)
+        metrics = score_examples(
+            run.module,
+            self.dev,
+            kind=self.kind,
+            problem_type=self.spec.problem_type,
+            labels=self.spec.labels,
+            batch_size=self.task.eval_batch_size,
+            device=run.device,
+            amp=run.amp,
+        )
         score = float(metrics[self.metric])
         improved = self.best is None or (math.isfinite(score) and score > self.best)
-        improved = _broadcast(improved, self.info)
+        improved = _broadcast(improved, run.info)
         row["dev"] = metrics
         row["dev_score"] = score
         if improved:
             self.best, self.best_step, self.bad_evals = score, step, 0
             row["best"] = True
             run.save_final("best")
-            if self.info.is_main:
+            if run.info.is_main:
                 record = {"step": step, "metric": self.metric, "score": score, "dev": metrics}
                 tmp = run.output / ".best.json.tmp"
                 tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -212,7 +229,7 @@ class TaskRun:
         else:
             self.bad_evals += 1
             if self.task.patience and self.bad_evals >= self.task.patience:
-                self.stopped = True
+                self.stop_reason = "task.patience evaluations without a better dev score"
                 row["early_stop"] = True
 
     def state_dict(self) -> dict[str, Any]:
@@ -220,7 +237,7 @@ class TaskRun:
             "best": self.best,
             "best_step": self.best_step,
             "bad_evals": self.bad_evals,
-            "stopped": self.stopped,
+            "stopped": bool(self.stop_reason),
         }
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
@@ -228,15 +245,14 @@ class TaskRun:
         self.best = state.get("best")
         self.best_step = int(state.get("best_step", 0))
         self.bad_evals = int(state.get("bad_evals", 0))
-        self.stopped = bool(state.get("stopped", False))
+        if state.get("stopped"):
+            self.stop_reason = "task.patience evaluations without a better dev score"
 
 
-def _broadcast(flag: bool, info: Any) -> bool:
+def _broadcast(flag: bool, info: DistInfo) -> bool:
     """Rank 0's value of a boolean, on every rank."""
     if not info.enabled:
         return flag
-    import torch.distributed as dist
-
     value = torch.tensor([1 if flag else 0], dtype=torch.int64)
     if info.backend == "nccl":
         value = value.to(info.device)
