@@ -326,3 +326,116 @@ def test_absurd_media_names_the_item(omni, tmp_path: Path) -> None:
     assert media.MAX_IMAGE_PIXELS == 100_000_000
     with pytest.raises(ValueError, match=r"items\[0\]: 12000x12000 = 144.0 megapixels"):
         omni.encode([Image.new("1", (12000, 12000))])
+
+
+# ------------------------------------------------------------------ 8, 13, 14. checkpoint files
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.models.test_models import build_checkpoint
+
+    return build_checkpoint("qwen3-gqa", tmp_path_factory.mktemp("r3") / "model")
+
+
+def _variant(model: Path, dst: Path, edit) -> Path:
+    import shutil
+
+    shutil.copytree(model, dst)
+    edit(dst)
+    return dst
+
+
+def _one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err, err
+    last = err.splitlines()[-1] if err else ""
+    assert last.startswith(f"bidirlm {command}: error:") and err.count("error:") == 1, err
+    return last
+
+
+def _sharded_outside(shard: str):
+    def edit(folder: Path) -> None:
+        from safetensors import safe_open
+
+        single = folder / "model.safetensors"
+        with safe_open(str(single), "pt") as fh:
+            names = list(fh.keys())
+        outside = folder.parent / "elsewhere.safetensors"
+        single.rename(outside)  # the weights live outside the model folder
+        target = str(outside) if shard == "absolute" else "../elsewhere.safetensors"
+        index = {"metadata": {}, "weight_map": {n: target for n in names}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    return edit
+
+
+@pytest.mark.usefixtures("_torch_kernels")
+@pytest.mark.parametrize("shard", ["relative", "absolute"])
+def test_index_shard_paths_outside_the_folder_are_refused(
+    model: Path, tmp_path: Path, capsys, shard: str
+) -> None:
+    from bidirlm.cli import main
+    from bidirlm.runtime.models import CheckpointError, load_model
+
+    bad = _variant(model, tmp_path / "m" / "bad", _sharded_outside(shard))
+    with pytest.raises(CheckpointError, match="leaves the model folder") as info:
+        load_model(bad)
+    assert "\n" not in str(info.value) and "model.safetensors.index.json" in str(info.value)
+    (tmp_path / "in.txt").write_text("hello\nworld\n")
+    argv = [
+        "encode",
+        str(bad),
+        "--input",
+        str(tmp_path / "in.txt"),
+        "--output",
+        str(tmp_path / "x.npy"),
+    ]
+    assert main(argv) == 1
+    assert "leaves the model folder" in _one_line_error(capsys, "encode")
+    assert main(["export", str(bad), str(tmp_path / "st")]) == 1
+    assert "leaves the model folder" in _one_line_error(capsys, "export")
+    assert not (tmp_path / "st").exists() and not (tmp_path / "x.npy").exists()
+
+
+CONFIG_FAULTS = [
+    ("vocab_size", "1024", r"vocab_size must be an integer, got '1024' \(a str\)"),
+    ("hidden_size", 64.5, r"hidden_size must be an integer, got 64.5"),
+    ("num_hidden_layers", True, r"num_hidden_layers must be an integer, got True \(a boolean\)"),
+    ("rms_norm_eps", "1e-6", r"rms_norm_eps must be a number, got '1e-6'"),
+    ("tie_word_embeddings", "false", r"tie_word_embeddings must be true or false"),
+    ("eos_token_id", "</s>", r"eos_token_id must be a token id"),
+    ("rope_parameters", {"rope_theta": float("nan")}, r"rope_parameters.rope_theta is nan"),
+    ("rope_theta", float("inf"), r"rope_theta is inf"),
+    ("max_position_embeddings", 0, r"max_position_embeddings must be >= 1"),
+]
+
+
+@pytest.mark.usefixtures("_torch_kernels")
+@pytest.mark.parametrize("field, value, message", CONFIG_FAULTS, ids=[c[0] for c in CONFIG_FAULTS])
+def test_wrong_config_field_is_one_line_naming_field_and_file(
+    model: Path, tmp_path: Path, capsys, field: str, value, message: str
+) -> None:
+    from bidirlm.cli import main
+    from bidirlm.runtime.models import CheckpointError, load_model
+
+    def edit(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        config[field] = value
+        (folder / "config.json").write_text(json.dumps(config))  # (NaN/Infinity as Python writes)
+
+    bad = _variant(model, tmp_path / "bad", edit)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_model(bad)
+    assert str(bad / "config.json") in str(info.value)
+    (tmp_path / "in.txt").write_text("hello\n")
+    argv = [
+        "encode",
+        str(bad),
+        "--input",
+        str(tmp_path / "in.txt"),
+        "--output",
+        str(tmp_path / "x.npy"),
+    ]
+    assert main(argv) == 1
+    assert str(bad / "config.json") in _one_line_error(capsys, "encode")

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from bidirlm.runtime.models import gemma3, qwen3
 from bidirlm.runtime.models.common import ArchSpec
-from bidirlm.runtime.models.config import ModelConfig
+from bidirlm.runtime.models.config import ModelConfig, validate_hf_config
 from bidirlm.runtime.safetensors_io import HeaderError, TensorInfo, read_safetensors_header
 
 SPECS: tuple[ArchSpec, ...] = (qwen3.SPEC, gemma3.SPEC)
@@ -56,14 +56,24 @@ def resolve(path: str | os.PathLike) -> Path:
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    """config.json as a dict (CheckpointError when missing or unreadable)."""
+    """config.json as a dict (CheckpointError when missing, unreadable, or when a field our
+    models read has the wrong type or a non-finite value: naming the field and the file)."""
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder}: missing config.json")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        hf = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not UTF-8 text") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    try:
+        validate_hf_config(hf, str(path))
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    return hf
 
 
 def spec_for(hf: dict[str, Any]) -> ArchSpec:
@@ -100,6 +110,15 @@ def tensor_infos(folder: Path) -> dict[str, TensorInfo]:
             files = {str(name): folder / str(fname) for name, fname in weight_map.items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{index}: unreadable ({exc})") from None
+        # A shard path must be a file name of this folder, never ../x or /x: a model folder
+        # must not make us read files elsewhere. (Checked on the text: a Hugging Face cache
+        # snapshot's shards are symlinks into ../../blobs, legitimately.)
+        for fname in sorted({str(f) for f in weight_map.values()}):
+            if not fname or Path(fname).is_absolute() or ".." in Path(fname).parts:
+                raise CheckpointError(
+                    f"{index}: shard path {fname!r} leaves the model folder: refusing to read it "
+                    "(shard paths must be file names in that folder)"
+                )
         missing = sorted({str(f.name) for f in files.values() if not f.is_file()})
         if missing:
             raise CheckpointError(f"{folder}: {INDEX_FILE} lists missing shard(s) {missing}")

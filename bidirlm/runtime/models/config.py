@@ -188,3 +188,98 @@ class ModelConfig:
             return (w - 1, 0)
         half = w // 2 if self.arch == "gemma3" else w
         return (half, half)
+
+
+# config.json fields our models read, by the type they must have (None is always allowed: the
+# architecture default applies). A wrong type is one line naming the field and the file, instead
+# of transformers' TypeError from deep inside AutoConfig or a float('nan') reaching the RoPE.
+_INT_FIELDS = {  # field -> smallest valid value
+    "vocab_size": 1,
+    "hidden_size": 1,
+    "intermediate_size": 1,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 1,
+    "num_key_value_heads": 1,
+    "head_dim": 1,
+    "max_position_embeddings": 1,
+    "sliding_window": 0,
+    "max_window_layers": 0,
+    "sliding_window_pattern": 1,
+}
+_FLOAT_FIELDS = {  # field -> must be > 0 (else >= 0)
+    "rms_norm_eps": True,
+    "rope_theta": True,
+    "rope_local_base_freq": True,
+    "query_pre_attn_scalar": True,
+    "attn_logit_softcapping": True,
+    "final_logit_softcapping": True,
+    "attention_dropout": False,
+}
+_BOOL_FIELDS = (
+    "tie_word_embeddings",
+    "attention_bias",
+    "use_sliding_window",
+    "is_causal",
+    "use_bidirectional_attention",
+)
+_TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+_ROPE_FLOATS = ("rope_theta", "factor", "attention_factor", "beta_fast", "beta_slow")
+
+
+def _kind(value: Any) -> str:
+    return "a boolean" if isinstance(value, bool) else f"a {type(value).__name__}"
+
+
+def _check_number(where: str, name: str, value: Any, *, positive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where}: {name} must be a number, got {value!r} ({_kind(value)})")
+    if not math.isfinite(value):
+        raise ValueError(f"{where}: {name} is {value!r}; it must be a finite number")
+    if value < 0 or (positive and value == 0):
+        raise ValueError(f"{where}: {name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
+
+
+def validate_hf_config(hf: dict[str, Any], where: str) -> None:
+    """Refuse a config.json dict (and its `text_config`) whose known fields have the wrong type
+    or a non-finite / out-of-range value: `ValueError` "`where`: FIELD must be ..., got ...".
+    """
+    for name, low in _INT_FIELDS.items():
+        value = hf.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: {name} must be an integer, got {value!r} ({_kind(value)})")
+        if value < low:
+            raise ValueError(f"{where}: {name} must be >= {low}, got {value}")
+    for name, positive in _FLOAT_FIELDS.items():
+        if hf.get(name) is not None:
+            _check_number(where, name, hf[name], positive=positive)
+    for name in _BOOL_FIELDS:
+        value = hf.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"{where}: {name} must be true or false, got {value!r}")
+    for name in _TOKEN_FIELDS:
+        value = hf.get(name)
+        ids = value if isinstance(value, list) else [value]
+        integers = all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+        if value is not None and not integers:
+            raise ValueError(
+                f"{where}: {name} must be a token id (an integer) or a list of them, got {value!r}"
+            )
+    for key in ("rope_parameters", "rope_scaling"):
+        params = hf.get(key)
+        if params is None:
+            continue
+        if not isinstance(params, dict):
+            raise ValueError(f"{where}: {key} must be an object, got {params!r}")
+        # one parameter set, or one per layer type (Gemma3: full_attention / sliding_attention)
+        sets = {key: params} if not any(isinstance(v, dict) for v in params.values()) else {
+            f"{key}.{k}": v for k, v in params.items() if isinstance(v, dict)
+        }  # fmt: skip
+        for prefix, values in sets.items():
+            for name in _ROPE_FLOATS:
+                if values.get(name) is not None:
+                    _check_number(where, f"{prefix}.{name}", values[name], positive=True)
+    text = hf.get("text_config")
+    if isinstance(text, dict):
+        validate_hf_config(text, f"{where} (text_config)")
