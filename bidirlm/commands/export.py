@@ -1,10 +1,21 @@
-"""`bidirlm export MODEL OUT [--pooling mean|last|first]`: a sentence-transformers folder.
+"""`bidirlm export MODEL OUT [--format sentence-transformers|bidirlm|bidirlm-omni]`.
 
-`SentenceTransformer(OUT)` then loads the model offline, bidirectional (recorded in config.json
-the transformers way), with the chosen pooling, and gives the embeddings of `Encoder.encode`.
-OUT is written beside and swapped in when complete (nothing is left on failure); `--force`
-replaces a non-empty OUT only after the new one is complete, and an OUT that is (or contains)
-MODEL or the working directory is refused.
+- `sentence-transformers` (default): `SentenceTransformer(OUT)` then loads the model offline,
+  bidirectional (recorded in config.json the transformers way), with the chosen pooling
+  (`--pooling mean|last|first`), and gives the embeddings of `Encoder.encode`.
+- `bidirlm`: a bidirectional text checkpoint (the released BidirLM text models' layout:
+  `model.*` Qwen3 / Gemma3 names, `is_causal: false` / `use_bidirectional_attention: true`); an
+  omni MODEL gives its text backbone.
+- `bidirlm-omni`: an omni MODEL in the released BidirLM-Omni layout (`model_type`
+  "bidirlm_omni", `language_model.*`, `visual.*`, `audio_tower.*`), which `load_model` reads back.
+
+The two checkpoint formats stream the tensors shard by shard, renamed but bit for bit: the
+input dtype is kept unless `--dtype` asks otherwise. OUT is built in a hidden folder beside it
+(same filesystem; nothing is copied under $TMPDIR) and swapped in when complete (nothing is left
+on failure, a full disk is one line); `--force` replaces a non-empty OUT only after the new one
+is complete, an OUT that appears while the export runs (created by the user meanwhile) is left
+as it is and refused, and an OUT that is (or contains) MODEL or the working directory is
+refused.
 """
 
 from __future__ import annotations
@@ -16,11 +27,19 @@ from bidirlm.cli import CommandError
 from bidirlm.commands._threads import add_threads_argument, threaded
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+FORMATS = ("sentence-transformers", "bidirlm", "bidirlm-omni")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="Qwen3 or Gemma3 checkpoint folder (Hugging Face layout)")
-    parser.add_argument("output", help="folder to write the sentence-transformers model to")
+    parser.add_argument("output", help="folder to write the exported model to")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="sentence-transformers",
+        help="sentence-transformers (default), bidirlm (bidirectional text checkpoint) or "
+        "bidirlm-omni (the released BidirLM-Omni layout of an omni checkpoint)",
+    )
     parser.add_argument(
         "--pooling", choices=("mean", "last", "first"), default="mean", help="default: mean"
     )
@@ -51,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
     from bidirlm.integrations.sentence_transformers import export_sentence_transformers
     from bidirlm.runtime.models import CheckpointError
+    from bidirlm.runtime.models.released import export_checkpoint
     from bidirlm.runtime.outputs import check_output, write_error
 
     out = Path(args.output)
@@ -63,6 +83,22 @@ def run(args: argparse.Namespace) -> int:
     if args.max_length < 1:
         raise CommandError(f"--max-length must be >= 1, got {args.max_length}")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.format != "sentence-transformers":
+        try:
+            path = export_checkpoint(
+                args.model,
+                out,
+                layout=args.format,
+                dtype=dtype,
+                force=args.force,
+                allow_non_finite=args.allow_non_finite or None,
+            )
+        except (CheckpointError, ValueError) as exc:
+            raise CommandError(str(exc)) from None
+        except OSError as exc:  # read-only or full output folder: nothing was left behind
+            raise CommandError(str(write_error(exc, out))) from None
+        print(f"exported {args.model} -> {path} ({args.format} layout, bidirectional)")
+        return 0
     try:
         path = export_sentence_transformers(
             args.model,

@@ -99,7 +99,9 @@ def _export(
     from sentence_transformers import SentenceTransformer
 
     Transformer, Pooling, Normalize = _modules()
-    with tempfile.TemporaryDirectory(prefix="bidirlm-export-") as tmp:
+    # The intermediate HF folder lives inside `target` (the hidden folder beside the output): the
+    # same filesystem as the output, never a whole copy under $TMPDIR (issue 24 items 10, 18).
+    with tempfile.TemporaryDirectory(prefix=".bidirlm-hf-", dir=target) as tmp:
         was_bidirectional, was_side = encoder.bidirectional, encoder.tokenizer.padding_side
         encoder.bidirectional = True
         encoder.tokenizer.padding_side = "right"
@@ -107,7 +109,8 @@ def _export(
             encoder.save_pretrained(tmp)
         finally:
             encoder.bidirectional, encoder.tokenizer.padding_side = was_bidirectional, was_side
-        model_kwargs = {"dtype": dtype} if dtype is not None else None
+        # the encoder's dtype unless asked: a bf16 base stays bf16 (transformers loads float32)
+        model_kwargs = {"dtype": dtype if dtype is not None else encoder.dtype}
         transformer = Transformer(tmp, max_seq_length=max_length, model_kwargs=model_kwargs)
         modules = [transformer, Pooling(encoder.hidden_size, pooling_mode=ST_POOLING[pooling])]
         if normalize:

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bidirlm.runtime.models.released import audio_processor_config, image_processor_config
 from bidirlm.runtime.outputs import AtomicFolder
 
 from .config import MergeError, config_from_dict
@@ -368,17 +369,7 @@ def _vision_processor(src: Source, vision_config: dict[str, Any]) -> dict[str, A
     path = src.path / IMAGE_PROCESSOR_FILE
     if path.is_file():
         return _read_json(path, "vision model")
-    patch = int(vision_config.get("patch_size", 16))
-    merge = int(vision_config.get("spatial_merge_size", 2))
-    return {
-        "image_processor_type": "Qwen2VLImageProcessor",
-        "patch_size": patch,
-        "temporal_patch_size": int(vision_config.get("temporal_patch_size", 2)),
-        "merge_size": merge,
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
-        "size": {"shortest_edge": (patch * merge) ** 2 * 4, "longest_edge": 16384 * 28 * 28},
-    }
+    return image_processor_config(vision_config)
 
 
 def _audio_processor(src: Source, audio_config: dict[str, Any]) -> dict[str, Any]:
@@ -387,14 +378,7 @@ def _audio_processor(src: Source, audio_config: dict[str, Any]) -> dict[str, Any
         cfg = _read_json(path, "audio model")
         if "feature_size" in cfg:
             return cfg
-    return {
-        "feature_extractor_type": "Qwen3ASRFeatureExtractor",
-        "feature_size": int(audio_config.get("num_mel_bins", 128)),
-        "sampling_rate": 16000,
-        "hop_length": 160,
-        "n_fft": 400,
-        "n_window": int(audio_config.get("n_window", 50)),
-    }
+    return audio_processor_config(audio_config)
 
 
 def composite_config(

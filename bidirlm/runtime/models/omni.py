@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bidirlm.runtime.models import checkpoint as ckpt
+from bidirlm.runtime.models import released as rel
 from bidirlm.runtime.models.common import AttentionLayout
 from bidirlm.runtime.models.config import ModelConfig
 from bidirlm.runtime.models.encoder import Encoder
@@ -483,7 +484,12 @@ class OmniEncoder(Encoder):
 def _processors(model: OmniEncoder, folder: Path) -> None:
     if model.visual is not None:
         (proc_cls,) = _require(["Qwen2VLImageProcessorPil"], "the image processor")
-        cfg = json.loads((folder / IMAGE_PROCESSOR_FILE).read_text(encoding="utf-8"))
+        path = folder / IMAGE_PROCESSOR_FILE
+        cfg = (
+            json.loads(path.read_text(encoding="utf-8"))
+            if path.is_file()
+            else rel.image_processor_config(model.omni_config["vision_config"])
+        )
         model.processor_configs["image"] = cfg
         keys = (
             "patch_size",
@@ -503,7 +509,12 @@ def _processors(model: OmniEncoder, folder: Path) -> None:
         model.image_processor = proc_cls(**{k: cfg[k] for k in keys if k in cfg})
     if model.audio_tower is not None:
         (fe_cls,) = _require(["Qwen3ASRFeatureExtractor"], "the audio feature extractor")
-        cfg = json.loads((folder / AUDIO_PROCESSOR_FILE).read_text(encoding="utf-8"))
+        path = folder / AUDIO_PROCESSOR_FILE
+        cfg = (
+            json.loads(path.read_text(encoding="utf-8"))
+            if path.is_file()
+            else rel.audio_processor_config(model.omni_config["audio_config"])
+        )
         model.processor_configs["audio"] = cfg
         keys = (
             "feature_size",
@@ -533,6 +544,10 @@ def load_omni(
     text = hf.get("text_config")
     if not isinstance(text, dict):
         raise ckpt.CheckpointError(f"{folder}: {MODEL_TYPE} config.json has no text_config")
+    released = rel.is_released(hf)  # the published BidirLM-Omni layout (models/released.py)
+    if released:
+        hf = rel.to_composite_config(hf)
+        text = hf["text_config"]
     spec = ckpt.spec_for(text)
     config = spec.parse_config(text)
     if bidirectional is None:
@@ -548,21 +563,22 @@ def load_omni(
     wanted: dict[str, str] = {}
     unknown = []
     for name in files:
-        if name.startswith(TEXT_PREFIX):
-            ours = table.get(name[len(TEXT_PREFIX) :], "?")
+        cname = rel.composite_name(name) if released else name
+        if cname.startswith(TEXT_PREFIX):
+            ours = table.get(cname[len(TEXT_PREFIX) :], "?")
             if ours == "?":
                 unknown.append(name)
             elif ours is not None:
                 wanted[ours] = name
-        elif name == "lm_head.weight":
+        elif cname == "lm_head.weight":
             if model.lm_head is not None:
                 wanted["lm_head.weight"] = name
         else:
-            ours_prefix = next((o for o, p in TOWER_PREFIXES.items() if name.startswith(p)), None)
+            ours_prefix = next((o for o, p in TOWER_PREFIXES.items() if cname.startswith(p)), None)
             if ours_prefix is None:
                 unknown.append(name)
             else:
-                wanted[ours_prefix + name[len(TOWER_PREFIXES[ours_prefix]) :]] = name
+                wanted[ours_prefix + cname[len(TOWER_PREFIXES[ours_prefix]) :]] = name
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith("inv_freq_")}
     extra = [w for w in wanted if w not in expected]
     if unknown or extra:
