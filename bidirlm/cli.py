@@ -12,6 +12,8 @@ import argparse
 import importlib
 import sys
 
+from bidirlm.extras import command_missing, missing_extra
+
 # name -> one-line help (kept here so `bidirlm --help` needs no imports)
 COMMANDS: dict[str, str] = {
     "env": "print versions, the device and which kernel implementation runs",
@@ -25,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "predict": "label a JSON Lines file with a fine-tuned classifier (labels and scores)",
     "finetune-sweep": "the fine-tuning protocol: a learning-rate grid, best dev score per model",
     "domain-transfer": "merge an encoder with a specialist, compare fine-tuning learning curves",
+    "profile": "profile training steps: a Chrome/Perfetto trace and time per op family",
     "check": "prove a model is bidirectional and that its backends and exports agree",
     "bench": "run benchmark suites and append rows under bench/results/",
     "demo": "the main job: the BidirLM recipe end to end on the embedded corpora",
@@ -67,9 +70,21 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
-    module = _load(args.command)
+    try:
+        parser = build_parser(argv)
+        args = parser.parse_args(argv)
+        module = _load(args.command)
+    except ModuleNotFoundError as exc:  # an optional package of the chosen command is missing
+        wanted = next((a for a in argv if not a.startswith("-")), None)
+        message = missing_extra(exc, wanted)
+        if message is None:
+            raise
+        print(f"bidirlm {wanted}: error: {message}", file=sys.stderr)
+        return 1
+    missing = command_missing(args.command)
+    if missing is not None:
+        print(f"bidirlm {args.command}: error: {missing}", file=sys.stderr)
+        return 1
     if module is None:
         print(
             f"bidirlm {args.command}: not available in this version of bidirlm yet "
@@ -81,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except CommandError as exc:
         print(f"bidirlm {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:
+        message = missing_extra(exc, args.command)
+        if message is None:
+            raise
+        print(f"bidirlm {args.command}: error: {message}", file=sys.stderr)
         return 1
     except OSError as exc:  # read-only or full output folder, permissions: one line, the path
         where = f"{exc.filename}: " if exc.filename else ""
