@@ -439,3 +439,65 @@ def test_wrong_config_field_is_one_line_naming_field_and_file(
     ]
     assert main(argv) == 1
     assert str(bad / "config.json") in _one_line_error(capsys, "encode")
+
+
+# ------------------------------------------------------------------ 12. lengths, 14. devices
+
+
+@pytest.mark.usefixtures("_torch_kernels")
+def test_huge_max_length_is_clamped_with_a_notice(model: Path, tmp_path: Path, capsys) -> None:
+    import numpy as np
+
+    from bidirlm.cli import main
+
+    (tmp_path / "in.txt").write_text("hello\nworld\n")
+    base = ["encode", str(model), "--input", str(tmp_path / "in.txt")]
+    limit = json.loads((model / "config.json").read_text())["max_position_embeddings"]
+    assert main([*base, "--output", str(tmp_path / "a.npy"), "--max-length", "1000000000"]) == 0
+    err = capsys.readouterr().err
+    notice = f"--max-length 1000000000 is above the model's max_position_embeddings ({limit})"
+    assert notice in err and f"using {limit}" in err and len(err.strip().splitlines()) == 1
+    assert main([*base, "--output", str(tmp_path / "b.npy"), "--max-length", str(limit)]) == 0
+    assert "above" not in capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+
+
+@pytest.mark.usefixtures("_torch_kernels")
+def test_training_max_seq_len_above_the_model_is_refused(
+    model: Path, tmp_path: Path, capsys
+) -> None:
+    from bidirlm.cli import main
+
+    limit = json.loads((model / "config.json").read_text())["max_position_embeddings"]
+    sets = [f"model={model}", f"train.output={tmp_path / 'run'}", "data.max_seq_len=1000000000"]
+    argv = ["train", str(ROOT / "examples" / "tiny-mntp.toml")]
+    for item in sets:
+        argv += ["--set", item]
+    assert main(argv) == 1
+    err = _one_line_error(capsys, "train")
+    assert (
+        f"data.max_seq_len = 1000000000 is above the model's max_position_embeddings ({limit}"
+        in err
+    )
+    assert not (tmp_path / "run").exists()
+    sweep = ["finetune-sweep", str(ROOT / "examples" / "tiny-seqcls.toml"), "--lrs", "1e-4"]
+    sweep += ["--models", f"m={model}", "--set", "data.max_seq_len=1000000000"]
+    sweep += ["--output", str(tmp_path / "sweep")]
+    assert main(sweep) == 1
+    assert "data.max_seq_len = 1000000000" in _one_line_error(capsys, "finetune-sweep")
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="needs a machine without a CUDA GPU"
+)
+def test_cuda_without_a_gpu_is_named_as_such(model: Path, tmp_path: Path, capsys) -> None:
+    from bidirlm.cli import main
+    from bidirlm.runtime.models import load_model
+
+    with pytest.raises(ValueError, match="device cuda: no CUDA device is available here"):
+        load_model(model, device="cuda")
+    (tmp_path / "in.jsonl").write_text('{"text": "a"}\n')
+    argv = ["predict", str(model), "--input", str(tmp_path / "in.jsonl"), "--device", "cuda"]
+    assert main([*argv, "--output", str(tmp_path / "p.jsonl")]) == 1
+    err = _one_line_error(capsys, "predict")
+    assert "no CUDA GPU is available" in err and "safetensors" not in err

@@ -12,6 +12,7 @@ import argparse
 import json
 
 from bidirlm.cli import CommandError
+from bidirlm.commands._limits import check_max_seq_len
 from bidirlm.commands._threads import add_threads_argument, threaded
 
 
@@ -41,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--steps {args.steps!r}: expected integers like 10,20,50") from None
     try:
         config = load_train_config(args.config, args.overrides)
+        for path in (args.encoder, args.specialist):
+            check_max_seq_len(config, path)
         report = domain_transfer(
             config,
             encoder=args.encoder,

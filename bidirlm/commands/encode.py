@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from bidirlm.cli import CommandError
+from bidirlm.commands._limits import clamp_max_length
 from bidirlm.commands._threads import add_threads_argument, threaded
 
 
@@ -103,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output.is_dir():
         raise CommandError(f"--output {args.output} is a directory; expected a .npy file path")
     lines = read_lines(args.input)
+    max_length = clamp_max_length("encode", args.model, args.max_length)
     texts = [text for _, text in lines]
     device = check_device(args.device) if args.device else None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -120,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             pooling=args.pooling,
             normalize=args.normalize,
-            max_length=args.max_length,
+            max_length=max_length,
         )
     except (FileNotFoundError, CheckpointError, ValueError) as exc:
         raise CommandError(str(exc)) from None

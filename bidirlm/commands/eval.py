@@ -49,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from bidirlm.commands._limits import clamp_max_length
     from bidirlm.commands.encode import check_device
     from bidirlm.runtime.evaluation import evaluate
     from bidirlm.runtime.models import CheckpointError
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--max-length and --batch-size must be >= 1")
     if args.output is not None and args.output.is_dir():
         raise CommandError(f"--output {args.output} is a directory; expected a JSON file path")
+    max_length = clamp_max_length("eval", args.model, args.max_length)
     device = check_device(args.device) if args.device else None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             if args.task == "embedded":
                 raise CommandError("a classifier needs --task FILE (labelled JSON Lines)")
             metrics = evaluate_classifier(
-                model, args.task, batch_size=args.batch_size, max_length=args.max_length,
+                model, args.task, batch_size=args.batch_size, max_length=max_length,
                 device=device,
             )  # fmt: skip
         elif is_crossmodal_task(args.task):  # image/audio-text pairs: an omni model's retrieval
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
                 args.task,
                 pooling=args.pooling,
                 batch_size=args.batch_size,
-                max_length=args.max_length,
+                max_length=max_length,
                 device=device,
             )
         else:
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
                 args.task,
                 pooling=args.pooling,
                 batch_size=args.batch_size,
-                max_length=args.max_length,
+                max_length=max_length,
                 query_prefix=args.query_prefix,
                 bidirectional=not args.causal,
                 device=device,

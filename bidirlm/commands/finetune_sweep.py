@@ -13,6 +13,7 @@ import argparse
 import json
 
 from bidirlm.cli import CommandError
+from bidirlm.commands._limits import check_max_seq_len
 from bidirlm.commands._threads import add_threads_argument, threaded
 
 
@@ -56,9 +57,10 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--lrs {args.lrs!r}: expected numbers like 1e-5,3e-5") from None
     try:
         config = load_train_config(args.config, args.overrides)
-        report = finetune_sweep(
-            config, lrs, models=parse_models(args.models) or None, output=args.output
-        )
+        models = parse_models(args.models) or None
+        for path in (models or {"": config.model}).values():
+            check_max_seq_len(config, path)
+        report = finetune_sweep(config, lrs, models=models, output=args.output)
     except (FileNotFoundError, ValueError, TrainingError) as exc:
         raise CommandError(str(exc)) from None
     print(json.dumps(report, indent=2) if args.json else format_sweep(report))

@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from bidirlm.commands._limits import clamp_max_length
+    from bidirlm.commands.encode import check_device
     from bidirlm.runtime.evaluation.classify import predict_records, write_jsonl
     from bidirlm.runtime.models import CheckpointError
 
@@ -44,13 +46,15 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--output {args.output} is a directory; expected a JSON Lines path")
     if args.output.resolve() == args.input.resolve():
         raise CommandError("--output is the --input file: choose another path")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device) if args.device else None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    max_length = clamp_max_length("predict", args.model, args.max_length)
     try:
         rows = predict_records(
             args.model,
             args.input,
             batch_size=args.batch_size,
-            max_length=args.max_length,
+            max_length=max_length,
             device=device,
         )
         write_jsonl(rows, args.output)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from bidirlm.cli import CommandError
+from bidirlm.commands._limits import check_max_seq_len
 from bidirlm.commands._threads import add_threads_argument, torch_threads
 
 
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         overrides.append("train.allow_config_change=true")
     try:
         config = load_train_config(args.config, overrides)
+        check_max_seq_len(config)
         with torch_threads(args.threads):
             final = train(config)
     except (FileNotFoundError, ValueError, TrainingError) as exc:

@@ -219,6 +219,7 @@ def read_state(
         raise CheckpointError(f"{folder}: missing tensor(s) {_short(missing)}")
     state: dict[str, torch.Tensor] = {}
     load_device = str(device) if device.type != "meta" else "cpu"
+    check_device(device)  # (safetensors would say "cannot read" the file instead)
     by_file: dict[Path, list[str]] = {}
     for ours, hf_name in wanted.items():
         by_file.setdefault(files[hf_name], []).append(ours)
@@ -240,6 +241,18 @@ def read_state(
         except Exception as exc:  # noqa: BLE001 - safetensors' own errors: name the file
             raise CheckpointError(f"{path}: cannot read ({exc})") from None
     return state
+
+
+def check_device(device: torch.device | str) -> None:
+    """ValueError naming the device when it does not exist here (no CUDA GPU, index too high)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device}: no CUDA device is available here (use cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device}: only {torch.cuda.device_count()} CUDA device(s) here"
+            )
 
 
 def allow_non_finite_default() -> bool:
