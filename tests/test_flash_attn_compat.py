@@ -21,6 +21,7 @@ from bidirlm.kernels.flash_attn_compat import (
     flash_attn_varlen_func,
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
+    flash_attn_with_kvcache,
 )
 from tests.helpers import assert_close_to_ref
 
@@ -100,7 +101,8 @@ def check(call, ref_call, inputs, factor=2.0):
     for name, g, g64, gpt in zip("qkv", grads, grads64, grads_pt):
         assert_close_to_ref(g, g64, gpt, factor=factor, name=f"d{name}")
     assert lse.dtype == torch.float32 and lse.shape == lse64.shape
-    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse64))
+    # flash-attn's convention: a query without visible keys has lse = +inf
+    assert torch.equal(torch.isposinf(lse), torch.isneginf(lse64)) and not lse.isneginf().any()
     fin = torch.isfinite(lse64)
     torch.testing.assert_close(lse[fin], lse64[fin].float(), atol=1e-3, rtol=1e-3)
     return out, grads
@@ -323,3 +325,141 @@ def test_torch_compile_fullgraph_cross_alibi():
     torch.testing.assert_close(loss, eager)
     for a, b in zip(grads, torch.autograd.grad(eager, (q, k, v))):
         torch.testing.assert_close(a, b)
+
+
+# --- flash-attn's argument types, one import for both call forms, KV cache ----------------------
+
+
+def test_tensor_and_numpy_arguments_as_flash_attn_takes_them():
+    """window_size as a tensor / list / numpy ints, tensor softmax_scale and softcap, 0-d tensor
+    max_seqlen: the same result as plain Python numbers."""
+    import numpy as np
+
+    q, k, v = _inputs((2, 21, 2, 16), (2, 30, 1, 16), F32)
+    ref = flash_attn_func(q, k, v, 0.0, 0.3, True, (4, 2), 2.0, return_attn_probs=True)
+    for window in (torch.tensor([4, 2]), [4, 2], np.array([4, 2]), (np.int64(4), np.int32(2))):
+        got = flash_attn_func(
+            q, k, v, torch.tensor(0.0), torch.tensor(0.3), np.bool_(True), window,
+            torch.tensor(2.0), return_attn_probs=True,
+        )  # fmt: skip
+        torch.testing.assert_close(got[0], ref[0], atol=0, rtol=0)
+        torch.testing.assert_close(got[1], ref[1], atol=0, rtol=0)
+    cu_q = torch.tensor([0, 9, 21], dtype=torch.int32)
+    cu_k = torch.tensor([0, 14, 30], dtype=torch.int32)
+    packed = (q[0], k[0], v[0], cu_q, cu_k)
+    ref = flash_attn_varlen_func(*packed, 12, 16, causal=True, window_size=(3, 0))
+    got = flash_attn_varlen_func(
+        *packed, torch.tensor(12), np.int64(16), causal=True, window_size=torch.tensor([3, 0])
+    )
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        ({"window_size": torch.tensor([1.5, 2.0])}, "window_size"),
+        ({"window_size": torch.tensor([1, 2, 3])}, "window_size"),
+        ({"softmax_scale": torch.ones(2)}, "softmax_scale"),
+        ({"causal": torch.tensor(1)}, "causal"),
+    ],
+    ids=["float-window", "3-window", "2-scale", "int-causal"],
+)
+def test_bad_tensor_arguments(over, match):
+    q = torch.randn(1, 4, 2, 16)
+    with pytest.raises(ValueError, match=match):
+        flash_attn_func(q, q, q, **over)
+
+
+def test_lse_plus_inf_for_rows_without_keys():
+    """flash-attn's convention (+inf) with return_attn_probs; bidirlm's (-inf) with return_lse."""
+    q, k, v = _inputs((1, 9, 2, 16), (1, 4, 2, 16), F32)
+    out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    assert torch.isposinf(lse[..., :5]).all() and torch.isfinite(lse[..., 5:]).all()
+    assert torch.all(out[:, :5] == 0)
+    _, lse_native = flash_attn_func(q, k, v, causal=True, return_lse=True)
+    assert torch.isneginf(lse_native[..., :5]).all()
+    torch.testing.assert_close(lse_native[..., 5:], lse[..., 5:])
+    with pytest.raises(ValueError, match="exclusive"):
+        flash_attn_func(q, k, v, return_lse=True, return_attn_probs=True)
+
+
+def test_package_names_are_the_superset():
+    """`from bidirlm.kernels import flash_attn_func` is the flash-attn-compatible function and
+    keeps bidirlm's documented keyword-only form; the varlen function tells its two forms apart."""
+    import bidirlm.kernels as kernels
+    from bidirlm.kernels import attention
+
+    assert kernels.flash_attn_func is flash_attn_func
+    assert kernels.flash_attn_varlen_func is flash_attn_varlen_func
+    assert kernels.flash_attn_with_kvcache is flash_attn_with_kvcache
+    q, k, v = _inputs((2, 19, 4, 16), (2, 19, 2, 16), F32)
+    mask = torch.ones(2, 19, dtype=torch.bool)
+    mask[1, 15:] = False
+    kw = dict(softmax_scale=0.2, window_size=(5, 3), softcap=3.0, key_padding_mask=mask)
+    strict = attention.flash_attn_func(q, k, v, deterministic=True, return_lse=True, **kw)
+    superset = bidirlm_flash_attn_func(q, k, v, deterministic=True, return_lse=True, **kw)
+    for a, b in zip(strict, superset):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    cu = torch.tensor([0, 7, 19], dtype=torch.int32)
+    packed = (q[0], k[0], v[0])
+    strict = attention.flash_attn_varlen_func(*packed, cu, 12, window_size=(2, 2), return_lse=True)
+    for got in (
+        flash_attn_varlen_func(*packed, cu, 12, window_size=(2, 2), return_lse=True),
+        flash_attn_varlen_func(
+            *packed, cu_seqlens=cu, max_seqlen=12, window_size=(2, 2), return_lse=True
+        ),  # fmt: skip
+        flash_attn_varlen_func(*packed, cu, cu, 12, 12, window_size=(2, 2), return_lse=True),
+    ):
+        for a, b in zip(strict, got):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="not both"):
+        flash_attn_varlen_func(*packed, cu, cu_seqlens=cu, max_seqlen=12)
+    with pytest.raises(ValueError, match="max_seqlen_q is required"):
+        flash_attn_varlen_func(*packed, cu, cu)
+    with pytest.raises(ValueError, match="max_seqlen must be"):
+        flash_attn_varlen_func(*packed, cu, -1)
+
+
+def test_kvcache_matches_dense_call_and_writes_in_place():
+    torch.manual_seed(3)
+    q = torch.randn(2, 3, 4, 16)
+    k_cache, v_cache = torch.randn(2, 20, 2, 16), torch.randn(2, 20, 2, 16)
+    k_new, v_new = torch.randn(2, 3, 2, 16), torch.randn(2, 3, 2, 16)
+    seqlens = torch.tensor([5, 11], dtype=torch.int32)
+    before = k_cache.clone()
+    out, lse = flash_attn_with_kvcache(
+        q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens, causal=True,
+        return_softmax_lse=True,
+    )  # fmt: skip
+    for b, n in enumerate(seqlens.tolist()):
+        assert torch.equal(k_cache[b, n : n + 3], k_new[b]) and torch.equal(v_cache[b, n : n + 3],
+                                                                            v_new[b])  # fmt: skip
+        assert torch.equal(k_cache[b, :n], before[b, :n])
+        ref, ref_lse, _ = flash_attn_func(
+            q[b : b + 1], k_cache[b : b + 1, : n + 3], v_cache[b : b + 1, : n + 3], causal=True,
+            return_attn_probs=True,
+        )  # fmt: skip
+        torch.testing.assert_close(out[b : b + 1], ref, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(lse[b : b + 1], ref_lse, atol=1e-6, rtol=1e-6)
+    # an int cache_seqlens, no new keys
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=7)
+    torch.testing.assert_close(out, flash_attn_func(q, k_cache[:, :7], v_cache[:, :7]))
+
+
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        ({"block_table": torch.zeros(2, 1, dtype=torch.int32)}, "block_table"),
+        ({"cache_leftpad": torch.zeros(2, dtype=torch.int32)}, "cache_leftpad"),
+        ({"cache_seqlens": torch.tensor([5, 40], dtype=torch.int32)}, "cache_seqlens"),
+        ({"cache_batch_idx": torch.tensor([0, 9], dtype=torch.int32)}, "cache_batch_idx"),
+        ({"k": torch.randn(2, 1, 2, 16)}, "k and v"),
+        ({"rotary_cos": torch.ones(20, 4), "rotary_sin": torch.ones(20, 4)}, "rotary"),
+    ],
+    ids=["block_table", "leftpad", "seqlens", "batch_idx", "k-alone", "rotary-no-k"],
+)
+def test_kvcache_refuses(over, match):
+    q, cache = torch.randn(2, 1, 4, 16), torch.randn(2, 20, 2, 16)
+    kwargs = {"cache_seqlens": 3, **over}
+    with pytest.raises(ValueError, match=match):
+        flash_attn_with_kvcache(q, cache, cache.clone(), **kwargs)

@@ -5,6 +5,12 @@ a device; the op modules load on first attribute access. The one exception is `m
 function shares its name with its module `bidirlm.kernels.mntp_loss`, and importing that module
 would rebind the package attribute to the module, so the function is bound eagerly (the module
 imports only torch; its Triton kernels live in `mntp_loss_triton.py`).
+
+`flash_attn_func` and `flash_attn_varlen_func` are the flash-attn-compatible functions of
+`flash_attn_compat`: they take flash-attn's positional arguments and bidirlm's documented
+keyword-only ones (`key_padding_mask`, `return_lse`, varlen `(q, k, v, cu_seqlens, max_seqlen)`),
+so code written for either works with one import. `bidirlm.kernels.attention` keeps the strict
+keyword-only functions.
 """
 
 from __future__ import annotations
@@ -16,8 +22,13 @@ from .mntp_loss import MNTPLoss as MNTPLoss
 from .mntp_loss import mntp_loss as mntp_loss
 
 _EXPORTS = {
-    "flash_attn_func": "attention",
-    "flash_attn_varlen_func": "attention",
+    "flash_attn_func": "flash_attn_compat",
+    "flash_attn_varlen_func": "flash_attn_compat",
+    "flash_attn_kvpacked_func": "flash_attn_compat",
+    "flash_attn_qkvpacked_func": "flash_attn_compat",
+    "flash_attn_varlen_kvpacked_func": "flash_attn_compat",
+    "flash_attn_varlen_qkvpacked_func": "flash_attn_compat",
+    "flash_attn_with_kvcache": "flash_attn_compat",
     "infonce_loss": "infonce",
     "InfoNCELoss": "infonce",
     "decide": "dispatch",
