@@ -537,3 +537,51 @@ def test_exact_zero_loss_gives_exact_zeros(device):
             assert loss.item() == 0.0, (symmetric, normalize, loss.item())
             gq, gd = _grads(loss, qq, dd)
             assert torch.count_nonzero(gq) == 0 and torch.count_nonzero(gd) == 0
+
+
+def _count_launches(monkeypatch) -> list[str]:
+    """Names of the Triton launches as they run (`run` of compiled and interpreted kernels)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    names: list[str] = []
+    for cls in (JITFunction, InterpretedFunction):
+
+        def run(fn, *args, _original=cls.run, **kwargs):
+            names.append(fn.fn.__name__)
+            return _original(fn, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "run", run)
+    return names
+
+
+def _launch_counts(device, monkeypatch) -> list[tuple[int, int]]:
+    names = _count_launches(monkeypatch)
+    counts = []
+    for b, m in ((8, 16), (40, 80)):  # the interpreter's chunks are 16 x 32
+        q, docs = _inputs(device, torch.float32, b=b, m=m, d=16)
+        loss = infonce_loss(q, docs)
+        n_fwd = len(names)
+        loss.backward()
+        counts.append((n_fwd, len(names) - n_fwd))
+        names.clear()
+    return counts
+
+
+def test_forward_launches_do_not_grow_with_the_batch(device, monkeypatch):
+    if device.type != "cpu":
+        pytest.skip("counts the interpreter's launches (same launchers on a GPU)")
+    counts = _launch_counts(device, monkeypatch)
+    assert counts[0][0] == counts[1][0] == 3, counts  # two inverse norms + the forward
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue #27: the backward still launches 3 kernels per E chunk (the chunk loop is on "
+    "the host); a persistent backward is not built yet",
+)
+def test_backward_launches_do_not_grow_with_the_batch(device, monkeypatch):
+    if device.type != "cpu":
+        pytest.skip("counts the interpreter's launches (same launchers on a GPU)")
+    counts = _launch_counts(device, monkeypatch)
+    assert counts[0][1] == counts[1][1], f"backward launches grow with the batch: {counts}"

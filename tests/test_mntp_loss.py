@@ -633,3 +633,85 @@ def test_errors(change: dict, match: str) -> None:
     hidden, weight, labels = args.pop("hidden"), args.pop("weight"), args.pop("labels")
     with pytest.raises(ValueError, match=match):
         mntp_loss(hidden, weight, labels, **args)
+
+
+def test_gradient_filtering_error_bound(device: torch.device) -> None:
+    """filter_eps (off by default) skips dlogits tiles whose entries are all <= eps * |g|: the
+    gradients move by at most eps * |g| * sum |other operand| per entry, and tiles are skipped
+    (the result differs from the exact one). Logits concentrated on the first vocabulary tile
+    (as a trained model's are on a few tokens) leave the other tiles below eps."""
+    g = torch.Generator().manual_seed(3)
+    n, d, v = 70, 32, 600
+    u = torch.randn(d, generator=g)
+    w = torch.randn(v, d, generator=g) * 0.05
+    w[:128] += u * 0.4
+    h = u[None, :] * 2.0 + torch.randn(n, d, generator=g) * 0.3
+    b = torch.randn(v, generator=g) * 0.1
+    y = torch.randint(0, 128, (n,), generator=g)
+    y[torch.rand(n, generator=g) < 0.3] = -100
+    leaves = lambda: [t.to(device).clone().requires_grad_() for t in (h, w, b)]  # noqa: E731
+    exact, filtered = leaves(), leaves()
+    mntp_loss(exact[0], exact[1], y.to(device), bias=exact[2], reduction="sum").backward()
+    eps = 1e-3
+    loss = mntp_loss(filtered[0], filtered[1], y.to(device), bias=filtered[2], reduction="sum",
+                     filter_eps=eps)  # fmt: skip
+    loss.backward()
+    labelled = (y != -100).to(device).float()  # |g| = 1 per labelled row ("sum")
+    bound_dh = eps * labelled[:, None] * w.abs().sum(0).to(device)[None, :]
+    bound_dw = eps * (labelled[:, None] * h.to(device).abs()).sum(0)[None, :]
+    delta = [(f.grad - e.grad).abs() for f, e in zip(filtered, exact)]
+    assert (delta[0] <= bound_dh + 1e-6).all(), (delta[0] - bound_dh).max()
+    assert (delta[1] <= bound_dw + 1e-6).all(), (delta[1] - bound_dw).max()
+    assert (delta[2] <= eps * labelled.sum() + 1e-6).all()
+    assert delta[1].max() > 0, "no tile was filtered"
+    torch.testing.assert_close(loss, mntp_loss(h.to(device), w.to(device), y.to(device),
+                                               bias=b.to(device), reduction="sum"))  # fmt: skip
+
+
+class _CountLaunches:
+    """Counts real Triton launches: the `run` of compiled and interpreted kernels wrapped (the
+    kernel still runs; `kernel[grid](...)` goes through `run` in both)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+
+        self.names: list[str] = []
+        for cls in (JITFunction, InterpretedFunction):
+            monkeypatch.setattr(cls, "run", self._counting(cls.run))
+
+    def _counting(self, original):  # noqa: ANN001, ANN202
+        def run(fn, *args, **kwargs):  # noqa: ANN001, ANN202
+            self.names.append(fn.fn.__name__)
+            return original(fn, *args, **kwargs)
+
+        return run
+
+    def take(self) -> list[str]:
+        out, self.names[:] = list(self.names), []
+        return out
+
+
+@pytest.mark.parametrize("give_count", [True, False], ids=["num_labelled", "no-count"])
+def test_launches_do_not_grow_with_the_batch(
+    device: torch.device, monkeypatch: pytest.MonkeyPatch, give_count: bool
+) -> None:
+    """Triton launches of the forward and of the backward, counted as they run, at 64 and 1100
+    rows, 30% labelled (1100 is past the interpreter's 512-row chunk of the former plan): the
+    forward is 2 launches whatever the rows; the backward 2 per vocabulary chunk, the chunks set
+    by the vocabulary, not the rows."""
+    if device.type != "cpu":
+        pytest.skip("counts the interpreter's launches (same launchers on a GPU)")
+    counter = _CountLaunches(monkeypatch)
+    counts = []
+    for n in (64, 1100):
+        h, w, _, y = _inputs(device, torch.float16, shape=(n,), d=32, vocab=700, labelled=0.3)
+        kw = {"num_labelled": int((y != -100).sum())} if give_count else {}
+        loss = mntp_loss(h, w, y, **kw)
+        fwd = counter.take()
+        loss.backward()
+        bwd = counter.take()
+        assert fwd == ["_mntp_fwd_kernel", "_mntp_merge_kernel"], fwd
+        counts.append((len(fwd), len(bwd)))
+    assert counts[0] == counts[1], f"launches grow with the batch: {counts}"
+    assert counts[0][1] == 2 * 2, counts  # V = 700 is 2 chunks of 512 in the interpreter
