@@ -371,10 +371,16 @@ def out_entry(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> OutEntry
     return OutEntry(name, dtype, shape, math.prod(shape) * dtype.itemsize)
 
 
-def linear(xs: list[torch.Tensor], task: Task, out: torch.Tensor) -> None:
-    """Write the linear merge of `xs` into `out`, with mergekit's operations (bitwise equal)."""
+def linear(
+    xs: list[torch.Tensor], task: Task, out: torch.Tensor, acc: torch.Tensor | None = None
+) -> None:
+    """Write the linear merge of `xs` into `out`, with mergekit's operations (bitwise equal).
+    `acc`: a float32/float64 scratch buffer of at least `out`'s size, reused across chunks."""
     w = task.coef
-    acc = torch.zeros(xs[0].shape, dtype=w.dtype)
+    if acc is None:
+        acc = torch.zeros(xs[0].shape, dtype=w.dtype)
+    else:  # zero-filled, not the first product: 0 + (-0.0) is +0.0, as in mergekit
+        acc = acc[: xs[0].numel()].zero_()
     for x, c in zip(xs, task.coef_parts):
         acc.addcmul_(x, c)
     if task.align != out.dtype:  # mergekit rounds to the merge dtype, then to out_dtype
@@ -387,7 +393,9 @@ def linear(xs: list[torch.Tensor], task: Task, out: torch.Tensor) -> None:
         out.copy_(acc)
 
 
-def task_arithmetic(xs: list[torch.Tensor], task: Task, out: torch.Tensor) -> None:
+def task_arithmetic(
+    xs: list[torch.Tensor], task: Task, out: torch.Tensor, acc: torch.Tensor | None = None
+) -> None:
     """Write mergekit's task arithmetic of `xs` into `out`, in the merge dtype as mergekit."""
     base = xs[task.base]
     others = [x for i, x in enumerate(xs) if i != task.base]
@@ -433,13 +441,16 @@ def compute_piece(
     out = torch.empty(hi - lo, dtype=task.out.dtype)
     stats = Stats(len(views)) if ref is not None else None
     convert = any(v.dtype != task.align for v in views)
+    acc = None
+    if task.method == "linear":
+        acc = torch.empty(min(CHUNK, hi - lo), dtype=task.coef.dtype)
     for c in range(0, hi - lo, CHUNK):
         xs = [v[c : c + CHUNK] for v in views]
         if convert:
             if task.load is not None:
                 xs = [x.to(task.load) for x in xs]
             xs = [x.to(task.align) for x in xs]
-        fn(xs, task, out[c : c + CHUNK])
+        fn(xs, task, out[c : c + CHUNK], acc)
         if stats is not None:
             r = xs[ref].float()
             for i, x in enumerate(xs):
