@@ -66,11 +66,6 @@ def read_lines(path: Path) -> list[tuple[int, str]]:
     return out
 
 
-def read_texts(path: Path) -> list[str]:
-    """Non-empty lines of a UTF-8 file (a clear error for a missing or empty file)."""
-    return [text for _, text in read_lines(path)]
-
-
 def check_device(device: str) -> str:
     """A usable torch device string, or a one-line error (no GPU, unknown device)."""
     import torch
