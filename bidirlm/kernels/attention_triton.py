@@ -38,8 +38,6 @@ import triton.language as tl
 from .config import arch_family, autotune_enabled
 from .dispatch import interpreting
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 UNBOUNDED = 1 << 30  # a window side of -1 becomes this: |i - j| never reaches it, i + it fits int32
 
 

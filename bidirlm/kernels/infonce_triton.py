@@ -29,9 +29,6 @@ from . import config
 from .config import arch_family, autotune_enabled
 from .dispatch import interpreting
 
-# F.normalize's eps: a row whose norm is below it is divided by eps instead (no NaN for zeros).
-_NORM_EPS = 1e-12
-
 # --- kernels -------------------------------------------------------------------------------------
 
 
