@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from bidirlm.runtime.jsonl import read_jsonl
@@ -93,7 +94,6 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
 
     tensors = load_file(str(path))
     with safe_open(str(path), framework="pt") as fh:

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
+import torch
+
 from bidirlm.runtime.embedded.names import is_embedded
 
 from .registry import get_phase
@@ -295,8 +297,6 @@ def check_device(device: str, key: str) -> None:
 
     Whether that device exists on this machine is checked when the run starts.
     """
-    import torch
-
     if device == "auto":
         return
     try:

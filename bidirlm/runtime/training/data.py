@@ -155,7 +155,7 @@ class ParquetSource(RecordSource):
     """Parquet rows, decoded one row group at a time (the last one is kept)."""
 
     def __init__(self, path: Path) -> None:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # optional dependency (with `datasets`, the [train] extra)
 
         self.name = str(path)
         self._file = pq.ParquetFile(path)
@@ -179,7 +179,7 @@ class HFDatasetSource(RecordSource):
     """A folder written by `datasets.Dataset.save_to_disk` (memory-mapped Arrow)."""
 
     def __init__(self, path: Path) -> None:
-        import datasets
+        import datasets  # optional dependency (the [train] extra)
 
         self.name = str(path)
         ds = datasets.load_from_disk(str(path))

@@ -22,6 +22,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -120,13 +129,9 @@ def wrap_model(model: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
     if not info.enabled:
         return model
     if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [info.device.index] if info.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
         for module in list(model.modules()):
             if isinstance(module, nn.ModuleList):
                 for block in module:
@@ -155,8 +160,6 @@ def no_sync(model: nn.Module) -> Iterator[None]:
 
 def full_state_dict(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
     """The unsharded model state dict on the CPU (complete on rank 0; collective under FSDP)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     options = StateDictOptions(full_state_dict=True, cpu_offload=info.enabled)
     return get_model_state_dict(model, options=options)
 
@@ -164,8 +167,6 @@ def full_state_dict(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]
 def full_optimizer_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo
 ) -> dict[str, object]:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
     options = StateDictOptions(full_state_dict=True, cpu_offload=info.enabled)
     return get_optimizer_state_dict(model, optimizer, options=options)
 
@@ -177,12 +178,6 @@ def load_full_state(
     optimizer_state: dict[str, object],
 ) -> None:
     """Load full (unsharded) states into a possibly sharded model and its optimizer."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=options)
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)

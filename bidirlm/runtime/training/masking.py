@@ -19,9 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from bidirlm.runtime.models.checkpoint import has_tokenizer
 
 
 def _check_ratio(mask_ratio: float) -> float:
@@ -198,14 +201,10 @@ def check_mask_token(model_path: Any, mask_token: str | None, key: str = "mntp.m
     Run before training (and by `bidirlm pipeline --check`): a tokenizer without a mask token and
     a `mask_token` that is not one vocabulary entry fail in seconds, naming `key`.
     """
-    from pathlib import Path
-
-    from bidirlm.runtime.models.checkpoint import has_tokenizer
-
     folder = Path(model_path)
     if not has_tokenizer(folder):
         raise ValueError(f"model {folder} has no tokenizer files (needed for MNTP masking)")
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # optional dependency (the [train] extra)
 
     return mask_token_id_for(AutoTokenizer.from_pretrained(str(folder)), mask_token, key)
 

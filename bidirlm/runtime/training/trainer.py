@@ -177,7 +177,7 @@ class _Run:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # e.g. a head's multiplier
         # Where this step starts, to checkpoint exactly here if a bad record stops it midway.
         self.step_start = (json.loads(json.dumps(self.stream.state_dict())), cio.capture_rng())
-        self.optimizer.zero_grad(set_to_none=True)
+        self.module.zero_grad(set_to_none=True)  # every parameter, optimized or not
         step_tokens = 0
         start = time.perf_counter()
         total = torch.zeros((), dtype=torch.float64)
@@ -205,7 +205,7 @@ class _Run:
             else:
                 self.nonfinite_total += 1
                 self.nonfinite_in_row += 1
-            self.optimizer.zero_grad(set_to_none=True)
+            self.module.zero_grad(set_to_none=True)  # every parameter, optimized or not
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
@@ -256,7 +256,7 @@ class _Run:
         data_state, (rng_tensors, rng_data) = self.step_start
         self.stream.load_state_dict(data_state)
         cio.restore_rng(rng_tensors, rng_data)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.module.zero_grad(set_to_none=True)  # every parameter, optimized or not
         return self.save_checkpoint()
 
     @record_function("bidirlm.train.checkpoint")
