@@ -134,3 +134,22 @@ def test_force_replaces_only_once_the_new_export_is_complete(
     empty.mkdir()
     assert main(["export", str(ckpts["qwen3-gqa"]), str(empty)]) == 0  # an empty folder is fine
     assert (empty / "config.json").is_file()
+
+
+def test_real_qwen3_shape_exports_with_our_embeddings(tmp_path: Path) -> None:
+    """The same check on a tiny checkpoint built from Qwen3-0.6B's published config (sizes
+    shrunk; rope_theta 1e6, tied embeddings, the real 151936-token vocabulary kept), in bf16."""
+    from sentence_transformers import SentenceTransformer
+
+    from tests.real_models import build_text, real_config, shrink
+
+    src = build_text(tmp_path / "q06", shrink(real_config("qwen3-0.6b")), dtype=torch.bfloat16)
+    out = tmp_path / "st"
+    assert main(["export", str(src), str(out), "--max-length", "16", "--dtype", "float32"]) == 0
+    ours = load_model(src, dtype=torch.float32).encode(TEXTS, max_length=16, batch_size=2)
+    st = SentenceTransformer(str(out), device="cpu", local_files_only=True)
+    theirs = st.encode(TEXTS, batch_size=8, convert_to_tensor=True)
+    torch.testing.assert_close(theirs.float(), ours, rtol=0, atol=2e-5)
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["is_causal"] is False and raw["tie_word_embeddings"] is True
+    assert raw["vocab_size"] == 151936
