@@ -249,3 +249,38 @@ def test_output_created_meanwhile_is_refused_and_kept(
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
     assert (out / "mine.txt").read_text() == "user data"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize(
+    "name, model_type, arch, flag",
+    [
+        ("qwen3-0.6b", "biqwen3", "BiQwen3ForMaskedLM", "is_causal"),
+        ("qwen3-1.7b", "bidirlm", "BidirLMQwen3Model", "is_causal"),
+    ],
+)
+def test_remote_code_text_configs_read_as_their_base_family(
+    tmp_path: Path, name: str, model_type: str, arch: str, flag: str
+) -> None:
+    """A text checkpoint published with remote code under its own model_type (as the released
+    BidirLM text models are) loads with our Qwen3 modules, bidirectional by default."""
+    cfg = shrink(real_config("qwen3-0.6b") | real_config(name))
+    src = build_text(tmp_path / "src", cfg)
+    remote = tmp_path / "remote"
+    shutil.copytree(src, remote)
+    raw = json.loads((remote / "config.json").read_text())
+    raw.update(
+        model_type=model_type,
+        architectures=[arch],
+        auto_map={"AutoConfig": f"configuration.{arch}Config", "AutoModel": f"modeling.{arch}"},
+    )
+    raw.pop("_name_or_path", None)
+    (remote / "config.json").write_text(json.dumps(raw))
+    model = load_model(remote, bidirectional=None)
+    assert model.bidirectional and model.spec.name == "qwen3"
+    ref = load_model(src, bidirectional=True)
+    torch.testing.assert_close(model.encode(ITEMS_TEXT), ref.encode(ITEMS_TEXT), rtol=0, atol=0)
+    # the same config without auto_map is still an unsupported architecture (one line)
+    raw.pop("auto_map")
+    (remote / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        load_model(remote)

@@ -10,6 +10,7 @@ import os
 import torch
 
 from bidirlm.runtime.models import checkpoint as ckpt
+from bidirlm.runtime.models import released
 from bidirlm.runtime.models.encoder import Encoder
 from bidirlm.runtime.models.heads import load_head
 from bidirlm.runtime.models.omni import load_omni
@@ -49,6 +50,7 @@ def load_model(
             bidirectional=bidirectional,
             allow_non_finite=allow_non_finite,
         )
+    hf = released.text_config(hf)  # remote-code BidirLM text configs -> their base family
     spec = ckpt.spec_for(hf)
     config = spec.parse_config(hf)
     if bidirectional is None:

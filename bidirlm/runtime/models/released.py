@@ -288,3 +288,33 @@ def export_checkpoint(
                 shutil.copyfile(folder / fname, tmp / fname)
         atomic.commit()
     return out
+
+
+# --- released text checkpoints published with remote code -------------------------------------
+
+# Base families a remote-code BidirLM text config can name, and how each records bidirectionality.
+_FAMILIES = (
+    ("gemma3", "gemma3_text", "use_bidirectional_attention", True),
+    ("qwen3", "qwen3", "is_causal", False),
+)
+
+
+def text_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """A text checkpoint's config as our Qwen3 / Gemma3 specs read it.
+
+    Configs of a known `model_type` are returned unchanged. A config that ships remote code
+    (`auto_map`) under its own `model_type` (the released BidirLM text models are published that
+    way) is read as the base family its `model_type` or `architectures` name (Qwen3 or Gemma3,
+    e.g. "biqwen3" / "BiQwen3ForMaskedLM"), bidirectional (these encoders have no causal mode):
+    the layout (`model.*` or bare names) and fields are the base family's.
+    """
+    if hf.get("model_type") in ckpt.MODEL_TYPES or not hf.get("auto_map"):
+        return hf
+    names = " ".join([str(hf.get("model_type", "")), *map(str, hf.get("architectures") or [])])
+    for token, model_type, flag, value in _FAMILIES:
+        if token in names.lower():
+            out = copy.deepcopy(hf)
+            out["model_type"] = model_type
+            out.setdefault(flag, value)
+            return out
+    return hf
