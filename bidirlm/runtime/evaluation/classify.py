@@ -1,165 +1,42 @@
 """Inference and evaluation of fine-tuned classifiers (`encoder.head` set, see `models.heads`).
 
-- `predict_logits(module_or_encoder, examples, ...)`: float32 logits per example, in order;
-  sequence heads `[N, C]`, token heads one `[n_words, C]` array per example (the logits of each
-  word's first subword; NaN rows for words truncated away).
-- `decode(head, logits)`: labels and scores. Single-label: the argmax label and its softmax
-  probability; multi-label: the labels whose sigmoid is >= 0.5, with every label's probability;
-  regression: the values; token tasks: one tag (and probability) per word, `O` (or label 0) for
-  truncated words.
+- `predict_logits`, `decode`, `score_examples`: logits, labels and metrics of encoded examples
+  (defined in `bidirlm.runtime.training.task_eval`, where the fine-tuning phases' dev
+  evaluation uses them; see there);
 - `evaluate_classifier(model, data)` / `predict_file(model, input, output)`: what `bidirlm eval
   MODEL --task FILE` and `bidirlm predict` run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from bidirlm.runtime.models import Encoder, load_model
+from bidirlm.runtime.models import load_model
 from bidirlm.runtime.models.heads import head_kind
-from bidirlm.runtime.training.task_data import (
-    TaskRecords,
-    encode_records,
-    iter_batches,
-    read_records,
+from bidirlm.runtime.training.task_data import TaskRecords, encode_records, read_records
+from bidirlm.runtime.training.task_eval import (
+    decode,
+    predict_logits,
+    references,
+    score_examples,
 )
 
-from .classification import task_metrics
-
-
-def _forward_logits(
-    module: nn.Module, ids: torch.Tensor, cu: torch.Tensor, max_seqlen: int
-) -> torch.Tensor:
-    """Logits of a packed batch from an `Encoder` with a head or a trainer's task module."""
-    if isinstance(module, Encoder):
-        if module.head is None:
-            raise ValueError("the model has no classification head")
-        hidden = module(ids, cu_seqlens=cu, max_seqlen=max_seqlen)
-        return module.head(hidden, cu_seqlens=cu)
-    return module(ids, cu, max_seqlen)  # the training module (or DDP): labels=None -> logits
-
-
-@torch.no_grad()
-def predict_logits(
-    module: nn.Module,
-    examples: Sequence[Any],
-    *,
-    kind: str,
-    problem_type: str,
-    batch_size: int = 64,
-    device: torch.device | str | None = None,
-    amp: Callable[[], contextlib.AbstractContextManager] | None = None,
-) -> list[np.ndarray] | np.ndarray:
-    """float32 logits of `examples` (`task_data.TaskExample`s), batched in order, eval mode."""
-    if device is None:
-        device = next(module.parameters()).device
-    was_training = module.training
-    module.eval()
-    rows: list[np.ndarray] = []
-    try:
-        for _, batch in iter_batches(examples, batch_size, kind, problem_type):
-            ids, cu = batch.input_ids.to(device), batch.cu_seqlens.to(device)
-            with amp() if amp is not None else contextlib.nullcontext():
-                logits = _forward_logits(module, ids, cu, batch.max_seqlen)
-            rows.append(logits.float().cpu().numpy())
-    finally:
-        module.train(was_training)
-    if kind == "sequence":
-        if not rows:
-            return np.zeros((0, 0), dtype=np.float32)
-        return np.concatenate(rows)
-    flat = np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32)
-    out, offset = [], 0
-    for ex in examples:
-        n = len(ex.input_ids)
-        tok = flat[offset : offset + n]
-        offset += n
-        words = np.full((len(ex.word_starts), tok.shape[1]), np.nan, dtype=np.float32)
-        for w, j in enumerate(ex.word_starts):
-            if j >= 0:
-                words[w] = tok[j]
-        out.append(words)
-    return out
-
-
-def _fallback_index(labels: Sequence[str]) -> int:
-    return list(labels).index("O") if "O" in labels else 0
-
-
-def decode(
-    kind: str, problem_type: str, labels: Sequence[str], logits: Any
-) -> tuple[list[Any], list[Any]]:
-    """(predicted label indices / values, scores) from `predict_logits`' output."""
-    if kind == "token":
-        preds, scores = [], []
-        fallback = _fallback_index(labels)
-        for words in logits:
-            if words.shape[0] == 0:
-                preds.append([])
-                scores.append([])
-                continue
-            ok = ~np.isnan(words).any(1)
-            probs = _softmax(np.nan_to_num(words))
-            idx = np.where(ok, probs.argmax(1), fallback)
-            preds.append([int(i) for i in idx])
-            scores.append([float(probs[w, i]) if ok[w] else 0.0 for w, i in enumerate(idx)])
-        return preds, scores
-    if problem_type == "single_label":
-        probs = _softmax(logits)
-        idx = probs.argmax(1)
-        return [int(i) for i in idx], [float(probs[r, i]) for r, i in enumerate(idx)]
-    if problem_type == "multi_label":
-        probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-        return [[int(v) for v in row >= 0.5] for row in probs], [list(map(float, r)) for r in probs]
-    return [list(map(float, row)) for row in logits], [list(map(float, row)) for row in logits]
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def references(kind: str, examples: Sequence[Any]) -> list[Any]:
-    """Gold labels of encoded examples in the layout `task_metrics` takes."""
-    if kind == "token":
-        return [list(ex.word_labels) for ex in examples]
-    return [ex.label for ex in examples]
-
-
-def score_examples(
-    module: nn.Module,
-    examples: Sequence[Any],
-    *,
-    kind: str,
-    problem_type: str,
-    labels: Sequence[str],
-    batch_size: int = 64,
-    device: torch.device | str | None = None,
-    amp: Callable[[], contextlib.AbstractContextManager] | None = None,
-) -> dict[str, float]:
-    """`task_metrics` of the module's predictions on labelled examples."""
-    logits = predict_logits(
-        module,
-        examples,
-        kind=kind,
-        problem_type=problem_type,
-        batch_size=batch_size,
-        device=device,
-        amp=amp,
-    )
-    preds, _ = decode(kind, problem_type, labels, logits)
-    out = task_metrics(kind, problem_type, labels, references(kind, examples), preds)
-    out["n"] = len(examples)
-    return out
+__all__ = [
+    "decode",
+    "evaluate_classifier",
+    "is_classifier",
+    "predict_logits",
+    "predict_records",
+    "references",
+    "score_examples",
+    "write_jsonl",
+]
 
 
 # --------------------------------------------------------------------------------------------

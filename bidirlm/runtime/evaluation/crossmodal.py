@@ -9,12 +9,12 @@ recall@1, recall@5, recall@10, nDCG@10, MRR@10 and the counts.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bidirlm.runtime.jsonl import JsonLinesError, iter_jsonl
 from bidirlm.runtime.models import load_model
 
 from .metrics import rank_by_similarity, retrieval_metrics
@@ -30,37 +30,26 @@ def is_crossmodal_task(task: Any) -> bool:
     path = Path(task)
     if path.suffix not in (".jsonl", ".json") or not path.is_file():
         return False
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                try:
-                    first = json.loads(line)
-                except json.JSONDecodeError:
-                    return False
-                return isinstance(first, dict) and any(k in first for k in KINDS)
-    return False
+    try:
+        first = next(iter_jsonl(path), None)
+    except JsonLinesError:
+        return False
+    return first is not None and any(k in first[1] for k in KINDS)
 
 
 def load_pairs(path: str | Path) -> dict[str, list[tuple[str, str]]]:
     """{"image": [(path, text)], "audio": [(path, text)]}; ValueError naming the bad line."""
     path = Path(path)
     out: dict[str, list[tuple[str, str]]] = {k: [] for k in KINDS}
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
-            kinds = [k for k in KINDS if k in record] if isinstance(record, dict) else []
-            if len(kinds) != 1 or not isinstance(record.get("text"), str):
-                raise ValueError(f"{where}: expected {{'image' or 'audio': PATH, 'text': CAPTION}}")
-            media = Path(record[kinds[0]])
-            if not media.is_absolute():
-                media = path.parent / media
-            out[kinds[0]].append((str(media), record["text"]))
+    for n, record in iter_jsonl(path):
+        where = f"{path}:{n}"
+        kinds = [k for k in KINDS if k in record]
+        if len(kinds) != 1 or not isinstance(record.get("text"), str):
+            raise ValueError(f"{where}: expected {{'image' or 'audio': PATH, 'text': CAPTION}}")
+        media = Path(record[kinds[0]])
+        if not media.is_absolute():
+            media = path.parent / media
+        out[kinds[0]].append((str(media), record["text"]))
     if not any(out.values()):
         raise ValueError(f"{path}: no image or audio pairs")
     return out

@@ -17,29 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from bidirlm.runtime.embedded.heldout import embedded_task
+from bidirlm.runtime.jsonl import iter_jsonl
 from bidirlm.runtime.retrieval_task import RetrievalTask
 
 __all__ = ["RetrievalTask", "load_retrieval_jsonl", "load_task", "save_task"]
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(
-                    f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start})"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object")
-            yield lineno, record
 
 
 def _text(record: dict[str, Any], key: str, where: str) -> str:
@@ -68,7 +49,7 @@ def _load_pairs(path: Path) -> RetrievalTask:
             corpus[doc_id_of[text]] = text
         return doc_id_of[text]
 
-    for lineno, record in _read_jsonl(path):
+    for lineno, record in iter_jsonl(path):
         where = f"{path}:{lineno}"
         query = _text(record, "query", where)
         positives = record.get("positive", record.get("positives"))
@@ -103,10 +84,10 @@ def _load_beir(folder: Path) -> RetrievalTask:
         _id(r, f"{files['queries.jsonl']}:{n}", "_id", "id"): _text(
             r, "text", f"{files['queries.jsonl']}:{n}"
         )
-        for n, r in _read_jsonl(files["queries.jsonl"])
+        for n, r in iter_jsonl(files["queries.jsonl"])
     }
     corpus: dict[str, str] = {}
-    for n, r in _read_jsonl(files["corpus.jsonl"]):
+    for n, r in iter_jsonl(files["corpus.jsonl"]):
         where = f"{files['corpus.jsonl']}:{n}"
         text = _text(r, "text", where)
         title = r.get("title")
@@ -121,7 +102,7 @@ def _load_beir(folder: Path) -> RetrievalTask:
 def _read_qrels(folder: Path) -> Iterator[tuple[str, str, float]]:
     jsonl, tsv = folder / "qrels.jsonl", folder / "qrels" / "test.tsv"
     if jsonl.is_file():
-        for n, r in _read_jsonl(jsonl):
+        for n, r in iter_jsonl(jsonl):
             where = f"{jsonl}:{n}"
             score = r.get("score", 1)
             if not isinstance(score, (int, float)):
