@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 
+from bidirlm.commands._quiet import quiet_libraries
 from bidirlm.extras import command_missing, missing_extra
 
 # name -> one-line help (kept here so `bidirlm --help` needs no imports)
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        return int(module.run(args) or 0)
+        with quiet_libraries():  # no library progress bars or load reports in our logs
+            return int(module.run(args) or 0)
     except CommandError as exc:
         print(f"bidirlm {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -4,16 +4,31 @@ model folder, absurd lengths, wrong-typed config fields, the causes named for ba
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import re
+import shutil
+import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tomllib
+import torch
+from PIL import Image
+from safetensors import safe_open
 
+from bidirlm.cli import build_parser, main
 from bidirlm.runtime import outputs
+from bidirlm.runtime.merging.compose import compose_omni
+from bidirlm.runtime.models import CheckpointError, load_model, media
 from bidirlm.runtime.outputs import AtomicFolder, OutputError, OutputLock
+from tests.models.test_models import build_checkpoint
+from tests.omni.helpers import image, specialists
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,7 +177,7 @@ def test_killed_publisher_lock_is_taken_over_and_cleaned(tmp_path: Path) -> None
     assert _names(tmp_path) == ["out"] and _names(target) == ["second.txt"]
     # a leftover lock of a dead run beside another output is removed too; a live one is not
     other = tmp_path / f".other{outputs.PUBLISH_LOCK_SUFFIX}"
-    other.write_text(json.dumps({"pid": first.pid, "host": __import__("socket").gethostname()}))
+    other.write_text(json.dumps({"pid": first.pid, "host": socket.gethostname()}))
     with OutputLock(tmp_path, name=f".held{outputs.PUBLISH_LOCK_SUFFIX}"):
         outputs.remove_stale_temporaries(tmp_path)
         assert _names(tmp_path) == [f".held{outputs.PUBLISH_LOCK_SUFFIX}", "out"]
@@ -208,12 +223,6 @@ THREADED = {  # command -> (argv after the command, the function it computes wit
 def test_every_computing_command_takes_threads(
     command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    import importlib
-
-    import torch
-
-    from bidirlm.cli import build_parser, main
-    from bidirlm.commands._threads import add_threads_argument
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     (tmp_path / "in.jsonl").write_text('{"text": "a"}\n')
@@ -230,7 +239,6 @@ def test_every_computing_command_takes_threads(
     assert (act.option_strings, act.default, act.type, act.help) == (
         ref.option_strings, ref.default, ref.type, ref.help,
     )  # fmt: skip
-    del add_threads_argument
     seen: list[int] = []
 
     def fake(*args, **kwargs):
@@ -252,9 +260,6 @@ def test_every_computing_command_takes_threads(
 
 @pytest.fixture(scope="module")
 def omni(tmp_path_factory: pytest.TempPathFactory):
-    from bidirlm.runtime.merging.compose import compose_omni
-    from bidirlm.runtime.models import load_model
-    from tests.omni.helpers import specialists
 
     root = tmp_path_factory.mktemp("omni")
     parts = specialists(root)
@@ -269,9 +274,6 @@ def _torch_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("_torch_kernels")
 def test_missing_media_path_is_an_error_and_text_stays_text(omni, tmp_path: Path) -> None:
-    import torch
-
-    from tests.omni.helpers import image
 
     for missing in ("/x/nope.png", "nope.wav", "./a b.jpg", "~/gone.flac"):
         with pytest.raises(ValueError, match=r"items\[1\]: no such file") as info:
@@ -298,12 +300,6 @@ def test_missing_media_path_is_an_error_and_text_stays_text(omni, tmp_path: Path
 
 @pytest.mark.usefixtures("_torch_kernels")
 def test_absurd_media_names_the_item(omni, tmp_path: Path) -> None:
-    import warnings
-
-    import numpy as np
-    from PIL import Image
-
-    from bidirlm.runtime.models import media
 
     loud = {"array": np.full(1600, 1e30, np.float32), "sampling_rate": 16000}
     with pytest.raises(ValueError, match=r"items\[1\]: audio peaks at amplitude 1e\+30"):
@@ -333,13 +329,11 @@ def test_absurd_media_names_the_item(omni, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.models.test_models import build_checkpoint
 
     return build_checkpoint("qwen3-gqa", tmp_path_factory.mktemp("r3") / "model")
 
 
 def _variant(model: Path, dst: Path, edit) -> Path:
-    import shutil
 
     shutil.copytree(model, dst)
     edit(dst)
@@ -356,7 +350,6 @@ def _one_line_error(capsys, command: str) -> str:
 
 def _sharded_outside(shard: str):
     def edit(folder: Path) -> None:
-        from safetensors import safe_open
 
         single = folder / "model.safetensors"
         with safe_open(str(single), "pt") as fh:
@@ -375,8 +368,6 @@ def _sharded_outside(shard: str):
 def test_index_shard_paths_outside_the_folder_are_refused(
     model: Path, tmp_path: Path, capsys, shard: str
 ) -> None:
-    from bidirlm.cli import main
-    from bidirlm.runtime.models import CheckpointError, load_model
 
     bad = _variant(model, tmp_path / "m" / "bad", _sharded_outside(shard))
     with pytest.raises(CheckpointError, match="leaves the model folder") as info:
@@ -416,8 +407,6 @@ CONFIG_FAULTS = [
 def test_wrong_config_field_is_one_line_naming_field_and_file(
     model: Path, tmp_path: Path, capsys, field: str, value, message: str
 ) -> None:
-    from bidirlm.cli import main
-    from bidirlm.runtime.models import CheckpointError, load_model
 
     def edit(folder: Path) -> None:
         config = json.loads((folder / "config.json").read_text())
@@ -446,9 +435,6 @@ def test_wrong_config_field_is_one_line_naming_field_and_file(
 
 @pytest.mark.usefixtures("_torch_kernels")
 def test_huge_max_length_is_clamped_with_a_notice(model: Path, tmp_path: Path, capsys) -> None:
-    import numpy as np
-
-    from bidirlm.cli import main
 
     (tmp_path / "in.txt").write_text("hello\nworld\n")
     base = ["encode", str(model), "--input", str(tmp_path / "in.txt")]
@@ -466,7 +452,6 @@ def test_huge_max_length_is_clamped_with_a_notice(model: Path, tmp_path: Path, c
 def test_training_max_seq_len_above_the_model_is_refused(
     model: Path, tmp_path: Path, capsys
 ) -> None:
-    from bidirlm.cli import main
 
     limit = json.loads((model / "config.json").read_text())["max_position_embeddings"]
     sets = [f"model={model}", f"train.output={tmp_path / 'run'}", "data.max_seq_len=1000000000"]
@@ -487,12 +472,8 @@ def test_training_max_seq_len_above_the_model_is_refused(
     assert "data.max_seq_len = 1000000000" in _one_line_error(capsys, "finetune-sweep")
 
 
-@pytest.mark.skipif(
-    __import__("torch").cuda.is_available(), reason="needs a machine without a CUDA GPU"
-)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 def test_cuda_without_a_gpu_is_named_as_such(model: Path, tmp_path: Path, capsys) -> None:
-    from bidirlm.cli import main
-    from bidirlm.runtime.models import load_model
 
     with pytest.raises(ValueError, match="device cuda: no CUDA device is available here"):
         load_model(model, device="cuda")
@@ -501,3 +482,52 @@ def test_cuda_without_a_gpu_is_named_as_such(model: Path, tmp_path: Path, capsys
     assert main([*argv, "--output", str(tmp_path / "p.jsonl")]) == 1
     err = _one_line_error(capsys, "predict")
     assert "no CUDA GPU is available" in err and "safetensors" not in err
+
+
+# ------------------------------------------------------------------ 19. docs match the code
+
+
+def test_readme_recipe_table_matches_the_recipe_files() -> None:
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(
+        r"^\| `([\w.-]+\.toml)` \| ([\d.]+) \| ([\d.e-]+) \| ([\d.e-]+) \| (\d+) \|$", readme, re.M
+    )
+    recipes = sorted((ROOT / "bidirlm" / "recipe").glob("*.toml"))
+    assert sorted(r[0] for r in rows) == sorted(p.name for p in recipes)
+    for name, mask, mntp_lr, con_lr, mini in rows:
+        recipe = tomllib.loads((ROOT / "bidirlm" / "recipe" / name).read_text())
+        assert float(mask) == recipe["mntp"]["mntp"]["mask_ratio"], name
+        assert float(mntp_lr) == recipe["mntp"]["optim"]["lr"], name
+        assert float(con_lr) == recipe["contrastive"]["optim"]["lr"], name
+        assert int(mini) == recipe["contrastive"]["contrastive"]["mini_batch_size"], name
+        assert recipe["contrastive"]["contrastive"]["temperature"] == 0.05
+        assert recipe["contrastive"]["data"]["batch_size"] == 512
+    assert "lr 5e-5,\nwarmup" not in readme and "mini-batch 16, max length 512" not in readme
+
+
+CLUTTER = ("Loading weights", "Writing model shards", "\x1b[", "it/s]")
+
+
+@pytest.mark.usefixtures("_torch_kernels")
+def test_commands_print_no_library_progress_bars_or_load_reports(
+    model: Path, tmp_path: Path, capsys
+) -> None:
+    from transformers.utils import logging as hf_logging
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY",)}
+    env.update(BIDIRLM_KERNELS="torch", OMP_NUM_THREADS="1")
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    argv = [sys.executable, "-m", "bidirlm.cli", "export", str(model), str(tmp_path / "a")]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert not [c for c in CLUTTER if c in done.stderr + done.stdout], done.stderr
+    # in-process (transformers already imported, bars on): quiet during, restored after
+    hf_logging.enable_progress_bar()
+    hf_logging.set_verbosity_warning()
+    assert main(["export", str(model), str(tmp_path / "b")]) == 0
+    captured = capsys.readouterr()
+    assert not [c for c in CLUTTER if c in captured.err + captured.out], captured.err
+    assert hf_logging.is_progress_bar_enabled()
+    assert hf_logging.get_verbosity() == hf_logging.WARNING
+    hf_logging.set_verbosity_error()
