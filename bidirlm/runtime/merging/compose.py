@@ -401,6 +401,7 @@ def composite_config(
     text_config["model_type"] = "qwen3"
     text_config["is_causal"] = False
     text_config["rope_parameters"] = rope_parameters(chosen.text_config)
+    text_config["rope_theta"] = text_config["rope_parameters"]["rope_theta"]  # legacy readers
     if chosen.text_config.get("max_position_embeddings") is not None:
         text_config["max_position_embeddings"] = chosen.text_config["max_position_embeddings"]
     out: dict[str, Any] = {
