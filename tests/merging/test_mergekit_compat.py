@@ -82,6 +82,30 @@ def cases(m: dict[str, Path]) -> dict[str, dict]:
                 params = {"nuslerp_row_wise": row_wise, "nuslerp_flatten": flatten}
                 name = f"nuslerp-{'base' if base else 'nobase'}-{row_wise:d}{flatten:d}"
                 out[name] = two_model(a, b, "nuslerp", base, params)
+    # beyond mergekit's configs: float32, three inputs, no base, non-default parameters
+    three = [{"model": x, "parameters": {"weight": w}} for x, w in ((a, 0.2), (b, 0.3), (c, 0.5))]
+    out["multislerp-nobase-3"] = {
+        "merge_method": "multislerp",
+        "models": three,
+        "parameters": {"normalize_weights": False},
+    }
+    out["karcher-3-fp32"] = {"merge_method": "karcher", "models": three, "dtype": "float32"}
+    out["sce-int8-fp32"] = {
+        **two_model(a, b, "sce", c, {"int8_mask": True, "select_topk": 0.3}),
+        "dtype": "float32",
+    }
+    out["ram-3"] = {
+        "merge_method": "ram",
+        "base_model": a,
+        "models": three[1:],
+        "parameters": {"epsilon": 0.05},
+    }
+    out["ramplus_tl-fp32"] = {
+        **two_model(a, b, "ramplus_tl", c, {"epsilon": 0.05}),
+        "dtype": "float32",
+    }
+    out["nearswap-fp32"] = {**two_model(a, b, "nearswap", a, {"t": 0.01}), "dtype": "float32"}
+    out["arcee_fusion-out-bf16"] = {**two_model(b, c, "arcee_fusion", c), "out_dtype": "bfloat16"}
     zero = two_model(a, b, "nuslerp", c, {"nuslerp_row_wise": False, "nuslerp_flatten": False})
     zero["models"][0]["parameters"]["weight"] = -0.5
     zero["models"][1]["parameters"]["weight"] = 0.5
