@@ -183,9 +183,22 @@ def method_yaml(method: str, models: list[Path]) -> str:
     if method == "nuslerp":
         body = "".join(f"  - model: {m}\n    parameters: {{weight: 0.5}}\n" for m in (m1, m2))
         return f"merge_method: nuslerp\nmodels:\n{body}dtype: bfloat16\n"
-    if method == "model_stock":
+    if method in ("model_stock", "sce", "ram", "ramplus_tl", "karcher"):
         body = "".join(f"  - model: {m}\n" for m in (m1, m2))
-        return f"merge_method: model_stock\nbase_model: {m0}\nmodels:\n{body}dtype: bfloat16\n"
+        base = f"base_model: {m0}\n"
+        if method == "karcher":  # no base: the mean of all three
+            body = f"  - model: {m0}\n" + body
+            base = ""
+        return f"merge_method: {method}\n{base}models:\n{body}dtype: bfloat16\n"
+    if method in ("arcee_fusion", "nearswap"):
+        params = "parameters: {t: 0.001}\n" if method == "nearswap" else ""
+        return (
+            f"merge_method: {method}\nbase_model: {m0}\nmodels:\n  - model: {m0}\n"
+            f"  - model: {m1}\n{params}dtype: bfloat16\n"
+        )
+    if method == "multislerp":
+        body = "".join(f"  - model: {m}\n    parameters: {{weight: 0.5}}\n" for m in (m1, m2))
+        return f"merge_method: multislerp\nbase_model: {m0}\nmodels:\n{body}dtype: bfloat16\n"
     params = "{weight: 0.5, density: 0.5}" if method != "task_arithmetic" else "{weight: 0.5}"
     if method.startswith("della"):
         params = "{weight: 0.5, density: 0.5, epsilon: 0.1}"
@@ -205,6 +218,13 @@ BENCH_METHODS = (
     "slerp",
     "nuslerp",
     "model_stock",
+    "sce",
+    "ram",
+    "ramplus_tl",
+    "multislerp",
+    "karcher",
+    "arcee_fusion",
+    "nearswap",
 )
 
 

@@ -9,10 +9,14 @@ Methods, with mergekit's exact semantics (the same YAML gives the same tensors i
   (set `dtype: float32` for float32 arithmetic on bf16 checkpoints).
 
 - `ties`, `dare_ties`, `dare_linear`, `breadcrumbs`, `breadcrumbs_ties`, `della`,
-  `della_linear`, `slerp`, `nuslerp`, `model_stock`, `passthrough`: mergekit's methods with its
-  parameters (density, gamma, epsilon, rescale, int8_mask, t, nuslerp_flatten,
-  nuslerp_row_wise, filter_wise, scale), merged from whole tensors (they sort, take norms or
-  draw masks over the whole tensor); formulas in `bidirlm.runtime.merging.methods`. The random
+  `della_linear`, `slerp`, `nuslerp`, `model_stock`, `passthrough`, `sce`, `ram`, `ramplus_tl`,
+  `multislerp`, `karcher`, `arcee_fusion`, `nearswap`: mergekit's methods with its parameters
+  (density, gamma, epsilon, rescale, int8_mask, t, nuslerp_flatten, nuslerp_row_wise,
+  filter_wise, scale, select_topk, r, alpha, normalize_weights, eps, max_iter, tol), merged from
+  whole tensors (they sort, take norms or draw masks over the whole tensor); formulas in
+  `bidirlm.runtime.merging.methods` and `.extra_methods`, one entry per method in `.registry`.
+  A parameter another method reads is accepted with a `MergeWarning` (mergekit ignores it); a
+  value outside its domain (density 1.7, slerp t 2.5) is a `MergeError` naming it. The random
   ones (dare_*, della*) draw per-tensor seeded masks (`random_seed:`, default 0): reproducible,
   mergekit's own stream cannot be reproduced (see `methods`).
 - `slices:` (mergekit's layer stacking, `layer_range: [start, end)` per source) and
@@ -35,6 +39,7 @@ YAML keys (mergekit's):
     dtype: float32 | bfloat16 | float16 | float64
     out_dtype: ...
     tokenizer_source: base | union | PATH  # output tokenizer; vocabulary rows follow it
+    chat_template: auto | chatml | JINJA  # the output tokenizer's chat template
     slices:                        # instead of models: layer stacking
       - sources: [{model: PATH, layer_range: [0, 16], parameters: {...}}]
         parameters: {...}          # per-slice (then global) parameters; base_model: per slice
