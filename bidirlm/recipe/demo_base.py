@@ -23,6 +23,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from bidirlm.runtime import evaluation as ev
+from bidirlm.runtime.embedded import embedded_tiny_model, save_random_qwen3
+from bidirlm.runtime.training import train, train_config_from_dict
+
 SHIPPED_BASE = Path(__file__).with_name("demo_base")
 SEED = 0
 DEFAULT_STEPS = 900
@@ -49,8 +55,6 @@ def _log(msg: str) -> None:
 
 
 def _machine(device: str) -> str:
-    import torch
-
     if device == "cuda":
         return torch.cuda.get_device_name(0)
     return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
@@ -77,13 +81,7 @@ def pretrain_base(
     `work`: the training run's folder (default `output` + ".work"; kept, so an interrupted run
     resumes). `device`: "auto" (cuda when present), "cpu" or "cuda".
     """
-    import torch
-    from transformers import AutoTokenizer
-
-    from bidirlm.runtime import evaluation as ev
-    from bidirlm.runtime.embedded import embedded_tiny_model, save_random_qwen3
-    from bidirlm.runtime.training.config import train_config_from_dict
-    from bidirlm.runtime.training.trainer import train
+    from transformers import AutoTokenizer  # optional dependency ([train] extra)
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -174,7 +172,7 @@ def pretrain_base(
 
 def _save_bf16(final: Path, output: Path, log: Callable[[str], None]) -> int:
     """Copy the trained folder to `output` with bfloat16 weights (atomic replace)."""
-    import torch
+    # optional dependency ([train] extra)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(final), torch_dtype=torch.float32)

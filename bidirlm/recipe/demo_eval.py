@@ -32,6 +32,13 @@ from typing import Any
 
 import torch
 
+from bidirlm.runtime.embedded import PACKAGES, TOKEN_TAGS, package_task, token_task
+from bidirlm.runtime.evaluation import stdlib_texts
+from bidirlm.runtime.evaluation.classification import accuracy, macro_f1
+from bidirlm.runtime.evaluation.metrics import retrieval_metrics
+from bidirlm.runtime.models import load_model
+from bidirlm.runtime.training import train, train_config_from_dict
+
 _WORD = re.compile(r"\w+")
 
 
@@ -68,8 +75,6 @@ def bm25_rank(
 
 def bm25_metrics(task: Any, k: int = 10) -> dict[str, Any]:
     """BM25 on a `RetrievalTask`: the metrics `evaluation.evaluate` reports for an encoder."""
-    from bidirlm.runtime.evaluation.metrics import retrieval_metrics
-
     doc_ids = list(task.corpus)
     query_ids = [q for q, rel in task.qrels.items() if rel]
     scores = bm25_rank([task.queries[q] for q in query_ids], [task.corpus[d] for d in doc_ids])
@@ -96,8 +101,6 @@ class ProbeData:
 
     @classmethod
     def load(cls, seq_train: int, seq_test: int, tok_train: int, tok_test: int) -> ProbeData:
-        from bidirlm.runtime.embedded import PACKAGES, TOKEN_TAGS, package_task, token_task
-
         def every(records: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
             step = max(len(records) // max(count, 1), 1)
             return records[::step][:count]
@@ -182,8 +185,6 @@ def _fit_predict(
 
 
 def _scores(y_true: torch.Tensor, y_pred: torch.Tensor) -> dict[str, float]:
-    from bidirlm.runtime.evaluation.classification import accuracy, macro_f1
-
     t, p = y_true.tolist(), y_pred.tolist()
     return {"macro_f1": macro_f1(t, p), "accuracy": accuracy(t, p)}
 
@@ -192,8 +193,6 @@ def probe_scores(
     path: str | Path, data: ProbeData, *, bidirectional: bool, max_length: int = 64
 ) -> dict[str, dict[str, float]]:
     """The sequence and token probes of one checkpoint: `{"sequence": {...}, "token": {...}}`."""
-    from bidirlm.runtime import load_model
-
     model = load_model(path, bidirectional=bidirectional, dtype=torch.float32)
     model.eval()
     with torch.inference_mode():
@@ -250,7 +249,6 @@ def write_task_files(folder: Path, sizes: tuple[int | None, ...]) -> dict[str, d
     `sizes`: sequence train / test docstrings, token train / test lines (None: the whole split;
     else every n-th record, deterministic). The test files are the held-out packages.
     """
-    from bidirlm.runtime.embedded import package_task, token_task
 
     def every(records: list[dict[str, Any]], count: int | None) -> list[dict[str, Any]]:
         if count is None or count >= len(records):
@@ -288,8 +286,6 @@ def finetune_config(
     device: str = "cpu",
 ) -> dict[str, Any]:
     """The `bidirlm train` config (as a dict) of one fine-tuning run of the protocol."""
-    from bidirlm.runtime.embedded import PACKAGES, TOKEN_TAGS
-
     steps = protocol.steps[task]
     section: dict[str, Any] = {
         # every class, also when a small training subset lacks one
@@ -346,9 +342,6 @@ def finetune_score(
     stay, the weights do not (every variant x task x seed would keep a model). The score is
     recorded in `folder/score.json` with the config: a re-run with the same config reads it.
     """
-    from bidirlm.runtime.training.config import train_config_from_dict
-    from bidirlm.runtime.training.trainer import train
-
     config = finetune_config(
         model, task, files, folder, causal=causal, seed=seed, protocol=protocol, device=device
     )
@@ -389,8 +382,6 @@ def finetune_score(
 
 def heldout_texts(kind: str, count: int) -> list[str]:
     """`count` held-out stdlib texts of `kind` ("docs" or "code"), every n-th (deterministic)."""
-    from bidirlm.runtime.evaluation import stdlib_texts
-
     texts = [t for t in stdlib_texts("heldout", kind) if t.strip()]
     step = max(len(texts) // max(count, 1), 1)
     return texts[::step][:count]
@@ -401,8 +392,6 @@ def lm_loss(
     path: str | Path, texts: Sequence[str], *, max_length: int = 128, batch_size: int = 16
 ) -> float:
     """Mean next-token cross-entropy (nats/token) of the checkpoint as a causal LM on `texts`."""
-    from bidirlm.runtime import load_model
-
     model = load_model(path, bidirectional=False, dtype=torch.float32)
     model.eval()
     tok = model.tokenizer

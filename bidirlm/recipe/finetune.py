@@ -27,6 +27,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bidirlm.runtime.merging import merge
+from bidirlm.runtime.training import trainer
 from bidirlm.runtime.training.config import TrainConfig
 from bidirlm.runtime.training.task_config import TASK_PHASES
 
@@ -75,8 +77,6 @@ def finetune_sweep(
     (default: `train.output`). Report: `{"metric", "lrs", "models": {name: {"model", "scores":
     {lr: best dev score}, "best_lr", "best_score", "best_step"}}}`.
     """
-    from bidirlm.runtime.training.trainer import train
-
     _check(config)
     if not lrs:
         raise ValueError("lrs is empty: give at least one learning rate")
@@ -87,7 +87,7 @@ def finetune_sweep(
         entry: dict[str, Any] = {"model": str(path), "scores": {}, "runs": {}}
         for lr in lrs:
             run_dir = root / _slug(name) / f"lr-{lr:g}"
-            train(protocol_config(config, model=str(path), lr=lr, output=run_dir))
+            trainer.train(protocol_config(config, model=str(path), lr=lr, output=run_dir))
             best = _best(run_dir)
             report["metric"] = best["metric"]
             entry["scores"][f"{lr:g}"] = best["score"]
@@ -142,9 +142,6 @@ def domain_transfer(
     `task.eval_steps = steps` (and no early stopping). Report: `{"steps", "metric", "merged":
     {"model", "curve": {step: score}, "peak", "fraction_of_peak": {step: f}}, "unmerged": ...}`.
     """
-    from bidirlm.runtime import merge
-    from bidirlm.runtime.training.trainer import train
-
     _check(config)
     steps = sorted({int(s) for s in steps})
     if not steps or steps[0] < 1:
@@ -170,7 +167,7 @@ def domain_transfer(
         run.task.eval_steps = list(steps)
         run.task.eval_every = 0
         run.task.patience = 0
-        train(run)
+        trainer.train(run)
         rows = [
             json.loads(line)
             for line in Path(run.train.output, "metrics.jsonl").read_text("utf-8").splitlines()
@@ -196,7 +193,7 @@ def domain_transfer(
 
 def plot_curves(report: Mapping[str, Any], path: str | Path) -> Path:
     """Dev score vs fine-tuning step, merged and unmerged (matplotlib, Agg backend)."""
-    import matplotlib
+    import matplotlib  # optional dependency ([train] extra)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

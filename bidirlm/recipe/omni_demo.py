@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +29,15 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from bidirlm.kernels import infonce_loss
+from bidirlm.recipe.omni_specialists import build_audio_specialist, build_vision_specialist
+from bidirlm.runtime.embedded import embedded_tiny_model
+from bidirlm.runtime.evaluation.crossmodal import evaluate_crossmodal
+from bidirlm.runtime.merging.compose import compose_omni
+from bidirlm.runtime.models import load_model
+from bidirlm.runtime.models.media import write_wav
+from bidirlm.runtime.training import load_train_config, train
 
 CHAR_STEP = 0.08  # seconds per character of the synthetic voice (about one audio token)
 RATE = 16000
@@ -75,7 +85,7 @@ def captions(n: int) -> list[str]:
 def render(text: str, rng: random.Random) -> Any:
     """`text` drawn into a 16-pixel-high RGB image, one character per 16x16 cell (the tower's
     patch), with random jitter, colours and noise."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw, ImageFont  # optional dependency ([omni] extra)
 
     bg = tuple(rng.randint(170, 255) for _ in range(3))
     img = Image.new("RGB", (CELL * len(text[:MAX_CHARS]), CELL), bg)  # no blank patches
@@ -122,8 +132,6 @@ def _pretrain(
 ) -> list:
     """InfoNCE (symmetric) between media items and caption texts; the tower is trained, and the
     text backbone too when `train_backbone`."""
-    from bidirlm.kernels import infonce_loss
-
     for p in model.parameters():
         p.requires_grad_(train_backbone)
     model.freeze_towers(False)
@@ -158,10 +166,6 @@ def pretrain_specialist(
 ) -> Path:
     """Train `specialist` (its own text backbone, weight 0 for the text model) on `pairs`, and
     write it back in its own layout and config under work/<kind>-pretrained."""
-    import shutil
-
-    from bidirlm.runtime import compose_omni, load_model
-
     staged = work / f"{kind}-staged"
     compose_omni(text, output=staged, weights=[0.0, 1.0], **{kind: specialist})
     model = load_model(staged, dtype=torch.float32)
@@ -179,8 +183,6 @@ def pretrain_specialist(
 
 def _write_media(folder: Path, caps: list[str], variants: int, seed: int) -> dict[str, list]:
     """PNG and WAV files for each caption x variant; returns {"image": [(path, cap)], ...}."""
-    from bidirlm.runtime.models.media import write_wav
-
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     out: dict[str, list] = {"image": [], "audio": []}
@@ -203,8 +205,6 @@ def _jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 def _align(omni: Path, work: Path, media: dict[str, list], caps: list[str], size: OmniDemoSize):
     """The contrastive phase with `bidirlm.runtime.training.train` (towers frozen)."""
-    from bidirlm.runtime.training import load_train_config, train
-
     data = work / "align-data"
     data.mkdir(exist_ok=True)
     text_rows = [{"query": f"module {c}", "positive": c} for c in caps]
@@ -256,14 +256,12 @@ def _align(omni: Path, work: Path, media: dict[str, list], caps: list[str], size
 
 
 def evaluate_all(model: Any, task: Path) -> dict[str, dict[str, float]]:
-    from bidirlm.runtime.evaluation.crossmodal import evaluate_crossmodal
-
     metrics = evaluate_crossmodal(model, task)
     return {k: v for k, v in metrics.items() if k != "task"}
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # optional dependency ([train] extra)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -330,11 +328,7 @@ def format_report(results: dict[str, Any]) -> str:
 def run_omni_demo(out: str | Path, size_name: str = "quick") -> dict[str, Any]:
     """Run the demo into `out` (created; an existing results.json is replaced) and return the
     results dict (`unaligned`/`aligned` metrics per direction, timings, paths)."""
-    from transformers import AutoConfig
-
-    from bidirlm.recipe.omni_specialists import build_audio_specialist, build_vision_specialist
-    from bidirlm.runtime import compose_omni, load_model
-    from bidirlm.runtime.embedded import embedded_tiny_model
+    from transformers import AutoConfig  # optional dependency ([omni] extra)
 
     if size_name not in SIZES:
         raise ValueError(f"size {size_name!r}: choose one of {', '.join(SIZES)}")
@@ -345,8 +339,6 @@ def run_omni_demo(out: str | Path, size_name: str = "quick") -> dict[str, Any]:
     if work.exists():
         if not marker.is_file():  # never delete a folder this demo did not create
             raise ValueError(f"{work} exists and was not made by the omni demo: choose another")
-        import shutil
-
         shutil.rmtree(work)  # ours: created by a previous run of this demo (marker)
     work.mkdir(parents=True)
     marker.touch()

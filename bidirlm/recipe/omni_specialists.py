@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from bidirlm.runtime.models.omni import _require
+
 VISION_TOWER = dict(
     depth=2,
     hidden_size=32,
@@ -84,8 +86,6 @@ def _text_dict(text_config: Any) -> dict[str, Any]:
 
 def build_vision_specialist(folder: Path, text_config: Any, *, seed: int = 1) -> Path:
     """A random tiny Qwen3-VL (`Qwen3VLForConditionalGeneration`) + its image processor."""
-    from bidirlm.runtime.models.omni import _require
-
     Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration = _require(
         ["Qwen2VLImageProcessorPil", "Qwen3VLConfig", "Qwen3VLForConditionalGeneration"],
         "the tiny vision specialist",
@@ -120,8 +120,6 @@ def build_vision_specialist(folder: Path, text_config: Any, *, seed: int = 1) ->
 
 def build_audio_specialist(folder: Path, text_config: Any, *, seed: int = 2) -> Path:
     """A random tiny Qwen3-ASR (`Qwen3ASRForConditionalGeneration`) + its feature extractor."""
-    from bidirlm.runtime.models.omni import _require
-
     Qwen3ASRConfig, Qwen3ASRFeatureExtractor, Qwen3ASRForConditionalGeneration = _require(
         ["Qwen3ASRConfig", "Qwen3ASRFeatureExtractor", "Qwen3ASRForConditionalGeneration"],
         "the tiny audio specialist",

@@ -57,6 +57,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
+from bidirlm.runtime.embedded import resolve_model_path
+from bidirlm.runtime.evaluation import evaluate
+from bidirlm.runtime.merging.merge import merge
+from bidirlm.runtime.training import trainer
 from bidirlm.runtime.training.config import (
     SourceConfig,
     TrainConfig,
@@ -64,8 +70,10 @@ from bidirlm.runtime.training.config import (
     dumps_toml,
     parse_dataclass,
     read_toml,
+    to_dict,
     train_config_from_dict,
 )
+from bidirlm.runtime.training.masking import check_mask_token
 
 PHASE_RECORD = "phase.json"
 RECIPES_DIR = Path(__file__).resolve().parent
@@ -228,8 +236,6 @@ def parse_recipe(data: dict[str, Any], *, source: Path | None = None) -> Recipe:
 
 
 def _plain(cfg: Any) -> dict[str, Any]:
-    from bidirlm.runtime.training.config import to_dict
-
     return to_dict(cfg)
 
 
@@ -294,9 +300,6 @@ def check_inputs(recipe: Recipe) -> None:
                     problems.append(f"{phase.name}.data.sources: {source.path} does not exist")
             if phase.config.phase == "mntp" and base_ok:
                 # every model of a recipe carries the base's tokenizer
-                from bidirlm.runtime.embedded import resolve_model_path
-                from bidirlm.runtime.training.masking import check_mask_token
-
                 try:
                     check_mask_token(
                         resolve_model_path(base),
@@ -352,8 +355,6 @@ def _resolved_config(phase: Phase, paths: dict[str, Path]) -> Any:
 
 
 def _as_dict(cfg: Any) -> dict[str, Any]:
-    from bidirlm.runtime.training.config import to_dict
-
     return to_dict(cfg)
 
 
@@ -393,15 +394,11 @@ def _last_metrics(folder: Path) -> dict[str, Any]:
 def _run_phase(phase: Phase, cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
     """Execute one phase; return its result summary (metrics for eval)."""
     if phase.kind == "train":
-        from bidirlm.runtime.training.trainer import train
-
-        final = Path(train(cfg))
+        final = Path(trainer.train(cfg))  # looked up per call (tests wrap it)
         if final.resolve() != phase.output.resolve():
             raise RecipeError(f"[{phase.name}]: trainer wrote {final}, expected {phase.output}")
         return _last_metrics(Path(cfg.train.output))
     if phase.kind == "merge":
-        from bidirlm.runtime.merging.merge import merge
-
         # `force`: a folder left by a crash after the merge's atomic rename but before our
         # record was written is incomplete from the pipeline's point of view.
         merge(
@@ -414,8 +411,6 @@ def _run_phase(phase: Phase, cfg: Any, log: Callable[[str], None]) -> dict[str, 
             force=True,
         )
         return {}
-    from bidirlm.runtime.evaluation import evaluate
-
     metrics = evaluate(
         cfg.model,
         cfg.task,
@@ -432,8 +427,6 @@ def _run_phase(phase: Phase, cfg: Any, log: Callable[[str], None]) -> dict[str, 
 
 
 def _cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -454,8 +447,6 @@ def run_pipeline(
     elif overrides:
         raise RecipeError("overrides apply to a recipe file; apply them before parsing")
     check_inputs(recipe)
-    from bidirlm.runtime.embedded import resolve_model_path
-
     out_root = Path(recipe.recipe.output).expanduser()
     paths: dict[str, Path] = {"base": resolve_model_path(recipe.recipe.base)}
     fingerprints: dict[str, str] = {"base": str(paths["base"])}
