@@ -290,3 +290,68 @@ def test_mfu_peaks_by_device_name() -> None:
     assert peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
     assert peak_bf16_flops("AMD Instinct MI300X") == 1307e12
     assert peak_bf16_flops("a CPU") is None
+
+
+# ------------------------------------------------------------------ multimodal-contrastive
+
+
+@pytest.fixture(scope="module")
+def omni_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from bidirlm.runtime import compose_omni
+    from tests.omni.helpers import image, specialists
+
+    root = tmp_path_factory.mktemp("omni_phase")
+    parts = specialists(root)
+    omni = compose_omni(parts["text"], parts["vision"], parts["audio"], root / "omni").output
+    (root / "media").mkdir()
+    words = ["red", "green", "blue", "apple"]
+    images, texts = [], []
+    for i, w in enumerate(words):
+        image(i).save(root / "media" / f"{i}.png")
+        images.append({"query": {"image": f"media/{i}.png"}, "positive": f"a {w}"})
+        texts.append({"query": f"what is {w}", "positive": f"{w} is a word"})
+    for name, rows in (("image", images), ("text", texts)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"omni": omni, "image": root / "image.jsonl", "text": root / "text.jsonl"}
+
+
+def _contrastive(output: Path, phase: str, model: Path | str, sources: list[Path]):
+    return train_config_from_dict(
+        {
+            "model": str(model),
+            "phase": phase,
+            "train": {"output": str(output), "steps": 2, "progress_bar": False},
+            "optim": {"lr": 1e-3},
+            "data": {
+                "batch_size": 4,
+                "query_max_len": 16,
+                "document_max_len": 16,
+                "sources": [{"path": str(s)} for s in sources],
+            },
+        }
+    )
+
+
+def test_multimodal_contrastive_phase(omni_data: dict[str, Path], tmp_path: Path) -> None:
+    """Every chunk through the OmniEncoder: on text-only records it gives the contrastive
+    phase's losses (same tokens, same model); image records train in bf16 with frozen towers;
+    a text-only model is refused before any step."""
+    from tests.omni.helpers import bits_equal, tensors
+
+    text = [omni_data["text"]]
+    train(_contrastive(tmp_path / "c", "contrastive", omni_data["omni"], text))
+    train(_contrastive(tmp_path / "m", "multimodal-contrastive", omni_data["omni"], text))
+    plain, omni = (
+        [r["loss"] for r in _rows(tmp_path / "c")],
+        [r["loss"] for r in _rows(tmp_path / "m")],
+    )
+    assert omni == pytest.approx(plain, rel=1e-4, abs=1e-5)
+    both = [omni_data["image"], omni_data["text"]]
+    config = _contrastive(tmp_path / "b", "multimodal-contrastive", omni_data["omni"], both)
+    config.train.steps, config.train.dtype = 3, "bfloat16"
+    final = train(config)
+    assert all(math.isfinite(r["loss"]) for r in _rows(tmp_path / "b"))
+    before, after = tensors(omni_data["omni"]), load_file(final / "model.safetensors")
+    assert all(bits_equal(after[n], before[n]) for n in before if n.startswith("model.visual."))
+    with pytest.raises(ValueError, match=r"phase 'multimodal-contrastive': .* is text-only"):
+        train(_contrastive(tmp_path / "t", "multimodal-contrastive", "embedded:tiny", text))
