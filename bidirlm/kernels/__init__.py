@@ -31,6 +31,8 @@ _EXPORTS = {
     "flash_attn_with_kvcache": "flash_attn_compat",
     "infonce_loss": "infonce",
     "InfoNCELoss": "infonce",
+    "LigerFusedLinearCrossEntropyLoss": "liger_compat",
+    "LigerFusedLinearCrossEntropyFunction": "liger_compat",
     "decide": "dispatch",
     "use_triton": "dispatch",
 }
