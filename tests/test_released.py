@@ -180,6 +180,15 @@ def test_bf16_stays_bf16_through_every_export_format(tmp_path: Path) -> None:
     assert main(["export", str(src), str(out), "--format", "bidirlm", "--dtype", "float32"]) == 0
     assert {t.dtype for t in tensors(out).values()} == {torch.float32}
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    # bf16 specialists compose to a bf16 omni, exported as bf16 in the released layout
+    three = build_paper_three(tmp_path / "three", dtype=torch.bfloat16)
+    omni = compose_omni(three["text"], three["vision"], three["audio"], tmp_path / "omni").output
+    rel = tmp_path / "rel"
+    assert main(["export", str(omni), str(rel), "--format", "bidirlm-omni"]) == 0
+    assert {t.dtype for t in tensors(omni).values()} == {torch.bfloat16}
+    assert {t.dtype for t in tensors(rel).values()} == {torch.bfloat16}
+    emb = load_model(rel).encode(items()[:3])
+    assert emb.dtype == torch.float32 and torch.isfinite(emb).all()
 
 
 @pytest.mark.parametrize("fmt", ["bidirlm", "sentence-transformers"])
