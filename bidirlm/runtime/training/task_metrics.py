@@ -1,4 +1,6 @@
-"""Metrics of fine-tuned classifiers, exact and dependency-free (numpy only).
+"""Metrics of fine-tuned classifiers, exact and dependency-free (numpy only). They live in
+`training/` because the fine-tuning phases' dev evaluation needs them and `training` sits below
+`evaluation` (`bidirlm.runtime.evaluation.classification` re-exports them).
 
 - `accuracy`, `macro_f1` (single-label; sklearn's `f1_score(average="macro")`: the mean F1 over
   the classes present in the references or the predictions, 0 for a class never predicted);
