@@ -10,7 +10,7 @@ import os
 import torch
 
 from bidirlm.runtime.models import checkpoint as ckpt
-from bidirlm.runtime.models import released
+from bidirlm.runtime.models import released_layout as released
 from bidirlm.runtime.models.encoder import Encoder
 from bidirlm.runtime.models.heads import load_head
 from bidirlm.runtime.models.omni import load_omni

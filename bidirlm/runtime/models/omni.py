@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bidirlm.runtime.models import checkpoint as ckpt
-from bidirlm.runtime.models import released as rel
+from bidirlm.runtime.models import released_layout as rel
 from bidirlm.runtime.models.common import AttentionLayout
 from bidirlm.runtime.models.config import ModelConfig
 from bidirlm.runtime.models.encoder import Encoder
