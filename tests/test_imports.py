@@ -140,3 +140,41 @@ def test_no_upward_import(low: str, high: str) -> None:
     graph = import_graph()
     bad = sorted(m for m in graph[low] if m == high or m.startswith(high + "."))
     assert bad == [], f"{low} imports {bad}"
+
+
+# Runtime folders from the bottom up: a module may import only from its own folder or a lower
+# rank (the single-file modules at the runtime root are the floor; kernels sit below them all).
+RANKS = {
+    "bidirlm.kernels": 0,
+    "bidirlm.runtime.safetensors_io": 1,
+    "bidirlm.runtime.outputs": 1,
+    "bidirlm.runtime.retrieval_task": 1,
+    "bidirlm.runtime.jsonl": 1,
+    "bidirlm.runtime.models": 2,
+    "bidirlm.runtime.embedded": 2,
+    "bidirlm.runtime.merging": 3,
+    "bidirlm.runtime.training": 3,
+    "bidirlm.runtime.evaluation": 4,
+}
+
+
+def _folder(module: str) -> str | None:
+    return next((f for f in RANKS if module == f or module.startswith(f + ".")), None)
+
+
+def test_no_upward_arrow_between_runtime_folders() -> None:
+    graph = import_graph()
+    bad = []
+    for module, imported in graph.items():
+        low = _folder(module)
+        if low is None:
+            continue
+        for target in imported:
+            high = _folder(target)
+            if high is None or high == low:
+                if high is None and target.startswith("bidirlm.") and target != "bidirlm.runtime":
+                    bad.append(f"{module} -> {target} (outside the ranked layers)")
+                continue
+            if RANKS[high] >= RANKS[low]:
+                bad.append(f"{module} -> {target}")
+    assert bad == [], "upward or sideways imports: " + "; ".join(sorted(bad))
