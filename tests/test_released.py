@@ -113,6 +113,16 @@ def test_hand_built_released_omni_loads_like_the_composed_one(three, composed, t
     torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
+def test_released_names_under_a_model_prefix_load_too(three, composed, tmp_path) -> None:
+    """The remote code's `*ForMaskedLM` keeps the same names under `model.`."""
+    rel = hand_built_released(three, tmp_path / "released")
+    prefixed = {"model." + n: t for n, t in tensors(rel).items()}
+    (rel / "model.safetensors").unlink()
+    save_file(prefixed, str(rel / "model.safetensors"), metadata={"format": "pt"})
+    a, b = load_model(composed).encode(items()), load_model(rel).encode(items())
+    torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
 def test_export_omni_round_trips_bitwise(composed, tmp_path: Path, capsys) -> None:
     rel, again = tmp_path / "rel", tmp_path / "again"
     assert main(["export", str(composed), str(rel), "--format", "bidirlm-omni"]) == 0

@@ -23,6 +23,9 @@ _TO_COMPOSITE = (
     ("audio_tower.", "model.audio_tower."),
     ("visual.", "model.visual."),
     ("language_model.", "model.language_model."),
+    # the same under a `model.` prefix (a `*ForMaskedLM` / classifier of the remote code)
+    ("model.audio_tower.proj1.", "model.multi_modal_projector.linear_1."),
+    ("model.audio_tower.proj2.", "model.multi_modal_projector.linear_2."),
 )
 _MROPE = ("mrope_section", "mrope_interleaved")
 
