@@ -28,8 +28,10 @@ from pathlib import Path
 
 import torch
 
+from bidirlm.integrations.sentence_transformers import export_sentence_transformers
+from bidirlm.integrations.transformers import register
 from bidirlm.kernels.dispatch import decide
-from bidirlm.runtime import load_model
+from bidirlm.runtime.models import load_model
 
 # float32 agreement between two implementations of the same math: |a - b| <= ATOL + RTOL * |b|max
 ATOL, RTOL = 1e-4, 1e-4
@@ -110,9 +112,7 @@ def _agree(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, float]:
 
 def check_backends(folder: Path, encoder, length: int = 16) -> Check:  # noqa: ANN001
     """transformers' eager / sdpa / bidirlm attention give our hidden states."""
-    from transformers import AutoConfig, AutoModel
-
-    from bidirlm.integrations.transformers import register
+    from transformers import AutoConfig, AutoModel  # optional dependency ([st] extra)
 
     enc = _text_encoder(encoder)
     raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -149,9 +149,7 @@ def check_backends(folder: Path, encoder, length: int = 16) -> Check:  # noqa: A
 
 def check_sentence_transformers(folder: Path, encoder) -> Check:  # noqa: ANN001
     """The sentence-transformers form gives `Encoder.encode`'s embeddings."""
-    from sentence_transformers import SentenceTransformer
-
-    from bidirlm.integrations.sentence_transformers import export_sentence_transformers
+    from sentence_transformers import SentenceTransformer  # optional dependency ([st] extra)
 
     enc = _text_encoder(encoder)
     if enc.tokenizer is None:
@@ -194,7 +192,7 @@ def check_model(
     path: str | os.PathLike, *, device: str | torch.device | None = None
 ) -> list[Check]:
     """Run every check on the model folder `path`; one `Check` per line, in order."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # optional dependency ([st] extra)
 
     hf_logging.disable_progress_bar()  # one line per check, no load/save bars
     folder = Path(path)
