@@ -9,6 +9,7 @@ real core-only venv.
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,23 @@ def test_core_commands_run_without_extras() -> None:
     assert "kernels" in env.stdout and "torch" in env.stdout
     merge = _run(code, "merge", "--help")
     assert merge.returncode == 0, merge.stderr
+
+
+def test_kernels_import_only_torch_triton_numpy() -> None:
+    """Every import statement of bidirlm/kernels/ (in functions too) names the stdlib, torch,
+    triton, numpy or bidirlm.kernels itself: the ops package needs no other install."""
+    allowed = {"torch", "triton", "numpy", "__future__"} | set(sys.stdlib_module_names)
+    bad = []
+    for path in sorted((ROOT / "bidirlm" / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue  # relative: bidirlm.kernels itself
+            for name in names:
+                top = name.split(".")[0]
+                if top not in allowed and not name.startswith("bidirlm.kernels"):
+                    bad.append(f"{path.name}:{node.lineno} imports {name}")
+    assert bad == [], bad
