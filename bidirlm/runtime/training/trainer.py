@@ -1,7 +1,7 @@
 """The training loop shared by every phase (`training.phases`, one module each).
 
 `train(config) -> OUTPUT/final` runs `config.phase` on `config.model`. The phase (looked up in
-`training.registry.PHASES`) checks its data, builds the module it trains, its batch stream
+`training.registry.PHASES`) checks its data and gives the module it trains, its batch stream
 (tokenized, resumable), one micro-step's loss, its parameter groups, its checkpoint state and
 what it adds to a step's row; this loop does the rest: the learning-rate schedule, gradient
 accumulation, clipping, the non-finite policy, checkpoints and exact resume, signals and logs.
@@ -12,17 +12,15 @@ processes sees the same batches as one process with W times the accumulation. Ev
 is derived from `train.seed` and the step, so a resumed run continues bitwise like an
 uninterrupted one on the CPU.
 
-Outputs under `train.output`: `config.toml` (the resolved config), `metrics.jsonl` (one JSON
-object per step: step, loss, lr, tokens_per_s, grad_norm, skipped, ...; `mfu` on GPUs with a
-bf16/fp16 autocast), `checkpoints/step-N/` (the last `keep_checkpoints`), `final/` (Hugging Face
-layout with the tokenizer). Re-running the same command resumes from the latest checkpoint; a
-finished run returns at once. SIGTERM and a first Ctrl-C (SIGINT) checkpoint and raise
-`TrainingInterrupted`; a second Ctrl-C aborts at once (`signals.py`).
-
-Safety: resuming with a config that differs from the run's is refused, listing the differing
-keys, unless `train.allow_config_change = true` (`audit.py`). A checkpoint or final model with
-non-finite parameters is never written (`TrainingError` naming the step). A bad data record
-found mid-run first checkpoints the steps done since the last checkpoint, then raises.
+Outputs under `train.output`: `config.toml`, `metrics.jsonl` (one JSON object per step: step,
+loss, lr, tokens_per_s, grad_norm, skipped, ...; `mfu` on GPUs with a bf16/fp16 autocast),
+`checkpoints/step-N/` (the last `keep_checkpoints`), `final/` (Hugging Face layout with the
+tokenizer). Re-running the same command resumes from the latest checkpoint; a finished run
+returns at once. SIGTERM and a first Ctrl-C checkpoint and raise `TrainingInterrupted`; a second
+Ctrl-C aborts at once (`signals.py`). Resuming under a changed config is refused unless
+allowed (`audit.py`); a checkpoint or final model with non-finite parameters is never written
+(`TrainingError` naming the step); a bad data record found mid-run first checkpoints the steps
+done since the last checkpoint, then raises.
 
 Console: a one-line summary of the config, then every `train.log_every` steps a progress-bar
 update (stderr is a terminal) or one line. Profiling: the stages run in the
@@ -56,10 +54,13 @@ from bidirlm.runtime.outputs import check_output, lock_output
 from . import checkpoints as cio
 from . import distributed as dist_utils
 from .audit import check_config_change, config_summary, write_config
+from .audit import config_changes as config_changes  # re-exported (defined here before)
 from .config import TrainConfig
 from .data import BadRecordError
+from .mfu import PEAK_BF16_FLOPS as PEAK_BF16_FLOPS
 from .mfu import device_peak_flops, mfu
-from .phases import MicroStep, PhaseContext, get_phase
+from .phases import MicroStep, PhaseContext, autocast_dtype, get_phase
+from .phases import PhaseModule as PhaseModule
 from .schedules import lr_factor
 from .signals import StopSignals
 
@@ -100,13 +101,6 @@ def validate(config: TrainConfig) -> tuple[Path, Any]:
     return model_path, get_phase(config.phase).check(config, model_path, log)
 
 
-def _autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    choice = config.train.dtype
-    if choice == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return None if choice == "float32" else getattr(torch, choice)
-
-
 class _Run:
     """State of one training run (one process): the phase, the wrapped module, the optimizer,
     the counters. `step`, `output`, `info`, `module`, `device`, `amp` and `save_final` are what
@@ -115,7 +109,7 @@ class _Run:
     def __init__(self, config: TrainConfig, info: dist_utils.DistInfo, model_path: Path, data):
         self.config, self.info, self.model_path = config, info, model_path
         self.output = Path(config.train.output)
-        self.autocast = _autocast_dtype(config, info.device)
+        self.autocast = autocast_dtype(config.train.dtype, info.device)
         phase_cls = get_phase(config.phase)
         self.encoder = load_model(
             model_path,

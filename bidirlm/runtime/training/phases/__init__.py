@@ -17,7 +17,15 @@ module with a `PhaseBase` subclass and a `register_phase` call (here for the bui
 from __future__ import annotations
 
 from ..registry import PHASES, get_phase, register_phase
-from .base import MicroStep, Phase, PhaseBase, PhaseContext, RankBatches, decay_groups
+from .base import (
+    MicroStep,
+    Phase,
+    PhaseBase,
+    PhaseContext,
+    RankBatches,
+    autocast_dtype,
+    decay_groups,
+)
 from .causal import CausalPhase, next_token_labels
 from .contrastive import ContrastivePhase
 from .finetune import FineTunePhase, TaskModule, attach_head
@@ -56,6 +64,7 @@ __all__ = [
     "TaskModule",
     "TokenClassificationPhase",
     "attach_head",
+    "autocast_dtype",
     "decay_groups",
     "get_phase",
     "next_token_labels",

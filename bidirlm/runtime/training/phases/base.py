@@ -64,6 +64,13 @@ class PhaseContext:
         return torch.autocast(self.device.type, dtype=self.autocast)
 
 
+def autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `train.dtype` on `device` (None: float32; "auto": bf16 on a GPU)."""
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return None if choice == "float32" else getattr(torch, choice)
+
+
 @dataclass(frozen=True)
 class MicroStep:
     """Micro-batch `index` of `accum` in the optimizer step after `step` steps, on `rank`."""
