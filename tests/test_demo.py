@@ -41,7 +41,9 @@ def test_demo_tiny_end_to_end(
     threads = torch.get_num_threads()
     assert main(["demo", "--tiny", "--cpu", "--out", str(out)]) == 0
     assert torch.get_num_threads() == threads  # the demo's single-thread default is undone
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert (captured.out + captured.err).count("results.json") == 1  # the last lines once
     results = json.loads((out / "results.json").read_text())
     assert results["metric"] == "ndcg@10"
     assert list(results["variants"]) == list(demo.VARIANTS)

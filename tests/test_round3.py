@@ -23,6 +23,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from bidirlm.cli import build_parser, main
+from bidirlm.recipe.demo_report import format_report
 from bidirlm.runtime import outputs
 from bidirlm.runtime.merging.compose import compose_omni
 from bidirlm.runtime.models import CheckpointError, load_model, media
@@ -547,3 +548,26 @@ def test_readme_omni_demo_table_is_the_committed_run() -> None:
         )
         assert row in readme, row
     assert f"{results['seconds']:.0f} s" in readme
+
+
+def _table_widths(markdown: str) -> list[tuple[int, int, str]]:
+    """(header cells, row cells, row) of every table row that differs from its header."""
+    bad, header = [], None
+    for line in markdown.splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = line.strip().replace("\\|", "").strip("|").count("|") + 1  # (\| is text)
+        if header is None:
+            header = cells
+        elif cells != header:
+            bad.append((header, cells, line))
+    return bad
+
+
+def test_demo_report_rows_have_as_many_cells_as_their_header() -> None:
+    for folder in (ROOT / "docs" / "demo", ROOT / "docs" / "demo" / "seed-1"):
+        results = json.loads((folder / "results.json").read_text())
+        assert _table_widths(format_report(results)) == []
+        assert (folder / "report.md").read_text() == format_report(results)  # docs regenerated
+    assert _table_widths((ROOT / "README.md").read_text()) == []

@@ -58,7 +58,7 @@ def format_report(results: dict[str, Any]) -> str:
                 f"{rel[v]['retrieval']:+.4f} | {rel[v]['sequence']:+.4f} | "
                 f"{rel[v]['token']:+.4f} |"
             )
-        empty = " | | | | | |"
+        empty = " | | | | |"  # sequence, token and the three Δ columns
     else:
         lines += [
             retrieval,
