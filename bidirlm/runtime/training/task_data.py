@@ -420,10 +420,6 @@ class TaskBatches:
 # --------------------------------------------------------------------------------------------
 
 
-def phase_kind(phase: str) -> str:
-    return {"sequence-classification": "sequence", "token-classification": "token"}[phase]
-
-
 @dataclass
 class TaskSpec:
     """What the data says about a task: kind, problem type, labels, parsed sources."""
@@ -436,10 +432,10 @@ class TaskSpec:
 
 
 def check_task(
-    phase: str, task: TaskConfig, source_paths: Sequence[str], *, names: Sequence[str] = ()
+    kind: str, task: TaskConfig, source_paths: Sequence[str], *, names: Sequence[str] = ()
 ) -> TaskSpec:
-    """Read and check every source and the dev set before training (one-line errors)."""
-    kind = phase_kind(phase)
+    """Read and check every source and the dev set of a `kind` ("sequence" / "token") task
+    before training (one-line errors)."""
     problem = task.problem_type if kind == "sequence" else "single_label"
     if kind == "token" and task.problem_type != "single_label":
         raise ValueError(

@@ -111,7 +111,7 @@ class FineTunePhase(PhaseBase):
     @classmethod
     def check(cls, config: TrainConfig, model_path: Path, log: Callable[[str], None]) -> TaskSpec:
         paths = [s.path for s in config.data.sources]
-        return check_task(cls.name, config.task, paths, names=[s.name for s in config.data.sources])
+        return check_task(cls.kind, config.task, paths, names=[s.name for s in config.data.sources])
 
     @classmethod
     def bidirectional(cls, config: TrainConfig) -> bool:
