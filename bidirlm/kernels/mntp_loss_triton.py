@@ -25,6 +25,7 @@ Cross-Entropy's): dlogits tiles below `filter_eps` x the row's gradient are skip
 from __future__ import annotations
 
 import functools
+import heapq
 from dataclasses import dataclass
 
 import torch
@@ -290,7 +291,7 @@ def _dw_role(
     dz_ptr, h_ptr, order_ptr, acc_ptr, accb_ptr, dw_ptr, db_ptr, flag_ptr, n_valid, pid_c, pid_d,
     r0, c0, n_chunk_rows, n_chunk_cols, D, stride_h, stride_dz, stride_dw, n_flag_cols,
     HAS_BIAS: tl.constexpr, FILTER: tl.constexpr, FLAG_M: tl.constexpr, FLAG_V: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    FLAGS_K: tl.constexpr, FLAGS_N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """`dW[c0 + j] (+)= dz[:, j].T @ H[order[r0 + k]]` over the chunk's labelled slots: the K
@@ -310,9 +311,12 @@ def _dw_role(
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < n_k
         run = True
-        if FILTER:  # skip K steps whose dz tiles were all filtered out
-            f_idx = (ks // FLAG_M)[:, None] * n_flag_cols + (local_c // FLAG_V)[None, :]
-            flags = tl.load(flag_ptr + f_idx, mask=k_mask[:, None] & col_mask[None, :], other=0)
+        if FILTER:  # skip K steps whose dz tiles were all filtered out (a few flags per step)
+            f_r = k0 // FLAG_M + tl.arange(0, FLAGS_K)
+            f_c = (pid_c * BLOCK_M) // FLAG_V + tl.arange(0, FLAGS_N)
+            f_ok = (f_r * FLAG_M < n_k)[:, None] & (f_c * FLAG_V < n_chunk_cols)[None, :]
+            f_idx = f_r[:, None] * n_flag_cols + f_c[None, :]
+            flags = tl.load(flag_ptr + f_idx, mask=f_ok, other=0)
             run = tl.max(flags.to(tl.int32)) > 0
         if run:
             a = tl.load(
@@ -355,9 +359,9 @@ def _dw_role(
 def _dh_role(
     dz_ptr, w_ptr, order_ptr, acc_ptr, dh_ptr, flag_ptr, n_valid, pid_m, pid_d,
     r0, c0, n_chunk_cols, D, stride_w, stride_dz, stride_dh, stride_acc, acc_width, first, last,
-    n_flag_cols,
+    n_flag_cols, n_valid_local,
     ACC_MODE: tl.constexpr, FILTER: tl.constexpr, FLAG_M: tl.constexpr, FLAG_V: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    FLAGS_R: tl.constexpr, FLAGS_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """`dH[slots] (+)= dz[Rc, vc] @ W[c0 : c0 + vc]`: the K loop (the chunk's vocabulary)
@@ -381,8 +385,12 @@ def _dh_role(
         k_mask = ks < n_chunk_cols
         run = True
         if FILTER:
-            f_idx = (local_r // FLAG_M)[:, None] * n_flag_cols + (ks // FLAG_V)[None, :]
-            flags = tl.load(flag_ptr + f_idx, mask=row_mask[:, None] & k_mask[None, :], other=0)
+            f_r = (pid_m * BLOCK_M) // FLAG_M + tl.arange(0, FLAGS_R)
+            f_c = k0 // FLAG_V + tl.arange(0, FLAGS_K)
+            f_ok = (f_r * FLAG_M < n_valid_local)[:, None]
+            f_ok = f_ok & (f_c * FLAG_V < n_chunk_cols)[None, :]
+            f_idx = f_r[:, None] * n_flag_cols + f_c[None, :]
+            flags = tl.load(flag_ptr + f_idx, mask=f_ok, other=0)
             run = tl.max(flags.to(tl.int32)) > 0
         if run:
             a = tl.load(a_base + ks[None, :], mask=k_mask[None, :], other=0.0)
@@ -424,7 +432,8 @@ def _mntp_grads_kernel(
     stride_dw, stride_dh, stride_acch, acch_width, first, last, n_flag_cols, n_dw_programs,
     row_bound,
     HAS_BIAS: tl.constexpr, ACC_MODE: tl.constexpr, FILTER: tl.constexpr,
-    FLAG_M: tl.constexpr, FLAG_V: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    FLAG_M: tl.constexpr, FLAG_V: tl.constexpr, FLAGS_WK: tl.constexpr, FLAGS_WN: tl.constexpr,
+    FLAGS_HR: tl.constexpr, FLAGS_HK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Both GEMMs of one dlogits chunk in one launch: programs `[0, n_dw_programs)` compute dW
@@ -437,16 +446,16 @@ def _mntp_grads_kernel(
         _dw_role(
             dz_ptr, h_ptr, order_ptr, accw_ptr, accb_ptr, dw_ptr, db_ptr, flag_ptr, n_valid,
             pid // n_d, pid % n_d, r0, c0, n_chunk_rows, n_chunk_cols, D, stride_h, stride_dz,
-            stride_dw, n_flag_cols, HAS_BIAS, FILTER, FLAG_M, FLAG_V, UPCAST, PREC,
-            BLOCK_M, BLOCK_N, BLOCK_K,
+            stride_dw, n_flag_cols, HAS_BIAS, FILTER, FLAG_M, FLAG_V, FLAGS_WK, FLAGS_WN,
+            UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
     else:
         q = pid - n_dw_programs
         _dh_role(
             dz_ptr, w_ptr, order_ptr, acch_ptr, dh_ptr, flag_ptr, n_valid, q // n_d, q % n_d,
             r0, c0, n_chunk_cols, D, stride_w, stride_dz, stride_dh, stride_acch, acch_width,
-            first, last, n_flag_cols, ACC_MODE, FILTER, FLAG_M, FLAG_V, UPCAST, PREC,
-            BLOCK_M, BLOCK_N, BLOCK_K,
+            first, last, n_flag_cols, n_valid - r0, ACC_MODE, FILTER, FLAG_M, FLAG_V, FLAGS_HR,
+            FLAGS_HK, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
 
 
@@ -476,7 +485,9 @@ class _Family:
     align: int  # chunk sizes are multiples of this (every tile divides it)
     max_chunk: int  # largest Rc / Vc
     programs_per_sm: int  # (kept for the autotuned grids) programs per SM of a full wave
-    persist: int = 2  # persistent forward programs per SM (two 128 x 128 bf16 programs fit)
+    # persistent forward programs per SM: the 128 x 128 bf16 forward takes ~214 registers x 256
+    # threads on sm_90 (compile suite), so one program per SM is resident
+    persist: int = 1
     vocab_cap: int = 65536  # largest Vc of the one-row-chunk backward plan
 
 
@@ -571,11 +582,11 @@ class _FwdPlan:
 def _fwd_plan_of(family: _Family, rows: int, v: int, sms: int, interpreter: bool) -> _FwdPlan:
     """Splits and persistent grid of the forward for `rows` labelled rows (a bound or estimate).
 
-    The grid is `persist` programs per SM (two 128 x 128 programs fit an H100 SM) and every
-    program strides over (split, row block) units, so the number of launches does not depend on
+    The grid is `persist` programs per SM (the resident count) and every program strides over
+    (split, row block) units, so the number of launches does not depend on
     the rows. Splits keep >= 4 vocabulary tiles each (one in the interpreter) and are chosen, up
     to 64, so the last wave of units is as full as possible (at 9,830 rows: 77 row blocks x 64
-    splits = 4,928 units on 264 programs = 18.7 waves, 98% of the last-wave-rounded time busy).
+    splits = 4,928 units on 132 programs = 37.3 waves, 98% of the last-wave-rounded time busy).
     """
     bm, bv = family.fwd.block_m, family.fwd.block_n
     tiles = triton.cdiv(v, bv)
@@ -606,9 +617,50 @@ class _BwdPlan:
         return triton.cdiv(max(n_rows, 1), self.rows) * triton.cdiv(v, self.vocab)
 
 
+def _list_schedule(costs: list[float], sms: int) -> float:
+    """Makespan of programs taken in order by the first free SM (how CTAs are handed out)."""
+    free = [0.0] * max(1, min(sms, len(costs)))
+    end = 0.0
+    for c in costs:
+        t = heapq.heappop(free) + c
+        end = max(end, t)
+        heapq.heappush(free, t)
+    return end
+
+
+@functools.lru_cache(maxsize=64)
+def _balanced_vocab_chunk(
+    family: _Family, bound: int, v_max: int, d: int, sms: int, need_dh: bool, need_dw: bool
+) -> int:
+    """The vocabulary chunk in [v_max / 2, v_max] (multiples of the alignment) with the least
+    estimated backward time per vocabulary entry, in units of one 128 x 128-tile MAC step:
+    the dz launch `ceil(programs / sms)` waves of `d`; the GEMM launch list-scheduled (its dW
+    programs, K = all labelled slots, are the long ones and go first; then the dH programs);
+    plus two launch gaps (4 us ~ 640 units on an H100). E.g. d = 1024, 9,830 labelled: Vc =
+    2,304 gives 144 dW programs on 132 SMs, a second wave of 12 long programs while 120 SMs
+    share 616 dH programs; Vc = 2,048 gives 128 and wins. Cached: one search per shape."""
+    bm_f, bv_f = family.fwd.block_m, family.fwd.block_n
+    bm_g, bn_g = family.gemm.block_m, family.gemm.block_n
+    blocks = triton.cdiv(max(bound, 1), bm_f)
+    k_rows = triton.cdiv(max(bound, 1), 64) * 64
+    d_tiles = triton.cdiv(d, bn_g)
+    best, best_cost = v_max, float("inf")
+    vc = v_max
+    while vc >= max(family.align, v_max // 2):
+        dz = triton.cdiv(blocks * triton.cdiv(vc, bv_f), sms) * d
+        p_w = triton.cdiv(vc, bm_g) * d_tiles if need_dw else 0
+        p_h = triton.cdiv(max(bound, 1), bm_g) * d_tiles if need_dh else 0
+        gemm = _list_schedule([float(k_rows)] * p_w + [float(vc)] * p_h, sms)
+        cost = (dz + gemm + 2 * 640) / vc
+        if cost < best_cost * 0.999:
+            best, best_cost = vc, cost
+        vc -= family.align
+    return best
+
+
 def _bwd_plan_of(
     family: _Family, n: int, bound: int, v: int, d: int, elem: int, dh_elem: int,
-    need_dh: bool, need_dw: bool,
+    need_dh: bool, need_dw: bool, sms: int = 132,
 ) -> _BwdPlan:  # fmt: skip
     """(Rc, Vc, partial placement) of the backward for `bound` labelled rows out of `n`.
 
@@ -619,7 +671,8 @@ def _bwd_plan_of(
     are ignored (zero in the result): that takes `n >= 3 * bound` for 16-bit dH (MNTP labels
     20-33% of rows). Vc is the largest multiple of the alignment with `Rc Vc elem` (+ a partial
     buffer when one is needed) within `_SCRATCH_BYTES`. Example (bf16, H100): n = 32,768, 9,830
-    labelled, V = 151,936: Rc = 9,984, Vc = 2,304 (44 MB), 66 chunks, d = 1024 or 2048 alike.
+    labelled, V = 151,936: Rc = 9,984, Vc = 2,048 (39 MB; 2,304 would fit, see
+    `_balanced_vocab_chunk`), 75 chunks, d = 1024 or 2048 alike.
     When no single row chunk fits (many labelled rows and no room for dH's partial), the
     two-pass plan of `_two_pass_sizes_of` bounds the memory at 10 n V d FLOPs.
     """
@@ -645,6 +698,8 @@ def _bwd_plan_of(
         while vc > align and cost(vc) > _SCRATCH_BYTES:
             vc -= align
     if cost(vc) <= _SCRATCH_BYTES:
+        if vc < v_al:  # several chunks: balance the waves of both launches
+            vc = _balanced_vocab_chunk(family, bound, vc, d, sms, need_dh, need_dw)
         return _BwdPlan(rows, vc, mode, False)
     rc, vc = _two_pass_sizes_of(family, bound, v, d, elem, need_dh, need_dw)
     return _BwdPlan(rc, vc, 0, rc < rows)
@@ -688,7 +743,7 @@ def working_memory(
     fp = _fwd_plan_of(fam, bound, v, sms, False)
     compact = n * 8 + 4
     fwd = compact + fp.splits * n * 4 + n * 4 + n * 4
-    bp = _bwd_plan_of(fam, n, bound, v, d, elem, elem, True, True)
+    bp = _bwd_plan_of(fam, n, bound, v, d, elem, elem, True, True, sms)
     if bp.two_pass:
         partial = max(bp.rows * d * 4 if bp.vocab < v else 0, bp.vocab * d * 4 + bp.vocab * 4)
     else:
@@ -859,7 +914,7 @@ def _triton_backward(
     elem = torch.finfo(dz_dtype).bits // 8
     dh_elem = hidden.element_size()
     family = _CONFIGS[arch_family(dev)]
-    plan = _bwd_plan_of(family, n, bound, v, d, elem, dh_elem, need_dh, need_dw)
+    plan = _bwd_plan_of(family, n, bound, v, d, elem, dh_elem, need_dh, need_dw, _sm_count(dev))
     rc, vc = plan.rows, plan.vocab
     dz = torch.empty(rc, vc, dtype=dz_dtype, device=dev)
     f32 = {"dtype": torch.float32, "device": dev}
@@ -876,6 +931,12 @@ def _triton_backward(
     gemm_kw = {"BLOCK_M": gemm.block_m, "BLOCK_N": gemm.block_n, "BLOCK_K": gemm.block_k,
                "UPCAST": flags["UPCAST"], "PREC": flags["PREC"], "HAS_BIAS": db is not None,
                "FILTER": filtering, "FLAG_M": fwd_cfg.block_m, "FLAG_V": fwd_cfg.block_n,
+               # dz tiles (flags) one GEMM step covers: K rows x output columns for dW,
+               # output rows x K columns for dH (powers of two, >= 1)
+               "FLAGS_WK": max(1, gemm.block_k // fwd_cfg.block_m),
+               "FLAGS_WN": max(1, gemm.block_m // fwd_cfg.block_n),
+               "FLAGS_HR": max(1, gemm.block_m // fwd_cfg.block_m),
+               "FLAGS_HK": max(1, gemm.block_k // fwd_cfg.block_n),
                **gemm.launch_kwargs()}  # fmt: skip
     n_dt = triton.cdiv(d, gemm.block_n)
     # dH's partial: a buffer, dH itself (float32) or the float32 view of dH's ignored rows
