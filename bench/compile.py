@@ -53,6 +53,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench import compile_check as cc
+from bench import perf_model
 
 KNOWN_ISSUES = Path(__file__).resolve().parent / "compile_known_issues.toml"
 _SPECS: list[cc.Spec] = []  # read by forked workers by index
@@ -284,6 +285,15 @@ def main(argv: list[str] | None = None) -> int:
         host_overhead(runner, reps=20)
     print()
     print(table(rows))
+    sm90 = tuple(r for r in rows if r.get("target") == "sm90" and r.get("compiled"))
+    if sm90 and "attention" in ops:
+        print()
+        print("Predicted (static model of the compiled sm_90 SASS, bench/perf_model.py; FA2/FA3")
+        print("columns are published numbers, not ours):")
+        try:
+            print(perf_model.attention_report(sm90))
+        except Exception as exc:  # noqa: BLE001 - the model must not hide the compile report
+            print(f"perf model failed: {type(exc).__name__}: {exc}")
     if args.check:
         report = cc.check(rows, known)
         print(report.text())

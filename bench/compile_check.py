@@ -628,7 +628,8 @@ def main_loop(ins: list[tuple[int, str]], ranges: list[tuple[int, int]]) -> dict
     matrix instructions (ties: the shortest body, i.e. the unmasked interior loop), as one warp
     executes them: `hgmma` [[M, N, K, a_from_registers], ...], `instructions`, `mufu`, shared
     memory bytes read/written by LDS/LDSM/STS/STSM (`lds_bytes`, `sts_bytes`), global loads
-    (`ldg`: LDG + LDGSTS), TMA loads (`utmaldg`), `bar` (CTA barriers) and `hmma` (mma.sync).
+    (`ldg`: LDG + LDGSTS), TMA loads (`utmaldg`), `bar` (CTA barriers), `hmma` (mma.sync) and
+    `local` (LDL/STL: spilled registers moved inside the loop).
     Empty when the kernel has no loop."""
     inner = [r for r in ranges if not any(o != r and r[0] <= o[0] and o[1] <= r[1] for o in ranges)]
     best: dict[str, Any] = {}
@@ -651,6 +652,7 @@ def main_loop(ins: list[tuple[int, str]], ranges: list[tuple[int, int]]) -> dict
             "utmaldg": sum(op.startswith("UTMALDG") for op in ops),
             "bar": sum(op.startswith("BAR") for op in ops),
             "hmma": sum(op.startswith("HMMA") for op in ops),
+            "local": sum(op.startswith(("LDL", "STL")) for op in ops),
         }
         key = (len(hgmma) + facts["hmma"], -len(body))
         if not best or key > (len(best["hgmma"]) + best["hmma"], -best["instructions"]):

@@ -242,6 +242,413 @@ def _combine(preds: list[Prediction]) -> Prediction:
                       preds[-1].facts)  # fmt: skip
 
 
+# --- SASS-level kernel model (attention; reusable by any wgmma kernel) -------------------------
+#
+# Per program and per trip of the kernel's main loop (the compile suite's `main_loop` facts: the
+# innermost loop with the most matrix instructions, as one warp executes it), in SM cycles:
+#   mma   = warpgroups * sum over HGMMA of (M/64) * N * (K/16) / 2 / eta
+#           (an SM's tensor cores do 2048 bf16 MACs per cycle: m64nNk16 takes N/2 cycles)
+#   smem  = (warpgroups * sum of the HGMMA operand bytes read from shared memory (A when it is not
+#           in registers, always B) + warps * (LDS/LDSM/STS bytes + 128 B per LDL/STL)) / 128
+#           (128 B per cycle per SM)
+#   issue = warps * instructions / 4          (4 schedulers, one instruction per cycle each)
+#   mufu  = warps * 32 * MUFU / 16            (16 special-function results per cycle per SM)
+#   load  = LOAD_LATENCY if num_stages == 1   (the next tiles are not prefetched: one exposed
+#           global-load round trip per trip)
+#   serial = max(mma, smem) + max(issue, mufu) + load
+# Without warp specialization the softmax/scaling work of a program does not overlap its own
+# MMAs (`serial`); other resident programs (occupancy o) fill the gaps up to each unit's limit:
+#   cycles per trip for the o programs of an SM = max(o * max(mma, smem, issue, mufu), serial)
+# Kernel time = waves * trips * that / clock (+ the launch), waves = ceil(programs / (SMs * o)).
+# eta (the sustained fraction of the nominal wgmma rate) is the one fitted constant: fitted so
+# the tutorial-equivalent forward (bench/tutorial_attention.py, compiled the same way) lands on
+# its published H100 figure; LOAD_LATENCY is assumed, not fitted.
+
+TENSOR_MACS_PER_CYCLE = 2048  # bf16/fp16 dense, per SM (989 TFLOP/s = 132 SMs * 4096 * 1.83 GHz)
+SMEM_BYTES_PER_CYCLE = 128
+MUFU_PER_CYCLE = 16
+LOAD_LATENCY = 800  # cycles of one global (mostly L2-hit) load round trip, assumed
+ETA_PRIOR = 0.70  # the a-priori sustained wgmma fraction (the formula model's MMA_EFFICIENCY)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The fitted constant of the SASS-level model and the tutorial row it came from."""
+
+    eta: float  # sustained fraction of the nominal wgmma rate
+    load_latency: float
+    fitted_on: str  # what eta was fitted to (published figure + source)
+    tutorial: dict[str, Any] = field(default_factory=dict)  # per pass: predicted/published
+
+
+def loop_cycles(
+    loop: dict[str, Any],
+    num_warps: int,
+    num_stages: int,
+    eta: float,
+    load_latency: float = LOAD_LATENCY,
+) -> dict[str, float]:
+    """The terms above for one program's main-loop trip (`loop`: a `main_loop` facts dict)."""
+    wg = max(1, num_warps // 4)
+    macs = sum((m / 64) * n * (k / 16) for m, n, k, _a in loop.get("hgmma", []))
+    mma = wg * macs * 1024 / TENSOR_MACS_PER_CYCLE / eta
+    # mma.sync (HMMA.16816: 2048 MACs per warp instruction) at 2/3 of the wgmma rate
+    mma += num_warps * loop.get("hmma", 0) * 2048 / (TENSOR_MACS_PER_CYCLE * 2 / 3) / eta
+    operand = sum(
+        (0 if a_regs else m * k * 2) + n * k * 2 for m, n, k, a_regs in loop.get("hgmma", [])
+    )
+    local = 128 * loop.get("local", 0)
+    smem = wg * operand + num_warps * (loop.get("lds_bytes", 0) + loop.get("sts_bytes", 0) + local)
+    smem /= SMEM_BYTES_PER_CYCLE
+    issue = num_warps * loop.get("instructions", 0) / 4
+    mufu = num_warps * 32 * loop.get("mufu", 0) / MUFU_PER_CYCLE
+    load = load_latency if num_stages <= 1 else 0.0
+    serial = max(mma, smem) + max(issue, mufu) + load
+    return {
+        "mma": mma,
+        "smem": smem,
+        "issue": issue,
+        "mufu": mufu,
+        "load": load,
+        "serial": serial,
+        "macs": wg * macs * 1024,
+    }
+
+
+def row_occupancy(gpu: GPU, row: dict[str, Any]) -> int:
+    """Programs per SM of a compiled kernel: registers (allocated per warp in 256s), shared
+    memory (+1 KiB reserved per program) and warps."""
+    warps = int((row.get("config") or {}).get("num_warps", 4))
+    regs = int(row.get("registers") or 255)
+    per_warp = math.ceil(regs * 32 / 256) * 256
+    by_regs = gpu.regs_per_sm // max(1, per_warp * warps)
+    shared = int(row.get("shared_bytes") or 0)
+    by_smem = gpu.smem_per_sm // (shared + 1024) if shared else 32
+    return max(1, min(by_regs, by_smem, gpu.max_warps_per_sm // warps, 32))
+
+
+@dataclass
+class KernelPrediction:
+    kernel: str
+    ms: float
+    executed_flops: float  # the MMAs the kernel actually issues (recompute included)
+    programs: int
+    trips: float  # main-loop trips per program
+    occupancy: int
+    waves: int
+    bound: str  # the term that sets the per-trip time
+    cycles: dict[str, float] = field(default_factory=dict)
+
+
+def predict_kernel(
+    row: dict[str, Any],
+    programs: int,
+    trips: float,
+    gpu: str = "h100",
+    calib: Calibration | None = None,
+) -> KernelPrediction:
+    """Time of one launch of a compiled kernel (`row`: a compile-suite row with `main_loop`)
+    running `programs` programs of `trips` main-loop trips each."""
+    g = GPUS[gpu]
+    calib = calib or calibration()
+    cfg = row.get("config") or {}
+    warps, stages = int(cfg.get("num_warps", 4)), int(cfg.get("num_stages", 1))
+    c = loop_cycles(row.get("main_loop") or {}, warps, stages, calib.eta, calib.load_latency)
+    occ = row_occupancy(g, row)
+    occ = min(occ, max(1, math.ceil(programs / g.sms)))  # fewer programs than slots
+    per_trip = max(occ * max(c["mma"], c["smem"], c["issue"], c["mufu"]), c["serial"])
+    terms = {
+        "mma": occ * c["mma"],
+        "smem": occ * c["smem"],
+        "issue": occ * c["issue"],
+        "mufu": occ * c["mufu"],
+        "latency": c["serial"],
+    }
+    bound = max(terms, key=lambda k: terms[k])
+    waves = math.ceil(programs / (g.sms * occ))
+    ms = waves * trips * per_trip / (g.clock_ghz * 1e9) * 1e3 + g.launch_us * 1e-3
+    flops = 2.0 * c["macs"] * trips * programs
+    return KernelPrediction(
+        row.get("kernel", "?"),
+        ms,
+        flops,
+        programs,
+        trips,
+        occ,
+        waves,
+        bound,
+        {**c, "per_trip": per_trip},
+    )
+
+
+def _memory_ms(gpu: str, nbytes: float) -> float:
+    g = GPUS[gpu]
+    return nbytes / (g.hbm_tbs * 1e12) * 1e3 + g.launch_us * 1e-3
+
+
+# --- calibration on the tutorial kernel -----------------------------------------------------------
+
+
+def _calibration_file() -> Path:
+    import importlib.metadata
+
+    version = importlib.metadata.version("triton")
+    return Path(__file__).parent / "results" / f"perf-calibration-{version}.json"
+
+
+def tutorial_facts(recompile: bool = False) -> dict[str, dict[str, Any]]:
+    """Compile facts of the tutorial-equivalent kernels (bench/tutorial_attention.py) for sm_90
+    with the installed triton; cached in bench/results/perf-calibration-<triton>.json."""
+    path = _calibration_file()
+    if path.exists() and not recompile:
+        return json.loads(path.read_text(encoding="utf-8"))
+    from bench import tutorial_attention as tut  # triton compile: only when not cached
+
+    facts = tut.compile_tutorial()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(facts, indent=1, sort_keys=True), encoding="utf-8")
+    tmp.replace(path)
+    return facts
+
+
+def _tutorial_kernels(
+    facts: dict[str, dict[str, Any]], gpu: str, calib: Calibration
+) -> dict[str, KernelPrediction]:
+    from bench import tutorial_attention as tut
+
+    shp = tut.TUTORIAL_SHAPE
+    bh, n = shp["batch"] * shp["heads"], shp["seqlen"]
+    fwd = facts["fwd"]
+    bm, bn = fwd["config"]["BLOCK_M"], fwd["config"]["BLOCK_N"]
+    out = {"fwd": predict_kernel(fwd, math.ceil(n / bm) * bh, n / bn, gpu, calib)}
+    bwd = facts["bwd"]
+    cfg = bwd["config"]
+    # one launch, two loops per program: dK/dV over n / BLOCK_M1 query blocks, then dQ over
+    # n / BLOCK_N2 key blocks; the main-loop facts are the dK/dV loop's (the one with more
+    # MMAs); the dQ loop is charged as its share of the MMAs (3 of 7 GEMMs) at the same rate.
+    programs = math.ceil(n / cfg["BLOCK_N1"]) * bh
+    dkdv = predict_kernel(bwd, programs, n / cfg["BLOCK_M1"], gpu, calib)
+    dkdv.ms = (dkdv.ms - GPUS[gpu].launch_us * 1e-3) * 7 / 4 + GPUS[gpu].launch_us * 1e-3
+    dkdv.executed_flops *= 7 / 4
+    out["bwd"] = dkdv
+    return out
+
+
+def _useful_flops(batch: int, heads: int, seqlen: int, head_dim: int, pass_: str) -> float:
+    f = 4.0 * batch * heads * seqlen * seqlen * head_dim
+    return f if pass_ == "fwd" else 2.5 * f
+
+
+@functools.lru_cache(maxsize=4)
+def calibration(gpu: str = "h100") -> Calibration:
+    """Fit eta so the tutorial-equivalent forward hits its published H100 TFLOP/s (bisection);
+    also predict the tutorial backward with that eta and the forward with the prior eta."""
+    from bench import tutorial_attention as tut
+
+    facts = tutorial_facts()
+    shp = tut.TUTORIAL_SHAPE
+    useful = {
+        p: _useful_flops(shp["batch"], shp["heads"], shp["seqlen"], shp["head_dim"], p)
+        for p in ("fwd", "bwd")
+    }
+    target = tut.PUBLISHED_TUTORIAL_H100["fwd"]
+
+    def tflops(eta: float, pass_: str) -> float:
+        k = _tutorial_kernels(facts, gpu, Calibration(eta, LOAD_LATENCY, ""))[pass_]
+        return useful[pass_] / (k.ms * 1e-3) / 1e12
+
+    lo, hi = 0.05, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if tflops(mid, "fwd") < target else (lo, mid)
+    eta = (lo + hi) / 2
+    rows = {}
+    for p in ("fwd", "bwd"):
+        published = tut.PUBLISHED_TUTORIAL_H100.get(p)
+        predicted = tflops(eta, p)
+        prior = tflops(ETA_PRIOR, p)
+        rows[p] = {
+            "predicted_tflops": round(predicted, 1),
+            "prior_tflops": round(prior, 1),  # with the a-priori eta, before the fit
+            "published_tflops": published,
+            "error": None if published is None else round(predicted / published - 1, 4),
+            "prior_error": None if published is None else round(prior / published - 1, 4),
+            "source": tut.PUBLISHED_SOURCE.get(p, "no published H100 figure found"),
+            "registers": facts[p].get("registers"),
+            "spill_bytes": facts[p].get("spill_bytes"),
+        }
+    fitted = f"tutorial forward {target} TFLOP/s ({tut.PUBLISHED_SOURCE['fwd']})"
+    return Calibration(eta, LOAD_LATENCY, fitted, rows)
+
+
+def calibration_line(calib: Calibration | None = None) -> str:
+    """The calibration row every report prints."""
+    c = calib or calibration()
+    parts = []
+    for p, r in c.tutorial.items():
+        pub = "none found" if r["published_tflops"] is None else f"{r['published_tflops']:.0f}"
+        err = "" if r["error"] is None else f" ({100 * r['error']:+.1f}%)"
+        prior = (
+            ""
+            if r["prior_error"] is None
+            else (
+                f", {r['prior_tflops']:.0f} with the prior eta {ETA_PRIOR} "
+                f"({100 * r['prior_error']:+.1f}%)"
+            )
+        )
+        parts.append(f"{p} predicted {r['predicted_tflops']:.0f} vs published {pub}{err}{prior}")
+    return (
+        f"calibration (H100, tutorial-equivalent kernel, fp16 B4 H32 D128 N4096): eta="
+        f"{c.eta:.3f} fitted on the {c.fitted_on}; " + "; ".join(parts)
+    )
+
+
+# FA2 / FA3 reference figures: published numbers (not ours, not predicted), H100 80GB SXM5, bf16/
+# fp16, non-causal, seqlen 4k at 16k tokens per batch, from the FlashAttention-3 paper (Shah et
+# al. 2024, arXiv:2407.08608), Figures 5 and 6 (bar labels). None: not in the published charts.
+PUBLISHED_REFERENCE = {
+    ("fwd", 64): {"FA2": 321, "FA3": 476},
+    ("fwd", 128): {"FA2": 368, "FA3": 638},
+    ("fwd", 256): {"FA2": 293, "FA3": 612},
+    ("bwd", 64): {"FA2": None, "FA3": None},
+    ("bwd", 128): {"FA2": 310, "FA3": 542},
+    ("bwd", 256): {"FA2": None, "FA3": None},
+}
+TARGETS_TFLOPS = {("bwd", 128): 330, ("fwd", 128): 460, ("fwd", 64): 400, ("bwd", 256): 250}
+
+
+def _attention_kernel_rows(rows: tuple[dict[str, Any], ...], label: str) -> dict[str, list[dict]]:
+    """Compile rows of one case by kernel name (several for a kernel launched more than once per
+    pass, e.g. the dV and dK launches of a split dK/dV), one per distinct config."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("compiled") and label in r.get("cases", []) and r.get("main_loop") is not None:
+            same = out.setdefault(r["kernel"], [])
+            if all(o.get("config") != r.get("config") for o in same):
+                same.append(r)
+    return out
+
+
+def attention_kernels(
+    batch: int,
+    seqlen: int,
+    heads: int,
+    head_dim: int,
+    pass_: str,
+    rows: tuple[dict[str, Any], ...] | None = None,
+    kv_heads: int | None = None,
+    dtype: str = "bf16",
+    gpu: str = "h100",
+    deterministic: bool = False,
+    calib: Calibration | None = None,
+) -> list[KernelPrediction] | None:
+    """SASS-level predictions of every launch of a dense non-causal attention pass, or None when
+    the compile rows lack a kernel (or its main-loop facts)."""
+    rows = compile_rows() if rows is None else rows
+    kv_heads = kv_heads or heads
+    variant = "deterministic" if deterministic else "dense"
+    label = f"attention {dtype} hd{head_dim} {variant}"
+    ks = _attention_kernel_rows(rows, label)
+    elt = BYTES[dtype]
+    tokens = batch * seqlen
+    group = heads // kv_heads
+    if pass_ == "fwd":
+        if "_attn_fwd_kernel" not in ks:
+            return None
+        r = ks["_attn_fwd_kernel"][0]
+        bm, bn = r["config"]["BLOCK_M"], r["config"]["BLOCK_N"]
+        return [
+            predict_kernel(
+                r, math.ceil(seqlen / bm) * heads * batch, math.ceil(seqlen / bn), gpu, calib
+            )
+        ]
+    if "_attn_bwd_dkdv_kernel" not in ks:
+        return None
+    out = []
+    pre = KernelPrediction(
+        "_attn_bwd_preprocess_kernel",
+        _memory_ms(gpu, 2 * tokens * heads * head_dim * elt + tokens * heads * 4),
+        0.0,
+        0,
+        0,
+        1,
+        1,
+        "memory",
+    )
+    out.append(pre)
+    for r in ks["_attn_bwd_dkdv_kernel"]:
+        bm, bn = r["config"]["BLOCK_M"], r["config"]["BLOCK_N"]
+        programs = math.ceil(seqlen / bn) * kv_heads * batch
+        out.append(predict_kernel(r, programs, group * math.ceil(seqlen / bm), gpu, calib))
+    if "_attn_bwd_dq_kernel" in ks:
+        r = ks["_attn_bwd_dq_kernel"][0]
+        bm, bn = r["config"]["BLOCK_M"], r["config"]["BLOCK_N"]
+        out.append(
+            predict_kernel(
+                r, math.ceil(seqlen / bm) * heads * batch, math.ceil(seqlen / bn), gpu, calib
+            )
+        )
+    else:  # atomic dQ: zero the fp32 buffer, then convert it (read 4 B, write elt B)
+        n = tokens * heads * head_dim
+        out.append(
+            KernelPrediction(
+                "dq zero+convert",
+                _memory_ms(gpu, n * (8 + elt)) + GPUS[gpu].launch_us * 1e-3,
+                0.0,
+                0,
+                0,
+                1,
+                1,
+                "memory",
+            )
+        )
+    return out
+
+
+def attention_report(
+    rows: tuple[dict[str, Any], ...] | None = None,
+    gpu: str = "h100",
+    head_dims: tuple[int, ...] = (64, 128, 256),
+    batch: int = 4,
+    seqlen: int = 4096,
+) -> str:
+    """Predicted TFLOP/s per pass and kernel for dense non-causal bf16 attention at the issue's
+    shape (heads = 2048 / D, as the FlashAttention papers), beside published FA2/FA3 figures and
+    the targets, after the calibration row. PREDICTIONS from compiled SASS, not measurements."""
+    rows = compile_rows() if rows is None else rows
+    lines = [calibration_line(), ""]
+    lines.append(
+        f"| pass | hd | predicted TFLOP/s ({gpu}, B{batch} S{seqlen}) | target | "
+        "FA2 published | FA3 published | kernels (ms, bound, occupancy) |"
+    )
+    lines.append("|---|---|---|---|---|---|---|")
+    for d in head_dims:
+        heads = max(1, 2048 // d)
+        for p in ("fwd", "bwd"):
+            ks = attention_kernels(batch, seqlen, heads, d, p, rows, gpu=gpu)
+            ref = PUBLISHED_REFERENCE.get((p, d), {})
+            target = TARGETS_TFLOPS.get((p, d))
+            fa2 = ref.get("FA2") or "-"
+            fa3 = ref.get("FA3") or "-"
+            if ks is None:
+                lines.append(
+                    f"| {p} | {d} | (no compile rows) | {target or '-'} | {fa2} | {fa3} | |"
+                )
+                continue
+            ms = sum(k.ms for k in ks)
+            tf = _useful_flops(batch, heads, seqlen, d, p) / (ms * 1e-3) / 1e12
+            detail = ", ".join(
+                f"{k.kernel.replace('_attn_', '').replace('_kernel', '')} "
+                f"{k.ms:.3f} {k.bound} o{k.occupancy}"
+                for k in ks
+            )
+            mark = "" if target is None else (" (meets)" if tf >= target else " (below)")
+            lines.append(
+                f"| {p} | {d} | {tf:.0f} | {target or '-'}{mark} | {fa2} | {fa3} | {detail} |"
+            )
+    return "\n".join(lines)
+
+
 def predict_attention(
     *,
     pairs: float,
@@ -262,6 +669,11 @@ def predict_attention(
     label = f"attention {dtype} hd{head_dim} {variant}"
     preds = []
     for p in _passes(pass_):
+        sass = _sass_prediction(pairs, tokens, heads, kv_heads, head_dim, dtype, p, gpu, variant,
+                                rows)  # fmt: skip
+        if sass is not None:  # the SASS-level model of the compiled kernels
+            preds.append(sass)
+            continue
         facts = kernel_facts(label, p, rows) or kernel_facts(
             f"attention {dtype} hd{head_dim} dense", p, rows
         )
@@ -287,6 +699,34 @@ def predict_attention(
                      dtype=dtype, facts=facts, tile_steps=steps, launches=launches)
         )  # fmt: skip
     return _combine(preds)
+
+
+def _sass_prediction(pairs: float, tokens: int, heads: int, kv_heads: int, head_dim: int,
+                     dtype: str, pass_: str, gpu: str, variant: str,
+                     rows: tuple[dict[str, Any], ...]) -> Prediction | None:  # fmt: skip
+    """`attention_kernels` for an op call given as visible pairs and tokens (sequence length
+    pairs / tokens, batch tokens / length); None without main-loop facts for its kernels."""
+    if not rows or variant not in ("dense", "deterministic", "packed", "kpm", "window"):
+        return None
+    seqlen = max(1, round(pairs / max(1, tokens)))
+    batch = max(1, round(tokens / seqlen))
+    det = variant == "deterministic"
+    ks = attention_kernels(batch, seqlen, heads, head_dim, pass_, rows, kv_heads=kv_heads,
+                           dtype=dtype, gpu=gpu, deterministic=det)  # fmt: skip
+    if ks is None:
+        return None
+    ms = sum(k.ms for k in ks)
+    scores = pairs * heads
+    flops = 4.0 * scores * head_dim * (1.0 if pass_ == "fwd" else 2.5)
+    slowest = max(ks, key=lambda k: k.ms)
+    parts = {f"{k.kernel}_ms": k.ms for k in ks}
+    parts["executed_flops"] = sum(k.executed_flops for k in ks)
+    facts = {
+        "model": "sass",
+        "kernels": [k.kernel for k in ks],
+        "calibration": calibration(gpu).eta,
+    }
+    return Prediction("attention", pass_, gpu, flops, 0.0, ms, slowest.bound, parts, facts)
 
 
 def predict_mntp(
@@ -375,6 +815,17 @@ def gpu_of(device_name: str) -> str | None:
 
 __all__ = [
     "GPUS",
+    "Calibration",
+    "KernelPrediction",
+    "loop_cycles",
+    "row_occupancy",
+    "predict_kernel",
+    "calibration",
+    "calibration_line",
+    "tutorial_facts",
+    "attention_kernels",
+    "attention_report",
+    "PUBLISHED_REFERENCE",
     "Prediction",
     "compile_rows",
     "kernel_facts",

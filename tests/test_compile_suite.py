@@ -566,3 +566,67 @@ def test_recording_restores_what_it_patches() -> None:
     assert (JITFunction.run, dispatch.decide, config.arch_key, config.is_hip) == before
     with pytest.raises(ValueError, match="target must be one of"):
         cc.gpu_target("sm80")
+
+
+# --- the SASS-level model ---------------------------------------------------------------------
+
+
+def _loop(n_ss: int, n_rs: int, n: int = 128, **kw: int) -> dict:
+    hgmma = [[64, n, 16, False]] * n_ss + [[64, n, 16, True]] * n_rs
+    return {"hgmma": hgmma, "instructions": 400, "mufu": 64, "lds_bytes": 0, "sts_bytes": 0,
+            "hmma": 0, "local": 0, **kw}  # fmt: skip
+
+
+def test_loop_cycles_terms() -> None:
+    from bench import perf_model as pm
+
+    c = pm.loop_cycles(_loop(8, 8), num_warps=8, num_stages=3, eta=0.5)
+    assert c["mma"] == 2 * 16 * 128 / 2 / 0.5  # two warpgroups, m64n128k16 = 64 cycles at peak
+    # A (2 KiB) only for the 8 shared-memory-A wgmma, B (4 KiB) for all 16, per warpgroup
+    assert c["smem"] == 2 * (8 * 2048 + 16 * 4096) / 128
+    assert c["issue"] == 8 * 400 / 4 and c["mufu"] == 8 * 32 * 64 / 16
+    assert c["load"] == 0 and c["serial"] == c["mma"] + c["mufu"]
+    one_stage = pm.loop_cycles(_loop(8, 8), num_warps=8, num_stages=1, eta=0.5)
+    assert one_stage["serial"] == c["serial"] + pm.LOAD_LATENCY  # nothing prefetched
+    spilled = pm.loop_cycles(_loop(8, 8, local=40), num_warps=8, num_stages=3, eta=0.5)
+    assert spilled["smem"] > c["smem"]
+
+
+def test_predict_kernel_occupancy_and_waves() -> None:
+    from bench import perf_model as pm
+
+    calib = pm.Calibration(0.5, pm.LOAD_LATENCY, "test")
+    row = {"kernel": "k", "registers": 128, "shared_bytes": 50 * 1024, "main_loop": _loop(4, 4),
+           "config": {"num_warps": 4, "num_stages": 2}}  # fmt: skip
+    assert pm.row_occupancy(pm.GPUS["h100"], row) == 4  # 128 regs x 128 threads; 51 KiB smem
+    k = pm.predict_kernel(row, programs=132 * 4 * 3, trips=10, calib=calib)
+    assert k.occupancy == 4 and k.waves == 3
+    assert k.executed_flops == 2 * (8 * 64 * 128 * 16) * 10 * 132 * 4 * 3
+    # four resident programs: the tensor cores (4 x mma) bound the trip, not one program's chain
+    assert k.bound == "mma" and k.cycles["per_trip"] == 4 * k.cycles["mma"]
+    lone = pm.predict_kernel({**row, "registers": 255}, programs=132, trips=10, calib=calib)
+    assert lone.occupancy == 1 and lone.bound == "latency"
+
+
+def test_calibration_row_and_report() -> None:
+    """The committed calibration (the tutorial-equivalent kernels compiled with this triton):
+    eta is fitted on the published forward; the a-priori eta already predicts it within 15%."""
+    from bench import perf_model as pm
+
+    calib = pm.calibration()
+    fwd = calib.tutorial["fwd"]
+    assert 0.3 < calib.eta < 1.0 and abs(fwd["error"]) < 0.01
+    assert abs(fwd["prior_error"]) < 0.15 and fwd["published_tflops"] == pytest.approx(459.6)
+    line = pm.calibration_line(calib)
+    assert "published" in line and "PR #205" in line
+    rows = (
+        {"kernel": "_attn_fwd_kernel", "compiled": True, "pass": "fwd", "registers": 200,
+         "shared_bytes": 96 * 1024, "cases": ["attention bf16 hd128 dense"],
+         "config": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+         "main_loop": _loop(4, 4, n=64)},
+    )  # fmt: skip
+    report = pm.attention_report(rows, head_dims=(128,))
+    assert report.splitlines()[0] == line
+    fwd_row = next(r for r in report.splitlines() if r.startswith("| fwd | 128 |"))
+    assert "| 368 | 638 |" in fwd_row  # FA2 / FA3 published figures beside the prediction
+    assert "(no compile rows)" in next(r for r in report.splitlines() if r.startswith("| bwd"))
