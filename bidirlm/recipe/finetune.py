@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bidirlm.runtime.jsonl import read_jsonl
 from bidirlm.runtime.merging import merge
 from bidirlm.runtime.training import trainer
 from bidirlm.runtime.training.config import TrainConfig
@@ -168,10 +169,7 @@ def domain_transfer(
         run.task.eval_every = 0
         run.task.patience = 0
         trainer.train(run)
-        rows = [
-            json.loads(line)
-            for line in Path(run.train.output, "metrics.jsonl").read_text("utf-8").splitlines()
-        ]
+        rows = [row for _, row in read_jsonl(Path(run.train.output, "metrics.jsonl"))]
         curve = {int(r["step"]): float(r["dev_score"]) for r in rows if "dev_score" in r}
         peak = max(curve.values())
         report["metric"] = _best(Path(run.train.output))["metric"]

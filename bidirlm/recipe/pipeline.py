@@ -59,8 +59,9 @@ from typing import Any, Literal
 
 import torch
 
-from bidirlm.runtime.embedded import resolve_model_path
+from bidirlm.runtime.embedded import is_embedded, resolve_model_path
 from bidirlm.runtime.evaluation import evaluate
+from bidirlm.runtime.jsonl import JsonLinesError, read_jsonl
 from bidirlm.runtime.merging.merge import merge
 from bidirlm.runtime.training import trainer
 from bidirlm.runtime.training.config import (
@@ -290,7 +291,7 @@ def check_inputs(recipe: Recipe) -> None:
     """Every path the recipe reads must exist: checked before any phase starts."""
     problems: list[str] = []
     base = recipe.recipe.base
-    base_ok = base.startswith("embedded:") or (Path(base).expanduser() / "config.json").is_file()
+    base_ok = is_embedded(base) or (Path(base).expanduser() / "config.json").is_file()
     if not base_ok:
         problems.append(f"recipe.base: {base} is not a model folder (no config.json)")
     for phase in recipe.phases:
@@ -317,7 +318,7 @@ def check_inputs(recipe: Recipe) -> None:
 
 
 def _source_exists(source: SourceConfig) -> bool:
-    if source.path.startswith("embedded:"):
+    if is_embedded(source.path):
         return True
     return Path(source.path).expanduser().exists()
 
@@ -380,14 +381,11 @@ def _last_metrics(folder: Path) -> dict[str, Any]:
     path = folder / "metrics.jsonl"
     if not path.is_file():
         return {}
-    last = {}
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                try:
-                    last = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
+    try:  # a torn last line (a crash mid-write) is skipped
+        rows = read_jsonl(path, torn_tail_ok=True)
+    except JsonLinesError:
+        return {}
+    last = rows[-1][1] if rows else {}
     return {k: last[k] for k in ("step", "loss") if k in last}
 
 
