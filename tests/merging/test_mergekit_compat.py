@@ -1,5 +1,5 @@
-"""mergekit's own test configs (tests/test_basic_merges.py and tests/test_chat_template.py of
-arcee-ai/mergekit) on tiny Qwen3 checkpoints: each merges with `bidirlm merge` unchanged and,
+"""mergekit's own test configs (tests/test_basic_merges.py, tests/test_chat_template.py and the
+tokenizer_source cases of tests/test_tokenizer.py of arcee-ai/mergekit) on tiny Qwen3 checkpoints: each merges with `bidirlm merge` unchanged and,
 for every deterministic method, gives the same bits as the installed mergekit.
 
 Like mergekit's `two_model_config`, every model carries `weight` 0.6 / 0.4 whatever the method;
@@ -270,3 +270,103 @@ def test_same_yaml_text_through_the_cli(models, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("ignores parameter(s) weight") == 1 and "Traceback" not in err
     assert len([line for line in err.splitlines() if "warning" in line]) == 1
+
+
+# --- mergekit's tests/test_tokenizer.py configs ------------------------------------------------
+
+
+def mergekit_style_tokenizer(vocab_size: int, added: list[str]):  # noqa: ANN201
+    """A BPE tokenizer of `_tok_N` tokens plus added tokens, like mergekit's `make_tokenizer`."""
+    import tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = ["<unk>", "<s>", "</s>"] + [f"_tok_{i}" for i in range(3, vocab_size)]
+    data = {
+        "version": "1.0",
+        "model": {"type": "BPE", "vocab": dict(zip(tokens, range(vocab_size))), "merges": []},
+        "added_tokens": [],
+    }
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer.from_str(json.dumps(data)),
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+    tok.add_tokens(added)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tok_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """mergekit's model_base (64 rows, 64 tokens), model_padded (64 rows, 4 unused tokens past
+    them) and model_chatml (66 rows: 64 tokens + <|im_start|>, <|im_end|>)."""
+    root = tmp_path_factory.mktemp("mktok")
+    spec = {
+        "base": (64, []),
+        "padded": (64, [f"<UNUSED_{i}>" for i in range(4)]),
+        "chatml": (66, ["<|im_start|>", "<|im_end|>"]),
+    }
+    out = {}
+    for seed, (name, (rows, added)) in enumerate(spec.items()):
+        out[name] = qwen3(root / name, 10 + seed, vocab=rows, shard=None, dtype=torch.float32)
+        mergekit_style_tokenizer(64, added).save_pretrained(str(out[name]))
+    return out
+
+
+def tokenizer_config(m: dict[str, Path], keys: str, **extra: object) -> dict:
+    return {
+        "merge_method": "linear",
+        "base_model": str(m["base"]),
+        "models": [{"model": str(m[k]), "parameters": {"weight": 1.0}} for k in keys.split()],
+        "dtype": "float32",
+        **extra,
+    }
+
+
+TOKENIZER_CASES = {
+    "source_base": ("base padded chatml", {"tokenizer_source": "base"}, 64),
+    "source_union": ("base padded chatml", {"tokenizer_source": "union"}, 66),
+    "source_model": ("base padded chatml", {"tokenizer_source": "chatml"}, 66),
+    "slerp_union": (
+        "base chatml",
+        {"tokenizer_source": "union", "merge_method": "slerp", "parameters": {"t": 0.5}},
+        66,
+    ),
+    "pad_to_multiple_of": (
+        "chatml",
+        {"tokenizer": {"source": "base", "pad_to_multiple_of": 16}},
+        66,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(TOKENIZER_CASES))
+def test_mergekit_tokenizer_configs(case, tok_models, tmp_path):
+    from transformers import AutoTokenizer
+
+    keys, extra, size = TOKENIZER_CASES[case]
+    if extra.get("tokenizer_source") == "chatml":
+        extra = {"tokenizer_source": str(tok_models["chatml"])}
+    config = tokenizer_config(tok_models, keys, **extra)
+    if case == "pad_to_multiple_of":
+        config["base_model"] = str(tok_models["chatml"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MergeWarning)  # slerp ignores the weights
+        merge_from_config(config_from_dict(config), tmp_path / "ours")
+    theirs_dir = run_mergekit(config, tmp_path / "theirs")
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "ours"))
+    assert len(tok.get_vocab()) == size
+    if size == 66:
+        assert {"<|im_start|>", "<|im_end|>"} <= set(tok.get_vocab())
+    assert not any(t.startswith("<UNUSED_") for t in tok.get_vocab())
+    ours, theirs = load_folder(tmp_path / "ours"), load_folder(theirs_dir)
+    embed = "model.embed_tokens.weight"
+    rows = {"pad_to_multiple_of": 80}.get(case, size)
+    assert ours[embed].shape[0] == theirs[embed].shape[0] == rows
+    mk_vocab = AutoTokenizer.from_pretrained(str(theirs_dir)).get_vocab()
+    for t, i in tok.get_vocab().items():  # token by token (union ids may be numbered apart)
+        assert bits_equal(ours[embed][i], theirs[embed][mk_vocab[t]]), t
+    if rows > size:  # padding rows: the mean embedding in both
+        assert bits_equal(ours[embed][size:], theirs[embed][size:])
+    others = [n for n in theirs if n != embed]
+    assert all(bits_equal(ours[n], theirs[n]) for n in others)
