@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bidirlm.cli import CommandError
+from bidirlm.runtime.embedded.names import is_embedded, resolve_model_path
 
 
 def max_positions(model: str | Path) -> int | None:
@@ -21,10 +22,8 @@ def max_positions(model: str | Path) -> int | None:
     from bidirlm.runtime.models import checkpoint as ckpt
 
     try:
-        if str(model) == "embedded:tiny":
-            from bidirlm.runtime.embedded import embedded_tiny_model
-
-            model = embedded_tiny_model()
+        if is_embedded(str(model)):
+            model = resolve_model_path(str(model))
         hf: dict[str, Any] = ckpt.read_config(ckpt.resolve(model))
     except (ValueError, OSError):
         return None
