@@ -220,7 +220,11 @@ def _copy_side_files(
     if (cfg_src / "generation_config.json").is_file():
         copy_file(cfg_src / "generation_config.json", tmp / "generation_config.json")
     if alignment is not None and alignment.tokenizer is not None:  # union or stripped
+        before = set(os.listdir(tmp))
         alignment.tokenizer.save_pretrained(str(tmp))
+        for name in sorted(set(os.listdir(tmp)) - before):  # transformers does not fsync
+            with open(tmp / name, "rb") as fh:
+                os.fsync(fh.fileno())
     else:
         tok_src = config.tokenizer_from or cfg_src
         for fname in TOKENIZER_FILES:
