@@ -20,8 +20,9 @@ JSON Lines formats of the fine-tuning phases (`bidirlm.runtime.training.task_dat
   split by top-level package (`split_of`), as in the retrieval task.
 
 As training sources: `embedded:python-packages:train` / `:heldout` and
-`embedded:python-tokens:train` / `:heldout` (see `EMBEDDED_TASKS`). The records are built once
-per Python installation and cached under `$BIDIRLM_CACHE` (default `~/.cache/bidirlm`).
+`embedded:python-tokens:train` / `:heldout` (`EMBEDDED_TASKS`, resolved by `names.py`). The
+records are built once per Python installation and cached under `$BIDIRLM_CACHE` (default
+`~/.cache/bidirlm`).
 """
 
 from __future__ import annotations
@@ -177,13 +178,3 @@ def token_task(split: Split = "train") -> list[dict[str, Any]]:
         {"tokens": list(r["tokens"]), "tags": list(r["tags"])}
         for r in _all_records()["tokens"][split]
     ]
-
-
-def embedded_task_records(name: str) -> list[dict[str, Any]]:
-    """The records of an `embedded:python-packages:*` / `embedded:python-tokens:*` source."""
-    if name not in EMBEDDED_TASKS:
-        raise ValueError(
-            f"unknown embedded task {name!r}; choose one of {', '.join(EMBEDDED_TASKS)}"
-        )
-    kind, split = EMBEDDED_TASKS[name]
-    return package_task(split) if kind == "packages" else token_task(split)  # type: ignore[arg-type]
