@@ -1,6 +1,10 @@
 """Lean runtime, one subpackage per concern: `models` (Qwen3/Gemma3 encoders, checkpoint I/O),
 `training` (loop, configs, data, checkpoints), `merging` (streaming checkpoint merges),
 `evaluation` (retrieval metrics and tasks) and `embedded` (offline corpora and the tiny model).
+Single modules below them all, shared across folders: `outputs` (atomic outputs, locks),
+`safetensors_io` (the safetensors header reader), `retrieval_task` (`RetrievalTask`) and `jsonl`
+(the JSON Lines reader). Imports point down only: evaluation -> training, merging -> models,
+embedded -> those single modules (tests/test_imports.py checks it).
 
 Names resolve lazily (PEP 562): importing `bidirlm.runtime` stays cheap.
 """
