@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 EmbedFn = Callable[[Sequence[Any]], torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -122,5 +123,7 @@ def cached_backward_chunks(
         sync = contextlib.nullcontext() if (last or no_sync is None) else no_sync()
         with sync, _replay_rng(state):
             emb = embed(chunk)
-            emb.backward(grad.to(emb.dtype))
+            # the trainer's backward range (profiles): here the backward runs inside the loss
+            with record_function("bidirlm.train.backward"):
+                emb.backward(grad.to(emb.dtype))
     return loss.detach()
