@@ -1,4 +1,5 @@
-"""Merge methods with mergekit's semantics: one function per method, on whole tensors.
+"""Merge methods with mergekit's semantics: their specs (`SPECS`) and arithmetic, on whole
+tensors (`registry` holds one class per method; `extra_methods` mergekit's newer ones).
 
 Every function takes the input tensors of one output tensor, already cast to the merge dtype
 and ordered as in the YAML (the base where mergekit puts it), and returns the merged tensor in
@@ -18,7 +19,7 @@ in distribution (same keep probabilities, same rescaling), not bit for bit.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -305,69 +306,6 @@ def generalized_task_arithmetic(
     if shared["lambda"] != 1:
         mixed *= shared["lambda"]
     return (b + mixed).to(b.dtype)
-
-
-def _family(method: str) -> Callable[..., torch.Tensor]:
-    consensus, sparsification = GTA_FAMILY[method]
-
-    def run(xs, base, params, shared, generators=()):  # noqa: ANN001, ANN202
-        return generalized_task_arithmetic(
-            xs,
-            base,
-            params,
-            shared,
-            consensus=consensus,
-            sparsification=sparsification,
-            generators=generators,
-        )
-
-    return run
-
-
-def ties(xs, base, params, shared, generators=()) -> torch.Tensor:  # noqa: ANN001
-    """TIES: trim each `d_i` to its top `density` magnitudes, elect signs by the summed
-    weighted deltas, average the agreeing ones: `b + lambda * sum_i m_i w_i top_k(d_i) /
-    sum_i m_i w_i` (normalize defaults to true)."""
-    return _family("ties")(xs, base, params, shared, generators)
-
-
-def dare_ties(xs, base, params, shared, generators=()) -> torch.Tensor:  # noqa: ANN001
-    """DARE-TIES: Bernoulli(`density`) drop of each `d_i`, L1-rescaled (rescale defaults to
-    true), then TIES' sign consensus; normalize defaults to false."""
-    return _family("dare_ties")(xs, base, params, shared, generators)
-
-
-def dare_linear(xs, base, params, shared, generators=()) -> torch.Tensor:  # noqa: ANN001
-    """DARE: `b + lambda * sum_i w_i * dare(d_i)`, `dare` a Bernoulli(`density`) drop rescaled to
-    the L1 norm of `d_i`; no consensus."""
-    return _family("dare_linear")(xs, base, params, shared, generators)
-
-
-def breadcrumbs(xs, base, params, shared, generators=()) -> torch.Tensor:  # noqa: ANN001
-    """Model Breadcrumbs: each `d_i` loses its `gamma` largest and its smallest magnitudes,
-    keeping a fraction `density`; then `b + lambda * sum_i w_i * crumbs(d_i)`."""
-    return _family("breadcrumbs")(xs, base, params, shared, generators)
-
-
-def breadcrumbs_ties(xs, base, params, shared, generators=()) -> torch.Tensor:  # noqa: ANN001
-    """Breadcrumbs sparsification followed by TIES' sign consensus."""
-    return _family("breadcrumbs_ties")(xs, base, params, shared, generators)
-
-
-def della(xs, base, params, shared, generators=()) -> torch.Tensor:  # noqa: ANN001
-    """DELLA: MagPrune (rank-dependent keep probability in `density +/- epsilon`, L1-rescaled)
-    then TIES' sign consensus; normalize and rescale default to true."""
-    return _family("della")(xs, base, params, shared, generators)
-
-
-def della_linear(xs, base, params, shared, generators=()) -> torch.Tensor:  # noqa: ANN001
-    """DELLA without consensus: `b + lambda * sum_i w_i * magprune(d_i)`."""
-    return _family("della_linear")(xs, base, params, shared, generators)
-
-
-def task_arithmetic(xs, base, params, shared, generators=()) -> torch.Tensor:  # noqa: ANN001
-    """`b + lambda * sum_i w_i d_i` (/ `sum_i w_i` when normalize), in the merge dtype."""
-    return _family("task_arithmetic")(xs, base, params, shared, generators)
 
 
 # --- interpolations ----------------------------------------------------------------------------
