@@ -320,9 +320,16 @@ class SourceConfig:
     """
 
     path: str
+    # Causal/MNTP: the share of the TOKENS this source gives (weights 4:1 = 80% / 20% of the
+    # tokens whatever the document lengths). Contrastive: the share of the batches.
     weight: float = 1.0
     text_field: str = "text"  # pretraining phases: the field holding the document
-    instruction: str = ""  # contrastive: prefix added to every query of this dataset
+    instruction: str = ""  # contrastive: prefix of every query of this dataset
+    symmetric: bool = False  # contrastive: the instruction on both sides (STS, pairs), not queries
+    # Read as a stream (`datasets` streaming over local files: .jsonl/.json/.parquet/.csv/.txt, a
+    # folder or a glob), each rank its own part; a folder or glob of .parquet shards streams
+    # without this.
+    streaming: bool = False
     name: str = ""  # shown in logs; defaults to the path
 
     def __post_init__(self) -> None:
@@ -330,14 +337,31 @@ class SourceConfig:
             raise ValueError(f"weight of source {self.path!r} must be > 0, got {self.weight}")
 
 
+# Token budgets of the BidirLM paper's MNTP runs: `train.token_budget = "ablation"` or "scaling".
+TOKEN_BUDGETS: dict[str, int] = {"ablation": 10_000_000_000, "scaling": 30_000_000_000}
+
+
 @dataclass
 class TrainSection:
     output: str
-    steps: int
+    steps: int = 0  # required unless train.token_budget sets it
     checkpoint_every: int = 0  # 0: only the final model
     keep_checkpoints: int = 2
     seed: int = 0
     grad_accum: int = 1
+    # The global batch of one optimizer step; the accumulation is derived from it at launch
+    # (`training.batching`): causal/MNTP tokens (a multiple of data.tokens_per_batch x world
+    # size), contrastive pairs (a multiple of data.batch_size). 0: `grad_accum` as given.
+    tokens_per_step: int = 0
+    pairs_per_step: int = 0
+    # Tokens in all (causal/MNTP, with tokens_per_step): steps = ceil(budget / tokens_per_step)
+    # when train.steps is not given. "ablation" = 10B, "scaling" = 30B tokens (the paper's runs).
+    token_budget: int | Literal["ablation", "scaling"] = 0
+    # Run monitoring beside metrics.jsonl: TensorBoard event files under OUTPUT/tensorboard when
+    # the `tensorboard` package is installed; Weights & Biases when asked (needs `wandb`).
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "bidirlm"
     max_grad_norm: float = 1.0  # <= 0 disables clipping
     max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop the run
     log_every: int = 1  # console: one line (or progress-bar update) every N steps; 0: none
@@ -350,8 +374,27 @@ class TrainSection:
     allow_config_change: bool = False
 
     def __post_init__(self) -> None:
+        for key in ("tokens_per_step", "pairs_per_step"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.tokens_per_step and self.pairs_per_step:
+            raise ValueError("set train.tokens_per_step or train.pairs_per_step, not both")
+        if (self.tokens_per_step or self.pairs_per_step) and self.grad_accum != 1:
+            raise ValueError(
+                "set train.tokens_per_step / train.pairs_per_step or train.grad_accum, not both "
+                "(the accumulation is derived from the step's size)"
+            )
+        budget = self.budget_tokens
+        if budget < 0:
+            raise ValueError(f"train.token_budget must be >= 0, got {self.token_budget}")
+        if budget and not self.tokens_per_step:
+            raise ValueError("train.token_budget needs train.tokens_per_step (tokens per step)")
+        if budget and self.steps == 0:  # an explicit train.steps wins (short trial runs)
+            self.steps = -(-budget // self.tokens_per_step)
         if self.steps < 1:
-            raise ValueError(f"train.steps must be >= 1, got {self.steps}")
+            raise ValueError(
+                f"train.steps must be >= 1, got {self.steps} (or set train.token_budget)"
+            )
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"train.seed must be in [0, 2**63), got {self.seed}")
         if self.log_every < 0:
@@ -366,6 +409,12 @@ class TrainSection:
         if self.max_nonfinite_steps < 1:
             raise ValueError("train.max_nonfinite_steps must be >= 1")
 
+    @property
+    def budget_tokens(self) -> int:
+        """`token_budget` in tokens (a preset name read from `TOKEN_BUDGETS`; 0: none)."""
+        budget = self.token_budget
+        return TOKEN_BUDGETS[budget] if isinstance(budget, str) else int(budget)
+
 
 @dataclass
 class OptimConfig:
@@ -375,6 +424,9 @@ class OptimConfig:
     eps: float = 1e-8
     schedule: Literal["wsd", "cosine", "constant", "linear"] = "wsd"
     warmup_steps: int = 0
+    # Warmup as a fraction of train.steps (the paper's MNTP: 0.01 epoch, one pass over the
+    # budget = 1% of the steps); set this or warmup_steps.
+    warmup_fraction: float = 0.0
     decay_fraction: float = 0.2  # WSD: the last fraction of steps decays
     min_lr_ratio: float = 0.0  # floor of the decay, as a fraction of lr
     fused: Literal["auto"] | bool = "auto"  # fused AdamW; auto: on GPU
@@ -395,6 +447,16 @@ class OptimConfig:
             raise ValueError("optim.min_lr_ratio must be in [0, 1]")
         if self.warmup_steps < 0:
             raise ValueError("optim.warmup_steps must be >= 0")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"optim.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.warmup_fraction and self.warmup_steps:
+            raise ValueError("set optim.warmup_steps or optim.warmup_fraction, not both")
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Warmup steps of a run of `total_steps` (warmup_fraction rounded, or warmup_steps)."""
+        if self.warmup_fraction:
+            return max(1, round(self.warmup_fraction * total_steps))
+        return self.warmup_steps
 
 
 @dataclass
@@ -409,8 +471,13 @@ class DataConfig:
     # A JSON Lines record that is not valid JSON (or UTF-8), not an object, or lacks its text
     # fields is an error naming the file and line; true skips such records and counts them.
     skip_bad_records: bool = False
+    # causal/MNTP: every N steps the metrics row (and the log) carries each source's realised
+    # share of the tokens so far (`token_shares`); 0: never.
+    log_shares_every: int = 100
 
     def __post_init__(self) -> None:
+        if self.log_shares_every < 0:
+            raise ValueError("data.log_shares_every must be >= 0")
         if self.tokens_per_batch < 2:
             raise ValueError("data.tokens_per_batch must be >= 2")
         if self.max_seq_len < 2:
@@ -458,6 +525,31 @@ class DistributedConfig:
 
 
 @dataclass
+class HeldoutConfig:
+    """An in-run held-out evaluation every `every` steps, logged beside the loss (`heldout/...`).
+
+    Each of `sources` gives the causal-LM loss (causal attention, whatever the phase trains) of
+    the current model on its first `tokens` tokens (the same tokens every time; named by the
+    source's `name`). `tasks` are `bidirlm eval` tasks (retrieval sets, labelled classification
+    files) scored by the evaluator handed to `trainer.train` (`bidirlm train` builds it from
+    `bidirlm.runtime.evaluation`; training itself imports no evaluation code).
+    """
+
+    every: int = 0  # 0: no held-out evaluation
+    sources: list[SourceConfig] = field(default_factory=list)
+    tokens: int = 8192
+    tasks: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError("heldout.every must be >= 0")
+        if self.tokens < 2:
+            raise ValueError("heldout.tokens must be >= 2")
+        if self.every and not (self.sources or self.tasks):
+            raise ValueError("heldout.every is set but heldout.sources and heldout.tasks are empty")
+
+
+@dataclass
 class TrainConfig:
     """A training run: `phase` on `model` with `data`, writing under `train.output`."""
 
@@ -470,6 +562,7 @@ class TrainConfig:
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     task: TaskConfig = field(default_factory=TaskConfig)  # the fine-tuning phases
+    heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
 
     def __post_init__(self) -> None:
         get_phase(self.phase)  # a ValueError listing the registered phases
@@ -497,7 +590,7 @@ def train_config_from_dict(
         base = Path(base_dir)
         config.train.output = _resolve(config.train.output, base)
         config.model = _resolve(config.model, base)
-        for source in config.data.sources:
+        for source in [*config.data.sources, *config.heldout.sources]:
             source.path = _resolve(source.path, base)
         if config.task.dev:
             config.task.dev = _resolve(config.task.dev, base)
@@ -506,10 +599,14 @@ def train_config_from_dict(
 
 def _resolve_source_paths(data: dict[str, Any], folder: Path) -> None:
     """Make the relative `data.sources[*].path` strings of a raw config absolute from `folder`."""
-    section = data.get("data")
-    sources = section.get("sources") if isinstance(section, dict) else None
-    if not isinstance(sources, list):
-        return
+    for table in ("data", "heldout"):
+        section = data.get(table)
+        sources = section.get("sources") if isinstance(section, dict) else None
+        if isinstance(sources, list):
+            _resolve_paths_of(sources, folder)
+
+
+def _resolve_paths_of(sources: list[Any], folder: Path) -> None:
     for source in sources:
         if isinstance(source, dict) and isinstance(source.get("path"), str):
             path = source["path"]
