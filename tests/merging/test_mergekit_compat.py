@@ -1,6 +1,7 @@
 """mergekit's own test configs (tests/test_basic_merges.py, tests/test_chat_template.py and the
-tokenizer_source cases of tests/test_tokenizer.py of arcee-ai/mergekit) on tiny Qwen3 checkpoints: each merges with `bidirlm merge` unchanged and,
-for every deterministic method, gives the same bits as the installed mergekit.
+tokenizer_source cases of tests/test_tokenizer.py of arcee-ai/mergekit) on tiny Qwen3
+checkpoints: each merges with `bidirlm merge` unchanged and, for every deterministic method,
+gives the same bits as the installed mergekit.
 
 Like mergekit's `two_model_config`, every model carries `weight` 0.6 / 0.4 whatever the method;
 methods that do not read `weight` (slerp, model_stock, sce, ram, karcher, ...) accept it with
@@ -370,3 +371,29 @@ def test_mergekit_tokenizer_configs(case, tok_models, tmp_path):
         assert bits_equal(ours[embed][size:], theirs[embed][size:])
     others = [n for n in theirs if n != embed]
     assert all(bits_equal(ours[n], theirs[n]) for n in others)
+
+
+def test_chat_template_auto_takes_the_inputs_template(with_tokenizer, models, tmp_path):
+    """`auto`: the template most inputs share (here the only one that has one), as mergekit."""
+    from transformers import AutoTokenizer
+
+    templated = tmp_path / "templated"
+    import shutil
+
+    shutil.copytree(with_tokenizer, templated)
+    tok = AutoTokenizer.from_pretrained(str(templated))
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(str(templated))
+    config = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(with_tokenizer), "parameters": {"weight": 0.5}},
+            {"model": str(templated), "parameters": {"weight": 0.5}},
+        ],
+        "chat_template": "auto",
+    }
+    merge_from_config(config_from_dict(config), tmp_path / "out")
+    out = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert out.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == (
+        "[user] hi"
+    )

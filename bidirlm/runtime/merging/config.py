@@ -217,7 +217,7 @@ def _what(key: str, where: str) -> str:
     prefix = "parameters of "
     if where == "parameters":
         return key
-    return f"{key} of {where[len(prefix):]}" if where.startswith(prefix) else f"{key} in {where}"
+    return f"{key} of {where[len(prefix) :]}" if where.startswith(prefix) else f"{key} in {where}"
 
 
 def _leaves(setting: Any) -> list[Any]:
