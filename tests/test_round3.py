@@ -28,6 +28,7 @@ from bidirlm.runtime import outputs
 from bidirlm.runtime.merging.compose import compose_omni
 from bidirlm.runtime.models import CheckpointError, load_model, media
 from bidirlm.runtime.outputs import AtomicFolder, OutputError, OutputLock
+from bidirlm.runtime.training.config import dumps_toml
 from tests.models.test_models import build_checkpoint
 from tests.omni.helpers import image, specialists
 
@@ -571,3 +572,33 @@ def test_demo_report_rows_have_as_many_cells_as_their_header() -> None:
         assert _table_widths(format_report(results)) == []
         assert (folder / "report.md").read_text() == format_report(results)  # docs regenerated
     assert _table_widths((ROOT / "README.md").read_text()) == []
+
+
+@pytest.mark.usefixtures("_torch_kernels")
+def test_pipeline_max_seq_len_above_the_base_is_refused(
+    model: Path, tmp_path: Path, capsys
+) -> None:
+    limit = json.loads((model / "config.json").read_text())["max_position_embeddings"]
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"text": "def f(): return 1"}\n')
+    recipe = {
+        "recipe": {
+            "name": "t",
+            "base": str(model),
+            "output": str(tmp_path / "run"),
+            "phases": ["m"],
+        },
+        "m": {
+            "model": "@base",
+            "phase": "mntp",
+            "train": {"steps": 1, "progress_bar": False},
+            "data": {"max_seq_len": limit * 4, "sources": [{"path": str(docs)}]},
+        },
+    }
+    path = tmp_path / "recipe.toml"
+    path.write_text(dumps_toml(recipe))
+    for extra in ([], ["--check"]):
+        assert main(["pipeline", str(path), *extra]) == 1
+        err = _one_line_error(capsys, "pipeline")
+        assert f"[m] data.max_seq_len = {limit * 4} is above the model's" in err
+    assert not (tmp_path / "run").exists()

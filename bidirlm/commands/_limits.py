@@ -50,13 +50,14 @@ def clamp_max_length(command: str, model: str | Path, value: int) -> int:
     return value
 
 
-def check_max_seq_len(config: Any, model: str | Path | None = None) -> None:
-    """Refuse a training config whose `data.max_seq_len` exceeds the model's position limit."""
+def check_max_seq_len(config: Any, model: str | Path | None = None, *, where: str = "") -> None:
+    """Refuse a training config whose `data.max_seq_len` exceeds the model's position limit
+    (`where` prefixes the message, e.g. a recipe phase's `[mntp] `)."""
     model = config.model if model is None else model
     limit = max_positions(model)
     value = config.data.max_seq_len
     if limit is not None and value > limit:
         raise CommandError(
-            f"data.max_seq_len = {value} is above the model's max_position_embeddings ({limit}, "
-            f"{model}): set data.max_seq_len <= {limit}"
+            f"{where}data.max_seq_len = {value} is above the model's max_position_embeddings "
+            f"({limit}, {model}): set data.max_seq_len <= {limit}"
         )

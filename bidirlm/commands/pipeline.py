@@ -12,6 +12,7 @@ import json
 import sys
 
 from bidirlm.cli import CommandError
+from bidirlm.commands._limits import check_max_seq_len
 from bidirlm.commands._threads import add_threads_argument, threaded
 
 
@@ -38,8 +39,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        check_inputs(recipe)  # (missing inputs first: they are the likelier mistake)
+        for phase in recipe.phases:  # every phase keeps the base's positions (same backbone)
+            if phase.kind == "train":
+                check_max_seq_len(phase.config, recipe.recipe.base, where=f"[{phase.name}] ")
         if args.check:
-            check_inputs(recipe)
             for phase in recipe.phases:
                 print(f"{phase.name:<20} {phase.kind:<6} <- {', '.join(phase.inputs)}")
             print(f"ok: inputs of {recipe.recipe.name} exist; outputs in {recipe.recipe.output}")
