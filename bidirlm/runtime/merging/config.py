@@ -331,7 +331,10 @@ def _model_path(ref: Any, what: str) -> Path:
                 "only and never downloads (Hub ids are not fetched); download the model first "
                 "and give its folder"
             )
-        raise MergeError(f"{what} {text!r} is not a local model folder")
+        raise MergeError(
+            f"{what} {text!r} is not a local model folder (bidirlm merge reads local folders "
+            "only, never the Hub)"
+        )
     return path
 
 
