@@ -108,14 +108,27 @@ CASES = {
               "MultipleNegativesSymmetricRankingLoss", {"scale": 10.0}, 2, True),
     "mnsrl-triplets": ("FusedMultipleNegativesSymmetricRankingLoss",
                        "MultipleNegativesSymmetricRankingLoss", {}, 3, True),
-    # not covered by the kernel: sentence-transformers' own computation, same result
-    "gte-joint-fallback": (
+    # the joint directions: the kernel's query_to_query / doc_to_doc negatives
+    "gte-joint": (
         "FusedMultipleNegativesRankingLoss",
         "MultipleNegativesRankingLoss",
         {"directions": ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")},
         3,
-        False,
+        True,
     ),
+    "q2q-joint-dot": ("FusedMultipleNegativesRankingLoss", "MultipleNegativesRankingLoss",
+                      {"directions": ("query_to_doc", "query_to_query"), "scale": 3.0,
+                       "similarity_fct": util.dot_score}, 2, True),
+    "d2d-joint-4col": ("FusedMultipleNegativesRankingLoss", "MultipleNegativesRankingLoss",
+                       {"directions": ("query_to_doc", "doc_to_doc")}, 4, True),
+    "q2q-d2q-joint": ("FusedMultipleNegativesRankingLoss", "MultipleNegativesRankingLoss",
+                      {"directions": ("query_to_doc", "query_to_query", "doc_to_query")}, 3,
+                      True),
+    # not covered by the kernel: sentence-transformers' own computation, same result
+    "q2d-d2q-joint-fallback": ("FusedMultipleNegativesRankingLoss",
+                               "MultipleNegativesRankingLoss",
+                               {"directions": ("query_to_doc", "doc_to_query"),
+                                "partition_mode": "joint"}, 2, False),
     "hardness-fallback": ("FusedMultipleNegativesRankingLoss", "MultipleNegativesRankingLoss",
                           {"hardness_mode": "in_batch_negatives", "hardness_strength": 5.0}, 3,
                           False),
@@ -273,3 +286,68 @@ def test_gather_across_devices_two_processes(tmp_path: Path):
             torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6, msg=name)
             for ga, gb in zip(grads_a, grads_b):
                 torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# --- GIST and the cached symmetric loss (sentence-transformers' own test ports: tests/peers) ----
+
+
+def _gist(cls, **over):
+    """A GIST loss on precomputed embeddings (sentence-transformers' own test construction)."""
+    obj = cls.__new__(cls)
+    torch.nn.Module.__init__(obj)
+    settings = dict(temperature=0.05, margin_strategy="absolute", margin=0.0,
+                    contrast_anchors=True, contrast_positives=True, gather_across_devices=False,
+                    must_retokenize=False)  # fmt: skip
+    settings.update(over)
+    for key, value in settings.items():
+        setattr(obj, key, value)
+    obj.similarity_fct = torch.nn.CosineSimilarity(dim=-1)
+    obj.cross_entropy_loss = torch.nn.CrossEntropyLoss()
+    obj.model = obj.guide = lambda f: {"sentence_embedding": f["sentence_embedding"]}
+    return obj
+
+
+def test_gist_bf16_embeddings_match_float32_reference():
+    """bf16 embeddings: the fused GIST loss accumulates in float32 like the float32 reference."""
+    a = [e.detach().bfloat16().requires_grad_() for e in _embeddings(3, rows=6)]
+    ref = [e.detach().float().requires_grad_() for e in a]
+    loss = _gist(ours.FusedGISTEmbedLoss, margin=0.05)([{"sentence_embedding": e} for e in a], None)
+    expected = _gist(losses.GISTEmbedLoss, margin=0.05)(
+        [{"sentence_embedding": e} for e in ref], None
+    )
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=2e-2, atol=2e-2)
+    loss.backward()
+    expected.backward()
+    for x, y in zip(a, ref):
+        assert x.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(x.grad.float(), y.grad, rtol=5e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("over", [{}, {"margin": 0.2}, {"contrast_anchors": False},
+                                  {"margin_strategy": "relative", "margin": 0.1}])  # fmt: skip
+def test_gist_loss_and_gradients_equal_sentence_transformers(over):
+    embeddings = _embeddings(3, rows=6, seed=3)
+    results = []
+    for cls in (ours.FusedGISTEmbedLoss, losses.GISTEmbedLoss):
+        e = [x.detach().clone().requires_grad_() for x in embeddings]
+        loss = _gist(cls, **over)([{"sentence_embedding": x} for x in e], None)
+        loss.backward()
+        results.append((loss.detach(), [x.grad for x in e]))
+    (mine, grads_m), (theirs, grads_t) = results
+    torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads_m, grads_t):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="margin_strategy"):
+        ours.gist_loss(embeddings[0], embeddings[1:], embeddings[0], embeddings[1:],
+                       margin_strategy="soft")  # fmt: skip
+
+
+def test_new_lazy_names():
+    assert issubclass(ours.FusedCachedMultipleNegativesSymmetricRankingLoss,
+                      losses.CachedMultipleNegativesSymmetricRankingLoss)  # fmt: skip
+    assert issubclass(ours.FusedGISTEmbedLoss, losses.GISTEmbedLoss)
+    assert issubclass(ours.FusedCachedGISTEmbedLoss, losses.CachedGISTEmbedLoss)
+    for name in ("FusedCachedMultipleNegativesSymmetricRankingLoss", "FusedGISTEmbedLoss",
+                 "FusedCachedGISTEmbedLoss"):  # fmt: skip
+        assert getattr(ours, name).__module__ == ours.__name__ and name in ours.LOSS_CLASSES

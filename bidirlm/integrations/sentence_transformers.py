@@ -14,10 +14,13 @@ functions that use it, so this module imports without it.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from bidirlm import kernels
 from bidirlm.runtime.models import Encoder, load_model
@@ -131,6 +134,9 @@ LOSS_CLASSES = (
     "FusedMultipleNegativesRankingLoss",
     "FusedCachedMultipleNegativesRankingLoss",
     "FusedMultipleNegativesSymmetricRankingLoss",
+    "FusedCachedMultipleNegativesSymmetricRankingLoss",
+    "FusedGISTEmbedLoss",
+    "FusedCachedGISTEmbedLoss",
     "InfoNCELoss",  # = FusedMultipleNegativesRankingLoss
 )
 _loss_classes: dict[str, type] = {}
@@ -138,9 +144,15 @@ _loss_classes: dict[str, type] = {}
 
 def fused_settings(loss) -> dict | None:  # noqa: ANN001
     """`infonce_loss` keyword arguments equivalent to a sentence-transformers MNRL-family loss's
-    settings, or None when the kernel does not cover them (other similarity functions, the
-    query_to_query / doc_to_doc directions, a joint softmax over two directions, hardness
-    weighting): those run sentence-transformers' own computation, unchanged."""
+    settings, or None when the kernel does not cover them (other similarity functions, a joint
+    softmax over exactly the two directions query_to_doc + doc_to_query, hardness weighting):
+    those run sentence-transformers' own computation, unchanged.
+
+    Every `directions` setting sentence-transformers accepts maps onto the kernel otherwise:
+    ("query_to_doc",) -> the default; + "doc_to_query" with partition_mode "per_direction" ->
+    `symmetric=True`; any set with "query_to_query" / "doc_to_doc" (partition_mode "joint", the
+    only one sentence-transformers allows with them) -> the kernel's joint softmax with
+    `query_to_query` / `doc_to_doc` (and `symmetric` for "doc_to_query")."""
     from sentence_transformers import util
 
     symmetric_class = _st_losses()[2]
@@ -160,17 +172,23 @@ def fused_settings(loss) -> dict | None:  # noqa: ANN001
         directions = ("query_to_doc", "doc_to_query") if symmetric else ("query_to_doc",)
     directions = set(directions)
     partition = getattr(loss, "partition_mode", "per_direction")
-    if directions == {"query_to_doc"}:
-        symmetric = False
-    elif directions == {"query_to_doc", "doc_to_query"} and partition == "per_direction":
-        symmetric = True
-    else:
+    if "query_to_doc" not in directions:
         return None
+    extra = {}
+    query_to_query, doc_to_doc = "query_to_query" in directions, "doc_to_doc" in directions
+    symmetric = "doc_to_query" in directions
+    if query_to_query or doc_to_doc:
+        if partition != "joint":
+            return None
+        extra = {"query_to_query": query_to_query, "doc_to_doc": doc_to_doc}
+    elif symmetric and partition != "per_direction":
+        return None  # one softmax over both directions: not a kernel mode
     return {
         "temperature": 1.0 / float(loss.scale),
         "symmetric": symmetric,
         "normalize": normalize,
         "gather_across_devices": bool(loss.gather_across_devices),
+        **extra,
     }
 
 
@@ -186,15 +204,20 @@ def _fused_loss(embeddings: list[torch.Tensor], settings: dict) -> torch.Tensor:
 
 def _st_losses() -> tuple[type, type, type]:
     """sentence-transformers' (MNRL, CachedMNRL, symmetric MNRL), in its current or older layout."""
-    try:
-        from sentence_transformers.sentence_transformer import losses
-    except ImportError:  # older layout
-        from sentence_transformers import losses
+    losses = _st_loss_module()
     return (
         losses.MultipleNegativesRankingLoss,
         losses.CachedMultipleNegativesRankingLoss,
         losses.MultipleNegativesSymmetricRankingLoss,
     )
+
+
+def _st_loss_module():  # noqa: ANN202
+    try:
+        from sentence_transformers.sentence_transformer import losses
+    except ImportError:  # older layout
+        from sentence_transformers import losses
+    return losses
 
 
 def _build_loss_classes() -> dict[str, type]:
@@ -235,12 +258,7 @@ def _build_loss_classes() -> dict[str, type]:
         """sentence-transformers' `MultipleNegativesSymmetricRankingLoss` (model, scale,
         similarity_fct, gather_across_devices) on the fused kernel (`symmetric=True`)."""
 
-    class FusedCachedMultipleNegativesRankingLoss(CachedMultipleNegativesRankingLoss):
-        """sentence-transformers' `CachedMultipleNegativesRankingLoss` (GradCache: same arguments,
-        `mini_batch_size` and `mini_batch_num_tokens` bound the embedding passes) whose loss
-        stage is the fused kernel over the whole batch at once: it never materializes a score
-        matrix, so it needs no chunking over `mini_batch_size` rows."""
-
+    class _FusedCachedMixin:
         def calculate_loss(
             self,
             reps: list[list[torch.Tensor]],
@@ -257,10 +275,40 @@ def _build_loss_classes() -> dict[str, type]:
                 loss = loss.detach()
             return loss
 
+    class FusedCachedMultipleNegativesRankingLoss(
+        _FusedCachedMixin, CachedMultipleNegativesRankingLoss
+    ):
+        """sentence-transformers' `CachedMultipleNegativesRankingLoss` (GradCache: same arguments,
+        `mini_batch_size` and `mini_batch_num_tokens` bound the embedding passes) whose loss
+        stage is the fused kernel over the whole batch at once: it never materializes a score
+        matrix, so it needs no chunking over `mini_batch_size` rows."""
+
+    more: dict[str, type] = {}
+    losses = _st_loss_module()
+    cached_symmetric = getattr(losses, "CachedMultipleNegativesSymmetricRankingLoss", None)
+    if cached_symmetric is not None:
+        # sentence-transformers deprecates the class (it warns when subclassed too); using ours
+        # warns as theirs does, but defining it on the first import of any loss class should not
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+
+            class FusedCachedMultipleNegativesSymmetricRankingLoss(
+                _FusedCachedMixin, cached_symmetric
+            ):
+                """sentence-transformers' `CachedMultipleNegativesSymmetricRankingLoss`
+                (GradCache, same arguments) whose loss stage is the fused kernel with
+                `symmetric=True`."""
+
+        more["FusedCachedMultipleNegativesSymmetricRankingLoss"] = (
+            FusedCachedMultipleNegativesSymmetricRankingLoss
+        )
+    more.update(_build_gist_classes(losses))
+
     classes = {
         "FusedMultipleNegativesRankingLoss": FusedMultipleNegativesRankingLoss,
         "FusedCachedMultipleNegativesRankingLoss": FusedCachedMultipleNegativesRankingLoss,
         "FusedMultipleNegativesSymmetricRankingLoss": FusedMultipleNegativesSymmetricRankingLoss,
+        **more,
     }
     for name, cls in classes.items():  # importable (and picklable) from this module
         cls.__module__ = __name__
@@ -268,6 +316,212 @@ def _build_loss_classes() -> dict[str, type]:
     classes["InfoNCELoss"] = FusedMultipleNegativesRankingLoss
     _loss_classes.update(classes)
     return _loss_classes
+
+
+# --- GIST: the guide model's scores mask false negatives -----------------------------------------
+#
+# GISTEmbedLoss's score row of anchor i is one joint softmax over cos(a_i, p_j) and cos(a_i, n_j)
+# (query_to_doc over [positives; negatives]), cos(a_i, a_j), j != i (query_to_query) and
+# cos(p_i, p_j), j != i (positives only), over the temperature, where every entry whose *guide*
+# similarity exceeds the guide's anchor-positive similarity (minus the margin) is dropped. The
+# kernel has no mask input, so each direction runs as: the kernel's log-sum-exp for the rows
+# without a dropped entry, and an exact float32 torch log-sum-exp, row-chunked with activation
+# checkpointing (no [B, M] autograd graph), for the rows with one. The guide similarities
+# themselves are [B, M] without gradients, as in sentence-transformers.
+
+
+def _cos_no_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        fa = torch.nn.functional.normalize(a.float(), dim=-1)
+        return fa @ torch.nn.functional.normalize(b.float(), dim=-1).T
+
+
+def _masked_block(rows: torch.Tensor, cols: torch.Tensor, hidden: torch.Tensor, scale: float):
+    s = torch.nn.functional.normalize(rows.float(), dim=-1)
+    s = s @ torch.nn.functional.normalize(cols.float(), dim=-1).T * scale
+    empty = hidden.all(dim=-1)
+    # a row with nothing left is -inf with a zero gradient (a plain logsumexp would give NaN)
+    lse = torch.logsumexp(s.masked_fill(hidden & ~empty[:, None], float("-inf")), dim=-1)
+    return torch.where(empty, torch.full_like(lse, float("-inf")), lse)
+
+
+def _masked_direction(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    positive_offset: int,
+    scale: float,
+    exclude: tuple[int, int, int] | None,
+    dropped: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lse [R], positive score [R]) of `scale * cos(rows, cols)` without the `dropped [R, N]`
+    entries and the kernel's structured `exclude` (lo, hi, period) columns."""
+    from bidirlm.kernels.infonce import _direction
+
+    lse, pos = _direction(rows, cols, positive_offset, scale, True, exclude)
+    hit = dropped.any(dim=1)
+    if not bool(hit.any()):
+        return lse, pos
+    idx = hit.nonzero()[:, 0]
+    hidden = dropped[idx].clone()
+    if exclude is not None:
+        lo, hi, period = exclude
+        own = lo + idx
+        keep = (idx < period) & (own < hi)
+        hidden[keep.nonzero()[:, 0], own[keep]] = True
+    step = max(1, (1 << 20) // max(cols.shape[0], 1))
+    parts = []
+    for start in range(0, idx.shape[0], step):
+        sub = idx[start : start + step]
+        block = (rows[sub], cols, hidden[start : start + step], scale)
+        if torch.is_grad_enabled() and (rows.requires_grad or cols.requires_grad):
+            parts.append(checkpoint(_masked_block, *block, use_reentrant=False))
+        else:
+            parts.append(_masked_block(*block))
+    return lse.index_put((idx,), torch.cat(parts)), pos
+
+
+def gist_loss(
+    anchor: torch.Tensor,
+    candidates: list[torch.Tensor],
+    anchor_guide: torch.Tensor,
+    candidates_guide: list[torch.Tensor],
+    *,
+    temperature: float = 0.01,
+    margin_strategy: str = "absolute",
+    margin: float = 0.0,
+    contrast_anchors: bool = True,
+    contrast_positives: bool = True,
+    offset: int = 0,
+) -> torch.Tensor:
+    """sentence-transformers' GISTEmbedLoss from embeddings: `anchor [B, d]`, `candidates` =
+    [positives, negatives...] (each `[W * B, d]` when gathered, this rank's rows from `offset`),
+    and the guide model's embeddings of the same rows. Returns the float32 mean loss."""
+    if margin_strategy not in ("absolute", "relative"):
+        raise ValueError(
+            f"margin_strategy must be 'absolute' or 'relative', got {margin_strategy!r}"
+        )
+    batch = anchor.shape[0]
+    scale = 1.0 / float(temperature)
+    rows = torch.arange(batch, device=anchor.device)
+    docs = torch.cat(candidates) if len(candidates) > 1 else candidates[0]
+    docs_guide = torch.cat(candidates_guide) if len(candidates_guide) > 1 else candidates_guide[0]
+    guide_ad = _cos_no_grad(anchor_guide, docs_guide)
+    threshold = guide_ad[rows, offset + rows][:, None]
+    if margin_strategy == "absolute":
+        threshold = threshold - margin
+    else:
+        threshold = threshold - threshold.abs() * margin
+    dropped = guide_ad > threshold
+    dropped[rows, offset + rows] = False  # never the positive
+    lse, pos = _masked_direction(anchor, docs, offset, scale, None, dropped)
+    parts = [lse]
+    if contrast_anchors and batch > 1:
+        dropped = _cos_no_grad(anchor_guide, anchor_guide) > threshold
+        parts.append(_masked_direction(anchor, anchor, batch, scale, (0, batch, batch), dropped)[0])
+    positives, positives_guide = candidates[0], candidates_guide[0]
+    if contrast_positives and positives.shape[0] > 1:
+        local = slice(offset, offset + batch)
+        dropped = _cos_no_grad(positives_guide[local], positives_guide) > threshold
+        parts.append(
+            _masked_direction(
+                positives[local], positives, positives.shape[0], scale,
+                (offset, offset + batch, batch), dropped,
+            )[0]
+        )  # fmt: skip
+    per_anchor = (torch.logsumexp(torch.stack(parts), dim=0) if len(parts) > 1 else lse) - pos
+    return per_anchor.mean()
+
+
+def _retokenized(loss, feature: dict, batch_to_device) -> dict:  # noqa: ANN001
+    """The guide's features for one column whose token ids come from the trained model's
+    tokenizer: decode them (padded batch or packed `cu_seq_lens_q` layout) and tokenize again."""
+    ids = feature["input_ids"]
+    if "cu_seq_lens_q" in feature:
+        flat, bounds = ids[0].tolist(), feature["cu_seq_lens_q"].tolist()
+        ids = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    texts = loss.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    return batch_to_device(loss.guide.preprocess(texts), loss.guide.device)
+
+
+def _gist_options(loss) -> dict:  # noqa: ANN001
+    return {
+        "temperature": loss.temperature,
+        "margin_strategy": loss.margin_strategy,
+        "margin": loss.margin,
+        "contrast_anchors": loss.contrast_anchors,
+        "contrast_positives": loss.contrast_positives,
+    }
+
+
+def _build_gist_classes(losses) -> dict[str, type]:  # noqa: ANN001
+    gist, cached_gist = (getattr(losses, n, None) for n in ("GISTEmbedLoss", "CachedGISTEmbedLoss"))
+    classes: dict[str, type] = {}
+    if gist is not None:
+
+        class FusedGISTEmbedLoss(gist):
+            """sentence-transformers' `GISTEmbedLoss` (model, guide, temperature,
+            margin_strategy, margin, contrast_anchors, contrast_positives,
+            gather_across_devices) whose scores never form a `[B, M]` autograd graph: the guide
+            model's similarities become a mask of false negatives around bidirlm's fused
+            InfoNCE directions (see `gist_loss`). Distributed gathering and embedding use
+            sentence-transformers' own helpers."""
+
+            def forward(self, sentence_features, labels):  # noqa: ANN001, ANN201
+                st = sys.modules[gist.__module__]
+                features = list(sentence_features)
+                guide_features = [dict(f) for f in features]
+                embeddings = st.embed_columns(self.model, features)
+                with torch.no_grad():
+                    if self.must_retokenize:
+                        guide_features = [
+                            _retokenized(self, f, st.batch_to_device) for f in features
+                        ]
+                    guide_embeddings = st.embed_columns(self.guide, guide_features)
+                if len(embeddings) not in (2, 3):
+                    raise ValueError(f"Expected 2 or 3 embeddings, got {len(embeddings)}")
+                anchor, *candidates = embeddings
+                anchor_guide, *candidates_guide = guide_embeddings
+                offset = 0
+                if self.gather_across_devices:
+                    candidates = [st.all_gather_with_grad(c) for c in candidates]
+                    candidates_guide = [st.all_gather_with_grad(c) for c in candidates_guide]
+                    offset = st.get_rank() * anchor.shape[0]
+                return gist_loss(
+                    anchor, candidates, anchor_guide, candidates_guide, offset=offset,
+                    **_gist_options(self),
+                )  # fmt: skip
+
+        classes["FusedGISTEmbedLoss"] = FusedGISTEmbedLoss
+    if cached_gist is not None:
+
+        class FusedCachedGISTEmbedLoss(cached_gist):
+            """sentence-transformers' `CachedGISTEmbedLoss` (GradCache, same arguments) whose
+            loss stage is `gist_loss` over the whole batch at once (the fused directions need
+            no chunking over `mini_batch_size` rows)."""
+
+            def calculate_loss(self, reps, reps_guided, *, with_backward=False):  # noqa: ANN001, ANN201
+                st = sys.modules[cached_gist.__module__]
+                if len(reps) != len(reps_guided):
+                    raise ValueError("reps and reps_guided must have the same length")
+                anchor, anchor_guide = torch.cat(reps[0]), torch.cat(reps_guided[0])
+                candidates = [torch.cat(r) for r in reps[1:]]
+                candidates_guide = [torch.cat(r) for r in reps_guided[1:]]
+                offset = 0
+                if self.gather_across_devices:
+                    candidates = [st.all_gather_with_grad(c) for c in candidates]
+                    candidates_guide = [st.all_gather_with_grad(c) for c in candidates_guide]
+                    offset = st.get_rank() * anchor.shape[0]
+                loss = gist_loss(
+                    anchor, candidates, anchor_guide, candidates_guide, offset=offset,
+                    **_gist_options(self),
+                )  # fmt: skip
+                if with_backward:
+                    loss.backward()
+                    loss = loss.detach()
+                return loss
+
+        classes["FusedCachedGISTEmbedLoss"] = FusedCachedGISTEmbedLoss
+    return classes
 
 
 def __getattr__(name: str) -> type:
