@@ -6,21 +6,23 @@
 what it adds to a step's row; this loop does the rest: the learning-rate schedule, gradient
 accumulation, clipping, the non-finite policy, checkpoints and exact resume, signals and logs.
 
-One optimizer step = `train.grad_accum` micro-batches on each of the world's ranks. The data
-streams are global: micro-batch j of a step is assigned to rank `j % world`, so a run on W
-processes sees the same batches as one process with W times the accumulation. Everything random
-is derived from `train.seed` and the step, so a resumed run continues bitwise like an
-uninterrupted one on the CPU.
+One optimizer step = `grad_accum` micro-batches on each rank (`train.grad_accum`, or derived
+from `train.tokens_per_step` / `pairs_per_step`: `batching.py`). The data streams are global:
+micro-batch j of a step is rank `j % world`'s, so W processes see the batches of one process
+with W times the accumulation (a streamed source is read per rank). Everything random is derived
+from `train.seed` and the step: a resumed run continues bitwise like an uninterrupted one.
 
 Outputs under `train.output`: `config.toml`, `metrics.jsonl` (one JSON object per step: step,
-loss, lr, tokens_per_s, grad_norm, skipped, ...; `mfu` on GPUs with a bf16/fp16 autocast),
-`checkpoints/step-N/` (the last `keep_checkpoints`), `final/` (Hugging Face layout with the
-tokenizer). Re-running the same command resumes from the latest checkpoint; a finished run
-returns at once. SIGTERM and a first Ctrl-C checkpoint and raise `TrainingInterrupted`; a second
-Ctrl-C aborts at once (`signals.py`). Resuming under a changed config is refused unless
-allowed (`audit.py`); a checkpoint or final model with non-finite parameters is never written
-(`TrainingError` naming the step); a bad data record found mid-run first checkpoints the steps
-done since the last checkpoint, then raises.
+loss, lr, tokens_per_s, grad_norm, skipped, grad_accum, ...; `mfu` on a GPU of the peak table
+(`mfu.py`) with a bf16/fp16 autocast, else the run says MFU is unknown; `token_shares` every
+`data.log_shares_every` steps; `heldout` every `heldout.every` steps), `tensorboard/` (with the
+package; `monitor.py`), `checkpoints/step-N/` (the last `keep_checkpoints`), `final/`.
+Re-running the same command resumes from the latest checkpoint; a finished run returns at once.
+SIGTERM and a first Ctrl-C checkpoint and raise `TrainingInterrupted`; a second Ctrl-C aborts at
+once (`signals.py`). Resuming under a changed config is refused unless allowed (`audit.py`); a
+checkpoint or final model with non-finite parameters is never written (`TrainingError` naming
+the step); a bad data record found mid-run first checkpoints the steps done since the last
+checkpoint, then raises.
 
 Console: a one-line summary of the config, then every `train.log_every` steps a progress-bar
 update (stderr is a terminal) or one line. Profiling: the stages run in the
@@ -45,7 +47,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.profiler import record_function
-from tqdm.auto import tqdm
 
 from bidirlm.runtime.embedded.names import resolve_model_path
 from bidirlm.runtime.models import load_model
@@ -55,10 +56,13 @@ from . import checkpoints as cio
 from . import distributed as dist_utils
 from .audit import check_config_change, config_summary, write_config
 from .audit import config_changes as config_changes  # re-exported (defined here before)
+from .batching import step_plan
 from .config import TrainConfig
 from .data import BadRecordError
+from .heldout import Evaluator, HeldoutEvaluation
 from .mfu import PEAK_BF16_FLOPS as PEAK_BF16_FLOPS
-from .mfu import device_peak_flops, mfu
+from .mfu import device_name, device_peak_flops, mfu
+from .monitor import StepLog, check_monitors, token_shares
 from .phases import MicroStep, PhaseContext, autocast_dtype, get_phase
 from .phases import PhaseModule as PhaseModule
 from .schedules import lr_factor
@@ -98,6 +102,8 @@ def validate(config: TrainConfig) -> tuple[Path, Any]:
     if not (model_path / "config.json").is_file():
         what = "does not exist" if not model_path.exists() else "has no config.json"
         raise FileNotFoundError(f"model {config.model}: {model_path} {what}")
+    step_plan(config, dist_utils.env_world_size())  # the step's size divides (one-line error)
+    check_monitors(config)
     return model_path, get_phase(config.phase).check(config, model_path, log)
 
 
@@ -137,6 +143,7 @@ class _Run:
             fused=fused,
         )
         self.stream = self.phase.batches()
+        self.plan = step_plan(config, info.world_size)
         self.step = 0
         self.saved_step = 0  # the step of the last checkpoint written or resumed from
         self.step_start: tuple[dict[str, Any], Any] | None = None
@@ -144,7 +151,9 @@ class _Run:
         self.nonfinite_in_row = 0
         self.tokens_seen = 0
         self.n_params = sum(p.numel() for p in self.encoder.parameters())
-        self.peak_flops = device_peak_flops(info.device) if self.autocast is not None else None
+        self.peak_flops = (
+            device_peak_flops(info.device, self.autocast) if self.autocast is not None else None
+        )
 
     @property
     def device(self) -> torch.device:
@@ -158,12 +167,12 @@ class _Run:
 
     def run_step(self) -> dict[str, Any]:
         config, info = self.config, self.info
-        accum, world = config.train.grad_accum, info.world_size
+        accum, world = self.plan.grad_accum, info.world_size
         lr = config.optim.lr * lr_factor(
             self.step,
             total_steps=config.train.steps,
             schedule=config.optim.schedule,
-            warmup_steps=config.optim.warmup_steps,
+            warmup_steps=config.optim.warmup_for(config.train.steps),
             decay_fraction=config.optim.decay_fraction,
             min_lr_ratio=config.optim.min_lr_ratio,
         )
@@ -215,11 +224,20 @@ class _Run:
             "step_time_s": elapsed,
             "skipped": not finite,
             "nonfinite_total": self.nonfinite_total,
+            "grad_accum": accum,
+            "world_size": world,
         }
+        if self.plan.unit in ("tokens", "pairs"):
+            row[f"{self.plan.unit}_per_step"] = self.plan.per_step
         if config.data.skip_bad_records:
             row["bad_records"] = getattr(self.stream, "bad_records", 0)
         if self.peak_flops:
             row["mfu"] = mfu(self.n_params, tokens, elapsed, self.peak_flops, world)
+        every = config.data.log_shares_every
+        if every and (self.step % every == 0 or self.step == config.train.steps):
+            shares = token_shares(self.stream, self.info)
+            if shares is not None:
+                row["token_shares"] = shares
         return row
 
     def _clip_grad_norm(self) -> float:
@@ -360,12 +378,14 @@ def train(
     *,
     stop_after: int | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    evaluator: Evaluator | None = None,
 ) -> Path:
     """Run (or resume) the training run `config` describes; returns `OUTPUT/final`.
 
     `stop_after`: stop after this many optimizer steps in this call, checkpointing and raising
     `TrainingInterrupted` as SIGTERM does (time-sliced jobs, tests). `on_step` is called on every
-    rank with each step's metrics row.
+    rank with each step's metrics row. `evaluator` scores `heldout.tasks` (`heldout.py`; built
+    above training, e.g. by `bidirlm.runtime.evaluation.in_run.task_evaluator`).
 
     Raises ValueError / FileNotFoundError for a bad config, model or data source (before any
     training), `TrainingError` after `train.max_nonfinite_steps` non-finite losses in a row, and
@@ -378,12 +398,12 @@ def train(
         check_output(Path(config.train.output) / "final", inputs=[model_path], what="train.output")
         # one run per output folder (a second run would interleave metrics and checkpoints)
         with lock_output(config.train.output, enabled=info.is_main):
-            return _train(config, info, model_path, data, stop_after, on_step)
+            return _train(config, info, model_path, data, stop_after, on_step, evaluator)
     finally:
         dist_utils.shutdown(info)
 
 
-def _train(config, info, model_path, data, stop_after, on_step) -> Path:
+def _train(config, info, model_path, data, stop_after, on_step, evaluator=None) -> Path:
     output = Path(config.train.output)
     main = info.is_main
     seed = config.train.seed
@@ -409,20 +429,20 @@ def _train(config, info, model_path, data, stop_after, on_step) -> Path:
         log(config_summary(config, info, output), main=main)
         log(f"model {model_path} on {info.device} (world size {info.world_size})", main=main)
     run = _Run(config, info, model_path, data)
-    metrics_path = output / "metrics.jsonl"
+    heldout = HeldoutEvaluation(config, run.tokenizer, evaluator, lambda m: log(m, main=main))
+    log(f"step: {run.plan.describe()}", main=main)
+    if run.autocast is not None and run.peak_flops is None:
+        name = device_name(info.device)
+        log(f"MFU unknown ({name} has no {run.autocast} peak in mfu.py): tokens/s only", main=main)
     if latest is not None:
         run.resume(latest)
         log(f"resumed from {latest} (step {run.step})", main=main)
     if main:
-        cio.truncate_metrics(metrics_path, run.step)
-    log_every, steps = config.train.log_every, config.train.steps
-    # A bar only on a terminal: in a log file its carriage-return frames pile up.
-    use_bar = main and config.train.progress_bar and log_every > 0 and sys.stderr.isatty()
-    bar = tqdm(
-        total=steps, initial=run.step, disable=not use_bar, desc=config.phase, file=sys.stderr
-    )
+        cio.truncate_metrics(output / "metrics.jsonl", run.step)
+    steps = config.train.steps
     started = run.step
-    with StopSignals(lambda m: log(m, main=main)) as stop_signal, bar:
+    step_log = StepLog(config, output, main=main, initial=run.step, log=lambda m: log(m, main=main))
+    with StopSignals(lambda m: log(m, main=main)) as stop_signal, contextlib.closing(step_log):
         while run.step < steps:
             try:
                 row = run.run_step()
@@ -434,19 +454,9 @@ def _train(config, info, model_path, data, stop_after, on_step) -> Path:
                     "data.skip_bad_records=true, then run the same command to resume)"
                 ) from None
             run.phase.after_step(run, row)  # e.g. dev evaluation, best model, early stopping
-            if main:
-                with metrics_path.open("a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(row) + "\n")
-                bar.update(1)
-                if log_every and (run.step % log_every == 0 or run.step == steps):
-                    if use_bar:
-                        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
-                    else:
-                        log(
-                            f"step {run.step}/{steps} loss {row['loss']:.4f} "
-                            f"lr {row['lr']:.2e} grad_norm {row['grad_norm']:.3g} "
-                            f"tokens/s {row['tokens_per_s']:.0f}"
-                        )
+            if heldout.due(run.step, steps):
+                row["heldout"] = heldout.run(run)
+            step_log.write(row)  # metrics.jsonl, TensorBoard / W&B, console (main process)
             if on_step is not None:
                 on_step(row)
             if run.nonfinite_in_row >= config.train.max_nonfinite_steps:

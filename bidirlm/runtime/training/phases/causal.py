@@ -70,8 +70,11 @@ class CausalPhase(PhaseBase):
             seed=config.train.seed,
             text_fields=[s.text_field for s in config.data.sources],
             skip_bad_records=config.data.skip_bad_records,
+            rank=self.context.info.rank,
+            world=self.context.info.world_size,
         )
-        return RankBatches(stream, self.context.info)
+        # a streamed source is read per rank (each its own part): no dealing of global batches
+        return stream if stream.per_rank else RankBatches(stream, self.context.info)
 
     def inputs_and_labels(
         self, batch: PackedBatch, micro: MicroStep

@@ -3,8 +3,9 @@
 Batches: `data.PairBatches` draws one dataset per batch (by weight) and `data.batch_size`
 (query, positive, hard negatives) records of it; `ContrastiveBatches` keeps this rank's
 contiguous shard and tokenizes it into chunks ready for the model: the queries (each prefixed
-with its source's `instruction`) cut to `data.query_max_len` tokens, the documents (positives,
-then hard negatives) to `data.document_max_len`; one chunk each, or chunks of
+with its source's `instruction`, and a `symmetric` source's documents too) cut to
+`data.query_max_len` tokens, the documents (positives, then hard negatives) to
+`data.document_max_len`; one chunk each, or chunks of
 `contrastive.mini_batch_size` for the gradient cache. A chunk holding images or audio
 (`{"image": path}` records, on an omni model) is prepared by the `OmniEncoder`.
 
@@ -163,6 +164,7 @@ class ContrastivePhase(PhaseBase):
             seed=config.train.seed,
             negatives_per_query=config.data.negatives_per_query,
             instructions=[s.instruction for s in config.data.sources],
+            symmetric=[s.symmetric for s in config.data.sources],
             skip_bad_records=config.data.skip_bad_records,
         )
         return ContrastiveBatches(
