@@ -397,3 +397,14 @@ def test_chat_template_auto_takes_the_inputs_template(with_tokenizer, models, tm
     assert out.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == (
         "[user] hi"
     )
+
+
+def test_legacy_mode_is_refused_as_installed_mergekit_does(tok_models, tmp_path):
+    """mergekit's test_legacy_mode (64/64/66 rows, no tokenizer_source): mergekit 0.1.5 refuses
+    it ("Tensor size mismatch ... Align vocabulary axes with tokenizer configuration"); so do
+    we, naming the fix. With `tokenizer_source: base` both merge it (test above)."""
+    config = tokenizer_config(tok_models, "base padded chatml")
+    with pytest.raises(MergeError, match="vocabulary size mismatch.*tokenizer_source: base"):
+        merge_from_config(config_from_dict(config), tmp_path / "ours")
+    with pytest.raises(ValueError, match="Tensor size mismatch"):
+        run_mergekit(config, tmp_path / "theirs")

@@ -92,8 +92,8 @@ def check_shapes(name: str, infos: list[TensorInfo], labels: list[str]) -> None:
             raise MergeError(
                 f"vocabulary size mismatch: tensor {name} has {info.shape[0]} rows in model "
                 f"{label} but {ref.shape[0]} in model {labels[0]} (merging needs one "
-                "vocabulary: `tokenizer_source: base` or `union` aligns the rows by token; "
-                "mergekit's unsafe truncation to the common prefix is not done)"
+                "vocabulary: `tokenizer_source: base` or `union` aligns the rows by token, as "
+                "in mergekit)"
             )
         raise MergeError(
             f"shape mismatch: tensor {name} is {list(info.shape)} in model {label} but "
