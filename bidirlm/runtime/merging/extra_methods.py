@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .config import MergeError
 from .methods import sign_consensus
 
 # --- SCE: select (by variance), calculate (weights from energy), erase (sign conflicts) --------
@@ -141,9 +142,9 @@ def multislerp(
     mean_norm = torch.norm(mean)
     if mean_norm < eps:
         if stacked.shape[0] != 2:
-            raise ValueError(
-                "multislerp: the weighted directions cancel out (antipodal inputs with balancing "
-                "weights); change the weights"
+            raise MergeError(
+                "multislerp: the weighted directions of a tensor cancel out (antipodal inputs "
+                "with balancing weights); change the weights"
             )
         out = (stacked[0] * w[0] + stacked[1] * w[1]).view(stacked.shape[1:])
         return out + xs[base] if base is not None else out
