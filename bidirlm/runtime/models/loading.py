@@ -42,7 +42,7 @@ def load_model(
     hf = ckpt.read_config(folder)
     if hf.get("model_type") == "bidirlm_omni":  # a composed text+vision+audio checkpoint
         dev = torch.device(device if device is not None else "cpu")
-        return load_omni(
+        omni = load_omni(
             folder,
             hf,
             dtype=dtype,
@@ -50,6 +50,9 @@ def load_model(
             bidirectional=bidirectional,
             allow_non_finite=allow_non_finite,
         )
+        # an omni classifier (fine-tuned on image / audio + text records) keeps its head too
+        omni.head = load_head(folder, hf, omni.hidden_size, dtype=omni.dtype, device=dev)
+        return omni.eval()
     hf = released.text_config(hf)  # remote-code BidirLM text configs -> their base family
     spec = ckpt.spec_for(hf)
     config = spec.parse_config(hf)

@@ -40,8 +40,12 @@ from bidirlm.runtime.models import released_layout as rel
 from bidirlm.runtime.models.common import AttentionLayout
 from bidirlm.runtime.models.config import ModelConfig
 from bidirlm.runtime.models.encoder import Encoder
+from bidirlm.runtime.models.heads import head_kind
 from bidirlm.runtime.models.media import Item, parse_item
 from bidirlm.runtime.models.pooling import pool
+
+# A fine-tuned classifier's head tensors (`heads.ClassificationHead`), at the top level of the file
+HEAD_TENSORS = ("score.weight", "score.bias", "dense.weight", "dense.bias")
 
 MODEL_TYPE = "bidirlm_omni"
 TEXT_PREFIX = "model.language_model."
@@ -455,7 +459,11 @@ class OmniEncoder(Encoder):
             if name.startswith("inv_freq_"):
                 continue
             if name == "lm_head.weight":
+                if self.head is not None:
+                    continue  # a classifier drops the LM head, as `Encoder.save_pretrained` does
                 out = "lm_head.weight"
+            elif name.startswith("head."):  # a fine-tuned classification head: `score.*`
+                out = name[len("head.") :]
             elif name in reverse:
                 out = TEXT_PREFIX + reverse[name]
             else:
@@ -472,6 +480,12 @@ class OmniEncoder(Encoder):
             self.config, self.hf_config, self.bidirectional, self.dtype
         )
         config["dtype"] = str(self.dtype).removeprefix("torch.")
+        for key in ("bidirlm_head", "id2label", "label2id", "problem_type", "classifier_dropout"):
+            config.pop(key, None)
+        if self.head is not None:  # the head's record; the composite keeps its architecture
+            fields = self.head.hf_fields(self.spec.name)
+            fields.pop("architectures", None)
+            config.update(fields)
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for kind, fname in (("image", IMAGE_PROCESSOR_FILE), ("audio", AUDIO_PROCESSOR_FILE)):
             if kind in self.processor_configs:
@@ -573,6 +587,8 @@ def load_omni(
         elif cname == "lm_head.weight":
             if model.lm_head is not None:
                 wanted["lm_head.weight"] = name
+        elif head_kind(hf) is not None and cname in HEAD_TENSORS:
+            continue  # a classifier's head: `loading.load_model` reads it (`heads.load_head`)
         else:
             ours_prefix = next((o for o, p in TOWER_PREFIXES.items() if cname.startswith(p)), None)
             if ours_prefix is None:

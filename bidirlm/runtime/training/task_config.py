@@ -38,6 +38,9 @@ class TaskConfig:
     metric: str = "auto"  # the dev metric that picks the best checkpoint; auto: by task kind
     eval_batch_size: int = 64
     attention: Literal["bidirectional", "causal"] = "bidirectional"  # causal: the Base variant
+    # omni models (records with "image" / "audio"): also train the vision / audio towers, which
+    # stay frozen by default
+    train_towers: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout < 1.0:

@@ -5,11 +5,18 @@ Record formats (one JSON object per line; blank lines are skipped, line numbers 
 | phase                     | record                                                         |
 |---------------------------|----------------------------------------------------------------|
 | `sequence-classification` | `{"text": str, "label": L}` or `{"text", "text_pair", "label"}`  |
+|                           | on an omni model also `{"image": path, "text", "label"}` or      |
+|                           | `{"audio": path, "text", "label"}` (media, then the text)        |
 | `token-classification`    | `{"tokens": [str, ...], "tags": [T, ...]}` (one tag per word)    |
 
 `L` is a label name or index (single-label), a list of names / indices (multi-label), or a
-number / list of numbers (regression); `T` is a tag name or index. Sources may also be the
-embedded tasks `embedded:python-packages:{train,heldout}` and `embedded:python-tokens:{...}`.
+finite number / list of finite numbers (regression; NaN and Inf are refused); `T` is a tag name
+or index. Media paths are relative to the data file's folder (or absolute); a missing file is an
+error naming the file and line before training starts. Media records keep their path in
+`TaskExample.media`; the image / audio is read when its batch is built
+(`training.multimodal.task_inputs`, which puts the media tokens before the text's). Sources
+may also be the embedded tasks `embedded:python-packages:{train,heldout}` and
+`embedded:python-tokens:{...}`.
 Every problem is a one-line `ValueError` naming the file and line: an unknown label, a tokens /
 tags length mismatch, a missing field, invalid JSON, an empty file.
 
@@ -29,6 +36,7 @@ drawn from the weighted mixture of sources, deterministic from the seed and resu
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +60,7 @@ class TaskRecords:
 
     name: str
     rows: list[tuple[int, dict[str, Any]]]
+    base: Path | None = None  # the data file's folder: relative media paths start there
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -69,7 +78,7 @@ def read_records(spec: str) -> TaskRecords:
     rows = read_jsonl(path)
     if not rows:
         raise ValueError(f"{spec}: empty file (no records)")
-    return TaskRecords(spec, rows)
+    return TaskRecords(spec, rows, path.resolve().parent)
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,8 +86,34 @@ def read_records(spec: str) -> TaskRecords:
 # --------------------------------------------------------------------------------------------
 
 
+MEDIA_FIELDS = ("image", "audio")
+
+
+def media_of(records: TaskRecords, line: int, record: dict[str, Any]) -> tuple[str, str] | None:
+    """(kind, absolute path) of a record's `image` / `audio` field, None without one; the file
+    must exist (one-line error naming the data file and line)."""
+    where = f"{records.name}:{line}"
+    keys = [k for k in MEDIA_FIELDS if k in record]
+    if not keys:
+        return None
+    if len(keys) > 1:
+        raise ValueError(f'{where}: a record holds one of "image" or "audio", not both')
+    kind = keys[0]
+    value = record[kind]
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f'{where}: "{kind}" must be a file path (a non-empty string)')
+    path = Path(value).expanduser()
+    if not path.is_absolute() and records.base is not None:
+        path = records.base / path
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise ValueError(f"{where}: {kind} file {path} {what}")
+    return kind, str(path)
+
+
 def check_fields(records: TaskRecords, kind: str, *, need_labels: bool = True) -> None:
-    """Check every record has the fields of `kind` (`sequence` / `token`) with the right types."""
+    """Check every record has the fields of `kind` (`sequence` / `token`) with the right types
+    (and that every media file of a sequence record exists)."""
     for line, r in records.rows:
         where = f"{records.name}:{line}"
         if kind == "sequence":
@@ -86,6 +121,7 @@ def check_fields(records: TaskRecords, kind: str, *, need_labels: bool = True) -
                 raise ValueError(f'{where}: expected a "text" string field')
             if "text_pair" in r and not isinstance(r["text_pair"], str):
                 raise ValueError(f'{where}: "text_pair" must be a string')
+            media_of(records, line, r)
             if need_labels and "label" not in r:
                 raise ValueError(f'{where}: missing "label"')
         else:
@@ -94,6 +130,8 @@ def check_fields(records: TaskRecords, kind: str, *, need_labels: bool = True) -
                 raise ValueError(f'{where}: expected "tokens", a list of strings')
             if not tokens:
                 raise ValueError(f'{where}: "tokens" is empty')
+            if any(k in r for k in MEDIA_FIELDS):
+                raise ValueError(f"{where}: token-classification records take no image / audio")
             if need_labels:
                 tags = r.get("tags")
                 if not isinstance(tags, list):
@@ -185,6 +223,8 @@ def encode_label(
     items = value if isinstance(value, list) else [value]
     if not all(_is_number(v) for v in items):
         raise ValueError(f"{where}: regression label {value!r} is not a number (or numbers)")
+    if not all(math.isfinite(v) for v in items):
+        raise ValueError(f"{where}: regression label {value!r} is not finite (NaN / Infinity)")
     if len(items) != len(labels):
         raise ValueError(f"{where}: {len(items)} regression targets, expected {len(labels)}")
     return [float(v) for v in items]
@@ -201,7 +241,8 @@ class TaskExample:
 
     `input_ids`: token ids; `label`: the sequence label (index, multi-hot or floats) or None;
     token tasks: `token_labels` (per subword, -100 ignored), `word_starts` (index of each word's
-    first subword, -1 when truncated away) and `word_labels` (per word, None without tags).
+    first subword, -1 when truncated away) and `word_labels` (per word, None without tags);
+    media records: `media` = (kind, absolute path, "file:line"), placed before `input_ids`.
     """
 
     input_ids: list[int]
@@ -209,6 +250,7 @@ class TaskExample:
     token_labels: list[int] | None = None
     word_starts: list[int] | None = None
     word_labels: list[int] | None = None
+    media: tuple[str, str, str] | None = None
 
 
 def _continuation_map(labels: Sequence[str]) -> list[int]:
@@ -259,7 +301,9 @@ def _encode_sequences(records, tokenizer, labels, problem_type, max_len, with_la
         if not seq:
             raise ValueError(f"{where}: the text tokenizes to nothing")
         label = encode_label(r["label"], labels, problem_type, where) if with_labels else None
-        out.append(TaskExample(input_ids=seq, label=label))
+        found = media_of(records, line, r)
+        media = (found[0], found[1], where) if found else None
+        out.append(TaskExample(input_ids=seq, label=label, media=media))
     return out
 
 
@@ -329,13 +373,16 @@ class TaskBatch:
     """Packed examples: `input_ids [T]`, `cu_seqlens [N+1]` int32 and their `labels`.
 
     `labels`: `[N]` int64 (single-label), `[N, C]` float32 (multi-label, regression) or `[T]`
-    int64 per token (token tasks, -100 ignored); None for unlabelled data.
+    int64 per token (token tasks, -100 ignored); None for unlabelled data. `media`: one
+    (kind, path, "file:line") or None per example (`TaskExample.media`), None when no example
+    has media; `training.multimodal.task_inputs` turns such a batch into the omni model's inputs.
     """
 
     input_ids: torch.Tensor
     cu_seqlens: torch.Tensor
     max_seqlen: int
     labels: torch.Tensor | None
+    media: list[tuple[str, str, str] | None] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -359,7 +406,8 @@ def collate(examples: Sequence[TaskExample], kind: str, problem_type: str) -> Ta
             labels = torch.tensor([e.label for e in examples], dtype=torch.long)
         else:
             labels = torch.tensor([e.label for e in examples], dtype=torch.float32)
-    return TaskBatch(ids, cu, int(lengths.max()), labels)
+    media = [e.media for e in examples]
+    return TaskBatch(ids, cu, int(lengths.max()), labels, media if any(media) else None)
 
 
 def iter_batches(

@@ -25,20 +25,40 @@ from torch import nn
 
 from bidirlm.runtime.models import Encoder
 
+from .multimodal import task_inputs
 from .task_data import iter_batches
 from .task_metrics import task_metrics
 
 
 def _forward_logits(
-    module: nn.Module, ids: torch.Tensor, cu: torch.Tensor, max_seqlen: int
+    module: nn.Module,
+    ids: torch.Tensor,
+    cu: torch.Tensor,
+    max_seqlen: int,
+    media: dict[str, Any] | None = None,
 ) -> torch.Tensor:
-    """Logits of a packed batch from an `Encoder` with a head or a fine-tuning phase's module."""
+    """Logits of a packed batch from an `Encoder` with a head or a fine-tuning phase's module
+    (`media`: an omni model's extra inputs, `multimodal.task_inputs`)."""
     if isinstance(module, Encoder):
         if module.head is None:
             raise ValueError("the model has no classification head")
-        hidden = module(ids, cu_seqlens=cu, max_seqlen=max_seqlen)
+        if media is not None:
+            hidden = module.forward_multimodal(ids, cu_seqlens=cu, max_seqlen=max_seqlen, **media)
+        else:
+            hidden = module(ids, cu_seqlens=cu, max_seqlen=max_seqlen)
         return module.head(hidden, cu_seqlens=cu)
-    return module(ids, cu, max_seqlen)  # the training module (or DDP): labels=None -> logits
+    # the training module (or DDP): labels=None -> logits
+    return module(ids, cu, max_seqlen, media=media)
+
+
+def _encoder_of(module: nn.Module) -> nn.Module:
+    """The `Encoder` inside a fine-tuning module (possibly wrapped by DDP / FSDP)."""
+    while not isinstance(module, Encoder):
+        inner = getattr(module, "encoder", None) or getattr(module, "module", None)
+        if inner is None:
+            raise ValueError("media records need the model's encoder (an omni model)")
+        module = inner
+    return module
 
 
 @torch.no_grad()
@@ -60,9 +80,18 @@ def predict_logits(
     rows: list[np.ndarray] = []
     try:
         for _, batch in iter_batches(examples, batch_size, kind, problem_type):
-            ids, cu = batch.input_ids.to(device), batch.cu_seqlens.to(device)
+            ids, cu, max_seqlen, media = (
+                batch.input_ids,
+                batch.cu_seqlens,
+                batch.max_seqlen,
+                None,
+            )
+            if batch.media is not None:  # image / audio records on an omni model
+                media = task_inputs(_encoder_of(module), batch)
+                ids, cu = media.pop("input_ids"), media.pop("cu_seqlens")
+                max_seqlen = media.pop("max_seqlen")
             with amp() if amp is not None else contextlib.nullcontext():
-                logits = _forward_logits(module, ids, cu, batch.max_seqlen)
+                logits = _forward_logits(module, ids.to(device), cu.to(device), max_seqlen, media)
             rows.append(logits.float().cpu().numpy())
     finally:
         module.train(was_training)

@@ -19,6 +19,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -232,3 +234,28 @@ def task_metrics(
         "spearman": float(np.mean([spearman(t[:, j], p[:, j]) for j in range(t.shape[1])])),
         "mse": float(((t - p) ** 2).mean()) if t.size else 0.0,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# JSON without NaN
+# --------------------------------------------------------------------------------------------
+
+
+def finite_or_none(value: Any) -> Any:
+    """`value` (dicts / lists / numbers) with every NaN / Inf float replaced by None, so it is
+    written as JSON `null` (a bare `NaN` is not JSON)."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def json_text(value: Any, *, indent: int | None = 2) -> str:
+    """Strict JSON of `value`: non-finite numbers become null (`finite_or_none`), and
+    `allow_nan=False` guarantees no `NaN` / `Infinity` token is ever written."""
+    return json.dumps(finite_or_none(value), indent=indent, allow_nan=False)

@@ -10,6 +10,9 @@ rank, checkpoints, exact resume, DDP / FSDP2, autocast); `FineTunePhase` supplie
   FSDP2 see every parameter use. A fresh head is initialized from `train.seed` alone (identical
   on every rank); a model that already has a head of the same shape and labels keeps it. An
   untied LM head (unused) is frozen;
+- media: on an omni model, records may carry `image` / `audio` beside the text; their batches go
+  through `multimodal.task_inputs` and `OmniEncoder.forward_multimodal`; the towers stay frozen
+  unless `task.train_towers = true`;
 - the batches: the records, checked and labelled before training (`task_data.check_task`),
   tokenized once (`task_data.encode_records`) and drawn as packed micro-batches of
   `data.batch_size` examples (`task_data.TaskBatches`);
@@ -17,7 +20,10 @@ rank, checkpoints, exact resume, DDP / FSDP2, autocast); `FineTunePhase` supplie
 - after a step: the dev set is evaluated every `task.eval_every` steps, at `task.eval_steps` and
   at the end (`task_eval.score_examples`). The metrics go into that step's metrics.jsonl row
   under `dev` (with `dev_score`, the `task.metric`); a better score saves `OUTPUT/best/`
-  (Hugging Face layout, like `final/`) and `OUTPUT/best.json`; `task.patience` evaluations
+  (Hugging Face layout, like `final/`) and `OUTPUT/best.json` (with the run's `max_seq_len`, which
+  `bidirlm eval` / `predict` reuse); each evaluation prints `step N/T dev <metric> <value>` and
+  the last one `best <metric> <value> at step N`; non-finite metrics are written as null (never a
+  bare NaN in JSON); `task.patience` evaluations
   without improvement stop the run early (`early_stop` in the row; `final/` is the last model,
   `best/` the best one). The best score, its step and the patience counter are the phase's
   checkpoint state, so a resumed run decides as an uninterrupted one.
@@ -28,7 +34,6 @@ decision is broadcast.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -42,15 +47,17 @@ from bidirlm.runtime.models.heads import ClassificationHead
 
 from ..config import TrainConfig
 from ..distributed import DistInfo
+from ..multimodal import check_task_media, task_inputs
 from ..task_config import TaskConfig
 from ..task_data import TaskBatch, TaskBatches, TaskSpec, check_task, encode_records
 from ..task_eval import score_examples
-from ..task_metrics import primary_metric
+from ..task_metrics import finite_or_none, json_text, primary_metric
 from .base import MicroStep, PhaseBase, PhaseContext, RankBatches, RunView
 
 
 class TaskModule(nn.Module):
-    """`encoder` (with `encoder.head`) -> loss of a packed micro-batch, or logits."""
+    """`encoder` (with `encoder.head`) -> loss of a packed micro-batch, or logits. `media`: the
+    omni model's extra inputs (`position_ids`, pixel / audio features) of a batch with media."""
 
     def __init__(self, encoder: nn.Module, class_weights: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -63,8 +70,14 @@ class TaskModule(nn.Module):
         cu_seqlens: torch.Tensor,
         max_seqlen: int,
         labels: torch.Tensor | None = None,
+        media: dict[str, Any] | None = None,
     ) -> torch.Tensor:
-        hidden = self.encoder(input_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        if media is not None:  # image / audio records: `multimodal.task_inputs` laid them out
+            hidden = self.encoder.forward_multimodal(
+                input_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, **media
+            )
+        else:
+            hidden = self.encoder(input_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         logits = self.encoder.head(hidden, cu_seqlens=cu_seqlens)
         if labels is None:
             return logits
@@ -137,6 +150,12 @@ class FineTunePhase(PhaseBase):
         )
         self.examples = [encode_records(src, self.tokenizer, **encode) for src in spec.sources]
         self.dev = encode_records(spec.dev, self.tokenizer, **encode) if spec.dev else None
+        every = [ex for src in self.examples for ex in src] + list(self.dev or [])
+        check_task_media(encoder, every, str(config.model))
+        if self.task.train_towers:  # omni towers are frozen unless asked
+            if not hasattr(encoder, "freeze_towers"):
+                raise ValueError("task.train_towers: the model has no vision / audio tower")
+            encoder.freeze_towers(False)
         self.metric = (
             self.task.metric
             if self.task.metric != "auto"
@@ -166,12 +185,17 @@ class FineTunePhase(PhaseBase):
 
     def loss(self, module: nn.Module, batch: TaskBatch, micro: MicroStep) -> torch.Tensor:
         device = self.context.device
+        ids, cu, max_seqlen, media = batch.input_ids, batch.cu_seqlens, batch.max_seqlen, None
+        if batch.media is not None:
+            media = task_inputs(self.encoder, batch)
+            ids, cu, max_seqlen = (
+                media.pop("input_ids"),
+                media.pop("cu_seqlens"),
+                media.pop("max_seqlen"),
+            )
         with self.context.amp():
             loss = module(
-                batch.input_ids.to(device),
-                batch.cu_seqlens.to(device),
-                batch.max_seqlen,
-                batch.labels.to(device),
+                ids.to(device), cu.to(device), max_seqlen, batch.labels.to(device), media=media
             )
         return loss / micro.accum
 
@@ -212,25 +236,45 @@ class FineTunePhase(PhaseBase):
             device=run.device,
             amp=run.amp,
         )
-        score = float(metrics[self.metric])
-        improved = self.best is None or (math.isfinite(score) and score > self.best)
+        metrics = finite_or_none(metrics)
+        raw = metrics[self.metric]
+        score = float(raw) if raw is not None else float("nan")
+        improved = self.best is None or (
+            math.isfinite(score) and (not math.isfinite(self.best) or score > self.best)
+        )
         improved = _broadcast(improved, run.info)
         row["dev"] = metrics
-        row["dev_score"] = score
+        row["dev_score"] = raw
+        say = self.context.log if run.info.is_main else (lambda _m: None)
         if improved:
             self.best, self.best_step, self.bad_evals = score, step, 0
             row["best"] = True
             run.save_final("best")
             if run.info.is_main:
-                record = {"step": step, "metric": self.metric, "score": score, "dev": metrics}
+                record = {
+                    "step": step,
+                    "metric": self.metric,
+                    "score": raw,
+                    "dev": metrics,
+                    "max_seq_len": self.config.data.max_seq_len,
+                }
                 tmp = run.output / ".best.json.tmp"
-                tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+                tmp.write_text(json_text(record) + "\n", encoding="utf-8")
                 tmp.replace(run.output / "best.json")
         else:
             self.bad_evals += 1
             if self.task.patience and self.bad_evals >= self.task.patience:
                 self.stop_reason = "task.patience evaluations without a better dev score"
                 row["early_stop"] = True
+        shown = "nan" if raw is None else f"{raw:.4f}"
+        say(f"step {step}/{total} dev {self.metric} {shown}" + (" (best)" if improved else ""))
+        if step == total or self.stop_reason:
+            say(self.best_line())
+
+    def best_line(self) -> str:
+        """`best <metric> <value> at step N`, the run's summary line."""
+        value = "nan" if self.best is None or not math.isfinite(self.best) else f"{self.best:.4f}"
+        return f"best {self.metric} {value} at step {self.best_step}"
 
     def state_dict(self) -> dict[str, Any]:
         return {
