@@ -2,7 +2,10 @@
 
 RECIPE is a TOML file or a shipped recipe's name (qwen3-0.6b, qwen3-1.7b, gemma3-270m,
 gemma3-1b). Completed phases are skipped and an interrupted one resumes, so re-running the same
-command continues where it stopped. See `bidirlm.recipe.pipeline` for the file format.
+command continues where it stopped. `--check` runs nothing: it checks the inputs and prints each
+train phase's tokens (or pairs) per step, steps, tokens in all, the accumulation on 8 and 96
+ranks and an estimated time per device class (from the MFU peak table; a prediction). See
+`bidirlm.recipe.pipeline` for the file format.
 """
 
 from __future__ import annotations
@@ -34,7 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @threaded  # --threads N (bidirlm/commands/_threads.py)
 def run(args: argparse.Namespace) -> int:
-    from bidirlm.recipe.pipeline import RecipeError, check_inputs, load_recipe, run_pipeline
+    from bidirlm.recipe.pipeline import (
+        RecipeError,
+        check_inputs,
+        load_recipe,
+        parameter_count,
+        plan_lines,
+        run_pipeline,
+    )
     from bidirlm.runtime.training.trainer import TrainingError, TrainingInterrupted
 
     try:
@@ -46,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
         if args.check:
             for phase in recipe.phases:
                 print(f"{phase.name:<20} {phase.kind:<6} <- {', '.join(phase.inputs)}")
+            # the size of each train phase (every phase's model has the base's size)
+            for line in plan_lines(recipe, parameter_count(recipe.recipe.base)):
+                print(line)
             print(f"ok: inputs of {recipe.recipe.name} exist; outputs in {recipe.recipe.output}")
             return 0
         from pathlib import Path

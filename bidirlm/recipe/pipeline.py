@@ -48,6 +48,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -58,12 +59,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import safe_open
 
 from bidirlm.runtime.embedded import is_embedded, resolve_model_path
 from bidirlm.runtime.evaluation import evaluate
 from bidirlm.runtime.jsonl import JsonLinesError, read_jsonl
 from bidirlm.runtime.merging.merge import merge
 from bidirlm.runtime.training import trainer
+from bidirlm.runtime.training.batching import step_plan
 from bidirlm.runtime.training.config import (
     SourceConfig,
     TrainConfig,
@@ -74,7 +77,9 @@ from bidirlm.runtime.training.config import (
     to_dict,
     train_config_from_dict,
 )
+from bidirlm.runtime.training.data import source_exists
 from bidirlm.runtime.training.masking import check_mask_token
+from bidirlm.runtime.training.mfu import DEVICE_CLASSES, PEAK_FLOPS, device_hours
 
 PHASE_RECORD = "phase.json"
 RECIPES_DIR = Path(__file__).resolve().parent
@@ -318,9 +323,76 @@ def check_inputs(recipe: Recipe) -> None:
 
 
 def _source_exists(source: SourceConfig) -> bool:
-    if is_embedded(source.path):
-        return True
-    return Path(source.path).expanduser().exists()
+    return source_exists(source.path)  # a path, a matching glob or an embedded corpus
+
+
+# ------------------------------------------------------------------------------------------
+# `--check`: the size of each train phase
+# ------------------------------------------------------------------------------------------
+
+# The utilization `--check` assumes for its time estimates (a prediction, not a measurement).
+ASSUMED_MFU = 0.4
+# World sizes the accumulation is shown for: one node, and the paper's 96 GPUs (Table 2).
+CHECK_WORLDS = (8, 96)
+
+
+def parameter_count(model: str | os.PathLike) -> int | None:
+    """Parameters of a model folder from its safetensors headers (no tensor is read)."""
+    folder = resolve_model_path(str(model))
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as fh:
+            for key in fh.keys():
+                total += math.prod(int(d) for d in fh.get_slice(key).get_shape())
+    return total
+
+
+def plan_lines(recipe: Recipe, n_params: int | None = None) -> list[str]:
+    """What `--check` prints under each train phase: tokens (or pairs) per step, steps, tokens
+    in all, the accumulation on one node and on the paper's 96 GPUs, and an estimated time per
+    device class from the MFU peak table (causal/MNTP; 6 N FLOPs per token at ASSUMED_MFU)."""
+    lines: list[str] = []
+    for phase in recipe.phases:
+        if phase.kind != "train":
+            continue
+        cfg = phase.config
+        train = cfg.train
+        plan = step_plan(cfg, 1)
+        lines.append(f"{phase.name}:")
+        if plan.unit in ("tokens", "pairs"):
+            total = plan.per_step * train.steps
+            budget = train.token_budget
+            named = f" ({budget} budget)" if isinstance(budget, str) else ""
+            billions = f" ({total / 1e9:.2f}B)" if plan.unit == "tokens" else ""
+            lines.append(
+                f"  {plan.unit} per step {plan.per_step} ({plan.per_step:,}); steps "
+                f"{train.steps:,}; {plan.unit} in all {total:,}{billions}{named}"
+            )
+        else:
+            lines.append(f"  steps {train.steps:,} of {plan.grad_accum} micro-batch(es)")
+        accum = []
+        for world in CHECK_WORLDS:
+            try:
+                accum.append(f"{world} ranks: {step_plan(cfg, world).grad_accum}")
+            except ValueError:
+                accum.append(f"{world} ranks: does not divide")
+        lines.append(f"  accumulation per rank: {'; '.join(accum)}")
+        if plan.unit == "tokens" and n_params:
+            total = plan.per_step * train.steps
+            dtype = train.dtype if train.dtype in ("bfloat16", "float16") else "bfloat16"
+            lines.append(
+                f"  estimated time ({n_params / 1e6:,.4g}M parameters, 6 N FLOPs per token, "
+                f"{ASSUMED_MFU:.0%} MFU assumed, {dtype} peaks; a prediction):"
+            )
+            for label, key in DEVICE_CLASSES.items():
+                hours = device_hours(n_params, total, PEAK_FLOPS[key][dtype], ASSUMED_MFU)
+                lines.append(
+                    f"    {label:<11} {hours:>12,.2f} device-hours = {hours / 96:,.2f} h on 96"
+                )
+    return lines
 
 
 # ------------------------------------------------------------------------------------------
