@@ -303,3 +303,30 @@ def test_remote_code_text_configs_read_as_their_base_family(
     (remote / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="unsupported architecture"):
         load_model(remote)
+
+
+def test_empty_output_filled_meanwhile_is_refused_and_kept(
+    composed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """An OUT that is an empty folder at the start may be replaced, but not once the user has put
+    a file in it during the export."""
+    from sentence_transformers import SentenceTransformer
+
+    out = tmp_path / "out"
+    out.mkdir()
+    real_save = SentenceTransformer.save
+
+    def save(self, path, *args, **kwargs):
+        (out / "mine.txt").write_text("user data")
+        return real_save(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(SentenceTransformer, "save", save)
+    assert main(["export", str(composed), str(out)]) == 1
+    assert (out / "mine.txt").read_text() == "user data"
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+    capsys.readouterr()
+    monkeypatch.setattr(SentenceTransformer, "save", real_save)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["export", str(composed), str(empty)]) == 0  # still empty at the end: replaced
+    assert (empty / "modules.json").is_file()

@@ -71,8 +71,8 @@ def export_sentence_transformers(
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     out = Path(output)
     inputs = [] if isinstance(model, Encoder) else [model]
-    empty = out.is_dir() and not any(out.iterdir())
-    folder = AtomicFolder(out, force=force or empty, inputs=inputs)
+    # an empty OUT may be replaced, but only if it is still empty when the export is complete
+    folder = AtomicFolder(out, force=force, replace_empty=True, inputs=inputs)
     with folder as tmp:  # checks the output before the model is even loaded
         _export(tmp, model, pooling, normalize, max_length, dtype, allow_non_finite)
         folder.commit()
