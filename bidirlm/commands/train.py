@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bidirlm.runtime.evaluation.in_run import task_evaluator
     from bidirlm.runtime.training.config import load_train_config
     from bidirlm.runtime.training.trainer import TrainingError, TrainingInterrupted, train
 
@@ -45,8 +46,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_train_config(args.config, overrides)
         check_max_seq_len(config)
+        # heldout.tasks are scored by the evaluation package, handed in (training imports none)
+        extra = {"evaluator": task_evaluator(config)} if config.heldout.tasks else {}
         with torch_threads(args.threads):
-            final = train(config)
+            final = train(config, **extra)
     except (FileNotFoundError, ValueError, TrainingError) as exc:
         raise CommandError(str(exc)) from None
     except TrainingInterrupted as exc:

@@ -63,6 +63,7 @@ from safetensors import safe_open
 
 from bidirlm.runtime.embedded import is_embedded, resolve_model_path
 from bidirlm.runtime.evaluation import evaluate
+from bidirlm.runtime.evaluation.in_run import task_evaluator
 from bidirlm.runtime.jsonl import JsonLinesError, read_jsonl
 from bidirlm.runtime.merging.merge import merge
 from bidirlm.runtime.training import trainer
@@ -464,7 +465,9 @@ def _last_metrics(folder: Path) -> dict[str, Any]:
 def _run_phase(phase: Phase, cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
     """Execute one phase; return its result summary (metrics for eval)."""
     if phase.kind == "train":
-        final = Path(trainer.train(cfg))  # looked up per call (tests wrap it)
+        # heldout.tasks are scored by the evaluation package, handed in (training imports none)
+        extra = {"evaluator": task_evaluator(cfg)} if cfg.heldout.tasks else {}
+        final = Path(trainer.train(cfg, **extra))  # looked up per call (tests wrap it)
         if final.resolve() != phase.output.resolve():
             raise RecipeError(f"[{phase.name}]: trainer wrote {final}, expected {phase.output}")
         return _last_metrics(Path(cfg.train.output))
