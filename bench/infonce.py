@@ -13,15 +13,14 @@ extra.input_grads_mb` (the gradients every implementation returns) is the loss's
 Baselines whose `[B, M]` float32 logits alone exceed `--max-logits-gb` are recorded as skipped.
 `--quick` runs tiny shapes on a CPU (the Triton interpreter) as a smoke test.
 
-Target rows (`pass="memory"`, every run, CPU included), bf16, one hard negative: B = 16k, d = 2048
-(our loss memory < 1% of eager's) and B = 256k, d = 1024 and 2048 (fits one GPU), labelled
-`"predicted"` from the launchers' sizing (`infonce_triton.working_memory`) against eager's lower
-bound of 8 B M bytes (its float32 `[B, M]` logits and their log-softmax, or their gradients, are
-alive together), with the FLOP/byte model and predicted time: forward 2 B M d FLOPs, backward
-6 B M d when dx's float32 partial of all B rows fits the scratch budget else 8 B M d (E recomputed
-for the dy and the dx pass); bytes: inputs per pass, E written once and read by each GEMM, the
-partials once per chunk; time = max(FLOPs / (0.7 x 989 TFLOP/s), bytes / HBM) + 4 us per launch.
-On a GPU the measured rows follow.
+Target rows (`pass="memory"`, every run, CPU included), bf16, one direction: B = 16k, M = 64k
+(3 hard negatives, issue #27's target: <= 20 Triton launches per direction, loss memory < 1% of
+eager's) and M = 32k, d = 2048; B = 256k, d = 1024 and 2048 (fits one GPU). PREDICTED by
+`bench/perf_model_losses.py` from the launchers' own plans (launches, working memory from
+`infonce_triton.working_memory`, GPU time on H100/H200, host issue time from the per-launch host
+cost measured here, waves) against eager's lower bound of 8 B M bytes (its float32 `[B, M]`
+logits and their log-softmax, or their gradients, are alive together). On a GPU the measured
+rows follow.
 """
 
 from __future__ import annotations
@@ -83,65 +82,42 @@ def _impls(compile_ok: bool) -> dict[str, Callable | None]:
     }
 
 
-_PEAK_TFLOPS, _MMA_EFFICIENCY, _LAUNCH_US = 989.0, 0.7, 4.0
-_HBM_TBS = {"h100": 3.35, "h200": 4.8}
 _GPU_GB = {"h100": 80.0, "h200": 141.0}
-
-
-def predicted_cost(b: int, m: int, d: int, elem: int = 2) -> dict[str, float]:
-    """FLOPs, bytes, launches and working memory of one bidirlm fwd+bwd (module docstring)."""
-    from bidirlm.kernels import infonce_triton as it
-
-    cfg = it.CONFIGS["hopper"]
-    cr, cc = min(cfg.chunk_rows, b), min(cfg.chunk_cols, m)
-    chunks = -(-b // cr) * -(-m // cc)
-    one_pass = b * d * 4 + cc * d * 4 + cr * cc * elem <= it._SCRATCH_BYTES
-    inputs = (b + m) * d * elem
-    flops = 2.0 * b * m * d * (1 + (3 if one_pass else 4))
-    e_io = b * m * elem * (3 if one_pass else 4)
-    partial = (b + m) * d * 4 * 2 * (1 if one_pass else 2)
-    bytes_ = inputs * (3 if one_pass else 5) + e_io + partial
-    launches = 3 + 4 + chunks * (3 if one_pass else 4)
-    work = it.working_memory(b, m, d, elem)
-    return {"flops": flops, "bytes": float(bytes_), "launches": launches, "working": work}
-
-
-def predicted_ms(cost: dict[str, float], gpu: str) -> float:
-    compute = cost["flops"] / (_PEAK_TFLOPS * 1e12 * _MMA_EFFICIENCY)
-    memory = cost["bytes"] / (_HBM_TBS[gpu] * 1e12)
-    return 1e3 * max(compute, memory) + cost["launches"] * _LAUNCH_US / 1e3
 
 
 def memory_target_rows(runner: Runner, impls: dict, measure: bool) -> None:
     """Predicted (and on a GPU measured) rows of the memory targets (module docstring)."""
-    cases = [(16384, 2048, "lt-1pct-of-eager"), (262144, 1024, "fits-one-gpu"),
-             (262144, 2048, "fits-one-gpu")]  # fmt: skip
-    for batch, width, target in cases:
-        docs = 2 * batch
+    from bench.perf_model_losses import predict_infonce, row_extra
+
+    cases = [(16384, 4, 2048, "lt-1pct-of-eager"), (16384, 1, 2048, "one-hard-negative"),
+             (262144, 1, 1024, "fits-one-gpu"), (262144, 1, 2048, "fits-one-gpu")]  # fmt: skip
+    for batch, hard, width, target in cases:
+        docs = (1 + hard) * batch
         case = f"target-B{batch}-M{docs}-d{width}"
-        cost = predicted_cost(batch, docs, width)
-        ours_mb = cost["working"] / 2**20
+        preds = {g: predict_infonce(batch, docs, width, gpu=g) for g in ("h100", "h200")}
+        ours_mb = preds["h100"].working_mb
         eager_mb = 8 * batch * docs / 2**20
         io_gb = 2 * (batch + docs) * width * 2 / 2**30  # bf16 inputs + their gradients
         extra = {
-            "predicted": True, "target": target, "basis": "launcher sizing + FLOP/byte model",
-            "dtype": "bf16", "hard_negatives": 1, "loss_mem_mb": round(ours_mb, 2),
+            **row_extra(preds["h100"]), "target": target, "dtype": "bf16",
+            "hard_negatives": hard, "loss_mem_mb": round(ours_mb, 2),
             "eager_loss_mem_mb_lower_bound": round(eager_mb, 1),
             "fraction_of_eager": round(ours_mb / eager_mb, 5),
             "inputs_and_grads_gb": round(io_gb, 2),
             "fits_h100": io_gb + ours_mb / 1024 < _GPU_GB["h100"],
             "eager_fits_h100": io_gb + eager_mb / 1024 < _GPU_GB["h100"],
-            "flops": cost["flops"], "bytes": cost["bytes"], "launches": cost["launches"],
-            "predicted_ms_h100": round(predicted_ms(cost, "h100"), 3),
-            "predicted_ms_h200": round(predicted_ms(cost, "h200"), 3),
+            "predicted_ms_h100": round(preds["h100"].gpu_ms, 3),
+            "predicted_ms_h200": round(preds["h200"].gpu_ms, 3),
         }  # fmt: skip
         with contextlib.redirect_stdout(io.StringIO()):  # the runner prints ms=None as failed
             runner.record(case=case, impl="bidirlm-predicted", pass_="memory", ms=None,
                           peak_mem_mb=round(ours_mb, 2), extra=extra)  # fmt: skip
-        print(f"[infonce] predicted {case}: loss memory {ours_mb:.1f} MB = "
+        print(f"[infonce] predicted {case} (one direction): {extra['fwd_launches']} + "
+              f"{extra['bwd_launches']} Triton launches, loss memory {ours_mb:.1f} MB = "
               f"{100 * extra['fraction_of_eager']:.2f}% of eager's >= {eager_mb / 1024:.1f} GB; "
-              f"inputs + grads {io_gb:.1f} GB; fwd+bwd {extra['predicted_ms_h100']} ms H100 / "
-              f"{extra['predicted_ms_h200']} ms H200")  # fmt: skip
+              f"inputs + grads {io_gb:.1f} GB; fwd+bwd GPU {extra['predicted_ms_h100']} ms H100 / "
+              f"{extra['predicted_ms_h200']} ms H200, host issue "
+              f"{extra['predicted_host_issue_ms']} ms")  # fmt: skip
         if not measure:
             continue
         gen = torch.Generator(device="cuda").manual_seed(0)

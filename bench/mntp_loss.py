@@ -22,15 +22,11 @@ fwd+bwd), so implementations that also compute ignored rows are charged their us
 Each row's `extra` holds `grad_mb` (size of dHidden + dWeight) and `beyond_grads_mb` (peak memory
 minus the gradients: the loss's own working memory; the target is < 64 MB on H100/H200 in bf16).
 
-Target rows (`pass="memory"`, every run, CPU included): the working memory of `bidirlm` at
-V = 151,936, 32k tokens, 30% labelled, d = 1024 and 2048, bf16, computed from the launchers' own
-sizing (`mntp_loss_triton.working_memory`, H100/H200 tiles) and labelled `"predicted"`, with the
-FLOP/byte model below and its predicted time on H100 and H200; on a GPU a measured row follows
-(`peak - inputs - gradients`). The model: forward 2 n V d FLOPs, backward 6 n V d when all rows
-fit one row chunk else 8 n V d (the dlogits chunk recomputed for the dW and the dH pass); bytes:
-the weight read once per pass plus hidden rows, the dlogits chunks written once and read by each
-GEMM, the float32 partials read and written once per chunk; time = max(FLOPs / (0.7 x 989
-TFLOP/s), bytes / HBM) + 4 us per launch (HBM 3.35 TB/s on H100, 4.8 on H200).
+Target rows (`pass="memory"`, every run, CPU included): issue #27's targets at V = 151,936,
+32k tokens, 30% labelled (passed as `num_labelled`), d = 1024 and 2048, bf16, PREDICTED by
+`bench/perf_model_losses.py` from the launchers' own plans: Triton launches, GPU time on H100
+and H200, host issue time (launches x the per-launch host cost measured on this machine + 4.5 us
+of binding), waves, working memory; on a GPU a measured row follows.
 """
 
 from __future__ import annotations
@@ -47,11 +43,11 @@ import torch.nn.functional as F
 
 try:
     from bench.perf_model import mntp_extra
-    from bench.runner import Runner, linear_ce_flops
+    from bench.runner import Runner, linear_ce_flops, time_gpu
 except ModuleNotFoundError:  # run as a script: python bench/mntp_loss.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from bench.perf_model import mntp_extra
-    from bench.runner import Runner, linear_ce_flops
+    from bench.runner import Runner, linear_ce_flops, time_gpu
 
 from bidirlm.kernels import decide
 from bidirlm.kernels.dispatch import interpreting
@@ -180,82 +176,62 @@ def bench_case(
                 print(f"[mntp_loss]   {name}: {beyond:.1f} MB beyond inputs and gradients")
 
 
-# H100/H200 SXM: dense bf16 peak, sustained fraction, HBM bandwidth, launch cost
-_PEAK_TFLOPS, _MMA_EFFICIENCY, _LAUNCH_US = 989.0, 0.7, 4.0
-_HBM_TBS = {"h100": 3.35, "h200": 4.8}
 TARGET = {"tokens": 32768, "vocab": 151936, "ratio": 0.3, "limit_mb": 64.0}
 
 
-def predicted_cost(n: int, tokens: int, d: int, vocab: int, elem: int = 2) -> dict[str, float]:
-    """FLOPs, bytes and launches of one bidirlm fwd+bwd on `n` labelled of `tokens` rows (module
-    docstring). Chunks are sized from `tokens` (the labelled count stays on the device); row
-    chunks past the labelled rows are launched but exit at once."""
-    from bidirlm.kernels.mntp_loss_triton import working_memory
-
-    mem = working_memory(tokens, vocab, d, elem)
-    rc, vc = mem["chunk_rows"], mem["chunk_vocab"]
-    one_pass = rc >= tokens
-    row_chunks, vocab_chunks = -(-n // rc), -(-vocab // vc)
-    launched = -(-tokens // rc) * vocab_chunks
-    weight, hidden = vocab * d * elem, n * d * elem
-    flops = 2.0 * n * vocab * d * (1 + (3 if one_pass else 4))
-    dz_bytes = n * vocab * elem * (3 if one_pass else 4)  # written once, read by each GEMM
-    partial = (vocab * d * 4 * 2 * row_chunks) + (n * d * 4 * 2 * vocab_chunks)
-    passes = 3 if one_pass else 5  # weight sweeps: fwd, (recompute + GEMM) per backward pass
-    bytes_ = weight * passes + hidden * passes * 2 + dz_bytes + partial
-    launches = 3 + launched * (3 if one_pass else 4)
-    return {"flops": flops, "bytes": float(bytes_), "launches": launches, **mem}
-
-
-def predicted_ms(cost: dict[str, float], gpu: str) -> float:
-    compute = cost["flops"] / (_PEAK_TFLOPS * 1e12 * _MMA_EFFICIENCY)
-    memory = cost["bytes"] / (_HBM_TBS[gpu] * 1e12)
-    return 1e3 * max(compute, memory) + cost["launches"] * _LAUNCH_US / 1e3
-
-
 def memory_target_rows(runner: Runner, measure: bool) -> None:
-    """The < 64 MB target at V = 151,936, 32k tokens, 30% labelled: a predicted row per width
-    (launcher sizing + the FLOP/byte model) and, on a GPU, the measured row."""
+    """The issue #27 targets at V = 151,936, 32k tokens, 30% labelled (passed as
+    `num_labelled`): a predicted row per width from `bench/perf_model_losses.py` (launch count,
+    predicted GPU time, host issue time, waves, working memory from the launchers' own plans)
+    and, on a GPU, the measured row (working memory and fwd+bwd time)."""
+    from bench.perf_model_losses import predict_mntp, row_extra
+
     tokens, vocab, ratio = TARGET["tokens"], TARGET["vocab"], TARGET["ratio"]
     n = int(tokens * ratio)
     for model, d in (("qwen3-0.6b", 1024), ("qwen3-1.7b", 2048)):
         case = f"target-{model}-t{tokens}-r{ratio:g}"
-        cost = predicted_cost(n, tokens, d, vocab)
-        beyond_mb = cost["bwd"] / 2**20
+        preds = {gpu: predict_mntp(tokens, ratio, vocab, d, gpu=gpu) for gpu in ("h100", "h200")}
         extra = {
-            "predicted": True, "basis": "launcher sizing (H100/H200 tiles) + FLOP/byte model",
-            "rows": n, "tokens": tokens, "d": d, "vocab": vocab, "ratio": ratio, "dtype": "bf16",
-            "beyond_grads_mb": round(beyond_mb, 2), "target_mb": TARGET["limit_mb"],
-            "meets_target": beyond_mb < TARGET["limit_mb"], "chunk_rows": cost["chunk_rows"],
-            "chunk_vocab": cost["chunk_vocab"], "fwd_splits": cost["splits"],
-            "flops": cost["flops"], "bytes": cost["bytes"], "launches": cost["launches"],
-            "predicted_ms_h100": round(predicted_ms(cost, "h100"), 3),
-            "predicted_ms_h200": round(predicted_ms(cost, "h200"), 3),
+            **row_extra(preds["h100"]), "rows": n, "tokens": tokens, "d": d, "vocab": vocab,
+            "ratio": ratio, "dtype": "bf16", "beyond_grads_mb": round(preds["h100"].working_mb, 2),
+            "target_mb": TARGET["limit_mb"],
+            "meets_target": preds["h100"].working_mb < TARGET["limit_mb"],
+            "predicted_ms_h100": round(preds["h100"].gpu_ms, 3),
+            "predicted_ms_h200": round(preds["h200"].gpu_ms, 3),
         }  # fmt: skip
         with contextlib.redirect_stdout(io.StringIO()):  # the runner prints ms=None as failed
             runner.record(case=case, impl="bidirlm-predicted", pass_="memory", ms=None,
-                          peak_mem_mb=round(beyond_mb, 2), extra=extra)  # fmt: skip
-        print(f"[mntp_loss] predicted {case}: {beyond_mb:.1f} MB beyond inputs and gradients "
-              f"(target < {TARGET['limit_mb']:.0f}), fwd+bwd {extra['predicted_ms_h100']} ms "
-              f"H100 / {extra['predicted_ms_h200']} ms H200")  # fmt: skip
+                          peak_mem_mb=extra["beyond_grads_mb"], extra=extra)  # fmt: skip
+        print(f"[mntp_loss] predicted {case}: {extra['launches']} launches, "
+              f"{extra['beyond_grads_mb']:.1f} MB beyond inputs and gradients (target < "
+              f"{TARGET['limit_mb']:.0f}), fwd+bwd GPU {extra['predicted_ms_h100']} ms H100 / "
+              f"{extra['predicted_ms_h200']} ms H200, host issue "
+              f"{extra['predicted_host_issue_ms']} ms")  # fmt: skip
         if not measure:
             continue
         h, w, y = make_inputs(tokens, d, vocab, ratio, torch.bfloat16, runner.device)
         from bidirlm.kernels import mntp_loss
 
+        count = int((y != -100).sum())
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        dh, dw = torch.autograd.grad(mntp_loss(h, w, y), (h, w))
+        dh, dw = torch.autograd.grad(mntp_loss(h, w, y, num_labelled=count), (h, w))
         torch.cuda.synchronize()
         beyond = (torch.cuda.max_memory_allocated() - base - dh.nbytes - dw.nbytes) / 2**20
+        del dh, dw
+        ms = round(time_gpu(lambda a=h, b=w, c=y, k=count: torch.autograd.grad(
+            mntp_loss(a, b, c, num_labelled=k), (a, b))), 3)  # fmt: skip
         with contextlib.redirect_stdout(io.StringIO()):
-            runner.record(case=case, impl="bidirlm", pass_="memory", ms=None,
+            runner.record(case=case, impl="bidirlm", pass_="memory", ms=ms,
                           peak_mem_mb=round(beyond, 2),
                           extra={**extra, "predicted": False, "beyond_grads_mb": round(beyond, 2),
                                  "meets_target": beyond < TARGET["limit_mb"]})  # fmt: skip
-        print(f"[mntp_loss] measured {case}: {beyond:.1f} MB beyond inputs and gradients")
-        del h, w, y, dh, dw
+        print(
+            f"[mntp_loss] measured {case}: {beyond:.1f} MB beyond inputs and gradients, "
+            f"fwd+bwd {ms} ms"
+        )
+        del h, w, y
         torch.cuda.empty_cache()
 
 

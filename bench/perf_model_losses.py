@@ -219,11 +219,16 @@ def predict_infonce(
     batch: int = 16384, docs: int = 65536, d: int = 2048, *, gpu: str = "h100",
     host_us: float | None = None,
 ) -> OpPrediction:  # fmt: skip
-    """One direction (query -> documents), cosine, bf16, as `infonce_triton` plans it."""
+    """One direction (query -> documents), cosine, bf16, as `infonce_triton` plans it: the
+    forward's (row block, column split) grid, and the backward's two persistent launches, each
+    program owning blocks of 64 rows (dx) or columns (dy) and looping over the other side in
+    E slices of `chunk` entries. The E slices (64 KB per program) stay in L2; the float32
+    partial (64 x d per program, 69 MB at d = 2048) is counted in HBM at every read and write."""
     from bidirlm.kernels import infonce_triton as it
 
     dev = DEVICES[gpu]
     cfg = it.CONFIGS["hopper"]
+    g = cfg.grad
     logits = TILE * TILE
     tile_us = _program_us(dev, 2.0 * logits * d, logits, logits * ALU_PER_LOGIT["fwd"])
     norm = [_finish(dev, Launch("_inv_norm_kernel", triton.cdiv(r, 16), 0.2, r * d * 2),
@@ -234,22 +239,22 @@ def predict_infonce(
     per = [tile_us * triton.cdiv(col_tiles, splits)] * (row_blocks * splits)
     fwd = norm + [_finish(dev, Launch("_infonce_fwd_kernel", len(per), per[0],
                                       (batch + docs) * d * 2), per)]  # fmt: skip
-    cr, cc = min(cfg.chunk_rows, batch), min(cfg.chunk_cols, docs)
-    chunks = triton.cdiv(batch, cr) * triton.cdiv(docs, cc)
-    one_pass = batch * d * 4 + cc * d * 4 + cr * cc * 2 <= it._SCRATCH_BYTES
-    e_us = _program_us(dev, 2.0 * logits * d, logits, logits * ALU_PER_LOGIT["bwd"])
-    e_programs = triton.cdiv(cr, TILE) * triton.cdiv(cc, TILE)
-    g_us = _program_us(dev, 2.0 * TILE * TILE * cc, 0, 0)
-    g_programs = triton.cdiv(cr, TILE) * triton.cdiv(d, TILE)
-    e = _finish(dev, Launch("_infonce_bwd_kernel", e_programs, e_us, cr * cc * 2),
-                [e_us] * e_programs)  # fmt: skip
-    g = _finish(dev, Launch("_e_gemm_kernel", g_programs, g_us, 2 * cr * cc * 2 + cr * d * 8),
-                [g_us] * g_programs)  # fmt: skip
-    per_chunk = [e, g, g] if one_pass else [e, g]
-    passes = 1 if one_pass else 2
-    finishes = triton.cdiv(docs, cc) + (1 if one_pass else triton.cdiv(batch, cr))
-    fin = _finish(dev, Launch("_norm_grad_kernel", 128, 1.0, cc * d * 10), [1.0] * 128)
-    bwd = norm + per_chunk * chunks * passes + [fin] * finishes
+    bwd = list(norm)
+    for n_own, n_oth in ((batch, docs), (docs, batch)):
+        entries = g.block_o * n_oth  # E entries of one owned block
+        block_us = _program_us(
+            dev, 2.0 * entries * d * 2, entries, entries * ALU_PER_LOGIT["bwd"]
+        )  # E recompute + the GEMM, exp and ALU per E entry
+        blocks = triton.cdiv(n_own, g.block_o)
+        programs = it._grad_programs(n_own, cfg, dev.sms)
+        rounds = [0.0] * programs
+        for b in range(blocks):
+            rounds[b % programs] += block_us
+        chunks = triton.cdiv(n_oth, g.chunk)
+        partial = n_own * chunks * d * 8.0
+        bytes_ = partial + n_own * d * 2 + n_oth * d * 2 * blocks / programs
+        bwd.append(_finish(dev, Launch("_infonce_grad_kernel", programs, max(rounds), bytes_),
+                           rounds))  # fmt: skip
     host = host_us if host_us is not None else host_cost()["infonce_us_per_launch"] + BINDING_US
     n = len(fwd) + len(bwd)
     work = it.working_memory(batch, docs, d, 2)
@@ -257,10 +262,12 @@ def predict_infonce(
     fwd_ms, bwd_ms = sum(x.ms for x in fwd), sum(x.ms for x in bwd)
     return OpPrediction(
         "infonce", {"batch": batch, "docs": docs, "d": d}, gpu, n, len(fwd), len(bwd),
-        fwd_ms + bwd_ms, fwd_ms, bwd_ms, host, n * host / 1e3,
-        2.0 * batch * docs * d * (5 if passes == 2 else 4), work / 2**20,
-        {"chunks": chunks, "one_pass": one_pass, "fwd_splits": splits,
-         "eager_mb_lower_bound": eager / 2**20, "fraction_of_eager": work / eager},
+        fwd_ms + bwd_ms, fwd_ms, bwd_ms, host, n * host / 1e3, 10.0 * batch * docs * d,
+        work / 2**20,
+        {"fwd_splits": splits, "grad_programs": [x.programs for x in bwd[-2:]],
+         "grad_waves": [round(x.waves, 2) for x in bwd[-2:]],
+         "eager_mb_lower_bound": round(eager / 2**20, 1),
+         "fraction_of_eager": round(work / eager, 5)},
     )  # fmt: skip
 
 
@@ -325,7 +332,7 @@ def host_cost(repeats: int = 5) -> dict[str, float]:
         mt._SCRATCH_BYTES = saved
     _HOST["infonce_us_per_launch"] = run(
         lambda: infonce_loss(q, dd).backward(),
-        ("_infonce_bwd_kernel", "_e_rows_gemm_kernel", "_e_cols_gemm_kernel"),
+        ("_inv_norm_kernel", "_infonce_fwd_kernel", "_infonce_grad_kernel"),
     )
     _HOST["binding_us_assumed"] = BINDING_US
     return _HOST

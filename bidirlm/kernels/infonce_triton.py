@@ -161,76 +161,147 @@ def _infonce_fwd_kernel(
 
 
 @triton.jit
-def _infonce_bwd_kernel(
-    x_ptr,
-    y_ptr,
-    rx_ptr,
-    ry_ptr,
-    lse_ptr,
-    glse_ptr,
-    gpos_ptr,
-    e_ptr,
-    escale_ptr,
-    row0,
-    n_rows,
-    col0,
-    n_cols,
-    dim,
-    stride_x,
-    stride_y,
-    stride_e,
-    positive_offset,
-    scale,
-    excl_lo,
-    excl_hi,
-    excl_period,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    NORMALIZE: tl.constexpr,
-    EXCLUDE: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """One tile of the chunk `E[rows row0:row0+n_rows, cols col0:col0+n_cols]`.
+def _infonce_grad_kernel(
+    own_ptr, oth_ptr, r_own_ptr, r_oth_ptr, lse_ptr, glse_ptr, gpos_ptr, escale_ptr, e_ptr,
+    acc_ptr, out_ptr, n_own, n_oth, dim, stride_own, stride_oth, stride_out, positive_offset,
+    scale, excl_lo, excl_hi, excl_period, chunk,
+    OWN_COLS: tl.constexpr, NORMALIZE: tl.constexpr, EXCLUDE: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Persistent: each program owns blocks of `BLOCK_O` rows of one gradient (`OWN_COLS`
+    False: the rows' `dx = E @ y`; True: the columns' `dy = E.T @ x`) and loops over the other
+    side in chunks of `chunk`, all on the device (the launches do not depend on R or N):
 
-    `E_ij = d loss / d (x_i . y_j) = scale * rx_i * ry_j * (g_lse_i * softmax_ij + g_pos_i *
-    [j == offset + i])`: the gradient with respect to the raw dot product, so that `E @ y` and
-    `E.T @ x` are the gradients before the normalization's Jacobian.
+    1. the chunk's `E` entries of its rows, `E_ij = scale rx_i ry_j (g_lse_i softmax_ij +
+       g_pos_i [j == offset + i])` (times the host's power-of-two `escale`), recomputed from the
+       similarity tiles into the program's own `[BLOCK_O, chunk]` slice of `e_ptr`;
+    2. after a CTA barrier (the slice was written by the other warps of this program), the GEMM
+       `E_slice @ other[chunk]` per `BLOCK_D` columns of the width, added to the program's own
+       float32 `[BLOCK_O, dim]` partial in `acc_ptr` (read and written once per chunk, in the
+       GEMM's epilogue, never inside its K loop);
+    3. after the last chunk, the normalization's Jacobian `a - r^2 (a . v) v` (its `1 / |v|`
+       factor already in `a`), `1 / escale` and the cast into `out[own]`.
+
+    Every output row has one owner: deterministic, no atomics. Working memory is per program,
+    so it does not grow with the batch either.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    local_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    local_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = local_r < n_rows
-    col_ok = local_c < n_cols
-    rows = row0 + local_r
-    cols = col0 + local_c
-    acc = _similarity_tile(
-        x_ptr, y_ptr, rows, row_ok, cols, col_ok, dim, stride_x, stride_y,
-        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION,
-    )  # fmt: skip
-    if NORMALIZE:
-        row_scale = tl.load(rx_ptr + rows, mask=row_ok, other=0.0) * scale
-        col_scale = tl.load(ry_ptr + cols, mask=col_ok, other=0.0)
-        s = acc * row_scale[:, None] * col_scale[None, :]
-    else:
-        row_scale = tl.zeros([BLOCK_M], dtype=tl.float32) + scale
-        col_scale = tl.zeros([BLOCK_N], dtype=tl.float32) + 1.0
-        s = acc * row_scale[:, None]
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    g_lse = tl.load(glse_ptr + rows, mask=row_ok, other=0.0)
-    g_pos = tl.load(gpos_ptr + rows, mask=row_ok, other=0.0)
-    p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
-    if EXCLUDE:
-        p = tl.where(_excluded(rows, cols, excl_lo, excl_hi, excl_period), 0.0, p)
-    hit = cols[None, :] == (rows + positive_offset)[:, None]
-    e = g_lse[:, None] * p + tl.where(hit, g_pos[:, None], 0.0)
-    # Times a power of two chosen on the host so that max |E| is 2^14: fp16 E keeps its small
-    # entries out of the subnormals (rx * ry * g is ~1e-7 for wide embeddings and big batches).
-    e = e * row_scale[:, None] * col_scale[None, :] * tl.load(escale_ptr)
-    e_ptrs = e_ptr + local_r.to(tl.int64)[:, None] * stride_e + local_c[None, :]
-    tl.store(e_ptrs, e.to(e_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    e_base = e_ptr + pid.to(tl.int64) * BLOCK_O * chunk
+    a_base = acc_ptr + pid.to(tl.int64) * BLOCK_O * dim
+    inv_escale = 1.0 / tl.load(escale_ptr)
+    e_scale = tl.load(escale_ptr)
+    o_loc = tl.arange(0, BLOCK_O)
+    for ob in range(pid, tl.cdiv(n_own, BLOCK_O), n_prog):
+        own = ob * BLOCK_O + o_loc
+        own_ok = own < n_own
+        if NORMALIZE:
+            r_o = tl.load(r_own_ptr + own, mask=own_ok, other=0.0)
+        else:
+            r_o = tl.zeros([BLOCK_O], dtype=tl.float32) + 1.0
+        if not OWN_COLS:
+            lse_o = tl.load(lse_ptr + own, mask=own_ok, other=0.0)
+            gl_o = tl.load(glse_ptr + own, mask=own_ok, other=0.0)
+            gp_o = tl.load(gpos_ptr + own, mask=own_ok, other=0.0)
+        for c0 in range(0, n_oth, chunk):
+            for t0 in range(0, chunk, BLOCK_T):
+                t_loc = t0 + tl.arange(0, BLOCK_T)
+                oth = c0 + t_loc
+                oth_ok = oth < n_oth
+                # The similarities are recomputed exactly as the forward computed them (same
+                # operand order, K step and scaling order), so they match its lse bit for bit:
+                # a row whose softmax is ~one-hot then gets `p - 1` without the rounding error
+                # of |s| (the E of sentence-transformers' autograd comes from one logit matrix).
+                if NORMALIZE:
+                    r_t = tl.load(r_oth_ptr + oth, mask=oth_ok, other=0.0)
+                else:
+                    r_t = tl.zeros([BLOCK_T], dtype=tl.float32) + 1.0
+                if OWN_COLS:  # the forward's tile is [row i (other), column j (own)]
+                    acc = _similarity_tile(
+                        oth_ptr, own_ptr, oth, oth_ok, own, own_ok, dim, stride_oth, stride_own,
+                        BLOCK_T, BLOCK_O, BLOCK_K, UPCAST, DOT_PRECISION,
+                    )  # fmt: skip
+                    if NORMALIZE:
+                        acc = acc * (r_t * scale)[:, None] * r_o[None, :]
+                    else:
+                        acc = acc * scale
+                    s = tl.trans(acc)
+                else:
+                    acc = _similarity_tile(
+                        own_ptr, oth_ptr, own, own_ok, oth, oth_ok, dim, stride_own, stride_oth,
+                        BLOCK_O, BLOCK_T, BLOCK_K, UPCAST, DOT_PRECISION,
+                    )  # fmt: skip
+                    if NORMALIZE:
+                        s = acc * (r_o * scale)[:, None] * r_t[None, :]
+                    else:
+                        s = acc * scale
+                norms = r_o[:, None] * r_t[None, :]
+                if OWN_COLS:  # the tile is [own column j, other row i]: row values from `oth`
+                    lse_t = tl.load(lse_ptr + oth, mask=oth_ok, other=0.0)
+                    gl_t = tl.load(glse_ptr + oth, mask=oth_ok, other=0.0)
+                    gp_t = tl.load(gpos_ptr + oth, mask=oth_ok, other=0.0)
+                    p = tl.exp2((s - lse_t[None, :]) * 1.4426950408889634)
+                    if EXCLUDE:
+                        rel = own[:, None] - excl_lo
+                        ex = (rel >= 0) & (own[:, None] < excl_hi)
+                        p = tl.where(ex & ((rel % excl_period) == oth[None, :]), 0.0, p)
+                    hit = own[:, None] == (oth + positive_offset)[None, :]
+                    e = gl_t[None, :] * p + tl.where(hit, gp_t[None, :], 0.0)
+                else:
+                    p = tl.exp2((s - lse_o[:, None]) * 1.4426950408889634)
+                    if EXCLUDE:
+                        p = tl.where(_excluded(own, oth, excl_lo, excl_hi, excl_period), 0.0, p)
+                    hit = oth[None, :] == (own + positive_offset)[:, None]
+                    e = gl_o[:, None] * p + tl.where(hit, gp_o[:, None], 0.0)
+                e = e * (norms * (scale * e_scale))
+                e = tl.where(own_ok[:, None] & oth_ok[None, :], e, 0.0)
+                ptrs = e_base + o_loc[:, None] * chunk + t_loc[None, :]
+                tl.store(ptrs, e.to(e_ptr.dtype.element_ty))
+            tl.debug_barrier()  # the slice is complete before any warp reads it
+            for d0 in range(0, dim, BLOCK_D):
+                ds = d0 + tl.arange(0, BLOCK_D)
+                d_ok = ds < dim
+                acc2 = tl.zeros([BLOCK_O, BLOCK_D], dtype=tl.float32)
+                for k0 in range(0, chunk, BLOCK_C):
+                    ks = k0 + tl.arange(0, BLOCK_C)
+                    a = tl.load(e_base + o_loc[:, None] * chunk + ks[None, :])
+                    k_ok = c0 + ks < n_oth
+                    b = tl.load(
+                        oth_ptr + (c0 + ks).to(tl.int64)[:, None] * stride_oth + ds[None, :],
+                        mask=k_ok[:, None] & d_ok[None, :],
+                        other=0.0,
+                    )
+                    if UPCAST:
+                        a = a.to(tl.float32)
+                        b = b.to(tl.float32)
+                    acc2 = tl.dot(a, b, acc2, input_precision=DOT_PRECISION)
+                part = a_base + o_loc[:, None] * dim + ds[None, :]
+                if c0 > 0:
+                    acc2 += tl.load(part, mask=d_ok[None, :], other=0.0)
+                tl.store(part, acc2, mask=d_ok[None, :])
+            tl.debug_barrier()  # the slice is read by every warp before the next chunk's E
+        rows = own.to(tl.int64)
+        coef = tl.zeros([BLOCK_O], dtype=tl.float32)
+        if NORMALIZE:
+            dot = tl.zeros([BLOCK_O], dtype=tl.float32)
+            for d0 in range(0, dim, BLOCK_D):
+                ds = d0 + tl.arange(0, BLOCK_D)
+                m = own_ok[:, None] & (ds < dim)[None, :]
+                a = tl.load(a_base + o_loc[:, None] * dim + ds[None, :], mask=m, other=0.0)
+                v = tl.load(own_ptr + rows[:, None] * stride_own + ds[None, :], mask=m, other=0.0)
+                dot += tl.sum(a * v.to(tl.float32), axis=1)
+            coef = tl.where(r_o < 1.0 / 1e-12, r_o * r_o * dot, 0.0)
+        for d0 in range(0, dim, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            m = own_ok[:, None] & (ds < dim)[None, :]
+            a = tl.load(a_base + o_loc[:, None] * dim + ds[None, :], mask=m, other=0.0)
+            if NORMALIZE:
+                v = tl.load(own_ptr + rows[:, None] * stride_own + ds[None, :], mask=m, other=0.0)
+                a = a - coef[:, None] * v.to(tl.float32)
+            out = out_ptr + rows[:, None] * stride_out + ds[None, :]
+            tl.store(out, (a * inv_escale).to(out_ptr.dtype.element_ty), mask=m)
+        tl.debug_barrier()  # the partial is read before the next block's first chunk writes it
 
 
 @triton.jit
@@ -251,120 +322,32 @@ def _inv_norm_kernel(v_ptr, out_ptr, n, dim, stride_v, BLOCK_R: tl.constexpr,
     tl.store(out_ptr + rows, 1.0 / tl.maximum(tl.sqrt(acc), 1e-12), mask=row_ok)
 
 
-@triton.jit
-def _e_rows_gemm_kernel(
-    e_ptr, y_ptr, acc_ptr, acc_row0, c0, n_rows, n_cols, dim, stride_e, stride_y, first,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """`acc[acc_row0 + r] (+)= E[r, :n_cols] @ y[c0 : c0 + n_cols]`: float32 on chip over the
-    chunk's columns; the partial is read (unless `first`) and written once, in the epilogue."""
-    local_r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = local_r < n_rows
-    ds = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    d_ok = ds < dim
-    a_base = e_ptr + local_r.to(tl.int64)[:, None] * stride_e
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, n_cols, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < n_cols
-        a = tl.load(a_base + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(
-            y_ptr + (c0 + ks).to(tl.int64)[:, None] * stride_y + ds[None, :],
-            mask=k_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    ptrs = acc_ptr + (acc_row0 + local_r).to(tl.int64)[:, None] * dim + ds[None, :]
-    mask = row_ok[:, None] & d_ok[None, :]
-    if first == 0:
-        acc += tl.load(ptrs, mask=mask, other=0.0)
-    tl.store(ptrs, acc, mask=mask)
-
-
-@triton.jit
-def _e_cols_gemm_kernel(
-    e_ptr, x_ptr, acc_ptr, acc_row0, r0, n_rows, n_cols, dim, stride_e, stride_x, first,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """`acc[acc_row0 + c] (+)= E[:n_rows, c].T @ x[r0 : r0 + n_rows]`, as `_e_rows_gemm_kernel`."""
-    local_c = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    col_ok = local_c < n_cols
-    ds = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    d_ok = ds < dim
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, n_rows, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < n_rows
-        a = tl.load(
-            e_ptr + ks.to(tl.int64)[:, None] * stride_e + local_c[None, :],
-            mask=k_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )  # [BLOCK_K, BLOCK_M]
-        b = tl.load(
-            x_ptr + (r0 + ks).to(tl.int64)[:, None] * stride_x + ds[None, :],
-            mask=k_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PRECISION)
-    ptrs = acc_ptr + (acc_row0 + local_c).to(tl.int64)[:, None] * dim + ds[None, :]
-    mask = col_ok[:, None] & d_ok[None, :]
-    if first == 0:
-        acc += tl.load(ptrs, mask=mask, other=0.0)
-    tl.store(ptrs, acc, mask=mask)
-
-
-@triton.jit
-def _norm_grad_kernel(
-    acc_ptr, acc_row0, v_ptr, inv_ptr, out_ptr, row0, n, dim, stride_v, stride_out, escale_ptr,
-    NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """`out[row0 + r] = a - inv^2 (a . v) v` with `a = acc[acc_row0 + r] / escale` (the Jacobian
-    of `v / |v|`, its `1 / |v|` factor already in `a`; rows with |v| < eps: no projection)."""
-    local = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    ok = local < n
-    rows = (row0 + local).to(tl.int64)
-    a_base = acc_ptr + (acc_row0 + local).to(tl.int64)[:, None] * dim
-    inv_scale = 1.0 / tl.load(escale_ptr)
-    coef = tl.zeros([BLOCK_R], dtype=tl.float32)
-    if NORMALIZE:
-        dot = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for d0 in range(0, dim, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            m = ok[:, None] & (ds < dim)[None, :]
-            a = tl.load(a_base + ds[None, :], mask=m, other=0.0)
-            v = tl.load(v_ptr + rows[:, None] * stride_v + ds[None, :], mask=m, other=0.0)
-            dot += tl.sum(a * v.to(tl.float32), axis=1)
-        inv = tl.load(inv_ptr + rows, mask=ok, other=0.0)
-        coef = tl.where(inv < 1.0 / 1e-12, inv * inv * dot, 0.0)
-    for d0 in range(0, dim, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        m = ok[:, None] & (ds < dim)[None, :]
-        a = tl.load(a_base + ds[None, :], mask=m, other=0.0)
-        if NORMALIZE:
-            v = tl.load(v_ptr + rows[:, None] * stride_v + ds[None, :], mask=m, other=0.0)
-            a = a - coef[:, None] * v.to(tl.float32)
-        out = out_ptr + rows[:, None] * stride_out + ds[None, :]
-        tl.store(out, (a * inv_scale).to(out_ptr.dtype.element_ty), mask=m)
-
-
 # --- launch configs ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GradConfig:
+    """The persistent backward's tiles: `block_o` owned rows per program, `block_t`-wide
+    similarity tiles (their K step is the forward's `block_k`), GEMM steps of `block_c` x
+    `block_d` width, `chunk` entries of the other side per E slice; `programs_per_sm` resident
+    programs. Working memory = programs x block_o x (chunk x elem + d x 4 float32 partial)."""
+
+    block_o: int
+    block_t: int
+    block_c: int
+    block_d: int
+    chunk: int
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int = 1
 
 
 @dataclass(frozen=True)
 class InfoNCEConfig:
     """Tile sizes and launch parameters of one vendor/architecture family.
 
-    `chunk_rows x chunk_cols` bounds the backward's `E` buffer (the only 2-D intermediate): it
-    is the memory the loss needs beyond O((B + M) d), and large enough for efficient GEMMs.
-    `programs_per_sm` sets how many column splits the forward uses for small batches.
+    `programs_per_sm` sets how many column splits the forward uses for small batches; `grad`
+    is the persistent backward's configuration.
     """
 
     block_m: int
@@ -372,27 +355,35 @@ class InfoNCEConfig:
     block_k: int
     num_warps: int
     num_stages: int
-    chunk_rows: int
-    chunk_cols: int
+    grad: GradConfig
     programs_per_sm: int = 4
     extra: tuple[tuple[str, int], ...] = ()  # vendor-only launch kwargs (AMD waves_per_eu)
-    gemm: tuple[int, int, int] = (128, 128, 64)  # GEMM kernels: (rows, width, K) per tile
 
 
+G = GradConfig
 CONFIGS: dict[str, InfoNCEConfig] = {
     # H100/H200 (sm90+): 128x128 tiles, BLOCK_K 64, 3 stages = 96 KB of shared memory of 228 KB.
-    "hopper": InfoNCEConfig(128, 128, 64, 8, 3, 2048, 2048),
+    # The backward: one warpgroup (wgmma m64) per SM owning 64 rows: its float32 [64, d]
+    # partial per SM is the memory that bounds the resident programs (69 MB at d = 2048).
+    "hopper": InfoNCEConfig(128, 128, 64, 8, 3, G(64, 128, 64, 128, 512, 4, 3)),
     # A100 (sm80): 164 KB of shared memory per SM, so BLOCK_K 32 keeps 3 stages at 48 KB.
-    "ampere": InfoNCEConfig(128, 128, 32, 8, 3, 2048, 2048),
+    "ampere": InfoNCEConfig(128, 128, 32, 8, 3, G(64, 128, 32, 128, 512, 4, 3)),
     # Older NVIDIA parts (Turing, Volta): smaller tiles fit their 64-96 KB shared memory.
-    "nvidia": InfoNCEConfig(64, 64, 32, 4, 2, 1024, 2048, gemm=(64, 64, 32)),
+    "nvidia": InfoNCEConfig(64, 64, 32, 4, 2, G(64, 64, 32, 64, 512, 4, 2)),
     # MI200/MI300 (wave64): no async-copy pipeline, so one stage; never 32 warps on wave64.
-    "cdna": InfoNCEConfig(128, 128, 64, 8, 1, 2048, 2048, extra=(("waves_per_eu", 2),)),
-    "amd": InfoNCEConfig(64, 64, 32, 4, 1, 1024, 2048, gemm=(64, 64, 32)),
-    # Interpreter: smallest tiles tl.dot accepts, small chunks so tests cover the chunk loop and
-    # the column splits with a few programs (each inner step costs ~5 ms there).
-    "interpreter": InfoNCEConfig(16, 32, 32, 1, 1, 16, 32, programs_per_sm=1, gemm=(16, 64, 32)),
+    "cdna": InfoNCEConfig(
+        128, 128, 64, 8, 1, G(64, 128, 64, 128, 512, 4, 1), extra=(("waves_per_eu", 2),)
+    ),  # fmt: skip
+    "amd": InfoNCEConfig(64, 64, 32, 4, 1, G(64, 64, 32, 64, 512, 4, 1)),
+    # Interpreter: smallest tiles tl.dot accepts, small slices so tests cover the chunk loop,
+    # several owned blocks per program and the column splits (each step costs ~5 ms there).
+    # The forward's and the backward's similarity tiles have one shape (16 x 16): numpy's
+    # matmul, the interpreter's tl.dot, may round differently for other shapes.
+    "interpreter": InfoNCEConfig(
+        16, 16, 32, 1, 1, G(16, 16, 16, 32, 32, 1, 1), programs_per_sm=1
+    ),  # fmt: skip
 }
+del G
 
 _AUTOTUNE_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -412,19 +403,21 @@ def config_for(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Inf
 
     float32 IEEE dots run on the FP32 units: Triton keeps the operand slices in registers, and the
     forward's 128 x 128 x 64 tile spills on sm_90 (255 registers + 200 B); 64 rows and BLOCK_K 16
-    fit (164 registers; BLOCK_K 32 still spills 12 B). The chunk sizes and GEMM tiles stay.
+    fit (164 registers; BLOCK_K 32 still spills 12 B); the backward takes 64-wide tiles too.
     """
     family = arch_family(device)
     cfg = CONFIGS[family]
     if dtype == torch.float32 and family in ("hopper", "ampere"):
-        return dataclasses.replace(cfg, block_m=64, block_k=16, num_stages=2)
+        grad = GradConfig(64, 64, 16, 64, 256, 4, 2)  # FMA dots: small operand slices
+        return dataclasses.replace(cfg, block_m=64, block_k=16, num_stages=2, grad=grad)
     return cfg
 
 
 @functools.cache
 def _autotuned(kernel_name: str) -> triton.runtime.Autotuner:
-    """`BIDIRLM_AUTOTUNE=1`: the kernel wrapped in a full sweep, keyed on the width and dtype."""
-    kernel = {"fwd": _infonce_fwd_kernel, "bwd": _infonce_bwd_kernel}[kernel_name]
+    """`BIDIRLM_AUTOTUNE=1`: the forward wrapped in a full sweep, keyed on the width and dtype
+    (the persistent backward keeps its fixed config: its memory is sized by it)."""
+    kernel = {"fwd": _infonce_fwd_kernel}[kernel_name]
     return triton.autotune(configs=_AUTOTUNE_CONFIGS, key=["dim", "NORMALIZE", "DOT_PRECISION"])(
         kernel
     )
@@ -472,23 +465,26 @@ def _inverse_norms(v: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# The float32 partial gradient sums of the backward stay below this (with the E chunk): a
-# partial of all R rows when it fits, else one of a row / column chunk (two passes, see
-# `_launch_backward`).
-_SCRATCH_BYTES = 32 * 2**20
+def _grad_programs(n_own: int, cfg: InfoNCEConfig, sms: int) -> int:
+    return max(1, min(sms * cfg.grad.programs_per_sm, triton.cdiv(n_own, cfg.grad.block_o)))
 
 
-def working_memory(rows: int, cols: int, d: int, elem: int, *, family: str = "hopper") -> int:
-    """Bytes one direction allocates beyond inputs, outputs and gradients in its backward (the
-    larger pass), as `_launch_backward` sizes them: inverse norms, float32 lse/gradients of the
-    rows, the E chunk, the float32 partial(s)."""
-    cfg = CONFIGS[family]
-    chunk_r, chunk_c = min(cfg.chunk_rows, rows), min(cfg.chunk_cols, cols)
-    e_bytes = chunk_r * chunk_c * elem
+def _sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a few "SMs" so each program owns several blocks in the tests
+
+
+def working_memory(
+    rows: int, cols: int, d: int, elem: int, *, family: str = "hopper", sms: int = 132
+) -> int:
+    """Bytes one direction allocates beyond inputs, outputs and gradients in its backward, as
+    `_launch_backward` sizes them: inverse norms, float32 lse/gradients of the rows, and per
+    resident program its E slice and float32 partial (independent of the batch)."""
+    g = CONFIGS[family].grad
+    programs = _grad_programs(max(rows, cols), CONFIGS[family], sms)
     small = (rows + cols) * 4 + rows * 4 * 3 + 16
-    if rows * d * 4 + chunk_c * d * 4 + e_bytes <= _SCRATCH_BYTES:
-        return small + e_bytes + (rows + chunk_c) * d * 4
-    return small + e_bytes + max(chunk_r, chunk_c) * d * 4
+    return small + programs * g.block_o * (g.chunk * elem + d * 4)
 
 
 # --- host launchers ------------------------------------------------------------------------------
@@ -556,20 +552,17 @@ def _launch_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients `(dx [R, d], dy [N, d])` in the inputs' dtypes, accumulated in float32.
 
-    Chunks of `chunk_rows x chunk_cols` logits: `_infonce_bwd_kernel` writes the chunk's `E`,
-    `_e_rows_gemm_kernel` adds `E @ y[chunk]` to dx's float32 partial and `_e_cols_gemm_kernel`
-    `E.T @ x[chunk]` to dy's. When dx's partial of all R rows fits `_SCRATCH_BYTES`, one pass
-    (columns outer) feeds both GEMMs from each `E` (6 R N d FLOPs with the forward's 2, as eager);
-    otherwise a dy pass (columns outer) and a dx pass (rows outer) each recompute `E`, so the
-    partials stay one chunk wide (10 R N d FLOPs, working memory `E` + one `[chunk, d]` float32
-    partial). `_norm_grad_kernel` applies the normalization's Jacobian, the E scale and the cast.
-    All per-chunk work is Triton launches: the aten op count does not depend on R or N.
+    Two launches of the persistent `_infonce_grad_kernel` (plus the two inverse norms): one whose
+    programs own blocks of rows (`dx = E @ y`), one whose programs own blocks of columns
+    (`dy = E.T @ x`); each recomputes its E slices, so the backward executes 8 R N d FLOPs (10
+    with the forward), and its launches and working memory do not depend on R or N.
     """
     x, y = x.contiguous(), y.contiguous()
     n_rows, dim = x.shape
     n_cols = y.shape[0]
     dev = x.device
     cfg = config_for(dev, x.dtype)
+    g = cfg.grad
     empty = x.new_empty(0, dtype=torch.float32)
     rx = _inverse_norms(x) if normalize else empty
     ry = _inverse_norms(y) if normalize else empty
@@ -585,71 +578,21 @@ def _launch_backward(
     e_scale = torch.exp2(14.0 - torch.ceil(torch.log2(bound.clamp_min(1e-30)))).reshape(1)
     # The interpreter keeps E in fp32: its bf16 stores are not round-to-nearest.
     e_dtype = torch.float32 if interpreting() else x.dtype
-    chunk_r, chunk_c = min(cfg.chunk_rows, n_rows), min(cfg.chunk_cols, n_cols)
-    e_buf = torch.empty(chunk_r, chunk_c, dtype=e_dtype, device=dev)
+    sms = _sms(dev)
+    programs = max(_grad_programs(n_rows, cfg, sms), _grad_programs(n_cols, cfg, sms))
+    e_buf = torch.empty(programs * g.block_o * g.chunk, dtype=e_dtype, device=dev)
+    acc = torch.empty(programs * g.block_o * dim, dtype=torch.float32, device=dev)
     dx, dy = torch.empty_like(x), torch.empty_like(y)
-    flags = _flags(x)
-    e_flags = {**flags, "NORMALIZE": normalize, "EXCLUDE": exclude is not None}
+    flags = {**_flags(x), "NORMALIZE": normalize, "EXCLUDE": exclude is not None}
     excl = exclude or _no_exclusion()
-    gm, gn, gk = cfg.gemm
-    gemm_kw = {**flags, "BLOCK_M": gm, "BLOCK_N": gn, "BLOCK_K": gk, "num_warps": cfg.num_warps,
-               "num_stages": cfg.num_stages, **dict(cfg.extra)}  # fmt: skip
-
-    def make_e(r0: int, nr: int, c0: int, nc: int) -> None:
-        args = (x, y, rx, ry, lse, grad_lse, grad_pos, e_buf, e_scale, r0, nr, c0, nc, dim,
-                x.stride(0), y.stride(0), e_buf.stride(0), positive_offset, scale,
-                *excl)  # fmt: skip
-        if autotune_enabled():
-            grid = lambda meta: (triton.cdiv(nr, meta["BLOCK_M"]), triton.cdiv(nc, meta["BLOCK_N"]))
-            _autotuned("bwd")[grid](*args, **e_flags)
-            return
-        _infonce_bwd_kernel[(triton.cdiv(nr, cfg.block_m), triton.cdiv(nc, cfg.block_n))](
-            *args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **e_flags, **dict(cfg.extra),
+    tiles = {"BLOCK_O": g.block_o, "BLOCK_T": g.block_t, "BLOCK_K": cfg.block_k,
+             "BLOCK_C": g.block_c, "BLOCK_D": g.block_d, "num_warps": g.num_warps,
+             "num_stages": g.num_stages, **dict(cfg.extra)}  # fmt: skip
+    for own, oth, r_own, r_oth, out, cols in ((x, y, rx, ry, dx, False), (y, x, ry, rx, dy, True)):
+        n_own = own.shape[0]
+        _infonce_grad_kernel[(_grad_programs(n_own, cfg, sms),)](
+            own, oth, r_own, r_oth, lse, grad_lse, grad_pos, e_scale, e_buf, acc, out, n_own,
+            oth.shape[0], dim, own.stride(0), oth.stride(0), out.stride(0), positive_offset,
+            scale, *excl, g.chunk, OWN_COLS=cols, **flags, **tiles,
         )  # fmt: skip
-
-    def rows_gemm(acc: torch.Tensor, acc_row0: int, nr: int, c0: int, nc: int, first: bool):
-        _e_rows_gemm_kernel[(triton.cdiv(nr, gm), triton.cdiv(dim, gn))](
-            e_buf, y, acc, acc_row0, c0, nr, nc, dim, e_buf.stride(0), y.stride(0), int(first),
-            **gemm_kw,
-        )  # fmt: skip
-
-    def cols_gemm(acc: torch.Tensor, acc_row0: int, r0: int, nr: int, nc: int, first: bool):
-        _e_cols_gemm_kernel[(triton.cdiv(nc, gm), triton.cdiv(dim, gn))](
-            e_buf, x, acc, acc_row0, r0, nr, nc, dim, e_buf.stride(0), x.stride(0), int(first),
-            **gemm_kw,
-        )  # fmt: skip
-
-    def finish(acc, acc_row0, v, inv, out, row0, n) -> None:  # noqa: ANN001
-        block_r, block_d = 16, min(256, triton.next_power_of_2(max(dim, 16)))
-        _norm_grad_kernel[(triton.cdiv(n, block_r),)](
-            acc, acc_row0, v, inv, out, row0, n, dim, v.stride(0), out.stride(0), e_scale,
-            NORMALIZE=normalize, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
-        )  # fmt: skip
-
-    row_chunks = [(r0, min(chunk_r, n_rows - r0)) for r0 in range(0, n_rows, chunk_r)]
-    col_chunks = [(c0, min(chunk_c, n_cols - c0)) for c0 in range(0, n_cols, chunk_c)]
-    e_bytes = e_buf.numel() * e_buf.element_size()
-    if n_rows * dim * 4 + chunk_c * dim * 4 + e_bytes <= _SCRATCH_BYTES:
-        acc_x = torch.empty(n_rows, dim, dtype=torch.float32, device=dev)
-        acc_y = torch.empty(chunk_c, dim, dtype=torch.float32, device=dev)
-        for c0, nc in col_chunks:
-            for r0, nr in row_chunks:
-                make_e(r0, nr, c0, nc)
-                rows_gemm(acc_x, r0, nr, c0, nc, first=c0 == 0)
-                cols_gemm(acc_y, 0, r0, nr, nc, first=r0 == 0)
-            finish(acc_y, 0, y, ry, dy, c0, nc)
-        finish(acc_x, 0, x, rx, dx, 0, n_rows)
-        return dx, dy
-    acc = torch.empty(max(chunk_r, chunk_c), dim, dtype=torch.float32, device=dev)
-    for c0, nc in col_chunks:  # dy pass: dy's partial covers one column chunk
-        for r0, nr in row_chunks:
-            make_e(r0, nr, c0, nc)
-            cols_gemm(acc, 0, r0, nr, nc, first=r0 == 0)
-        finish(acc, 0, y, ry, dy, c0, nc)
-    for r0, nr in row_chunks:  # dx pass: dx's partial covers one row chunk
-        for c0, nc in col_chunks:
-            make_e(r0, nr, c0, nc)
-            rows_gemm(acc, 0, nr, c0, nc, first=c0 == 0)
-        finish(acc, 0, x, rx, dx, r0, nr)
     return dx, dy
