@@ -99,7 +99,7 @@ def assert_rule(mine, ref, pt, factor=2.0, name="out"):
     assert err <= factor * err_pt + 1e-5, f"{name}: {err:.3g} > {factor} x {err_pt:.3g} + 1e-5"
 
 
-GRID = [(1, 37), (47, 19), (40, 70)]  # (seqlen_q, seqlen_k)
+GRID = [(1, 37), (47, 19), (33, 45)]  # (seqlen_q, seqlen_k)
 
 
 @pytest.mark.parametrize("local", [False, True])
@@ -201,7 +201,7 @@ def test_flash_attn_varlen_output(seqlens, causal, local, dtype, mha_type, d, kv
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("seqlen", [17, 40])
+@pytest.mark.parametrize("seqlen", [17, 33])
 def test_flash_attn_qkvpacked(seqlen, causal):
     torch.random.manual_seed(0)
     qkv = torch.randn(2, seqlen, 3, 4, 32, dtype=torch.float16, requires_grad=True)
