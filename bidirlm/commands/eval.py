@@ -26,7 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="'embedded' (held-out stdlib docstrings, default), a pairs .jsonl or a BEIR folder",
     )
     parser.add_argument("--pooling", choices=("mean", "last", "first"), default="mean")
-    parser.add_argument("--max-length", type=int, default=512, help="token limit per text")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="token limit per text (default: the length a fine-tuning run's best/ or final/ "
+        "was trained with, else 512)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--query-prefix", default="", help="text prepended to every query")
     parser.add_argument(
@@ -54,7 +60,10 @@ def run(args: argparse.Namespace) -> int:
     from bidirlm.runtime.evaluation import evaluate
     from bidirlm.runtime.models import CheckpointError
     from bidirlm.runtime.outputs import atomic_write_text
+    from bidirlm.runtime.training.task_eval import DEFAULT_MAX_LENGTH, trained_max_length
 
+    if args.max_length is None:  # a run's best/ or final/: the length it was trained with
+        args.max_length = trained_max_length(args.model) or DEFAULT_MAX_LENGTH
     if args.max_length < 1 or args.batch_size < 1:
         raise CommandError("--max-length and --batch-size must be >= 1")
     if args.output is not None and args.output.is_dir():

@@ -23,7 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="fine-tuned classifier folder (Hugging Face layout)")
     parser.add_argument("--input", required=True, type=Path, help="JSON Lines records to label")
     parser.add_argument("--output", required=True, type=Path, help="JSON Lines file to write")
-    parser.add_argument("--max-length", type=int, default=512, help="token limit per record")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="token limit per record (default: the length a fine-tuning run's best/ or final/ "
+        "was trained with, else 512)",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
     add_threads_argument(parser)
@@ -37,7 +43,10 @@ def run(args: argparse.Namespace) -> int:
     from bidirlm.commands.encode import check_device
     from bidirlm.runtime.evaluation.classify import predict_records, write_jsonl
     from bidirlm.runtime.models import CheckpointError
+    from bidirlm.runtime.training.task_eval import DEFAULT_MAX_LENGTH, trained_max_length
 
+    if args.max_length is None:  # a run's best/ or final/: the length it was trained with
+        args.max_length = trained_max_length(args.model) or DEFAULT_MAX_LENGTH
     if args.max_length < 1 or args.batch_size < 1:
         raise CommandError("--max-length and --batch-size must be >= 1")
     if not args.input.is_file():

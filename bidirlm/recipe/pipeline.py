@@ -19,20 +19,29 @@ A recipe is a TOML file with a ``[recipe]`` table and one table per phase, named
     models = ["@mntp", "@base"]
     weights = [0.5, 0.5]
 
+    [compose]
+    kind = "compose"                  # bidirlm compose (the Omni recipe: omni-2.5b.toml)
+    text = "@merge"                   # a reference or a folder, as vision and audio
+    vision = "models/Qwen3-VL-2B-Instruct"
+    audio = "models/Qwen3-ASR-1.7B"
+    rope_from = "vision"              # optional: text | vision | audio (compose's default)
+
     [eval]
     kind = "eval"                     # retrieval evaluation (bidirlm.runtime.evaluation)
     model = "@contrastive"
     task = "embedded"                 # or a JSON Lines / BEIR retrieval set
 
 Every phase writes under ``<recipe.output>/<phase name>/``: a train phase's model is
-``.../final`` (its `train.output` defaults to the phase folder), a merge's ``.../model``, an
-eval's ``.../metrics.json``. When a phase finishes, ``.../phase.json`` records a fingerprint of
-its resolved configuration (chained with its inputs' fingerprints); a re-run skips phases whose
-record matches, resumes an interrupted train phase from its latest checkpoint, and refuses to
-reuse a phase folder completed with a different configuration. Before any work starts, the whole
-recipe is parsed and every input path (base model, data sources, retrieval sets) is checked, so
-a typo fails in a second, not after hours of training. The run report is written to
-``<output>/report.json`` and ``<output>/report.md``.
+``.../final`` (its `train.output` defaults to the phase folder), a merge's and a compose's
+``.../model``, an eval's ``.../metrics.json``. Models are written in the base's dtype
+(``recipe.dtype = "auto"``; training keeps float32 master weights and its ``final`` is cast
+back) unless ``recipe.dtype`` (or a merge's ``dtype``) asks for another. When a phase finishes,
+``.../phase.json`` records a fingerprint of its resolved configuration (chained with its inputs'
+fingerprints); a re-run skips phases whose record matches, resumes an interrupted train phase
+from its latest checkpoint, and refuses to reuse a phase folder completed with a different
+configuration. Before any work starts, the whole recipe is parsed and every input path (base
+model, data sources, retrieval sets) is checked, so a typo fails in a second, not after hours of
+training. The run report is written to ``<output>/report.json`` and ``<output>/report.md``.
 
 `--set` overrides address the tables: ``recipe.base=...``, ``mntp.train.steps=100``.
 
@@ -60,12 +69,19 @@ from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from bidirlm.runtime.embedded import is_embedded, resolve_model_path
 from bidirlm.runtime.evaluation import evaluate
 from bidirlm.runtime.evaluation.in_run import task_evaluator
 from bidirlm.runtime.jsonl import JsonLinesError, read_jsonl
+from bidirlm.runtime.merging.compose import (
+    _load_source as _compose_source,  # the compose checks of --check, without writing
+)
+from bidirlm.runtime.merging.compose import check_compatible as compose_checks
+from bidirlm.runtime.merging.compose import compose_omni, policy_line, resolve_rope_from
 from bidirlm.runtime.merging.merge import merge
+from bidirlm.runtime.models import checkpoint as ckpt
 from bidirlm.runtime.training import trainer
 from bidirlm.runtime.training.batching import step_plan
 from bidirlm.runtime.training.config import (
@@ -101,6 +117,9 @@ class RecipeSection:
     output: str
     phases: list[str]
     description: str = ""
+    # dtype of every model the pipeline writes: "auto" keeps the base's (a bf16 base gives bf16
+    # phase outputs, although training keeps float32 master weights); or ask for one
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     def __post_init__(self) -> None:
         if not self.phases:
@@ -136,6 +155,32 @@ class MergePhase:
 
 
 @dataclass
+class ComposePhase:
+    """`bidirlm compose` as a phase: the text model (``@<phase>``, ``@base`` or a folder) with a
+    vision and / or an audio specialist (folders or references) into one omni checkpoint
+    (`bidirlm.runtime.merging.compose.compose_omni`)."""
+
+    text: str
+    vision: str | None = None
+    audio: str | None = None
+    weights: list[float] | None = None  # of the text backbones, text / vision / audio order
+    rope_from: Literal["text", "vision", "audio"] | None = None  # None: compose's default
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # the merger's arithmetic
+
+    def __post_init__(self) -> None:
+        if self.vision is None and self.audio is None:
+            raise ValueError("compose needs vision, audio or both besides text")
+        given = 1 + (self.vision is not None) + (self.audio is not None)
+        if self.weights is not None and len(self.weights) != given:
+            raise ValueError(f"weights: {len(self.weights)} values for {given} models")
+
+    def models(self) -> dict[str, str]:
+        """role -> reference or folder, for the roles given."""
+        out = {"text": self.text, "vision": self.vision, "audio": self.audio}
+        return {k: v for k, v in out.items() if v is not None}
+
+
+@dataclass
 class EvalPhase:
     """Retrieval evaluation of one model (see `bidirlm.runtime.evaluation.evaluate`)."""
 
@@ -153,8 +198,8 @@ class Phase:
     """One resolved phase: its kind, parsed config, input references and folder."""
 
     name: str
-    kind: Literal["train", "merge", "eval"]
-    config: TrainConfig | MergePhase | EvalPhase
+    kind: Literal["train", "merge", "compose", "eval"]
+    config: TrainConfig | MergePhase | ComposePhase | EvalPhase
     inputs: list[str]  # referenced names: "base" or earlier phases
     folder: Path
     raw: dict[str, Any] = field(default_factory=dict)
@@ -164,7 +209,7 @@ class Phase:
         """The model folder this phase produces (the metrics file for eval)."""
         if self.kind == "train":
             return Path(self.config.train.output) / "final"
-        if self.kind == "merge":
+        if self.kind in ("merge", "compose"):
             return self.folder / "model"
         return self.folder / "metrics.json"
 
@@ -276,11 +321,18 @@ def _parse_phase(
         if config.base is not None:
             inputs.append(_ref(config.base, f"{name}.base", known))
         return Phase(name, "merge", config, inputs, folder, table)
+    if kind == "compose":
+        config = parse_dataclass(ComposePhase, table, name)
+        inputs = []
+        for role, value in config.models().items():
+            if value.startswith("@"):  # an earlier phase (or @base); else a model folder
+                inputs.append(_ref(value, f"{name}.{role}", known))
+        return Phase(name, "compose", config, inputs, folder, table)
     if kind == "eval":
         config = parse_dataclass(EvalPhase, table, name)
         inputs = [_ref(config.model, f"{name}.model", known)]
         return Phase(name, "eval", config, inputs, folder, table)
-    raise RecipeError(f"[{name}]: kind {kind!r} is not one of 'train', 'merge', 'eval'")
+    raise RecipeError(f"[{name}]: kind {kind!r} is not one of 'train', 'merge', 'compose', 'eval'")
 
 
 def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
@@ -315,12 +367,43 @@ def check_inputs(recipe: Recipe) -> None:
                     )
                 except ValueError as exc:
                     problems.append(str(exc))
+        elif phase.kind == "compose":
+            problems.extend(_compose_problems(phase, base if base_ok else None))
         elif phase.kind == "eval" and phase.config.task != "embedded":
             if not Path(phase.config.task).expanduser().exists():
                 problems.append(f"{phase.name}.task: {phase.config.task} does not exist")
     if problems:
         where = f"{recipe.source}: " if recipe.source else ""
         raise RecipeError(where + "; ".join(problems))
+
+
+def _compose_problems(phase: Phase, base: str | None) -> list[str]:
+    """A compose phase's missing model folders; when all exist, the specialists are checked
+    against the text model (the base stands for a text model an earlier phase will write: the
+    phases keep the base's shape) with compose's own rules, so a mismatch fails before any work."""
+    problems = []
+    folders: dict[str, str] = {}
+    for role, value in phase.config.models().items():
+        if value.startswith("@"):  # @base, or an earlier phase's output (the base's shape)
+            value = base or ""
+        if not value:
+            continue
+        folder = resolve_model_path(value) if is_embedded(value) else Path(value).expanduser()
+        if not (Path(folder) / "config.json").is_file():
+            problems.append(
+                f"{phase.name}.{role}: {value} is not a model folder (no config.json); "
+                f"--set {phase.name}.{role}=PATH"
+            )
+        folders[role] = str(folder)
+    if problems or "text" not in folders:
+        return problems
+    try:
+        sources = [_compose_source(role, path) for role, path in folders.items()]
+        compose_checks(sources)
+        resolve_rope_from(sources, phase.config.rope_from)
+    except ValueError as exc:
+        problems.append(f"{phase.name}: {exc}")
+    return problems
 
 
 def _source_exists(source: SourceConfig) -> bool:
@@ -401,12 +484,16 @@ def plan_lines(recipe: Recipe, n_params: int | None = None) -> list[str]:
 # ------------------------------------------------------------------------------------------
 
 
-def _fingerprint(phase: Phase, resolved: dict[str, Any], upstream: dict[str, str]) -> str:
+def _fingerprint(
+    phase: Phase, resolved: dict[str, Any], upstream: dict[str, str], dtype: str = "auto"
+) -> str:
     payload = {
         "kind": phase.kind,
         "config": resolved,
         "inputs": {k: upstream.get(k, "") for k in phase.inputs},
     }
+    if dtype != "auto":  # an explicit recipe.dtype changes what every model phase writes
+        payload["dtype"] = dtype
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -422,6 +509,11 @@ def _resolved_config(phase: Phase, paths: dict[str, Path]) -> Any:
         cfg = copy.deepcopy(cfg)
         cfg.models = [sub(m) for m in cfg.models]
         cfg.base = sub(cfg.base) if cfg.base else None
+    elif phase.kind == "compose":
+        cfg = copy.deepcopy(cfg)
+        cfg.text = sub(cfg.text)
+        cfg.vision = sub(cfg.vision) if cfg.vision else None
+        cfg.audio = sub(cfg.audio) if cfg.audio else None
     else:
         cfg = copy.deepcopy(cfg)
         cfg.model = sub(cfg.model)
@@ -462,15 +554,37 @@ def _last_metrics(folder: Path) -> dict[str, Any]:
     return {k: last[k] for k in ("step", "loss") if k in last}
 
 
-def _run_phase(phase: Phase, cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
-    """Execute one phase; return its result summary (metrics for eval)."""
+def _run_phase(
+    phase: Phase, cfg: Any, log: Callable[[str], None], dtype: torch.dtype | None = None
+) -> dict[str, Any]:
+    """Execute one phase; return its result summary (metrics for eval). `dtype`: the dtype its
+    model is written in (`recipe.dtype`; None: as the phase wrote it)."""
     if phase.kind == "train":
         # heldout.tasks are scored by the evaluation package, handed in (training imports none)
         extra = {"evaluator": task_evaluator(cfg)} if cfg.heldout.tasks else {}
         final = Path(trainer.train(cfg, **extra))  # looked up per call (tests wrap it)
         if final.resolve() != phase.output.resolve():
             raise RecipeError(f"[{phase.name}]: trainer wrote {final}, expected {phase.output}")
+        if dtype is not None:  # training keeps float32 master weights: back to the base's dtype
+            cast_checkpoint(final, dtype)
         return _last_metrics(Path(cfg.train.output))
+    if phase.kind == "compose":
+        result = compose_omni(
+            cfg.text,
+            cfg.vision,
+            cfg.audio,
+            phase.output,
+            weights=cfg.weights,
+            dtype=cfg.dtype,
+            out_dtype=_dtype_name(dtype),
+            rope_from=cfg.rope_from,
+            force=True,  # as for merge: a folder without our record is incomplete
+        )
+        config = json.loads((Path(result.output) / "config.json").read_text(encoding="utf-8"))
+        line = policy_line(config)
+        if line:
+            log(f"  {phase.name}: {line}")
+        return {}
     if phase.kind == "merge":
         # `force`: a folder left by a crash after the merge's atomic rename but before our
         # record was written is incomplete from the pipeline's point of view.
@@ -483,6 +597,8 @@ def _run_phase(phase: Phase, cfg: Any, log: Callable[[str], None]) -> dict[str, 
             dtype=cfg.dtype,
             force=True,
         )
+        if dtype is not None and cfg.dtype is None:  # merge.dtype, when set, is what was asked
+            cast_checkpoint(phase.output, dtype)
         return {}
     metrics = evaluate(
         cfg.model,
@@ -503,6 +619,66 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def output_dtype(recipe: Recipe) -> torch.dtype:
+    """The dtype the pipeline writes models in: `recipe.dtype`, "auto" = the base's."""
+    if recipe.recipe.dtype != "auto":
+        return getattr(torch, recipe.recipe.dtype)
+    folder = Path(resolve_model_path(recipe.recipe.base))
+    return ckpt.checkpoint_dtype(folder, ckpt.read_config(folder))
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def cast_checkpoint(folder: str | os.PathLike, dtype: torch.dtype) -> bool:
+    """Rewrite a model folder's floating tensors (float32 / bfloat16 / float16) in `dtype`, file
+    by file (each written beside the original, then renamed over it), and the dtype fields of
+    its config.json (and index total size); returns False when nothing needed it."""
+    folder = Path(folder)
+    changed = False
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata()
+            kinds = {n: fh.get_slice(n).get_dtype() for n in fh.keys()}
+            if not any(k in _ST_DTYPES.values() and k != _ST_DTYPES[dtype] for k in kinds.values()):
+                continue
+            tensors = {}
+            for n, kind in kinds.items():
+                t = fh.get_tensor(n)
+                tensors[n] = t.to(dtype) if kind in _ST_DTYPES.values() else t
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        changed = True
+    if not changed:
+        return False
+    name = _dtype_name(dtype)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    for section in (config, config.get("text_config")):
+        if isinstance(section, dict):
+            for key in ("dtype", "torch_dtype"):
+                if key in section:
+                    section[key] = name
+    if "dtype" not in config and "torch_dtype" not in config:
+        config["dtype"] = name
+    _write_text(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    index_path = folder / ckpt.INDEX_FILE
+    if index_path.is_file():  # total_size follows the new dtype
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index.setdefault("metadata", {})["total_size"] = sum(
+            info.nbytes for info in ckpt.tensor_infos(folder).values()
+        )
+        _write_text(index_path, json.dumps(index, indent=2) + "\n")
+    return True
+
+
 def run_pipeline(
     recipe: str | os.PathLike | Recipe,
     overrides: Iterable[str] = (),
@@ -521,12 +697,13 @@ def run_pipeline(
         raise RecipeError("overrides apply to a recipe file; apply them before parsing")
     check_inputs(recipe)
     out_root = Path(recipe.recipe.output).expanduser()
+    dtype = output_dtype(recipe)
     paths: dict[str, Path] = {"base": resolve_model_path(recipe.recipe.base)}
     fingerprints: dict[str, str] = {"base": str(paths["base"])}
     plan = []
     for phase in recipe.phases:
         cfg = _resolved_config(phase, paths)
-        fp = _fingerprint(phase, _as_dict(cfg), fingerprints)
+        fp = _fingerprint(phase, _as_dict(cfg), fingerprints, recipe.recipe.dtype)
         record = _read_record(phase)
         if record is not None and record.get("fingerprint") != fp:
             raise RecipeError(
@@ -563,7 +740,7 @@ def run_pipeline(
         else:
             log(f"[pipeline] {i}/{len(plan)} {phase.name} ({phase.kind}): running")
             start = time.perf_counter()
-            result = _run_phase(phase, cfg, log)
+            result = _run_phase(phase, cfg, log, dtype)
             seconds = round(time.perf_counter() - start, 2)
             _write_json(
                 phase.folder / PHASE_RECORD,

@@ -14,16 +14,20 @@ Layout of one checkpoint, `OUTPUT/checkpoints/step-00000042/`:
 Writing is atomic: everything goes to a temporary sibling folder that is renamed into place once
 complete, so a checkpoint folder with the final name is always whole, even after SIGKILL. With
 several processes all ranks write into the same temporary folder (a shared filesystem is needed
-across nodes) and rank 0 renames it after a barrier.
+across nodes) and rank 0 renames it after a barrier. A write that fails (disk full, read-only
+folder) removes the temporary folder and raises a one-line `CheckpointWriteError` (an
+`OutputError`, a ValueError); the complete checkpoints are untouched, so the run resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from bidirlm.runtime.jsonl import read_jsonl
+from bidirlm.runtime.outputs import OutputError
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "state.json"
@@ -185,11 +190,36 @@ def temp_path(output: str | Path, step: int) -> Path:
     return checkpoint_dir(output) / f".{step_name(step)}.tmp"
 
 
+class CheckpointWriteError(OutputError):
+    """A checkpoint could not be written (disk full, read-only folder): one line; the partial
+    temporary folder is removed and the previous checkpoints are untouched, so the same command
+    resumes from the last complete one once there is room."""
+
+
+@contextlib.contextmanager
+def _writing(tmp: Path) -> Iterator[None]:
+    """Turn an OSError while writing into `tmp` into a one-line `CheckpointWriteError`, after
+    removing `tmp` (a half-written checkpoint is never left behind)."""
+    try:
+        yield
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        final = tmp.with_name(tmp.name.removeprefix(".").removesuffix(".tmp"))
+        done = [p.name for _, p in list_checkpoints(tmp.parent.parent)]
+        last = f"resumes from {done[-1]}" if done else "starts over (no complete checkpoint yet)"
+        reason = exc.strerror or str(exc)
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {final}: {reason}; the partial {tmp.name} was removed, "
+            f"free space and run the same command again (it {last})"
+        ) from None
+
+
 def write_rank_files(tmp: Path, rank: int) -> dict[str, Any]:
     """Write this rank's RNG tensors into `tmp`; returns the JSON part for state.json."""
     tensors, data = capture_rng()
-    save_tensors(tensors, tmp / f"rng-rank{rank}.safetensors")
-    (tmp / f"rng-rank{rank}.json").write_text(json.dumps(data), encoding="utf-8")
+    with _writing(tmp):
+        save_tensors(tensors, tmp / f"rng-rank{rank}.safetensors")
+        (tmp / f"rng-rank{rank}.json").write_text(json.dumps(data), encoding="utf-8")
     return data
 
 
@@ -202,19 +232,21 @@ def write_main_files(
     state: dict[str, Any],
 ) -> None:
     """Rank 0's part: model, optimizer and state.json (written last: it marks completeness)."""
-    save_tensors(model_state, tmp / "model.safetensors")
-    opt_tensors, opt_meta = split_optimizer_state(optimizer_state)
-    save_tensors(opt_tensors, tmp / "optimizer.safetensors")
-    payload = {"step": step, "optimizer": opt_meta, **state}
-    (tmp / STATE_FILE).write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    with _writing(tmp):
+        save_tensors(model_state, tmp / "model.safetensors")
+        opt_tensors, opt_meta = split_optimizer_state(optimizer_state)
+        save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+        payload = {"step": step, "optimizer": opt_meta, **state}
+        (tmp / STATE_FILE).write_text(json.dumps(payload, indent=1), encoding="utf-8")
 
 
 def publish(output: str | Path, step: int, keep: int) -> Path:
     """Rename the finished temporary folder into place and delete all but the last `keep`."""
     tmp, final = temp_path(output, step), checkpoint_dir(output) / step_name(step)
-    if final.exists():  # the same step saved again (e.g. SIGTERM right after a periodic save)
-        shutil.rmtree(final)
-    tmp.rename(final)
+    with _writing(tmp):
+        if final.exists():  # the same step saved again (e.g. SIGTERM right after a periodic save)
+            shutil.rmtree(final)
+        tmp.rename(final)
     for _, old in list_checkpoints(output)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -222,9 +254,10 @@ def publish(output: str | Path, step: int, keep: int) -> Path:
 
 def prepare_temp(output: str | Path, step: int) -> Path:
     tmp = temp_path(output, step)
-    if tmp.exists():  # leftover of a crash while writing
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    with _writing(tmp):
+        if tmp.exists():  # leftover of a crash while writing
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
     return tmp
 
 

@@ -11,21 +11,28 @@ from here: training sits below evaluation).
   `O` (or label 0) for truncated words.
 - `score_examples(module, examples, ...)`: `task_metrics` of the predictions on labelled
   examples (`task_data.TaskExample`s).
+- `trained_max_length(folder)`: the token limit a run's `best/` / `final/` was trained with,
+  the default of `bidirlm eval` / `predict` on such a folder (so they agree with `best.json`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomllib
 import torch
 from torch import nn
 
 from bidirlm.runtime.models import Encoder
 
 from .multimodal import task_inputs
+from .task_config import TASK_PHASES
 from .task_data import iter_batches
 from .task_metrics import task_metrics
 
@@ -183,3 +190,33 @@ def score_examples(
     out = task_metrics(kind, problem_type, labels, references(kind, examples), preds)
     out["n"] = len(examples)
     return out
+
+
+DEFAULT_MAX_LENGTH = 512
+
+
+def trained_max_length(model: str | os.PathLike) -> int | None:
+    """The `data.max_seq_len` a fine-tuned folder was trained with, when `model` is a run's
+    `best/` or `final/` folder: `best.json`'s `max_seq_len` (for `best/`), else the run's
+    `config.toml` (of a fine-tuning phase). None for any other folder (`bidirlm eval` /
+    `predict` then use 512)."""
+    folder = Path(model).expanduser()
+    run = folder.parent
+    if folder.name not in ("best", "final") or not (run / "config.toml").is_file():
+        return None
+    if folder.name == "best" and (run / "best.json").is_file():
+        try:
+            value = json.loads((run / "best.json").read_text(encoding="utf-8")).get("max_seq_len")
+        except (OSError, ValueError):
+            value = None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    try:
+        with (run / "config.toml").open("rb") as fh:
+            recorded = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    if recorded.get("phase") not in TASK_PHASES:  # only fine-tuned classifiers
+        return None
+    value = (recorded.get("data") or {}).get("max_seq_len")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
