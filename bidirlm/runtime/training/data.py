@@ -391,6 +391,7 @@ class HFStreamSource(StreamSource):
             if self.world > 1:
                 ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world)
             self._ds = ds
+            self._start = copy.deepcopy(ds.state_dict())  # an epoch starts here
         return self._ds
 
     def next_record(self) -> dict[str, Any]:
@@ -401,17 +402,11 @@ class HFStreamSource(StreamSource):
                 self._it = iter(ds)
             try:
                 return dict(next(self._it))
-            except StopIteration:
+            except StopIteration:  # the next epoch starts from the beginning
                 self.epoch += 1
                 self._it = None
-                self._dataset().load_state_dict(self._fresh)
+                self._dataset().load_state_dict(copy.deepcopy(self._start))
         raise ValueError(f"data source {self.name} has no records for rank {self.rank}")
-
-    @property
-    def _fresh(self) -> dict[str, Any]:
-        if not hasattr(self, "_initial"):
-            self._initial = copy.deepcopy(self._dataset().state_dict())
-        return copy.deepcopy(self._initial)
 
     def first_record(self) -> dict[str, Any]:
         import datasets  # optional dependency (the [train] extra)
@@ -427,11 +422,9 @@ class HFStreamSource(StreamSource):
         return f"a record of epoch {self.epoch + 1}"
 
     def state_dict(self) -> dict[str, Any]:
-        self._fresh  # noqa: B018 - record the state before the first read
         return {"epoch": self.epoch, "datasets": copy.deepcopy(self._dataset().state_dict())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._fresh  # noqa: B018
         self.epoch = int(state["epoch"])
         self._dataset().load_state_dict(copy.deepcopy(state["datasets"]))
         self._it = None

@@ -29,7 +29,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed as dist_utils
+from .batching import StepPlan
 from .config import TrainConfig
+from .mfu import device_name
 
 
 def tensorboard_available() -> bool:
@@ -133,6 +135,20 @@ def token_shares(stream: Any, info: dist_utils.DistInfo) -> dict[str, float] | N
         counts = dict(zip(counts, dist_utils.all_reduce_sum(values, info).tolist()))
     total = sum(counts.values())
     return {name: (value / total if total else 0.0) for name, value in counts.items()}
+
+
+def start_notes(
+    plan: StepPlan, autocast: torch.dtype | None, peak: float | None, device: torch.device
+) -> list[str]:
+    """What a run says when it starts: its effective batch, and that MFU is unknown on a device
+    without a peak in the table (`mfu.py`; the CPU included) when it trains in bf16/fp16."""
+    lines = [f"step: {plan.describe()}"]
+    if autocast is not None and peak is None:
+        lines.append(
+            f"MFU unknown ({device_name(device)} has no {autocast} peak in mfu.py): "
+            "logging tokens/s"
+        )
+    return lines
 
 
 def log_line(row: dict[str, Any], steps: int) -> str:

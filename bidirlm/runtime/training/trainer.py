@@ -61,8 +61,8 @@ from .config import TrainConfig
 from .data import BadRecordError
 from .heldout import Evaluator, HeldoutEvaluation
 from .mfu import PEAK_BF16_FLOPS as PEAK_BF16_FLOPS
-from .mfu import device_name, device_peak_flops, mfu
-from .monitor import StepLog, check_monitors, token_shares
+from .mfu import device_peak_flops, mfu
+from .monitor import StepLog, check_monitors, start_notes, token_shares
 from .phases import MicroStep, PhaseContext, autocast_dtype, get_phase
 from .phases import PhaseModule as PhaseModule
 from .schedules import lr_factor
@@ -391,6 +391,8 @@ def train(
     training), `TrainingError` after `train.max_nonfinite_steps` non-finite losses in a row, and
     `TrainingInterrupted` on SIGTERM (after a checkpoint).
     """
+    if config.heldout.tasks and evaluator is None:
+        raise ValueError("heldout.tasks needs an evaluator (bidirlm train / pipeline hand one in)")
     model_path, data = validate(config)
     info = dist_utils.init_distributed(config.train.device, config.distributed.backend)
     try:
@@ -430,10 +432,8 @@ def _train(config, info, model_path, data, stop_after, on_step, evaluator=None) 
         log(f"model {model_path} on {info.device} (world size {info.world_size})", main=main)
     run = _Run(config, info, model_path, data)
     heldout = HeldoutEvaluation(config, run.tokenizer, evaluator, lambda m: log(m, main=main))
-    log(f"step: {run.plan.describe()}", main=main)
-    if run.autocast is not None and run.peak_flops is None:
-        name = device_name(info.device)
-        log(f"MFU unknown ({name} has no {run.autocast} peak in mfu.py): tokens/s only", main=main)
+    for line in start_notes(run.plan, run.autocast, run.peak_flops, info.device):
+        log(line, main=main)  # the effective batch; MFU unknown on a device without a peak
     if latest is not None:
         run.resume(latest)
         log(f"resumed from {latest} (step {run.step})", main=main)
