@@ -392,7 +392,7 @@ def _compose_problems(phase: Phase, base: str | None) -> list[str]:
         if not (Path(folder) / "config.json").is_file():
             problems.append(
                 f"{phase.name}.{role}: {value} is not a model folder (no config.json); "
-                f"--set {phase.name}.{role}=PATH"
+                f"(--set {phase.name}.{role}=PATH)"
             )
         folders[role] = str(folder)
     if problems or "text" not in folders:
