@@ -89,7 +89,7 @@ def memory_target_rows(runner: Runner, impls: dict, measure: bool) -> None:
     """Predicted (and on a GPU measured) rows of the memory targets (module docstring)."""
     from bench.perf_model_losses import predict_infonce, row_extra
 
-    cases = [(16384, 4, 2048, "lt-1pct-of-eager"), (16384, 1, 2048, "one-hard-negative"),
+    cases = [(16384, 3, 2048, "lt-1pct-of-eager"), (16384, 1, 2048, "one-hard-negative"),
              (262144, 1, 1024, "fits-one-gpu"), (262144, 1, 2048, "fits-one-gpu")]  # fmt: skip
     for batch, hard, width, target in cases:
         docs = (1 + hard) * batch

@@ -284,6 +284,7 @@ def host_cost(repeats: int = 5) -> dict[str, float]:
     asynchronous GPU work on a GPU). The median gap, best of `repeats`. Cached per process."""
     if _HOST:
         return _HOST
+    from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     from bench.compile_check import recording
@@ -303,15 +304,18 @@ def host_cost(repeats: int = 5) -> dict[str, float]:
         best = float("inf")
         for _ in range(repeats):
             stamps: list[tuple[str, float]] = []
+            saved = InterpretedFunction.run  # under TRITON_INTERPRET=1 the kernels are these
+
+            def timed(self, *a, _stamps=stamps, **k):  # noqa: ANN001, ANN202
+                _stamps.append((self.fn.__name__, time.perf_counter()))  # recorded, not run
+
             with recording("nvidia-sm90"):
-                record = JITFunction.run
-
-                def timed(self, *a, _stamps=stamps, _record=record, **k):  # noqa: ANN001, ANN202
-                    _stamps.append((self.fn.__name__, time.perf_counter()))
-                    return _record(self, *a, **k)
-
                 JITFunction.run = timed
-                fn()
+                InterpretedFunction.run = timed
+                try:
+                    fn()
+                finally:
+                    InterpretedFunction.run = saved
             gaps = sorted(
                 (t1 - t0) * 1e6
                 for (k0, t0), (k1, t1) in zip(stamps, stamps[1:])

@@ -363,16 +363,17 @@ class InfoNCEConfig:
 G = GradConfig
 CONFIGS: dict[str, InfoNCEConfig] = {
     # H100/H200 (sm90+): 128x128 tiles, BLOCK_K 64, 3 stages = 96 KB of shared memory of 228 KB.
-    # The backward: one warpgroup (wgmma m64) per SM owning 64 rows: its float32 [64, d]
+    # The backward: one program per SM owning 64 rows, 8 warps (4 spill 400-500 B: the E tile,
+    # its exponentials and the GEMM accumulator are live together); its float32 [64, d]
     # partial per SM is the memory that bounds the resident programs (69 MB at d = 2048).
-    "hopper": InfoNCEConfig(128, 128, 64, 8, 3, G(64, 128, 64, 128, 512, 4, 3)),
+    "hopper": InfoNCEConfig(128, 128, 64, 8, 3, G(64, 128, 64, 128, 512, 8, 3)),
     # A100 (sm80): 164 KB of shared memory per SM, so BLOCK_K 32 keeps 3 stages at 48 KB.
-    "ampere": InfoNCEConfig(128, 128, 32, 8, 3, G(64, 128, 32, 128, 512, 4, 3)),
+    "ampere": InfoNCEConfig(128, 128, 32, 8, 3, G(64, 128, 32, 128, 512, 8, 3)),
     # Older NVIDIA parts (Turing, Volta): smaller tiles fit their 64-96 KB shared memory.
     "nvidia": InfoNCEConfig(64, 64, 32, 4, 2, G(64, 64, 32, 64, 512, 4, 2)),
     # MI200/MI300 (wave64): no async-copy pipeline, so one stage; never 32 warps on wave64.
     "cdna": InfoNCEConfig(
-        128, 128, 64, 8, 1, G(64, 128, 64, 128, 512, 4, 1), extra=(("waves_per_eu", 2),)
+        128, 128, 64, 8, 1, G(64, 128, 64, 128, 512, 8, 1), extra=(("waves_per_eu", 2),)
     ),  # fmt: skip
     "amd": InfoNCEConfig(64, 64, 32, 4, 1, G(64, 64, 32, 64, 512, 4, 1)),
     # Interpreter: smallest tiles tl.dot accepts, small slices so tests cover the chunk loop,
@@ -408,8 +409,10 @@ def config_for(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Inf
     family = arch_family(device)
     cfg = CONFIGS[family]
     if dtype == torch.float32 and family in ("hopper", "ampere"):
-        grad = GradConfig(64, 64, 16, 64, 256, 4, 2)  # FMA dots: small operand slices
+        grad = GradConfig(64, 64, 16, 64, 256, 8, 2)  # FMA dots: small operand slices
         return dataclasses.replace(cfg, block_m=64, block_k=16, num_stages=2, grad=grad)
+    if dtype == torch.float32 and family == "cdna":
+        return dataclasses.replace(cfg, grad=GradConfig(64, 64, 16, 64, 256, 8, 1))
     return cfg
 
 
