@@ -77,5 +77,5 @@ def test_check_prints_the_run_size(tmp_path, monkeypatch, capsys) -> None:
     # the estimate: 6 N FLOPs per token at 40% of one MI250X GCD's 191.5 TFLOP/s (bf16)
     n = pl.parameter_count("embedded:tiny")
     hours = 6 * n * 30_000_807_936 / (191.5e12 * 0.4) / 3600
-    assert f"MI250X GCD {hours:>12,.2f} device-hours" in out
+    assert f"MI250X GCD  {hours:>12,.2f} device-hours" in out
     assert not (tmp_path / "runs").exists()  # --check runs nothing
