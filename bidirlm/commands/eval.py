@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
                 model, args.task, batch_size=args.batch_size, max_length=max_length,
                 device=device,
             )  # fmt: skip
+            metrics["max_length"] = max_length  # the run's training length by default
         elif is_crossmodal_task(args.task):  # image/audio-text pairs: an omni model's retrieval
             metrics = evaluate_crossmodal(
                 model,
