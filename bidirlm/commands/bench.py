@@ -1,4 +1,5 @@
-"""`bidirlm bench [SUITE ...|all] [--quick] [--results DIR | --commit-results] [--plot]`.
+"""`bidirlm bench [SUITE ...|all] [--quick] [--results DIR | --commit-results] [--plot]
+[--suite-args ARGS]`.
 
 Without a suite it lists the suites and exits. Each suite is `bench/<name>.py` with a
 `main(argv) -> int`; it runs in its own Python process (suites set process-wide state:
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ast
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -60,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="append to the git-tracked bench/results/ files instead",
     )
     parser.add_argument("--plot", action="store_true", help="write a PNG chart per suite")
+    parser.add_argument(
+        "--suite-args",
+        default="",
+        metavar="ARGS",
+        help="extra arguments for every suite run, e.g. --suite-args '--seqlens 256,512'",
+    )
 
 
 def describe(name: str, root: Path) -> str:
@@ -108,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"bench: running {name} (rows -> {results})", flush=True)
         started = time.time()
         cmd = [sys.executable, "-m", f"bench.{name}", *(["--quick"] if args.quick else [])]
+        cmd += shlex.split(args.suite_args)
         if subprocess.run(cmd, cwd=root.parent, env=env).returncode != 0:
             failed.append(name)
             continue

@@ -44,7 +44,7 @@ def test_quick_suite_with_plot_writes_rows_and_png_where_asked(tmp_path: Path) -
     before = _tracked_state()
     proc = subprocess.run(
         [sys.executable, "-m", "bidirlm", "bench", "attention", "--quick", "--plot",
-         "--results", str(tmp_path)],
+         "--results", str(tmp_path), "--suite-args", "--seqlens 64,96 --no-packed"],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
         # the torch path: a smoke run of the command, not of the interpreter
         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
@@ -52,6 +52,7 @@ def test_quick_suite_with_plot_writes_rows_and_png_where_asked(tmp_path: Path) -
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for f in tmp_path.glob("*.jsonl") for line in f.open()]
     assert rows and {r["suite"] for r in rows} == {"attention"}
+    assert {r["case"] for r in rows} == {"hd32-s64-b4", "hd32-s96-b2"}  # --suite-args forwarded
     pngs = list(tmp_path.glob("attention-*.png"))
     assert len(pngs) == 1 and pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"attention chart -> {pngs[0]}" in proc.stdout
