@@ -226,3 +226,24 @@ def test_qwen3_plus_gemma3_says_architectures_differ(ckpts, tmp_path):
     message = one_line_error(linear(ckpts["a"], ckpts["g"]), tmp_path / "out", "architectures")
     assert "architectures differ" in message and "qwen3" in message and "gemma3" in message
     assert "rename" not in message and "take" not in message and "exclude" not in message
+
+
+# --- item 20: the fused non-finite check keeps catching every NaN/Inf -------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_min_max_finite_check_catches_every_non_finite_value(dtype):
+    from bidirlm.runtime.merging.merge import is_finite
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 2, 31, 4097, 70001):
+        x = torch.randn(n, generator=gen).to(dtype)
+        assert is_finite(x)
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            for pos in {0, n // 2, n - 1}:
+                y = x.clone()
+                y[pos] = bad
+                assert not is_finite(y), (n, bad, pos)
+    assert is_finite(torch.empty(0, dtype=dtype))
+    big = torch.full((5,), torch.finfo(dtype).max, dtype=dtype)  # largest finite: still finite
+    assert is_finite(big) and is_finite(-big)
