@@ -99,3 +99,65 @@ def test_two_processes_match_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
             msg=lambda m, p=phase: f"{p}: {m}",
         )  # fmt: skip
     torch.set_num_threads(threads)
+
+
+def test_two_nodes_with_a_torchrun_rendezvous(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`torchrun --nnodes 2` on one machine (two launchers, a c10d rendezvous on localhost, one
+    process each) gives the losses of one process; the accumulation follows the world size
+    (`train.tokens_per_step` = 256: 2 micro-batches of 128 alone, 1 per rank on two nodes)."""
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    if not Path(torchrun).exists():
+        pytest.skip("torchrun is not installed")
+    shared = ["data.tokens_per_batch=128", "data.max_seq_len=32", "train.tokens_per_step=256"]
+    sets = [f"--set={s}" for s in [*shared, "train.steps=2", "train.progress_bar=false"]]
+    port = _free_port()
+    env = {**os.environ, "BIDIRLM_KERNELS": "torch", "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    out = tmp_path / "nodes"
+    launchers = [
+        subprocess.Popen(
+            [
+                torchrun,
+                "--nnodes=2",
+                f"--node-rank={node}",
+                "--nproc-per-node=1",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}",
+                "--rdzv-id=bidirlm",
+                "-m",
+                "bidirlm.cli",
+                "train",
+                str(EXAMPLES / "tiny-causal.toml"),
+                f"--set=train.output={out}",
+                *sets,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for node in range(2)
+    ]
+    logs = [p.communicate(timeout=300)[0] for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    monkeypatch.setenv("BIDIRLM_KERNELS", "torch")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    from bidirlm.runtime.training.trainer import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    one = tmp_path / "one"
+    train(_config("causal", one, *shared))
+    torch.set_num_threads(threads)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["world_size"], r["grad_accum"]) for r in rows] == [(2, 1), (2, 1)]
+    assert "256 tokens per step = 2 rank(s) x 1 accumulation step(s)" in logs[0] + logs[1]
+    torch.testing.assert_close(
+        torch.tensor(_losses(out)), torch.tensor(_losses(one)), rtol=1e-5, atol=1e-5
+    )
