@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,10 +108,6 @@ def test_two_nodes_with_a_torchrun_rendezvous(tmp_path: Path, monkeypatch: pytes
     """`torchrun --nnodes 2` on one machine (two launchers, a c10d rendezvous on localhost, one
     process each) gives the losses of one process; the accumulation follows the world size
     (`train.tokens_per_step` = 256: 2 micro-batches of 128 alone, 1 per rank on two nodes)."""
-    import shutil
-    import subprocess
-    import sys
-
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     if not Path(torchrun).exists():
         pytest.skip("torchrun is not installed")
