@@ -53,7 +53,10 @@ def _expected_tensors(cfg: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """Tensors a transformers model built from `cfg` holds: {name: shape}, a tied weight once
     (under its first name). Empty when transformers cannot build the architecture (unknown or
     custom model type)."""
-    import transformers  # optional at import time: only merges with config_from need it
+    try:  # an extra (not in the core install): without it there is nothing to build
+        import transformers
+    except ImportError:
+        return {}
 
     archs = cfg.get("architectures")
     cls = None
@@ -84,7 +87,7 @@ def check_config_fits(
 ) -> None:
     """Refuse a `config_from` config whose architecture does not hold the merged tensors (names
     and shapes), naming the first difference; nothing is checked when transformers cannot build
-    the architecture."""
+    the architecture (or is not installed: the core install merges without it)."""
     expected = _expected_tensors(cfg)
     if not expected:
         return
