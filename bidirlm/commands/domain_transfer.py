@@ -1,9 +1,11 @@
 """`bidirlm domain-transfer CONFIG --encoder PATH --specialist PATH [--steps 10,20,50,100]`.
 
 Merges the encoder (e.g. Bi+MNTP) 50/50 with a same-backbone specialist (any causal checkpoint),
-fine-tunes the merged model and the encoder alone with CONFIG's task, and reports both learning
-curves (dev score at each of `--steps`): a table, `OUTPUT/domain_transfer.json` and the chart
-`OUTPUT/curve.png` (OUTPUT: `--output`, else the config's `train.output`).
+fine-tunes the merged model, the encoder alone and the specialist itself with bidirectional
+attention (the paper's Bi+Specialist) with CONFIG's task, and reports the three learning curves
+(dev score at each of `--steps`) with an EMA-smoothed copy of each (`--ema-alpha`, 0.4): a table,
+`OUTPUT/domain_transfer.json` and the chart `OUTPUT/curve.png` (OUTPUT: `--output`, else the
+config's `train.output`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--specialist", required=True, help="a same-backbone causal checkpoint")
     parser.add_argument("--steps", default="10,20,50,100", help="evaluation steps (comma list)")
     parser.add_argument("--weight", type=float, default=0.5, help="the encoder's merge weight")
+    parser.add_argument(
+        "--ema-alpha",
+        type=float,
+        default=0.4,
+        help="weight of the newest point in the EMA-smoothed curves (default 0.4)",
+    )
     parser.add_argument("--output", default=None, help="folder (default: train.output)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="override a config value")  # fmt: skip
@@ -50,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
             specialist=args.specialist,
             steps=steps,
             weight=args.weight,
+            ema_alpha=args.ema_alpha,
             output=args.output,
             chart=not args.no_chart,
         )

@@ -114,10 +114,19 @@ def test_domain_transfer_tiny(tmp_path: Path) -> None:
     torch.testing.assert_close(merged[name], 0.5 * a[name] + 0.5 * b[name])
     assert (out / "finetune-merged" / "best.json").is_file()
     assert report == json.loads((out / "domain_transfer.json").read_text())
-    for side in ("merged", "unmerged"):
+    for side in ("merged", "unmerged", "specialist"):
         curve = report[side]["curve"]
         assert list(curve) == ["2", "4"]
         assert report[side]["peak"] == max(curve.values())
         assert all(0.0 <= f <= 1.0 for f in report[side]["fraction_of_peak"].values())
+        # EMA with alpha 0.4: s_1 = x_1, s_2 = 0.4 x_2 + 0.6 s_1
+        smooth = report[side]["ema"]
+        assert smooth["2"] == curve["2"]
+        assert smooth["4"] == pytest.approx(0.4 * curve["4"] + 0.6 * curve["2"])
+    # Bi+Specialist: the specialist itself fine-tuned, made bidirectional
+    assert report["specialist"]["model"] == str(specialist) and report["ema_alpha"] == 0.4
+    spec_cfg = json.loads((out / "finetune-specialist" / "final" / "config.json").read_text())
+    assert spec_cfg["is_causal"] is False
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "merged" in format_transfer(report)
+    table = format_transfer(report)
+    assert "specialist" in table and "EMA (alpha 0.4)" in table
