@@ -64,12 +64,11 @@ def assert_trained(grads: dict[str, torch.Tensor]) -> None:
 
 
 # Model-gradient tolerance against sentence-transformers' float32 GIST at temperature 0.01: the
-# fused directions return the log-sum-exp and the positive logit separately in float32, each
-# rounded at |logit| ~ 1 / temperature = 100 (ulp 7.6e-6); on gradients of size ~4 that measured
-# 5.9e-4 against float64 (Triton kernel in the interpreter; 6.7e-5 on the torch path) where
-# sentence-transformers' own error is 5.4e-6 (test_gist_model_gradient_precision below). A
-# wrong mask or direction changes them at O(1e-1).
-GIST_GRAD_TOL = {"rtol": 1e-3, "atol": 1e-3}
+# anchors the InfoNCE kernel computes carry its float32 lse and positive logit, each rounded at
+# |logit| ~ 1 / temperature = 100 (ulp 7.6e-6); measured 1.4e-5 against float64 where
+# sentence-transformers' own error is 2.4e-6 (test_gist_model_gradient_precision below). A wrong
+# mask or direction changes gradients at O(1e-1).
+GIST_GRAD_TOL = {"rtol": 1e-3, "atol": 1e-4}
 
 ANCHORS = ["anchor a", "anchor b", "anchor c", "anchor d", "anchor e"]
 POSITIVES = ["positive a", "positive b", "positive c", "positive d", "positive e"]
@@ -371,24 +370,27 @@ def test_gist_with_a_retokenizing_guide(tiny_model) -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="InfoNCE kernel precision at temperature 0.01 (issue #30, the loss kernel's item): "
-    "float32 lse / positive logits at |logit| ~ 100 put the model-gradient error at 12-100x "
-    "sentence-transformers' own; an XPASS means the kernel got there: drop this mark",
+    reason="InfoNCE kernel precision at temperature 0.01 (issue #30, the loss kernel's item): its "
+    "float32 lse and positive logit at |logit| ~ 100 put the model-gradient error of the anchors "
+    "the kernel computes (no dropped candidate) at 6.1x sentence-transformers' own (2026-12-07); "
+    "an XPASS means the kernel got there: drop this mark",
 )
 def test_gist_model_gradient_precision(tiny_model) -> None:
     """The issue's bar: the fused GIST model gradients are within 2x sentence-transformers' own
-    float32 error against a float64 copy of the model."""
+    float32 error against a float64 copy of the model. margin=0.1 leaves most anchors without a
+    dropped candidate, so the kernel computes them (margin 0 drops one for nearly every anchor
+    here and the exact torch rows measured 2.06x; temperature 0.05: 1.19x / 1.71x)."""
     import copy
 
     model = tiny_model
     model64 = copy.deepcopy(model).double()
     labels = torch.zeros(5, dtype=torch.long)
-    ref_loss, ref = _loss_and_grads(model64, losses.GISTEmbedLoss(model64, guide=model64),
-                                    [ANCHORS, POSITIVES], labels)  # fmt: skip
+    _, ref = _loss_and_grads(model64, losses.GISTEmbedLoss(model64, guide=model64, margin=0.1),
+                             [ANCHORS, POSITIVES], labels)  # fmt: skip
     errors = []
     for loss_cls in (losses.GISTEmbedLoss, ours.FusedGISTEmbedLoss):
-        _, grads = _loss_and_grads(model, loss_cls(model, guide=model), [ANCHORS, POSITIVES],
-                                   labels)  # fmt: skip
+        _, grads = _loss_and_grads(model, loss_cls(model, guide=model, margin=0.1),
+                                   [ANCHORS, POSITIVES], labels)  # fmt: skip
         errors.append(max((grads[n].double() - ref[n]).abs().max().item() for n in grads))
     theirs, mine = errors
     assert mine <= 2 * theirs, (mine, theirs)
