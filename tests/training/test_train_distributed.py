@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
-from bidirlm.runtime.training.config import load_train_config
+from bidirlm.runtime.embedded import stdlib_texts
+from bidirlm.runtime.training.config import SourceConfig, load_train_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 RUNS = [
@@ -160,3 +162,61 @@ def test_two_nodes_with_a_torchrun_rendezvous(tmp_path: Path, monkeypatch: pytes
     torch.testing.assert_close(
         torch.tensor(_losses(out)), torch.tensor(_losses(one)), rtol=1e-5, atol=1e-5
     )
+
+
+def _shards_config(output: Path, shards: Path):
+    config = _config(
+        "causal", output, "train.steps=4", "train.dtype=bfloat16", "data.tokens_per_batch=96",
+        "data.max_seq_len=32", "data.log_shares_every=1", "optim.warmup_steps=0",
+    )  # fmt: skip
+    config.data.sources = [
+        SourceConfig(str(shards), weight=3.0, name="shards"),
+        SourceConfig("embedded:python-code", weight=1.0, name="code"),
+    ]
+    return config
+
+
+def _shards_worker(rank: int, world: int, root: str, ports: list[int]) -> None:
+    os.environ["BIDIRLM_KERNELS"] = "torch"
+    torch.set_num_threads(1)
+    from bidirlm.runtime.training.trainer import TrainingInterrupted, train
+
+    runs = [("whole", None), ("split", 2), ("split", None)]
+    for (name, stop_after), port in zip(runs, ports):
+        os.environ.update(
+            RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        )  # fmt: skip
+        try:
+            train(_shards_config(Path(root) / name, Path(root) / "shards"), stop_after=stop_after)
+        except TrainingInterrupted:
+            pass
+
+
+def test_parquet_shards_per_rank_resume_exactly_on_two_processes(tmp_path: Path) -> None:
+    """A Parquet-shard source is read per rank (each rank its own row groups); the checkpoint
+    keeps every rank's position, so an interrupted 2-process bf16 run resumes bitwise."""
+    import pyarrow as pa  # optional dependency (the [train] extra)
+    import pyarrow.parquet as pq
+
+    texts = stdlib_texts()[:96]
+    (tmp_path / "shards").mkdir()
+    for s in range(4):
+        table = pa.Table.from_pylist([{"text": t} for t in texts[s::4]])
+        pq.write_table(table, tmp_path / "shards" / f"part-{s}.parquet", row_group_size=6)
+    ports = [_free_port() for _ in range(3)]
+    mp.spawn(_shards_worker, args=(2, str(tmp_path), ports), nprocs=2, join=True)
+    whole = load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
+    split = load_file(str(tmp_path / "split" / "final" / "model.safetensors"))
+    assert all(torch.equal(whole[k], split[k]) for k in whole)
+    assert _losses(tmp_path / "whole") == _losses(tmp_path / "split")
+    rows = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    shares = rows[-1]["token_shares"]  # summed over both ranks
+    assert set(shares) == {"shards", "code"} and sum(shares.values()) == pytest.approx(1.0)
+    state = json.loads(
+        next((tmp_path / "whole" / "checkpoints").iterdir()).joinpath("state.json").read_text()
+    )
+    per_rank = state["data"]["per_rank"]
+    assert len(per_rank) == 2
+    for rank, data in enumerate(per_rank):  # each rank stands in a row group of its own
+        assert data["mixture"]["streams"][0]["unit"] % 2 == rank

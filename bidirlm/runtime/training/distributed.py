@@ -124,6 +124,32 @@ def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return out
 
 
+def stream_state(stream: object, info: DistInfo) -> dict[str, object]:
+    """A batch stream's checkpoint state: its own for a global stream (every rank's is the
+    same), every rank's (`{"per_rank": [...]}`, gathered: a collective) for a stream each rank
+    reads on its own (`per_rank`: a streamed source)."""
+    state = stream.state_dict()  # type: ignore[attr-defined]
+    inner = getattr(stream, "stream", stream)
+    if not (info.enabled and getattr(inner, "per_rank", False)):
+        return state
+    states: list[object] = [None] * info.world_size
+    dist.all_gather_object(states, state)
+    return {"per_rank": states}
+
+
+def own_stream_state(state: dict[str, object], info: DistInfo) -> dict[str, object]:
+    """This rank's part of a `stream_state` (ValueError when the world size changed)."""
+    if "per_rank" not in state:
+        return state
+    states = state["per_rank"]
+    if len(states) != info.world_size:  # type: ignore[arg-type]
+        raise ValueError(
+            f"the checkpoint's data was read per rank by {len(states)} ranks "  # type: ignore[arg-type]
+            f"(a streamed source); resume it on {len(states)} ranks, not {info.world_size}"  # type: ignore[arg-type]
+        )
+    return states[info.rank]  # type: ignore[index]
+
+
 def wrap_model(model: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
     """DDP or FSDP2 around `model` (already on `info.device`); `model` itself when alone."""
     if not info.enabled:

@@ -277,6 +277,7 @@ class _Run:
         info = self.info
         model_state = dist_utils.full_state_dict(self.module, info)
         optim_state = dist_utils.full_optimizer_state(self.module, self.optimizer, info)
+        data_state = dist_utils.stream_state(self.stream, info)  # collective: per-rank streams
         tmp = cio.temp_path(self.output, self.step)
         if info.is_main:
             cio.prepare_temp(self.output, self.step)
@@ -284,7 +285,7 @@ class _Run:
         cio.write_rank_files(tmp, info.rank)
         if info.is_main:
             state = {
-                "data": self.stream.state_dict(),
+                "data": data_state,
                 "nonfinite_total": self.nonfinite_total,
                 "nonfinite_in_row": self.nonfinite_in_row,
                 "tokens_seen": self.tokens_seen,
@@ -324,7 +325,7 @@ class _Run:
                 f"{path} does not fit the model {self.config.model}: {first}; use another "
                 "train.output"
             ) from None
-        self.stream.load_state_dict(ckpt.state["data"])
+        self.stream.load_state_dict(dist_utils.own_stream_state(ckpt.state["data"], self.info))
         self.step = self.saved_step = ckpt.step
         self.nonfinite_total = int(ckpt.state.get("nonfinite_total", 0))
         self.nonfinite_in_row = int(ckpt.state.get("nonfinite_in_row", 0))
@@ -439,8 +440,7 @@ def _train(config, info, model_path, data, stop_after, on_step, evaluator=None) 
         log(f"resumed from {latest} (step {run.step})", main=main)
     if main:
         cio.truncate_metrics(output / "metrics.jsonl", run.step)
-    steps = config.train.steps
-    started = run.step
+    steps, started = config.train.steps, run.step
     step_log = StepLog(config, output, main=main, initial=run.step, log=lambda m: log(m, main=main))
     with StopSignals(lambda m: log(m, main=main)) as stop_signal, contextlib.closing(step_log):
         while run.step < steps:
