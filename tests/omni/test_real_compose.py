@@ -2,7 +2,7 @@
 text Qwen3-1.7B, vision Qwen3-VL-2B (stand-in, see tests/real_models.py), audio Qwen3-ASR-1.7B.
 
 Their text backbones differ in `rope_theta` (1e6 / 5e6 / 1e6), MRoPE and
-`max_position_embeddings` (40960 / 40960 / 65536): the free fields follow `--rope-from`; fields
+`max_position_embeddings` (40960 / 262144 / 65536): the free fields follow `--rope-from`; fields
 that must agree still refuse in one line.
 """
 
@@ -61,7 +61,7 @@ def test_default_rope_from_vision_composes_and_encodes(three, omni: Path) -> Non
     cfg = json.loads((omni / "config.json").read_text())
     assert cfg["rope_from"] == "vision"
     assert cfg["text_config"]["rope_parameters"] == {"rope_theta": 5e6, "rope_type": "default"}
-    assert cfg["text_config"]["max_position_embeddings"] == 40960
+    assert cfg["text_config"]["max_position_embeddings"] == 262144  # Qwen3-VL-2B's
     assert cfg["mrope_section"] == [6, 5, 5]
     diffs = cfg["differing_fields"]
     assert diffs["rope_theta"] == {"text": 1e6, "vision": 5e6, "audio": 1e6}
