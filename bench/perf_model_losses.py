@@ -11,8 +11,9 @@ counts, grids, chunk sizes and working memory are exact; the times rest on these
   0.70, as `bench/perf_model.py`) + special-function ops (exp, tanh) / the SM's 16 per clock +
   FP32 ALU ops per logit (6 forward, 12 backward: scale, max, subtract, sum, masks, convert)
   / the SM's FP32 rate / 2, summed (no overlap: pessimistic for the exp/ALU terms).
-- **One program per SM** resident: the compiled 128 x 128 bf16 kernels take 162-214 registers x
-  256 threads on sm_90 (compile suite rows), so a second program does not fit. The programs of
+- **One program per SM** resident: the compiled bf16 kernels take 162-254 registers x 256
+  threads on sm_90 (8 warps; compile rows of the loss kernels), so a second program does not
+  fit (the InfoNCE backward launches one program per SM by design). The programs of
   a launch are list-scheduled in program-id order on the SMs (a free SM takes the next program):
   the makespan includes the last wave's idle SMs, and `waves` = programs / SMs.
 - **Kernel time** = max(makespan, HBM bytes / bandwidth) + `launch_gap_us` (4 us, the GPU-side
