@@ -151,6 +151,7 @@ def test_bad_arguments(kwargs, match):
 
 
 def test_package_exports():
+    assert issubclass(LigerFusedLinearCrossEntropyFunction, torch.autograd.Function)
     assert bidirlm.kernels.LigerFusedLinearCrossEntropyLoss is LigerFusedLinearCrossEntropyLoss
     assert (
         bidirlm.kernels.LigerFusedLinearCrossEntropyFunction is LigerFusedLinearCrossEntropyFunction

@@ -335,14 +335,16 @@ def _flce(
     return loss, z_loss, accuracy, predicted
 
 
-class LigerFusedLinearCrossEntropyFunction:
+class LigerFusedLinearCrossEntropyFunction(torch.autograd.Function):
     """Liger's `LigerFusedLinearCrossEntropyFunction`: `.apply(_input [BT, H], weight [V, H],
     target [BT], bias=None, ce_weight=None, ignore_index=-100, lse_square_scale=0.0,
     label_smoothing=0.0, reduction="mean", softcap=None, return_z_loss=False, accum_dtype=None,
     use_token_scaling=False, return_token_accuracy=False, return_predicted_tokens=False,
     ce_impl=None, ce_mode=None, chunk_mem_const=1)` -> `(loss, z_loss, token_accuracy,
     predicted_tokens)` (None for the extras not asked for). Gradients flow to `_input`, `weight`
-    and `bias` through bidirlm's kernels; see the module docstring for the formula."""
+    and `bias` through bidirlm's kernels (their own autograd: `apply` composes differentiable
+    ops rather than running a forward/backward pair of its own, so it subclasses
+    `torch.autograd.Function` only for `issubclass` checks); see the module docstring."""
 
     @staticmethod
     def apply(*args, **kwargs):  # noqa: ANN205
