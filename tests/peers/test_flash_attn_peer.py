@@ -287,3 +287,37 @@ def test_flash_attn_kvcache(seqlens, new_kv, local, causal, has_batch_idx, rotar
         atol = 1e-3 if cos is not None else 0.0
         torch.testing.assert_close(k_cache[rows], k_cache_ref, atol=atol, rtol=1e-3)
         torch.testing.assert_close(v_cache[rows], v_cache_ref, atol=0.0, rtol=0.0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("local", [False, True])
+def test_flash_attn_deterministic(causal, local):
+    """flash-attn's test_flash_attn_deterministic: with deterministic=True, repeated backward
+    passes give bitwise-equal gradients (dense and varlen)."""
+    torch.random.manual_seed(0)
+    batch, seqlen_q, seqlen_k, nheads, nheads_k, d = 2, 33, 45, 4, 2, 32
+    window_size = (-1, -1) if not local else torch.randint(0, seqlen_k, (2,))
+    q = torch.randn(batch, seqlen_q, nheads, d, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(batch, seqlen_k, nheads_k, d, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(batch, seqlen_k, nheads_k, d, dtype=torch.bfloat16, requires_grad=True)
+    out = flash_attn_func(q, k, v, 0.0, causal=causal, window_size=window_size,
+                          deterministic=True)  # fmt: skip
+    g = torch.randn_like(out)
+    first = torch.autograd.grad(out, (q, k, v), g, retain_graph=True)
+    for _ in range(2):
+        again = torch.autograd.grad(out, (q, k, v), g, retain_graph=True)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+    qmask, kmask = padding_mask(seqlen_q, batch), padding_mask(seqlen_k, batch)
+    q_unpad, _, cu_q, max_q = unpad(q, qmask)
+    k_unpad, _, cu_k, max_k = unpad(k, kmask)
+    v_unpad, _, _, _ = unpad(v, kmask)
+    out = flash_attn_varlen_func(
+        q_unpad, k_unpad, v_unpad, cu_q, cu_k, max_q, max_k, 0.0, causal=causal,
+        window_size=window_size, deterministic=True,
+    )  # fmt: skip
+    g = torch.randn_like(out)
+    first = torch.autograd.grad(out, (q, k, v), g, retain_graph=True)
+    again = torch.autograd.grad(out, (q, k, v), g, retain_graph=True)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
