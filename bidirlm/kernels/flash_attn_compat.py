@@ -308,8 +308,8 @@ def flash_attn_qkvpacked_func(
 
 
 def _is_length(value) -> bool:
-    """A max_seqlen-like scalar (int, numpy int, one-element 0-d/1-element tensor), as opposed to
-    a `cu_seqlens [N+1]` tensor: how the varlen function tells its two call forms apart."""
+    """A max_seqlen-like scalar (int, numpy int, 0-d tensor), as opposed to a 1-D
+    `cu_seqlens [N+1]` tensor: how the varlen function tells its two call forms apart."""
     if isinstance(value, torch.Tensor):
         return value.dim() == 0
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
