@@ -276,7 +276,7 @@ def test_deterministic_and_every_backward_plan(
     rows (16-bit, `num_labelled` <= rows / 3), and the two-pass plan (tiny scratch budget)."""
     if device.type != "cpu":
         pytest.skip("the plans are forced through the interpreter's launch family")
-    h, w, b, y = _inputs(device, dtype, labelled=0.25, bias=True, d=40, vocab=300)
+    h, w, b, y = _inputs(device, dtype, labelled=0.25, bias=True, d=256, vocab=300)
     n_lab = int((y != -100).sum())
     assert 3 * n_lab <= ROWS
 
@@ -290,21 +290,21 @@ def test_deterministic_and_every_backward_plan(
     assert all(torch.equal(a, b_) for a, b_ in zip(one, grads())), "not reproducible"
     fam = mntp_triton._CONFIGS["interpreter"]
     elem = 4 if dtype == torch.float32 else 2
-    plan = mntp_triton._bwd_plan_of(fam, ROWS, n_lab, 300, 40, 4, elem, True, True)
+    plan = mntp_triton._bwd_plan_of(fam, ROWS, n_lab, 300, 256, 4, elem, True, True)
     assert plan.vocab >= 300 and not plan.two_pass, "one chunk by default at these sizes"
     _plans(monkeypatch, vocab_cap=128)  # 3 vocabulary chunks of 128
     fam = mntp_triton._CONFIGS["interpreter"]
     results = {}
     for name, kw in (("all rows", {}), ("num_labelled", {"num_labelled": n_lab})):
         plan = mntp_triton._bwd_plan_of(
-            fam, ROWS, kw.get("num_labelled", ROWS), 300, 40, 4, elem, True, True
+            fam, ROWS, kw.get("num_labelled", ROWS), 300, 256, 4, elem, True, True
         )
         assert plan.vocab == 128 and not plan.two_pass
         results[(name, plan.acc_mode)] = grads(**kw)
     modes = {mode for _, mode in results}
     assert modes == ({1} if dtype == torch.float32 else {0, 2}), modes
     monkeypatch.setattr(mntp_triton, "_SCRATCH_BYTES", 1)
-    plan = mntp_triton._bwd_plan_of(fam, ROWS, ROWS, 300, 40, 4, elem, True, True)
+    plan = mntp_triton._bwd_plan_of(fam, ROWS, ROWS, 300, 256, 4, elem, True, True)
     assert plan.two_pass and plan.rows < ROWS and plan.vocab < 300
     results[("two-pass", 0)] = grads()
     assert all(torch.equal(a, b_) for a, b_ in zip(results[("two-pass", 0)], grads()))

@@ -409,10 +409,11 @@ def _dh_role(
         acc_ptrs = acc_ptr + local_r[:, None].to(tl.int64) * stride_acc + ds[None, :]
     elif ACC_MODE == 1:
         acc_ptrs = acc_ptr + rows[:, None] * stride_acc + ds[None, :]
-    else:
-        spare = n_valid + (r0 + local_r)[:, None] * 2 + (ds // acc_width)[None, :]
-        prow = tl.load(order_ptr + spare, mask=mask, other=0).to(tl.int64)
-        acc_ptrs = acc_ptr + prow * stride_acc + (ds % acc_width)[None, :]
+    else:  # the tile's columns lie in one half (the host asks acc_width % BLOCK_N == 0)
+        half = (pid_d * BLOCK_N) // acc_width
+        spare = n_valid + (r0 + local_r) * 2 + half
+        prow = tl.load(order_ptr + spare, mask=row_mask, other=0).to(tl.int64)
+        acc_ptrs = acc_ptr + prow[:, None] * stride_acc + (ds - half * acc_width)[None, :]
     if first == 0:
         acc += tl.load(acc_ptrs, mask=mask, other=0.0)
     if last != 0:
@@ -674,10 +675,11 @@ def _bwd_plan_of(
     (its K loop covers all slots) and dH's float32 partial across vocabulary chunks lives where
     it costs no memory when it can: in dH itself for float32 inputs, else in the rows of dH that
     are ignored (zero in the result): that takes `n >= 3 * bound` for 16-bit dH (MNTP labels
-    20-33% of rows). Vc is the largest multiple of the alignment with `Rc Vc elem` (+ a partial
-    buffer when one is needed) within `_SCRATCH_BYTES`. Example (bf16, H100): n = 32,768, 9,830
-    labelled, V = 151,936: Rc = 9,984, Vc = 2,048 (39 MB; 2,304 would fit, see
-    `_balanced_vocab_chunk`), 75 chunks, d = 1024 or 2048 alike.
+    20-33% of rows) and `d / 2` a multiple of the GEMM tile width (d = 1024, 2048, ...). Vc is
+    at most the largest multiple of the alignment with `Rc Vc elem` (+ a partial buffer when one
+    is needed) within `_SCRATCH_BYTES`, then chosen by `_balanced_vocab_chunk` for full waves.
+    Example (bf16, H100): n = 32,768, 9,830 labelled, V = 151,936: Rc = 9,984, Vc = 1,792 at
+    d = 1024 (85 chunks, 34.5 MB) and 1,536 at d = 2048 (99 chunks, 29.6 MB).
     When no single row chunk fits (many labelled rows and no room for dH's partial), the
     two-pass plan of `_two_pass_sizes_of` bounds the memory at 10 n V d FLOPs.
     """
@@ -688,8 +690,8 @@ def _bwd_plan_of(
         mode = 0
     elif dh_elem == 4:
         mode = 1
-    elif (d * dh_elem) % 4 == 0 and n >= bound * (1 + 4 // dh_elem):
-        mode = 2
+    elif (d * dh_elem // 4) % family.gemm.block_n == 0 and n >= bound * (1 + 4 // dh_elem):
+        mode = 2  # (a GEMM tile's columns then lie in one of the two spare rows)
     else:
         mode = 0
 
