@@ -96,6 +96,17 @@ def test_head_dim_256(dtype, device):
     check_against_reference(q, k, v, window_size=(-1, 0))
 
 
+def test_split_dkdv_backward(monkeypatch, device):
+    """The two-launch dK/dV path (dV, then dK; sm_90 takes it at head dim 256) on a small head
+    dim: GQA, a softcap and a window, against the float64 reference."""
+    from bidirlm.kernels import attention_triton
+
+    families = ("hopper", "ampere", "nvidia", "cdna", "amd", "interpreter")
+    monkeypatch.setattr(attention_triton, "FUSED_DKDV_MAX_D", dict.fromkeys(families, 16))
+    q, k, v = _inputs((1, 40, 4, 32), (1, 40, 2, 32), torch.bfloat16, device)
+    check_against_reference(q, k, v, softcap=5.0, window_size=(12, 7), deterministic=True)
+
+
 @pytest.mark.parametrize(
     "window",
     [(-1, 0), (0, -1), (5, 5), (7, 2), (0, 0), (40, 3)],
@@ -379,6 +390,37 @@ def test_launch_config_table():
     assert set(CONFIGS) >= {"hopper", "ampere", "cdna", "amd", "nvidia", "interpreter"}
     with pytest.raises(ValueError, match="head dim"):
         pick_config("hopper", 320, False)
+
+
+def test_variant_configs_replace_the_dense_ones():
+    """On Hopper a packed / GQA / windowed call takes VARIANT_CONFIGS (the dense tiles spill in
+    those variants); a dense call and fp32 keep CONFIGS; other families have no overrides."""
+    from bidirlm.kernels.attention_triton import (
+        VARIANT_CONFIGS,
+        AttnShape,
+        _plan,
+        variant_overrides,
+    )
+
+    def plan(hq: int, hkv: int, packed: bool, window: bool, dtype=torch.bfloat16):
+        shape = AttnShape(2, 256, hq, hkv, 128, packed)
+        return _plan("hopper", False, dtype, shape, window, False, False, False, False)
+
+    dense = plan(4, 4, False, False)
+    assert dense.dkdv["BLOCK_M"] == pick_config("hopper", 128, True).block_m
+    over = variant_overrides("hopper", 128)
+    for p in (plan(8, 2, False, False), plan(4, 4, True, False), plan(4, 4, False, True)):
+        assert (p.dkdv["BLOCK_M"], p.dkdv["BLOCK_N"]) == (
+            over["dkdv"].block_m,
+            over["dkdv"].block_n,
+        )
+        assert p.fwd["num_warps"] == over["fwd"].num_warps
+    assert (
+        plan(8, 2, False, False, torch.float32).dkdv["BLOCK_M"]
+        == pick_config("hopper", 128, True, dtype=torch.float32).block_m
+    )
+    assert variant_overrides("cdna", 128) == {} and variant_overrides("hopper", 512) == {}
+    assert all(d in (64, 128, 256) for d, _ in VARIANT_CONFIGS["hopper"])
 
 
 def test_autotune_space_and_fp32_configs():

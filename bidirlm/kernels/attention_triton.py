@@ -331,9 +331,11 @@ def _bwd_kv_blocks(
     slope2, window_left, window_right, offs_m, offs_d, d_ok,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_KPM: tl.constexpr, WINDOWED: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, ATOMIC_DQ: tl.constexpr, PART: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """dK/dV (and atomic dQ) contributions of query blocks [start, end) to one key block."""
+    """dK/dV (and atomic dQ) contributions of query blocks [start, end) to one key block
+    (PART 0: dK and dV, 1: dV only, 2: dK only)."""
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
         q_ptrs = q_base + rows[:, None] * stride_qt + offs_d[None, :]
@@ -375,16 +377,18 @@ def _bwd_kv_blocks(
                 valid = valid & (cols[:, None] >= pos[None, :] - window_left)
                 valid = valid & (cols[:, None] <= pos[None, :] + window_right)
             pT = tl.where(valid, pT, 0.0)
-        dv = _dot(pT.to(do.dtype), do, dv, IEEE)
-        dpT = _dot(v, tl.trans(do), None, IEEE)
-        dsT = pT * (dpT - delta[None, :])
-        if HAS_SOFTCAP:  # d/dx [c * tanh(x / c)] = 1 - tanh^2
-            dsT = dsT * (1.0 - tT * tT)
-        dk = _dot(dsT.to(q.dtype), q, dk, IEEE)
-        if ATOMIC_DQ:
-            dq = _dot(tl.trans(dsT).to(k.dtype), k, None, IEEE) * sm_scale
-            dq_ptrs = dq_base + rows[:, None] * stride_dqt + offs_d[None, :]
-            tl.atomic_add(dq_ptrs, dq, mask=q_mask, sem="relaxed")
+        if PART != 2:
+            dv = _dot(pT.to(do.dtype), do, dv, IEEE)
+        if PART != 1:
+            dpT = _dot(v, tl.trans(do), None, IEEE)
+            dsT = pT * (dpT - delta[None, :])
+            if HAS_SOFTCAP:  # d/dx [c * tanh(x / c)] = 1 - tanh^2
+                dsT = dsT * (1.0 - tT * tT)
+            dk = _dot(dsT.to(q.dtype), q, dk, IEEE)
+            if ATOMIC_DQ:
+                dq = _dot(tl.trans(dsT).to(k.dtype), k, None, IEEE) * sm_scale
+                dq_ptrs = dq_base + rows[:, None] * stride_dqt + offs_d[None, :]
+                tl.atomic_add(dq_ptrs, dq, mask=q_mask, sem="relaxed")
     return dk, dv
 
 
@@ -402,13 +406,15 @@ def _attn_bwd_dkdv_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     PACKED: tl.constexpr, HAS_KPM: tl.constexpr, WINDOWED: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, ATOMIC_DQ: tl.constexpr, PART: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One key block of one kv head: dK, dV summed over the GROUP q heads (+ dQ by atomics).
 
     Works on transposed score tiles `[BLOCK_N, BLOCK_M]` so dV = P^T dO and dK = dS^T Q are
-    plain dots: dS = P * (dP - delta), dP = dO V^T, P = exp2(s - lse).
+    plain dots: dS = P * (dP - delta), dP = dO V^T, P = exp2(s - lse). PART 1 / 2 computes and
+    stores dV / dK alone (two launches where one program cannot hold both [BLOCK_N, D] fp32
+    accumulators in registers: head dim 256 on sm_90); 0 both.
     """
     pid_n = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -464,7 +470,7 @@ def _attn_bwd_dkdv_kernel(
             tl.minimum(full_lo, hi), seqlen_q, shift, sm_scale, qk_scale, cap_in, cap_out,
             slope2, window_left, window_right, offs_m, offs_d, d_ok,
             True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
-            ATOMIC_DQ, BLOCK_M,
+            ATOMIC_DQ, PART, BLOCK_M,
         )  # fmt: skip
         dk, dv = _bwd_kv_blocks(
             dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
@@ -472,7 +478,7 @@ def _attn_bwd_dkdv_kernel(
             seqlen_q, shift, sm_scale, qk_scale, cap_in, cap_out,
             slope2, window_left, window_right, offs_m, offs_d, d_ok,
             False, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
-            ATOMIC_DQ, BLOCK_M,
+            ATOMIC_DQ, PART, BLOCK_M,
         )  # fmt: skip
         dk, dv = _bwd_kv_blocks(
             dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
@@ -480,13 +486,15 @@ def _attn_bwd_dkdv_kernel(
             seqlen_q, shift, sm_scale, qk_scale, cap_in, cap_out,
             slope2, window_left, window_right, offs_m, offs_d, d_ok,
             True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
-            ATOMIC_DQ, BLOCK_M,
+            ATOMIC_DQ, PART, BLOCK_M,
         )  # fmt: skip
     dk = dk * sm_scale
     dk_ptrs = DK + b64 * stride_dkb + (col0 + cols[:, None]) * stride_dkt + kv_head * stride_dkh
     dv_ptrs = DV + b64 * stride_dkb + (col0 + cols[:, None]) * stride_dkt + kv_head * stride_dkh
-    tl.store(dk_ptrs + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptrs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+    if PART != 1:
+        tl.store(dk_ptrs + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
+    if PART != 2:
+        tl.store(dv_ptrs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -648,17 +656,20 @@ C = LaunchConfig
 # (4 warps) computes 64 rows per wgmma and Triton gives every warp of a chained-dot kernel its
 # own rows (warpsPerCTA [num_warps, 1]), so more than rows/16 warps duplicate the work. The
 # dK/dV kernel's dots have BLOCK_N rows (S^T, dP^T), the dQ kernel's BLOCK_M rows.
-# Forward: 128x128 tiles at D <= 64; at D=128 a 128x128 tile spills 200 B with two pipeline
-# stages (8 B with one), so D=128 keeps 128x64 with two stages, and D=256 narrows the key block
-# to 32. D=256's dK/dV kernel still spills (~1.1 KB on sm_90: two [32, 256] fp32 accumulators).
+# Hopper (2026-12-07): 4-warp programs of at most ~240 registers so two programs share an SM (one
+# program's MMAs overlap the other's softmax: the static model, bench/perf_model.py, predicts
+# this; not yet measured); the hd128 backward keeps two stages in dK/dV and 64-key dQ blocks; at
+# D=256 dK and dV come from two launches (FUSED_DKDV_MAX_D) and dQ uses 16-key blocks, the only
+# shapes found that compile without a spill with triton 3.6 and 3.9. Heavier variants take
+# VARIANT_CONFIGS.
 # AMD CDNA: no TMA or warp specialisation, no software pipelining on its LDS (num_stages=1),
 # waves_per_eu sized so no kernel spills VGPRs, never more than 8 warps (wave64). Checked by
 # compiling for sm_90, gfx942 and gfx90a (registers, spills, wgmma); not yet timed on hardware.
 CONFIGS: dict[str, list[tuple[int, LaunchConfig, LaunchConfig, LaunchConfig]]] = {
     "hopper": [
-        (64, C(128, 128, 8, 3), C(64, 128, 8, 2), C(128, 64, 8, 2)),
-        (128, C(128, 64, 8, 2), C(32, 128, 8, 1), C(128, 32, 8, 2)),
-        (256, C(128, 32, 8, 2), C(32, 64, 4, 1), C(64, 16, 4, 1)),
+        (64, C(64, 128, 4, 3), C(64, 64, 4, 2), C(64, 64, 4, 2)),
+        (128, C(64, 64, 4, 2), C(32, 64, 4, 2), C(64, 64, 4, 2)),
+        (256, C(64, 32, 4, 2), C(32, 64, 8, 2), C(128, 16, 8, 2)),
     ],
     "ampere": [
         (64, C(128, 128, 8, 2), C(64, 128, 8, 2), C(128, 64, 8, 2)),
@@ -702,6 +713,35 @@ _KERNEL_INDEX = {"fwd": 1, "dkdv": 2, "dq": 3}
 # sm_90 the dK/dV tile at D=128 (K, V, dK, dV of 128 keys on chip) plus dQ's dot spills 50-640
 # bytes per variant, while the two-kernel backward (dQ recomputes S and dP) compiles clean.
 ATOMIC_DQ_MAX_D = {"hopper": 64, "ampere": 64, "nvidia": 64, "cdna": 128, "amd": 128}
+# Largest head dim whose dK and dV come from one dK/dV program; above it two launches (dV, then
+# dK) each hold one [BLOCK_N, D] fp32 accumulator. On sm_90 at D=256 the fused kernel spills
+# 300 B - 5 KB in every tile shape that keeps 16-bit dots on wgmma (both triton versions).
+FUSED_DKDV_MAX_D = {"hopper": 128}
+
+# Per family: (largest head dim, {kernel: config}) replacing the CONFIGS entry for a 16-bit call
+# with packed sequences, a window, softcap, ALiBi, a key padding mask or GQA/MQA (see
+# `variant_overrides`). On sm_90 the dense configs above spill 4-364 B in those variants with
+# triton 3.6 or 3.9 (GQA's head loop in dK/dV, the window and varlen index math); these compile
+# without a spill in every quick-suite variant with both (docs/perf-log.md, 2026-12-07).
+_C = LaunchConfig
+VARIANT_CONFIGS: dict[str, list[tuple[int, dict[str, LaunchConfig]]]] = {
+    "hopper": [
+        (64, {"dkdv": _C(32, 128, 8, 2)}),
+        (128, {"fwd": _C(128, 64, 8, 2), "dkdv": _C(16, 128, 8, 2), "dq": _C(64, 32, 4, 2)}),
+        (256, {"fwd": _C(128, 32, 8, 1), "dkdv": _C(16, 64, 8, 3), "dq": _C(128, 16, 8, 2)}),
+    ],
+}
+del _C
+
+
+def variant_overrides(family: str, head_dim: int) -> dict[str, LaunchConfig]:
+    """Configs that replace `pick_config`'s for a 16-bit call with any of: packed sequences, a
+    window, a softcap, ALiBi, a key padding mask or GQA/MQA (more index math, masks and per-head
+    pointers live in registers than in the dense kernel)."""
+    for max_d, overrides in VARIANT_CONFIGS.get(family, ()):
+        if head_dim <= max_d:
+            return dict(overrides)
+    return {}
 
 
 def pick_config(
@@ -764,7 +804,7 @@ _TUNE_KEY = [
 def _tuned(kernel_name: str, family: str, head_dim: int) -> triton.runtime.Autotuner:
     kernel = globals()[kernel_name]
     reset = ["DQ"] if kernel_name == "_attn_bwd_dkdv_kernel" else None
-    key = _TUNE_KEY + (["ATOMIC_DQ"] if kernel_name == "_attn_bwd_dkdv_kernel" else [])
+    key = _TUNE_KEY + (["ATOMIC_DQ", "PART"] if kernel_name == "_attn_bwd_dkdv_kernel" else [])
     return triton.autotune(autotune_configs(family, head_dim), key=key, reset_to_zero=reset)(kernel)
 
 
@@ -837,6 +877,9 @@ def _plan(
     cfgs = {
         k: pick_config(family, shape.head_dim, False, dtype=dtype, kernel=k) for k in _KERNEL_INDEX
     }
+    heavy = shape.packed or windowed or has_softcap or has_kpm or has_alibi or shape.hq != shape.hkv
+    if heavy and dtype != torch.float32:
+        cfgs.update(variant_overrides(family, shape.head_dim))
 
     def full(cfg: LaunchConfig, extra: dict) -> dict:
         return {
@@ -1061,10 +1104,15 @@ def attention_backward(
         *strides_q, *strides_k, *strides_v, *strides_do, *strides_dq,
         *_strides(dk, packed), *lse_strides, stride_mb, stride_ab, *scalars,
     )  # fmt: skip
-    kw = {**plan.dkdv, "ATOMIC_DQ": atomic}
-    _run(
-        "_attn_bwd_dkdv_kernel", plan.grid_dkdv, shape.kv_len, "BLOCK_N", dkdv_args, kw, plan.family
-    )
+    # Above FUSED_DKDV_MAX_D one program cannot hold both fp32 accumulators: dV, then dK, each
+    # recomputing P (one more S = K Q^T per key block: 8 GEMMs per score instead of 7).
+    split = shape.head_dim > FUSED_DKDV_MAX_D.get(plan.family, 256) and not atomic
+    for part in (1, 2) if split else (0,):
+        kw = {**plan.dkdv, "ATOMIC_DQ": atomic, "PART": part}
+        _run(
+            "_attn_bwd_dkdv_kernel", plan.grid_dkdv, shape.kv_len, "BLOCK_N", dkdv_args, kw,
+            plan.family,
+        )  # fmt: skip
     if atomic:
         return dq_buf.to(q.dtype), dk, dv
     dq_args = (
