@@ -363,10 +363,11 @@ class InfoNCEConfig:
 G = GradConfig
 CONFIGS: dict[str, InfoNCEConfig] = {
     # H100/H200 (sm90+): 128x128 tiles, BLOCK_K 64, 3 stages = 96 KB of shared memory of 228 KB.
-    # The backward: one program per SM owning 64 rows, 8 warps (4 spill 400-500 B: the E tile,
-    # its exponentials and the GEMM accumulator are live together); its float32 [64, d]
-    # partial per SM is the memory that bounds the resident programs (69 MB at d = 2048).
-    "hopper": InfoNCEConfig(128, 128, 64, 8, 3, G(64, 128, 64, 128, 512, 8, 3)),
+    # The backward: one program per SM owning 64 rows, 8 warps, 64-wide GEMM tiles (4 warps
+    # spill 400-500 B on sm_90; 8 warps with 128-wide GEMM tiles still 12 B on triton 3.6: the
+    # E tile, its exponentials and the GEMM accumulator are live together); its float32
+    # [64, d] partial per SM is the memory that bounds the resident programs (69 MB, d = 2048).
+    "hopper": InfoNCEConfig(128, 128, 64, 8, 3, G(64, 128, 64, 64, 512, 8, 3)),
     # A100 (sm80): 164 KB of shared memory per SM, so BLOCK_K 32 keeps 3 stages at 48 KB.
     "ampere": InfoNCEConfig(128, 128, 32, 8, 3, G(64, 128, 32, 128, 512, 8, 3)),
     # Older NVIDIA parts (Turing, Volta): smaller tiles fit their 64-96 KB shared memory.
