@@ -162,3 +162,71 @@ def test_parse_dataclass_is_generic() -> None:
     ):
         parse_dataclass(_Outer, {"title": "t", "inner": {"colour": 1}})
     assert isinstance(train_config_from_dict(minimal()), TrainConfig)
+
+
+def test_large_run_keys_round_trip_and_resolve(tmp_path: Path) -> None:
+    """The keys of issue 28 parse, write back to TOML and read back equal; held-out source paths
+    resolve against the config file's folder like data sources."""
+    path = tmp_path / "cfg" / "run.toml"
+    path.parent.mkdir()
+    path.write_text(
+        """
+model = "embedded:tiny"
+phase = "mntp"
+[train]
+output = "out"
+tokens_per_step = 4096
+token_budget = "ablation"
+seed = 42
+tensorboard = false
+[optim]
+warmup_fraction = 0.01
+[data]
+tokens_per_batch = 1024
+log_shares_every = 10
+[[data.sources]]
+path = "shards/*.parquet"
+weight = 4
+[[data.sources]]
+path = "more"
+streaming = true
+[heldout]
+every = 100
+tokens = 512
+tasks = ["eval.jsonl"]
+[[heldout.sources]]
+path = "heldout.jsonl"
+name = "english"
+"""
+    )
+    config = load_train_config(path)
+    assert config.train.steps == -(-10_000_000_000 // 4096) and config.train.seed == 42
+    assert config.data.sources[0].path == str(tmp_path / "cfg" / "shards" / "*.parquet")
+    assert config.data.sources[1].streaming and not config.data.sources[0].streaming
+    assert config.heldout.sources[0].path == str(tmp_path / "cfg" / "heldout.jsonl")
+    assert config.heldout.tasks == ["eval.jsonl"] and config.heldout.every == 100
+    again = train_config_from_dict(tomllib.loads(config.to_toml()))
+    assert again == config
+    contrastive = load_train_config(
+        EXAMPLES / "tiny-contrastive.toml",
+        ["train.pairs_per_step=32", "data.sources.0.symmetric=true"],
+    )
+    assert contrastive.train.pairs_per_step == 32 and contrastive.data.sources[0].symmetric
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.tokens_per_step=-1"], "train.tokens_per_step must be >= 0"),
+        (["train.token_budget=-5", "train.tokens_per_step=8"], "train.token_budget must be >= 0"),
+        (["optim.warmup_fraction=1.5"], "optim.warmup_fraction must be in [0, 1)"),
+        (["data.log_shares_every=-1"], "data.log_shares_every must be >= 0"),
+        (["heldout.every=5"], "heldout.every is set but heldout.sources and heldout.tasks"),
+        (["heldout.tokens=1"], "heldout.tokens must be >= 2"),
+        (["data.sources.0.symmetric=maybe"], "expected true or false"),
+    ],
+)
+def test_large_run_keys_bad_values(overrides: list[str], message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        load_train_config(EXAMPLES / "tiny-mntp.toml", overrides)
+    assert message in str(info.value) and "\n" not in str(info.value)

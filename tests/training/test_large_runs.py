@@ -195,9 +195,7 @@ def test_training_logs_the_realised_token_shares_bf16(tmp_path: Path) -> None:
     short.write_text("".join(json.dumps({"text": f"apple {i % 7}"}) + "\n" for i in range(400)))
     long = tmp_path / "long.jsonl"
     long.write_text(
-        "".join(
-            json.dumps({"text": " ".join(["zebra"] * 60 + [str(i)])}) + "\n" for i in range(40)
-        )
+        "".join(json.dumps({"text": " ".join(["zebra"] * 60 + [str(i)])}) + "\n" for i in range(40))
     )
     out = tmp_path / "run"
     config = _config(
@@ -345,6 +343,30 @@ def test_datasets_streaming_source_resumes_and_splits_by_rank(tmp_path: Path) ->
     glob = open_source(SourceConfig(str(folder / "*.jsonl"), streaming=True))
     assert isinstance(glob, HFStreamSource) and len(glob.files) == 2
     assert check_sources([config], fields=("text",))[0].first_record()["id"] in (0, 1)
+
+
+def test_packed_stream_over_datasets_streaming_resumes_mid_document(
+    tmp_path: Path, tokenizer
+) -> None:
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": "long " * (15 + i)}) + "\n" for i in range(20)))
+
+    def stream():
+        source = open_source(SourceConfig(str(path), streaming=True))
+        return PackedBatches(
+            [source], [1.0], tokenizer, tokens_per_batch=40, max_seq_len=16, seed=0
+        )
+
+    a = stream()
+    assert a.per_rank  # a streamed source: each rank reads its own part
+    for _ in range(5):
+        a.next_batch()
+    state = json.loads(json.dumps(a.state_dict()))
+    assert state["pending"] is not None  # mid-document
+    b = stream()
+    b.load_state_dict(state)
+    for _ in range(12):  # past the end of the file: a second epoch
+        assert torch.equal(a.next_batch().input_ids, b.next_batch().input_ids)
 
 
 # ---------------------------------------------------------------------- symmetric instructions

@@ -379,6 +379,8 @@ class HFStreamSource(StreamSource):
         self.epoch = 0
         self._ds: Any = None
         self._it: Any = None
+        # Where the next iterator starts (the dataset reports it only once iterating).
+        self._pending: dict[str, Any] | None = None
 
     def _dataset(self) -> Any:
         if self._ds is None:
@@ -392,6 +394,7 @@ class HFStreamSource(StreamSource):
                 ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world)
             self._ds = ds
             self._start = copy.deepcopy(ds.state_dict())  # an epoch starts here
+            self._pending = copy.deepcopy(self._start)
         return self._ds
 
     def next_record(self) -> dict[str, Any]:
@@ -399,13 +402,15 @@ class HFStreamSource(StreamSource):
             if self._it is None:
                 ds = self._dataset()
                 ds.set_epoch(self.epoch)
+                ds.load_state_dict(copy.deepcopy(self._pending))
                 self._it = iter(ds)
+                self._pending = None
             try:
                 return dict(next(self._it))
             except StopIteration:  # the next epoch starts from the beginning
                 self.epoch += 1
                 self._it = None
-                self._dataset().load_state_dict(copy.deepcopy(self._start))
+                self._pending = copy.deepcopy(self._start)
         raise ValueError(f"data source {self.name} has no records for rank {self.rank}")
 
     def first_record(self) -> dict[str, Any]:
@@ -422,11 +427,14 @@ class HFStreamSource(StreamSource):
         return f"a record of epoch {self.epoch + 1}"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "datasets": copy.deepcopy(self._dataset().state_dict())}
+        ds = self._dataset()
+        position = self._pending if self._it is None else ds.state_dict()
+        return {"epoch": self.epoch, "datasets": copy.deepcopy(position)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._dataset()
         self.epoch = int(state["epoch"])
-        self._dataset().load_state_dict(copy.deepcopy(state["datasets"]))
+        self._pending = copy.deepcopy(state["datasets"])
         self._it = None
 
 
