@@ -408,3 +408,19 @@ def test_legacy_mode_is_refused_as_installed_mergekit_does(tok_models, tmp_path)
         merge_from_config(config_from_dict(config), tmp_path / "ours")
     with pytest.raises(ValueError, match="Tensor size mismatch"):
         run_mergekit(config, tmp_path / "theirs")
+
+
+def test_mergekit_model_dump_runs_unchanged(models, tmp_path):
+    """A config dumped by mergekit's own `MergeConfiguration.model_dump()` (every unset key as
+    None, `modules: None` included) merges as its YAML does."""
+    mk_config = pytest.importorskip("mergekit.config")
+    config = two_model(str(models["a"]), str(models["b"]), "slerp", str(models["a"]))
+    config["parameters"] = {"t": 0.35}
+    dumped = mk_config.MergeConfiguration.model_validate(config).model_dump()
+    assert "modules" in dumped and dumped["modules"] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MergeWarning)
+        merge_from_config(config_from_dict(dumped), tmp_path / "dumped")
+        merge_from_config(config_from_dict(config), tmp_path / "yaml")
+    a, b = load_folder(tmp_path / "dumped"), load_folder(tmp_path / "yaml")
+    assert all(bits_equal(a[n], b[n]) for n in b)

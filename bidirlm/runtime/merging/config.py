@@ -303,6 +303,8 @@ def evaluate_setting(setting: Any, name: str, t: float) -> Any:
 def _check_keys(data: Mapping[str, Any], valid: Sequence[str], where: str) -> None:
     for key in data:
         if key in UNSUPPORTED_TOP_KEYS and where == "merge config":
+            if data[key] is None:  # mergekit's model_dump() writes every unset key as null
+                continue
             raise MergeError(UNSUPPORTED_TOP_KEYS[key])
         if key not in valid:
             raise MergeError(f"unknown key {key!r} in {where}; valid keys: {', '.join(valid)}")
