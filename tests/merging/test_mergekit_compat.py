@@ -412,7 +412,7 @@ def test_legacy_mode_is_refused_as_installed_mergekit_does(tok_models, tmp_path)
 
 def test_mergekit_model_dump_runs_unchanged(models, tmp_path):
     """A config dumped by mergekit's own `MergeConfiguration.model_dump()` (every unset key as
-    None, `modules: None` included) merges as its YAML does."""
+    None, `modules: None` included), or the `MergeConfiguration` itself, merges as its YAML."""
     mk_config = pytest.importorskip("mergekit.config")
     config = two_model(str(models["a"]), str(models["b"]), "slerp", str(models["a"]))
     config["parameters"] = {"t": 0.35}
@@ -422,5 +422,7 @@ def test_mergekit_model_dump_runs_unchanged(models, tmp_path):
         warnings.simplefilter("ignore", MergeWarning)
         merge_from_config(config_from_dict(dumped), tmp_path / "dumped")
         merge_from_config(config_from_dict(config), tmp_path / "yaml")
+        merge_from_config(mk_config.MergeConfiguration.model_validate(config), tmp_path / "obj")
     a, b = load_folder(tmp_path / "dumped"), load_folder(tmp_path / "yaml")
     assert all(bits_equal(a[n], b[n]) for n in b)
+    assert all(bits_equal(t, b[n]) for n, t in load_folder(tmp_path / "obj").items())

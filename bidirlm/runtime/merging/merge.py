@@ -343,7 +343,7 @@ def _close_synced(fh: Any) -> None:
 
 
 def merge_from_config(
-    config: MergeConfig | str | os.PathLike,
+    config: MergeConfig | Mapping[str, Any] | str | os.PathLike,
     output: str | os.PathLike,
     *,
     shard_size: str | int = "5GB",
@@ -354,7 +354,8 @@ def merge_from_config(
     on_tensor: Callable[[str, int, int], None] | None = None,
     allow_non_finite: bool = False,
 ) -> MergeResult:
-    """Run a merge described by a `MergeConfig` or a YAML file into the folder `output`.
+    """Run a merge described by a `MergeConfig`, a YAML file, a parsed YAML mapping or mergekit's
+    own `MergeConfiguration` object into the folder `output`.
 
     `threads` reader/merge threads (default min(4, cores)); `on_tensor(name, done, total)` is
     called after each output tensor is written. Raises `MergeError` for bad inputs before the
@@ -364,7 +365,11 @@ def merge_from_config(
     `allow_non_finite` (for inputs that already hold such values on purpose). The output must
     not be, or contain, an input model or the working directory.
     """
-    if not isinstance(config, MergeConfig):
+    if isinstance(config, Mapping):  # a parsed YAML mapping
+        config = config_from_dict(config)
+    elif hasattr(config, "model_dump"):  # mergekit's MergeConfiguration (pydantic)
+        config = config_from_dict(config.model_dump(mode="json", exclude_none=True))
+    elif not isinstance(config, MergeConfig):
         config = load_config(config)
     max_bytes = parse_size(shard_size)
     if threads is None:
