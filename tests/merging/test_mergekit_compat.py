@@ -426,3 +426,38 @@ def test_mergekit_model_dump_runs_unchanged(models, tmp_path):
     a, b = load_folder(tmp_path / "dumped"), load_folder(tmp_path / "yaml")
     assert all(bits_equal(a[n], b[n]) for n in b)
     assert all(bits_equal(t, b[n]) for n, t in load_folder(tmp_path / "obj").items())
+
+
+@pytest.mark.parametrize("case", ["linear", "slerp", "ties", "sce", "karcher", "nuslerp-base-11"])
+def test_mergekit_run_and_check_merge_with_only_the_import_changed(case, models):
+    """mergekit's `tests/common.py::run_and_check_merge` body, with `run_merge` imported from
+    bidirlm instead of mergekit: it writes into mergekit's fresh temporary folder, and mergekit's
+    own loader and architecture tables accept the result (no NaN, every weight present)."""
+    import os
+    import tempfile
+
+    mk_config = pytest.importorskip("mergekit.config")
+    from mergekit.architecture import arch_info_for_config
+    from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
+    from mergekit.merge import MergeOptions
+    from transformers import AutoConfig
+
+    from bidirlm.runtime.merging.merge import run_merge  # the only changed import
+
+    config = mk_config.MergeConfiguration.model_validate(cases(models)[case])
+    with tempfile.TemporaryDirectory() as tmpdir, warnings.catch_warnings():
+        warnings.simplefilter("ignore", MergeWarning)
+        run_merge(config, out_path=tmpdir, options=MergeOptions())
+        index_path = os.path.join(tmpdir, "model.safetensors.index.json")
+        assert os.path.exists(index_path) or os.path.exists(index_path.replace(".index.json", ""))
+        assert os.path.exists(os.path.join(tmpdir, "config.json"))
+        loader = LazyTensorLoader.from_disk(tmpdir, lazy_unpickle=False)
+        for name in loader.index.tensor_paths:
+            assert not loader.get_tensor(name).view(-1).isnan().any()
+        model_config = AutoConfig.from_pretrained(tmpdir)
+        index = ShardedTensorIndex.from_disk(tmpdir)
+        for weight in arch_info_for_config(model_config).all_weights(model_config):
+            if not weight.optional:
+                assert weight.name in index.tensor_paths or any(
+                    a in index.tensor_paths for a in weight.aliases
+                ), weight.name

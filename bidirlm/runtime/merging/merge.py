@@ -112,6 +112,7 @@ __all__ = [
     "merge",
     "merge_from_config",
     "parse_size",
+    "run_merge",
 ]
 
 REPORT_NAME = "merge_report.json"
@@ -353,6 +354,7 @@ def merge_from_config(
     progress: bool = False,
     on_tensor: Callable[[str, int, int], None] | None = None,
     allow_non_finite: bool = False,
+    replace_empty: bool = False,
 ) -> MergeResult:
     """Run a merge described by a `MergeConfig`, a YAML file, a parsed YAML mapping or mergekit's
     own `MergeConfiguration` object into the folder `output`.
@@ -421,7 +423,12 @@ def merge_from_config(
         # and oversubscribe the cores our reader threads already use.
         torch.set_num_threads(1)
         sources = [m.path for m in config.models] + [config.config_from, config.tokenizer_from]
-        folder = AtomicFolder(output, force=force, inputs=[p for p in sources if p is not None])
+        folder = AtomicFolder(
+            output,
+            force=force,
+            inputs=[p for p in sources if p is not None],
+            replace_empty=replace_empty,
+        )
         with folder as tmp:
             stats = _stream(
                 tasks,
@@ -457,6 +464,22 @@ def merge_from_config(
         seconds=time.perf_counter() - start,
         report=result_report,
     )
+
+
+def run_merge(
+    merge_config: Any,
+    out_path: str | os.PathLike,
+    options: Any = None,
+    config_source: str | None = None,
+) -> MergeResult:
+    """mergekit's `run_merge(merge_config, out_path, options)` call form, so mergekit's own
+    tests run with only this import changed: `merge_config` a `MergeConfiguration`, a mapping or
+    a YAML path; `out_path` may be an existing empty folder (mergekit's tests pass a fresh
+    temporary directory). Of `options` only `out_shard_size` is read (the rest concerns
+    mergekit's executor: devices, lazy loading, LoRA cache); `config_source` is ignored (the
+    recipe copy is written from the configuration)."""
+    shard_size = getattr(options, "out_shard_size", None) or "5GB"
+    return merge_from_config(merge_config, out_path, shard_size=shard_size, replace_empty=True)
 
 
 def _save_config_copy(config: MergeConfig, tmp: Path) -> None:
