@@ -13,12 +13,12 @@ import inspect
 import json
 import subprocess
 import sys
-import tomllib
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 import torch.nn.functional as F
 import yaml
@@ -26,11 +26,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import bidirlm
-from bidirlm.cli import COMMANDS, build_parser, main
+from bidirlm.cli import build_parser, main
 from bidirlm.runtime import compose_omni, load_model, merge
 from bidirlm.runtime.embedded import embedded_tiny_model
 from bidirlm.runtime.models.media import write_wav
-from bidirlm.runtime.training import load_train_config, train, train_config_from_dict
+from bidirlm.runtime.training import train, train_config_from_dict
 from tests.omni.helpers import image, specialists, tone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -388,3 +388,590 @@ def test_no_import_circle_between_modules() -> None:
         if v not in index:
             visit(v)
     assert cycles == [], cycles
+
+
+# --- wave 3: the performance engineer's workbench -----------------------------------------------
+
+COMPUTING = (
+    "train",
+    "merge",
+    "compose",
+    "pipeline",
+    "export",
+    "encode",
+    "eval",
+    "predict",
+    "finetune-sweep",
+    "domain-transfer",
+    "profile",
+    "check",
+    "demo",
+)
+
+
+@pytest.mark.parametrize("command", COMPUTING)
+def test_threads_on_every_command_that_computes(command: str) -> None:
+    assert "--threads" in _options(command)
+
+
+def test_workbench_options_exist() -> None:
+    assert {"--steps", "--set"} <= _options("profile")
+    assert "--plot" in _options("bench")
+    assert "--rope-from" in _options("compose")
+    assert "--format" in _options("export")
+
+
+def test_bench_without_a_suite_lists_the_suites_and_runs_nothing(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "bidirlm", "bench"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    for suite in ("attention", "mntp_loss", "infonce", "merge", "compile"):
+        assert suite in run.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_suite_plot_writes_a_png(tmp_path: Path, torch_kernels) -> None:
+    results = tmp_path / "results"
+    rc = main(["bench", "mntp_loss", "--quick", "--plot", "--results", str(results)])
+    assert rc == 0
+    pngs = list(results.glob("*.png"))
+    assert pngs and pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(results.glob("*.jsonl"))
+
+
+def test_profile_writes_a_trace_and_a_breakdown(tmp_path: Path, torch_kernels) -> None:
+    out = tmp_path / "prof"
+    config = ROOT / "examples" / "tiny-mntp.toml"
+    rc = main(
+        ["profile", str(config), "--steps", "2", "--set", "data.tokens_per_batch=128"]
+        + ["--output", str(out), "--threads", "1"]
+    )
+    assert rc == 0
+    trace = json.loads((out / "trace.json").read_text())
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    assert any("bidirlm.mntp_loss" in str(e.get("name", "")) for e in events)
+    assert "MNTP loss" in (out / "breakdown.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def bidirectional_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bi") / "bi"
+    load_model(embedded_tiny_model(), bidirectional=True).save_pretrained(out)
+    return out
+
+
+def test_check_exits_1_on_a_causal_model_and_0_on_a_bidirectional_one(
+    bidirectional_tiny: Path, torch_kernels, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["check", str(embedded_tiny_model()), "--threads", "1"]) == 1
+    out = capsys.readouterr()
+    assert "causal" in (out.out + out.err)
+    assert main(["check", str(bidirectional_tiny), "--threads", "1"]) == 0
+
+
+# --- wave 2/3: BidirLM-Omni: compose, the released layout, export, media ------------------------
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny specialists; the vision model's RoPE theta differs from the text model's (as the real
+    Qwen3-VL-2B's 5e6 differs from Qwen3-1.7B's 1e6)."""
+    root = tmp_path_factory.mktemp("parts")
+    out = specialists(root)
+    config = json.loads((out["vision"] / "config.json").read_text())
+    text = config["text_config"]
+    if isinstance(text.get("rope_parameters"), dict):
+        text["rope_parameters"]["rope_theta"] = 50000.0
+    if "rope_theta" in text:
+        text["rope_theta"] = 50000.0
+    (out["vision"] / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def _theta(config: dict) -> float:
+    text = config["text_config"]
+    params = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    return float(text.get("rope_theta") or params["rope_theta"])
+
+
+@pytest.fixture(scope="module")
+def omni(parts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("omni") / "omni"
+    args = ["--text", str(parts["text"]), "--vision", str(parts["vision"])]
+    rc = main(["compose", *args, "--audio", str(parts["audio"]), str(out), "--threads", "1"])
+    assert rc == 0
+    return out
+
+
+def test_compose_default_rope_from_is_vision_and_recorded(omni: Path) -> None:
+    config = json.loads((omni / "config.json").read_text())
+    assert config["model_type"] == "bidirlm_omni"
+    assert config["rope_from"] == "vision"
+    assert _theta(config) == 50000.0
+
+
+@pytest.mark.parametrize("source", ["text", "audio"])
+def test_compose_rope_from_option_is_recorded(
+    parts: dict[str, Path], tmp_path: Path, source: str, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "omni"
+    rc = main(
+        ["compose", "--text", str(parts["text"]), "--vision", str(parts["vision"])]
+        + ["--audio", str(parts["audio"]), str(out), "--rope-from", source, "--weights", "1,1,1"]
+    )
+    assert rc == 0
+    assert f"rope-from {source}" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_from"] == source and _theta(config) == 10000.0
+
+
+def test_compose_rope_from_bad_value_is_refused(parts: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):  # argparse choices
+        main(["compose", "--text", str(parts["text"]), str(tmp_path / "o"), "--rope-from", "x"])
+    with pytest.raises(ValueError, match="rope_from"):
+        compose_omni(parts["text"], parts["vision"], None, tmp_path / "o2", rope_from="x")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
+
+
+def test_omni_encode_mixed_items_and_empty(omni: Path, tmp_path: Path, torch_kernels) -> None:
+    model = load_model(omni)
+    pic = tmp_path / "pic.png"
+    image(3).save(pic)
+    wav = tmp_path / "clip.wav"
+    write_wav(wav, tone(300)["array"], 16000)
+    items = ["a caption", image(1), str(pic), tone(440), str(wav)]
+    emb = model.encode(items)
+    d = emb.shape[1]
+    assert emb.shape == (5, d) and torch.isfinite(emb).all()
+    assert tuple(model.encode([]).shape) == (0, d)
+    with pytest.raises(ValueError, match="nope.png"):
+        model.encode([str(tmp_path / "nope.png")])
+
+
+def _names(folder: Path) -> set[str]:
+    names: set[str] = set()
+    for f in folder.glob("*.safetensors"):
+        with safe_open(f, "pt") as h:
+            names |= set(h.keys())
+    return names
+
+
+def test_export_bidirlm_omni_layout_loads_back_identically(
+    omni: Path, tmp_path: Path, torch_kernels
+) -> None:
+    out = tmp_path / "released"
+    assert main(["export", str(omni), str(out), "--format", "bidirlm-omni", "--threads", "1"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "bidirlm_omni"
+    assert {"text_config", "vision_config", "audio_config"} <= set(config)
+    prefixes = {n.split(".")[0] for n in _names(out)}
+    assert prefixes == {"language_model", "visual", "audio_tower"}
+    items = ["text", image(0), tone(500)]
+    torch.testing.assert_close(load_model(out).encode(items), load_model(omni).encode(items))
+    # and the released layout exports again to the same tensors
+    again = tmp_path / "again"
+    assert main(["export", str(out), str(again), "--format", "bidirlm-omni"]) == 0
+    a, b = load_file(next(out.glob("*.safetensors"))), load_file(next(again.glob("*.safetensors")))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_bidirlm_text_layout_is_bidirectional(tmp_path: Path, torch_kernels) -> None:
+    out = tmp_path / "text"
+    assert main(["export", str(embedded_tiny_model()), str(out), "--format", "bidirlm"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("is_causal") is False or config.get("use_bidirectional_attention") is True
+    texts = ["def f(x): return x", "import os"]
+    ref = load_model(embedded_tiny_model(), bidirectional=True).encode(texts)
+    torch.testing.assert_close(load_model(out).encode(texts), ref)
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["image", "audio"])
+def test_media_records_fine_tune_an_omni_model(
+    omni: Path, tmp_path: Path, kind: str, torch_kernels
+) -> None:
+    (tmp_path / "media").mkdir()
+    rows = []
+    for i in range(6):
+        if kind == "image":
+            image(i).save(tmp_path / "media" / f"{i}.png")
+            rows.append({"image": f"media/{i}.png", "text": "bright?", "label": ["a", "b"][i % 2]})
+        else:
+            write_wav(tmp_path / "media" / f"{i}.wav", tone(200 + 900 * (i % 2))["array"], 16000)
+            rows.append({"audio": f"media/{i}.wav", "text": "pitch?", "label": ["a", "b"][i % 2]})
+    data = _jsonl(tmp_path / "data.jsonl", rows)
+    config = train_config_from_dict(
+        {
+            "model": str(omni),
+            "phase": "sequence-classification",
+            "train": {"output": str(tmp_path / "run"), "steps": 2, "progress_bar": False},
+            "optim": {"lr": 1e-3},
+            "data": {"batch_size": 3, "max_seq_len": 16, "sources": [{"path": str(data)}]},
+            "task": {"dev": str(data), "eval_every": 2},
+        }
+    )
+    final = Path(train(config))
+    assert final.is_dir()
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("dev" in r for r in metrics)
+    before, after = load_file(next(omni.glob("*.safetensors"))), {}
+    for f in final.glob("*.safetensors"):
+        after.update(load_file(f))
+    towers = [n for n in before if n.startswith(TOWERS)]
+    assert towers and all(torch.equal(before[n], after[n]) for n in towers)
+
+
+def test_shipped_omni_recipe_has_a_compose_phase(tmp_path: Path) -> None:
+    recipes = [p for p in (PACKAGE / "recipe").glob("*.toml") if "omni" in p.name]
+    assert recipes
+    recipe = tomllib.loads(recipes[0].read_text())
+    kinds = {name: table.get("kind") for name, table in recipe.items() if isinstance(table, dict)}
+    assert "compose" in kinds.values()
+    assert "compose" in recipe["recipe"]["phases"]
+
+
+def test_omni_recipe_check_names_missing_inputs_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["pipeline", "omni-2.5b", "--check"]) == 1
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert "compose.vision" in err and "compose.audio" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- wave 3: large runs --------------------------------------------------------------------------
+
+PAPER_RECIPES = ("qwen3-0.6b", "qwen3-1.7b", "gemma3-270m", "gemma3-1b")
+
+
+@pytest.mark.parametrize("name", PAPER_RECIPES)
+def test_paper_recipes_carry_table_2_and_3_sizes_and_seed_42(name: str) -> None:
+    recipe = tomllib.loads((PACKAGE / "recipe" / f"{name}.toml").read_text())
+    trains = {k: t for k, t in recipe.items() if isinstance(t, dict) and t.get("kind") == "train"}
+    assert trains
+    for table in trains.values():
+        assert table["train"]["seed"] == 42
+    steps = {table["phase"]: table["train"] for table in trains.values()}
+    assert steps["mntp"]["tokens_per_step"] == 2359296
+    assert steps["contrastive"]["pairs_per_step"] == 512
+
+
+def test_pipeline_check_names_missing_data_in_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    """`--check` of a paper recipe on a real model folder fails in one line on the data files
+    the user has not provided."""
+    monkeypatch.chdir(tmp_path)
+    rc = main(
+        ["pipeline", "qwen3-0.6b", "--check", "--set", f"recipe.base={embedded_tiny_model()}"]
+    )
+    out = capsys.readouterr()
+    assert rc == 1 and "does not exist" in out.err  # the data files of the recipe are absent
+    _one_line(out.err)
+
+
+def test_mfu_peaks_by_device_name_count_an_mi250x_per_gcd() -> None:
+    from bidirlm.runtime.training.mfu import PEAK_FLOPS, peak_flops
+
+    assert peak_flops("AMD Instinct MI250X", "bfloat16") == pytest.approx(191.5e12)
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == pytest.approx(989e12)
+    assert peak_flops("NVIDIA H100 PCIe", "float16") == pytest.approx(756e12)
+    assert peak_flops("AMD Instinct MI300X", "bfloat16") == pytest.approx(1307e12)
+    assert peak_flops("Some Unknown GPU") is None
+    assert {"H200", "A100", "MI325"} <= {k for k in PEAK_FLOPS}
+
+
+def _parquet_folder(folder: Path) -> Path:
+    import pyarrow as pa  # the [train] extra
+    import pyarrow.parquet as pq
+
+    from bidirlm.runtime.embedded import corpus
+
+    texts = [t for t in corpus.python_docs_texts() if t.strip()][:40]
+    (folder / "sub").mkdir(parents=True)
+    pq.write_table(pa.table({"text": texts[:20]}), folder / "part-0.parquet")
+    pq.write_table(pa.table({"text": texts[20:]}), folder / "sub" / "part-1.parquet")
+    return folder
+
+
+def test_tokens_per_step_derives_accumulation_on_a_parquet_folder_bf16(
+    tmp_path: Path, torch_kernels
+) -> None:
+    data = _parquet_folder(tmp_path / "shards")
+    config = train_config_from_dict(
+        {
+            "model": "embedded:tiny",
+            "phase": "causal",
+            "train": {
+                "output": str(tmp_path / "run"),
+                "steps": 2,
+                "tokens_per_step": 256,
+                "dtype": "bfloat16",
+                "progress_bar": False,
+            },
+            "data": {"tokens_per_batch": 128, "max_seq_len": 64, "sources": [{"path": str(data)}]},
+        }
+    )
+    assert config.train.tokens_per_step == 256
+    train(config)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert steps and all(r["grad_accum"] == 2 for r in steps)
+    assert all(np.isfinite(r["loss"]) for r in steps)
+
+
+def test_tokens_per_step_not_a_multiple_is_refused_naming_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="tokens_per_step") as err:
+        config = train_config_from_dict(
+            {
+                "model": "embedded:tiny",
+                "phase": "causal",
+                "train": {"output": str(tmp_path / "r"), "steps": 1, "tokens_per_step": 200},
+                "data": {"tokens_per_batch": 128, "sources": [{"path": "embedded:python-docs"}]},
+            }
+        )
+        train(config)
+    assert "\n" not in str(err.value)
+
+
+def test_contrastive_sources_take_instruction_symmetric_and_pairs_per_step_bf16(
+    tmp_path: Path, torch_kernels
+) -> None:
+    rows = [{"query": f"question {i}", "positive": f"answer {i} text"} for i in range(16)]
+    data = _jsonl(tmp_path / "pairs.jsonl", rows)
+    config = train_config_from_dict(
+        {
+            "model": str(embedded_tiny_model()),
+            "phase": "contrastive",
+            "train": {
+                "output": str(tmp_path / "run"),
+                "steps": 1,
+                "pairs_per_step": 8,
+                "dtype": "bfloat16",
+                "progress_bar": False,
+            },
+            "data": {
+                "batch_size": 4,
+                "sources": [
+                    {"path": str(data), "instruction": "Same meaning: ", "symmetric": True}
+                ],
+            },
+        }
+    )
+    source = config.data.sources[0]
+    assert source.instruction == "Same meaning: " and source.symmetric is True
+    train(config)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["grad_accum"] for r in rows if "loss" in r] == [2]
+
+
+# --- wave 3: drop-in compatibility ---------------------------------------------------------------
+
+
+def test_liger_compat_matches_liger_signatures() -> None:
+    from liger_kernel.ops.fused_linear_cross_entropy import (
+        LigerFusedLinearCrossEntropyFunction as TheirFunction,
+    )
+    from liger_kernel.transformers.fused_linear_cross_entropy import (
+        LigerFusedLinearCrossEntropyLoss as TheirLoss,
+    )
+
+    from bidirlm.kernels.liger_compat import LigerFusedLinearCrossEntropyLoss
+
+    def described(fn) -> list[tuple[str, object]]:  # noqa: ANN001
+        return [(n, p.default) for n, p in _params(fn).items() if n not in ("self", "ctx")]
+
+    assert described(LigerFusedLinearCrossEntropyLoss.__init__) == described(TheirLoss.__init__)
+    assert [n for n, _ in described(LigerFusedLinearCrossEntropyLoss.forward)] == [
+        n for n, _ in described(TheirLoss.forward)
+    ]
+    # Liger's Function takes 15 arguments before its backend choices (ce_impl, ce_mode, ...)
+    assert [n for n, _ in described(TheirFunction.forward)][:3] == [
+        "_input",
+        "weight",
+        "target",
+    ]
+
+
+def test_liger_compat_loss_and_function_forms(torch_kernels) -> None:
+    from bidirlm.kernels import LigerFusedLinearCrossEntropyFunction as Function
+    from bidirlm.kernels import LigerFusedLinearCrossEntropyLoss as Loss
+
+    torch.manual_seed(0)
+    weight = torch.randn(50, 16, requires_grad=True)
+    hidden = torch.randn(12, 16, requires_grad=True)
+    target = torch.randint(0, 50, (12,))
+    target[3] = -100
+    bias = torch.randn(50)
+    loss = Loss(label_smoothing=0.1)(weight, hidden, target, bias)
+    want = F.cross_entropy(hidden @ weight.T + bias, target, label_smoothing=0.1)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    loss.backward()
+    assert hidden.grad is not None and weight.grad is not None
+    out = Loss(return_z_loss=True, lse_square_scale=1e-4, return_token_accuracy=True)(
+        weight, _input=hidden, target=target
+    )
+    assert torch.isfinite(out.loss) and out.z_loss is not None and out.token_accuracy is not None
+    got = Function.apply(hidden, weight, target, None, None, -100, 0.0, 0.0, "mean", None, False)
+    assert isinstance(got, tuple) and len(got) == 4
+    torch.testing.assert_close(got[0], F.cross_entropy(hidden @ weight.T, target))
+
+
+def test_flash_attn_compat_takes_tensors_where_flash_attn_does(torch_kernels) -> None:
+    from bidirlm.kernels.flash_attn_compat import flash_attn_func, flash_attn_varlen_func
+
+    q, k, v = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)
+    window = torch.tensor([2, 1])
+    by_tensor = flash_attn_func(q, k, v, window_size=window, softmax_scale=torch.tensor(0.2))
+    by_int = flash_attn_func(q, k, v, window_size=(2, 1), softmax_scale=0.2)
+    torch.testing.assert_close(by_tensor, by_int)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    a = flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, torch.tensor(5), torch.tensor(5))
+    b = flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 5, 5, np.float32(0.0))
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="dropout_p"):
+        flash_attn_func(q, k, v, 0.1)
+
+
+def test_flash_attn_compat_lse_is_plus_inf_without_a_visible_key(torch_kernels) -> None:
+    from bidirlm.kernels.flash_attn_compat import flash_attn_func
+
+    q, k, v = torch.randn(1, 4, 2, 16), torch.randn(1, 2, 2, 16), torch.randn(1, 2, 2, 16)
+    out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    # bottom-right causal, Sq=4 > Sk=2: queries 0 and 1 see no key
+    assert torch.equal(out[:, :2], torch.zeros_like(out[:, :2]))
+    assert torch.isinf(lse[:, :, :2]).all() and (lse[:, :, :2] > 0).all()
+    assert torch.isfinite(lse[:, :, 2:]).all()
+
+
+def test_flash_attn_with_kvcache_writes_the_cache_and_attends(torch_kernels) -> None:
+    from bidirlm.kernels.flash_attn_compat import flash_attn_func, flash_attn_with_kvcache
+
+    torch.manual_seed(0)
+    k_cache, v_cache = torch.randn(2, 10, 2, 16), torch.randn(2, 10, 2, 16)
+    q, k, v = torch.randn(2, 3, 4, 16), torch.randn(2, 3, 2, 16), torch.randn(2, 3, 2, 16)
+    old = k_cache.clone()
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=4)
+    assert torch.equal(k_cache[:, 4:7], k) and torch.equal(k_cache[:, :4], old[:, :4])
+    ref = flash_attn_func(q, k_cache[:, :7], v_cache[:, :7])
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(ValueError, match="block_table"):
+        flash_attn_with_kvcache(
+            q, k_cache, v_cache, block_table=torch.zeros(2, 1, dtype=torch.int32)
+        )
+
+
+def test_sentence_transformers_fused_classes() -> None:
+    from sentence_transformers import losses
+
+    from bidirlm.integrations import sentence_transformers as ours
+
+    symmetric = "CachedMultipleNegativesSymmetricRankingLoss"
+    pairs = {
+        f"Fused{symmetric}": symmetric,
+        "FusedGISTEmbedLoss": "GISTEmbedLoss",
+        "FusedCachedGISTEmbedLoss": "CachedGISTEmbedLoss",
+        "FusedMultipleNegativesRankingLoss": "MultipleNegativesRankingLoss",
+        "FusedCachedMultipleNegativesRankingLoss": "CachedMultipleNegativesRankingLoss",
+    }
+    for mine, theirs in pairs.items():
+        assert issubclass(getattr(ours, mine), getattr(losses, theirs)), mine
+
+
+@pytest.fixture(scope="module")
+def st_model(bidirectional_tiny: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    from sentence_transformers import SentenceTransformer
+
+    out = tmp_path_factory.mktemp("st") / "st"
+    assert main(["export", str(bidirectional_tiny), str(out), "--pooling", "mean"]) == 0
+    return SentenceTransformer(str(out), device="cpu")
+
+
+@pytest.mark.parametrize(
+    "name", ["FusedGISTEmbedLoss", "FusedCachedMultipleNegativesSymmetricRankingLoss"]
+)
+def test_fused_st_losses_equal_the_originals(st_model, name: str, torch_kernels) -> None:
+    from sentence_transformers import losses
+
+    from bidirlm.integrations import sentence_transformers as ours
+
+    original = getattr(losses, name.removeprefix("Fused"))
+    kwargs = {"guide": st_model} if "GIST" in name else {"mini_batch_size": 2}
+    texts = [["what is a list", "how to open a file", "sort numbers"]]
+    texts += [["a list is a sequence", "open() returns a file", "sorted() sorts"]]
+    values = []
+    for cls in (getattr(ours, name), original):
+        loss = cls(st_model, **kwargs)
+        features = [st_model.tokenize(t) for t in texts]
+        values.append(loss(features, None))
+    torch.testing.assert_close(values[0], values[1], rtol=1e-4, atol=1e-4)
+
+
+# --- wave 3: mergekit methods and ignored parameters ----------------------------------------------
+
+NEW_METHODS = {
+    "sce": {"select_topk": 0.5},
+    "ram": {},
+    "ramplus_tl": {"r": 0.05, "alpha": 1.0},
+    "multislerp": {},
+    "karcher": {"max_iter": 5},
+    "arcee_fusion": {},
+    "nearswap": {"t": 0.001},
+}
+
+
+@pytest.fixture(scope="module")
+def three_models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    from tests.merging.fixtures import qwen3
+
+    root = tmp_path_factory.mktemp("three")
+    return [qwen3(root / name, seed, shard=None) for seed, name in enumerate("abc")]
+
+
+@pytest.mark.parametrize("method", sorted(NEW_METHODS))
+def test_merge_has_the_new_mergekit_methods(three_models, tmp_path: Path, method: str) -> None:
+    a, b, c = (str(p) for p in three_models)
+    config = {
+        "merge_method": method,
+        "models": [  # mergekit's own test configs give every model a weight
+            {"model": a, "parameters": {"weight": 0.6}},
+            {"model": b, "parameters": {"weight": 0.4}},
+        ],
+        "dtype": "bfloat16",
+        "base_model": a if method in ("arcee_fusion", "nearswap") else c,
+    }
+    if NEW_METHODS[method]:
+        config["parameters"] = NEW_METHODS[method]
+    path = tmp_path / "merge.yml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["merge", str(path), str(tmp_path / "out"), "--threads", "1", "--quiet"]) == 0
+    merged = load_file(next((tmp_path / "out").glob("*.safetensors")))
+    assert merged and all(torch.isfinite(t.float()).all() for t in merged.values())
+
+
+def test_merge_accepts_parameters_mergekit_ignores_with_a_warning(
+    three_models, tmp_path: Path
+) -> None:
+    a, b = (str(p) for p in three_models[:2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merge(
+            [a, b],
+            [0.5, 0.5],
+            tmp_path / "out",
+            method="slerp",
+            base=a,
+            parameters={"t": 0.3, "density": 0.5},
+        )
+    lines = [str(w.message) for w in caught if "ignores" in str(w.message)]
+    assert len(lines) == 1 and "density" in lines[0]
+    assert (tmp_path / "out" / "config.json").is_file()
