@@ -97,6 +97,7 @@ from bidirlm.runtime.training.config import (
 from bidirlm.runtime.training.data import source_exists
 from bidirlm.runtime.training.masking import check_mask_token
 from bidirlm.runtime.training.mfu import DEVICE_CLASSES, PEAK_FLOPS, device_hours
+from bidirlm.runtime.training.task_metrics import finite_or_none
 
 PHASE_RECORD = "phase.json"
 RECIPES_DIR = Path(__file__).resolve().parent
@@ -537,7 +538,9 @@ def _read_record(phase: Phase) -> dict[str, Any] | None:
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    # NaN / Inf (a last loss that was not finite) become null: a bare NaN is not JSON
+    text = json.dumps(finite_or_none(data), indent=2, sort_keys=True, default=str, allow_nan=False)
+    tmp.write_text(text + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 

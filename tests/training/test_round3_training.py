@@ -75,6 +75,13 @@ def test_json_writer_never_writes_nan() -> None:
     assert _strict(text) == {"score": None, "dev": {"pearson": None, "n": 3}}
 
 
+def test_pipeline_records_write_a_nan_loss_as_null(tmp_path: Path) -> None:
+    from bidirlm.recipe.pipeline import _write_json
+
+    _write_json(tmp_path / "phase.json", {"result": {"loss": float("nan"), "step": 3}})
+    assert _strict((tmp_path / "phase.json").read_text()) == {"result": {"loss": None, "step": 3}}
+
+
 def _seqcls(output: Path, *extra: str) -> list[str]:
     base = [
         str(EXAMPLES / "tiny-seqcls.toml"),
