@@ -394,3 +394,34 @@ def test_gist_model_gradient_precision(tiny_model) -> None:
         errors.append(max((grads[n].double() - ref[n]).abs().max().item() for n in grads))
     theirs, mine = errors
     assert mine <= 2 * theirs, (mine, theirs)
+
+
+@pytest.mark.parametrize("mini_batch_size", [2, 3])
+def test_gist_matryoshka_matches_cached_gist_matryoshka(tiny_model, mini_batch_size: int) -> None:
+    """MatryoshkaLoss around the plain and the cached fused GIST: the same loss and gradients
+    (the guide is a copy of the model, as sentence-transformers' test has it), and the same as
+    MatryoshkaLoss around sentence-transformers' GISTEmbedLoss."""
+    import copy
+
+    model = tiny_model
+    guide = copy.deepcopy(model)
+    labels = torch.zeros(5, dtype=torch.long)
+
+    def loss_and_grads(inner):
+        model.zero_grad()
+        features = [model.preprocess(ANCHORS), model.preprocess(POSITIVES)]
+        value = losses.MatryoshkaLoss(model, inner, matryoshka_dims=[32, 16, 8])(features, labels)
+        value.backward()
+        return value.detach(), gradients(model)
+
+    plain_loss, plain_grads = loss_and_grads(ours.FusedGISTEmbedLoss(model, guide=guide))
+    cached_loss, cached_grads = loss_and_grads(
+        ours.FusedCachedGISTEmbedLoss(model, guide=guide, mini_batch_size=mini_batch_size)
+    )
+    theirs_loss, theirs_grads = loss_and_grads(losses.GISTEmbedLoss(model, guide=guide))
+    assert_trained(plain_grads)
+    assert plain_loss.item() == pytest.approx(cached_loss.item(), rel=1e-4, abs=1e-5)
+    assert plain_loss.item() == pytest.approx(theirs_loss.item(), rel=1e-4, abs=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grad, cached_grads[name], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(grad, theirs_grads[name], **GIST_GRAD_TOL)
