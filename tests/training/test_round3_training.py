@@ -116,6 +116,26 @@ def test_nan_dev_metric_is_null_in_best_json_and_metrics(
         _strict(line)
 
 
+def test_a_finite_score_beats_a_first_nan_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bidirlm.runtime.training.phases import finetune
+
+    scores = iter([float("nan"), 0.25, 0.125])
+
+    def scored(*args, **kwargs):
+        value = next(scores)
+        return {"accuracy": value, "macro_f1": value, "n": 4}
+
+    monkeypatch.setattr(finetune, "score_examples", scored)
+    out = tmp_path / "run"
+    dev = _write(tmp_path / "dev.jsonl", package_task("heldout")[:8])
+    args = _seqcls(out, "train.steps=3", "train.checkpoint_every=0", f"task.dev={dev}")
+    assert main([*args, "--set", "task.eval_every=1"]) == 0
+    best = _strict((out / "best.json").read_text())
+    assert (best["step"], best["score"]) == (2, 0.25)
+
+
 # ------------------------------------------------------------------ item 11
 
 
