@@ -474,13 +474,28 @@ def test_tensorboard_event_files_bf16(tmp_path: Path) -> None:
     assert not (off / "tensorboard").exists()
 
 
-def test_wandb_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if wandb_available():  # pragma: no cover - not installed in CI
-        monkeypatch.setenv("WANDB_MODE", "offline")
-        out = tmp_path / "run"
-        train(_config("causal", out, "train.steps=1", "train.wandb=true"))
-        assert (out / "wandb").is_dir()
-        return
+def test_without_tensorboard_the_run_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bidirlm.runtime.training import monitor
+
+    monkeypatch.setattr(monitor, "tensorboard_available", lambda: False)
+    out = tmp_path / "run"
+    train(_config("causal", out, "train.steps=1"))
+    assert "the tensorboard package is not installed" in capsys.readouterr().err
+    assert not (out / "tensorboard").exists() and len(_rows(out)) == 1
+
+
+@pytest.mark.skipif(not wandb_available(), reason="the wandb package is not installed")
+def test_wandb_logs_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    train(_config("causal", out, "train.steps=2", "train.wandb=true"))
+    assert (out / "wandb").is_dir() and len(_rows(out)) == 2
+
+
+@pytest.mark.skipif(wandb_available(), reason="wandb is installed: the run would log to it")
+def test_wandb_asked_for_without_the_package(tmp_path: Path) -> None:
     config = _config("causal", tmp_path / "run", "train.steps=1", "train.wandb=true")
     with pytest.raises(ValueError, match="train.wandb = true but the wandb package") as info:
         train(config)
