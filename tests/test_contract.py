@@ -9,6 +9,7 @@ reference (`BIDIRLM_KERNELS=torch`) except a few tiny cases in Triton's interpre
 from __future__ import annotations
 
 import ast
+import importlib.util
 import inspect
 import json
 import subprocess
@@ -26,11 +27,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import bidirlm
-from bidirlm.cli import build_parser, main
+from bidirlm.cli import COMMANDS, build_parser, main
 from bidirlm.runtime import compose_omni, load_model, merge
 from bidirlm.runtime.embedded import embedded_tiny_model
 from bidirlm.runtime.models.media import write_wav
-from bidirlm.runtime.training import train, train_config_from_dict
+from bidirlm.runtime.training import load_train_config, train, train_config_from_dict
 from tests.omni.helpers import image, specialists, tone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -727,6 +728,9 @@ def test_tokens_per_step_derives_accumulation_on_a_parquet_folder_bf16(
     steps = [r for r in rows if "loss" in r]
     assert steps and all(r["grad_accum"] == 2 for r in steps)
     assert all(np.isfinite(r["loss"]) for r in steps)
+    # TensorBoard event files appear when the package (the `tensorboard` extra) is installed
+    if importlib.util.find_spec("tensorboard") is not None:
+        assert list((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
 
 
 def test_tokens_per_step_not_a_multiple_is_refused_naming_the_key(tmp_path: Path) -> None:
@@ -975,3 +979,82 @@ def test_merge_accepts_parameters_mergekit_ignores_with_a_warning(
     lines = [str(w.message) for w in caught if "ignores" in str(w.message)]
     assert len(lines) == 1 and "density" in lines[0]
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+# --- wave 1/2: runtime API and CLI ----------------------------------------------------------------
+
+
+def test_runtime_signatures() -> None:
+    from bidirlm.runtime.models.encoder import Encoder
+
+    assert list(_params(load_model))[:1] == ["path"]
+    got = _keyword_defaults(load_model)
+    assert {k: got[k] for k in ("dtype", "device", "bidirectional")} == {
+        "dtype": None,
+        "device": None,
+        "bidirectional": True,
+    }
+    forward = _keyword_defaults(Encoder.forward)
+    want = {"attention_mask": None, "cu_seqlens": None, "max_seqlen": None, "position_ids": None}
+    assert {k: forward[k] for k in want} == want
+    assert list(_params(merge))[:3] == ["models", "weights", "output"]
+    got = _keyword_defaults(merge)
+    assert got["method"] == "linear" and got["base"] is None
+    assert list(_params(compose_omni))[:4] == ["text", "vision", "audio", "output"]
+    assert _keyword_defaults(compose_omni)["rope_from"] is None  # None: the documented default
+
+
+def test_text_encoder_contract(tmp_path: Path, torch_kernels) -> None:
+    model = load_model(embedded_tiny_model())
+    vocab, d = model.lm_head_weight.shape  # [V, d]
+    config = json.loads((Path(embedded_tiny_model()) / "config.json").read_text())
+    assert vocab == config["vocab_size"]
+    assert tuple(model.encode([]).shape) == (0, d)
+    ids = torch.randint(0, 100, (2, 5))
+    hidden = model(ids, attention_mask=torch.ones(2, 5, dtype=torch.long))
+    assert hidden.shape == (2, 5, d)
+    packed = model(ids.reshape(-1), cu_seqlens=torch.tensor([0, 5, 10], dtype=torch.int32),
+                   max_seqlen=5)  # fmt: skip
+    assert packed.shape == (10, d)
+    torch.testing.assert_close(packed.reshape(2, 5, d), hidden, rtol=1e-4, atol=1e-4)
+    model.save_pretrained(tmp_path / "bi")
+    config = json.loads((tmp_path / "bi" / "config.json").read_text())
+    assert config["is_causal"] is False
+
+
+def test_gemma3_bidirectional_is_recorded_the_transformers_way(tmp_path: Path) -> None:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
+    )  # fmt: skip
+    Gemma3ForCausalLM(config).save_pretrained(tmp_path / "g")
+    load_model(tmp_path / "g").save_pretrained(tmp_path / "bi")
+    saved = json.loads((tmp_path / "bi" / "config.json").read_text())
+    assert saved["use_bidirectional_attention"] is True
+
+
+def test_every_documented_command_exists() -> None:
+    documented = {"env", "train", "merge", "export", "encode", "eval", "bench", "demo"}
+    documented |= {"compose", "pipeline", "predict", "finetune-sweep", "domain-transfer"}
+    documented |= {"profile", "check"}
+    assert documented <= set(COMMANDS)
+
+
+def test_unknown_config_key_lists_the_valid_ones(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="valid keys") as err:
+        train_config_from_dict(
+            {"model": "embedded:tiny", "phase": "mntp", "train": {"output": "x", "stepz": 3}}
+        )
+    assert "stepz" in str(err.value) and "steps" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("example", "phase"),
+    [("tiny-seqcls.toml", "sequence-classification"), ("tiny-tokcls.toml", "token-classification")],
+)
+def test_fine_tuning_examples_ship(example: str, phase: str) -> None:
+    config = tomllib.loads((ROOT / "examples" / example).read_text())
+    assert config["phase"] == phase
+    assert load_train_config(ROOT / "examples" / example, []).phase == phase
