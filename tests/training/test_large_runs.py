@@ -532,3 +532,40 @@ def test_heldout_evaluation_is_logged_beside_the_loss_bf16(tmp_path: Path) -> No
         train(_config("mntp", tmp_path / "x", "train.steps=1", "heldout.every=1",
                       'heldout.tasks=["embedded"]'))  # fmt: skip
     assert os.path.isdir(out / "final")
+
+
+def test_with_a_streamed_source_every_source_is_dealt_to_the_ranks(
+    tmp_path: Path, tokenizer
+) -> None:
+    """A packed stream with a streamed source is read per rank; its random-access sources are
+    dealt too (every world-th entry of each epoch's permutation), so no record is read twice."""
+    _write_shards(tmp_path / "shards", ROWS)
+    listed = [{"text": f"listed {i}", "id": 1000 + i} for i in range(10)]
+    seen = []
+    for rank in range(2):
+        stream = PackedBatches(
+            [open_source(SourceConfig(str(tmp_path / "shards"))), ListSource("l", listed)],
+            [1.0, 1.0], tokenizer, tokens_per_batch=32, max_seq_len=16, seed=4,
+            rank=rank, world=2,
+        )  # fmt: skip
+        assert stream.per_rank
+        mix = stream._mix
+        seen.append({mix.next_index(1) for _ in range(5)})  # one epoch of this rank's share
+        assert mix.epochs[1] == 1
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(10))
+
+
+def test_bidirlm_train_hands_the_evaluator_in(tmp_path: Path) -> None:
+    from bidirlm.cli import main as cli_main
+
+    out = tmp_path / "run"
+    argv = [
+        "train", str(EXAMPLES / "tiny-mntp.toml"), "--set", f"train.output={out}",
+        "--set", "train.steps=2", "--set", "train.progress_bar=false",
+        "--set", "data.tokens_per_batch=128", "--set", "data.max_seq_len=64",
+        "--set", "train.dtype=bfloat16", "--set", "heldout.every=2",
+        "--set", 'heldout.tasks=["embedded"]',
+    ]  # fmt: skip
+    assert cli_main(argv) == 0
+    heldout = _rows(out)[-1]["heldout"]
+    assert set(heldout) == {"embedded"} and 0.0 <= heldout["embedded"]["mrr@10"] <= 1.0

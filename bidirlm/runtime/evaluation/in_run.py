@@ -21,10 +21,12 @@ from .retrieval import evaluate
 
 
 def task_evaluator(
-    config: TrainConfig, *, batch_size: int = 32, max_length: int = 512
+    config: TrainConfig, *, batch_size: int = 32, max_length: int | None = None
 ) -> Callable[[nn.Module, Sequence[str]], dict[str, Any]]:
-    """The evaluator of `config.heldout.tasks` (see the module docstring)."""
+    """The evaluator of `config.heldout.tasks` (see the module docstring); texts are cut to
+    `max_length` tokens (default: the run's `data.document_max_len`)."""
     pooling = config.contrastive.pooling
+    max_length = max_length or config.data.document_max_len
 
     def evaluate_tasks(encoder: nn.Module, tasks: Sequence[str]) -> dict[str, Any]:
         device = next(encoder.parameters()).device
