@@ -420,6 +420,8 @@ def test_workbench_options_exist() -> None:
     assert "--plot" in _options("bench")
     assert "--rope-from" in _options("compose")
     assert "--format" in _options("export")
+    assert {"--omni", "--quick"} <= _options("demo")
+    assert "--quick" in _options("bench")
 
 
 def test_bench_without_a_suite_lists_the_suites_and_runs_nothing(tmp_path: Path) -> None:
@@ -789,7 +791,11 @@ def test_liger_compat_matches_liger_signatures() -> None:
         LigerFusedLinearCrossEntropyLoss as TheirLoss,
     )
 
+    from bidirlm.kernels import liger_compat
     from bidirlm.kernels.liger_compat import LigerFusedLinearCrossEntropyLoss
+
+    assert callable(liger_compat.liger_fused_linear_cross_entropy)
+    assert liger_compat.CrossEntropyOutput is not None
 
     def described(fn) -> list[tuple[str, object]]:  # noqa: ANN001
         return [(n, p.default) for n, p in _params(fn).items() if n not in ("self", "ctx")]
@@ -844,6 +850,12 @@ def test_flash_attn_compat_takes_tensors_where_flash_attn_does(torch_kernels) ->
     torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="dropout_p"):
         flash_attn_func(q, k, v, 0.1)
+    # numpy scalars and a 0-d tensor softcap, as flash-attn's tests pass them
+    np_form = flash_attn_func(
+        q, k, v, 0.0, None, np.bool_(True), (np.int64(2), np.int64(0)), torch.tensor(3.0)
+    )
+    ref = flash_attn_func(q, k, v, causal=True, window_size=(2, 0), softcap=3.0)
+    torch.testing.assert_close(np_form, ref)
 
 
 def test_flash_attn_compat_lse_is_plus_inf_without_a_visible_key(torch_kernels) -> None:
@@ -874,8 +886,16 @@ def test_flash_attn_with_kvcache_writes_the_cache_and_attends(torch_kernels) -> 
         )
 
 
+def _st_losses():  # noqa: ANN202
+    try:
+        from sentence_transformers.sentence_transformer import losses
+    except ImportError:  # sentence-transformers before the sentence_transformer package
+        from sentence_transformers import losses
+    return losses
+
+
 def test_sentence_transformers_fused_classes() -> None:
-    from sentence_transformers import losses
+    losses = _st_losses()
 
     from bidirlm.integrations import sentence_transformers as ours
 
@@ -901,15 +921,22 @@ def st_model(bidirectional_tiny: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.mark.parametrize(
-    "name", ["FusedGISTEmbedLoss", "FusedCachedMultipleNegativesSymmetricRankingLoss"]
+    "name",
+    [
+        "FusedGISTEmbedLoss",
+        "FusedCachedGISTEmbedLoss",
+        "FusedCachedMultipleNegativesSymmetricRankingLoss",
+    ],
 )
 def test_fused_st_losses_equal_the_originals(st_model, name: str, torch_kernels) -> None:
-    from sentence_transformers import losses
+    losses = _st_losses()
 
     from bidirlm.integrations import sentence_transformers as ours
 
     original = getattr(losses, name.removeprefix("Fused"))
-    kwargs = {"guide": st_model} if "GIST" in name else {"mini_batch_size": 2}
+    kwargs = {"guide": st_model} if "GIST" in name else {}
+    if "Cached" in name:
+        kwargs["mini_batch_size"] = 2
     texts = [["what is a list", "how to open a file", "sort numbers"]]
     texts += [["a list is a sequence", "open() returns a file", "sorted() sorts"]]
     values = []
@@ -1020,6 +1047,26 @@ def test_text_encoder_contract(tmp_path: Path, torch_kernels) -> None:
     model.save_pretrained(tmp_path / "bi")
     config = json.loads((tmp_path / "bi" / "config.json").read_text())
     assert config["is_causal"] is False
+
+
+def test_released_remote_code_text_config_loads_bidirectional(tmp_path: Path) -> None:
+    """A released BidirLM text checkpoint (remote code, its own model_type) loads with our
+    modules, bidirectional, no remote code run."""
+    import shutil
+
+    remote = tmp_path / "BidirLM-0.6B"
+    shutil.copytree(embedded_tiny_model(), remote)
+    raw = json.loads((remote / "config.json").read_text())
+    raw.update(
+        model_type="bidirlm",
+        architectures=["BidirLMQwen3Model"],
+        auto_map={"AutoConfig": "configuration.BidirLMConfig", "AutoModel": "modeling.BidirLM"},
+    )
+    (remote / "config.json").write_text(json.dumps(raw))
+    model = load_model(remote)
+    texts = ["a released encoder", "reads as Qwen3"]
+    ref = load_model(embedded_tiny_model(), bidirectional=True).encode(texts)
+    torch.testing.assert_close(model.encode(texts), ref)
 
 
 def test_gemma3_bidirectional_is_recorded_the_transformers_way(tmp_path: Path) -> None:
