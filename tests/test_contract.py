@@ -407,6 +407,7 @@ COMPUTING = (
     "profile",
     "check",
     "demo",
+    "bench",  # its suites run with OMP_NUM_THREADS set from --threads
 )
 
 
@@ -440,7 +441,10 @@ def test_bench_without_a_suite_lists_the_suites_and_runs_nothing(tmp_path: Path)
 
 def test_bench_suite_plot_writes_a_png(tmp_path: Path, torch_kernels) -> None:
     results = tmp_path / "results"
-    rc = main(["bench", "mntp_loss", "--quick", "--plot", "--results", str(results)])
+    argv = ["bench", "mntp_loss", "--quick", "--plot", "--results", str(results)]
+    assert main([*argv, "--threads", "0"]) == 1  # one-line error, before anything is written
+    assert not results.exists()
+    rc = main([*argv, "--threads", "1"])
     assert rc == 0
     pngs = list(results.glob("*.png"))
     assert pngs and pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from bidirlm.cli import CommandError
+from bidirlm.commands._threads import add_threads_argument, resolve_threads
 
 SUITES = ("attention", "mntp_loss", "infonce", "model", "merge", "st_loss", "compile")
 # `all` = the measuring suites; `compile` (static GPU compiles on the CPU, minutes of ptxas and
@@ -68,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ARGS",
         help="extra arguments for every suite run, e.g. --suite-args '--seqlens 256,512'",
     )
+    add_threads_argument(parser)  # passed to every suite process as OMP_NUM_THREADS
 
 
 def describe(name: str, root: Path) -> str:
@@ -100,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
         raise CommandError(f"unknown suite(s) {unknown}; valid: {', '.join(SUITES)}, all")
+    try:
+        threads = resolve_threads(args.threads)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     if args.plot:
         try:
             import matplotlib  # noqa: F401  (optional: only --plot needs it)
@@ -111,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CommandError(f"cannot create the results folder {results}: {exc.strerror}") from None
     env = {**os.environ, "BIDIRLM_BENCH_RESULTS": str(results.resolve())}
+    if threads is not None:  # None: OMP_NUM_THREADS is already set and inherited
+        env["OMP_NUM_THREADS"] = str(threads)
     failed = []
     for name in suites:
         print(f"bench: running {name} (rows -> {results})", flush=True)
