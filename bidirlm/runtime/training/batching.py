@@ -22,9 +22,6 @@ from dataclasses import dataclass
 from .config import TrainConfig
 from .registry import get_phase
 
-TOKEN_PHASES = ("causal", "mntp")
-PAIR_PHASES = ("contrastive", "multimodal-contrastive")
-
 
 @dataclass(frozen=True)
 class StepPlan:
@@ -43,14 +40,8 @@ class StepPlan:
 
 
 def _unit(config: TrainConfig) -> str:
-    """What a step of this phase is counted in: its own name, or the phase it derives from."""
-    for cls in get_phase(config.phase).__mro__:
-        name = getattr(cls, "name", "")
-        if name in TOKEN_PHASES:
-            return "tokens"
-        if name in PAIR_PHASES:
-            return "pairs"
-    return "micro-batches"
+    """What a step of this phase is counted in (the phase's `step_unit`)."""
+    return getattr(get_phase(config.phase), "step_unit", "micro-batches")
 
 
 def step_plan(config: TrainConfig, world_size: int = 1) -> StepPlan:

@@ -6,6 +6,7 @@ is the same for every phase; a phase supplies the rest:
 | member                                   | what                                                |
 |------------------------------------------|-----------------------------------------------------|
 | `name`                                   | the `phase = "..."` of a config                     |
+| `step_unit`                              | what `train.tokens_per_step` / `pairs_per_step` count |
 | `check(config, model_path, log)`         | checks the data before any work; returns it         |
 | `bidirectional(config)`                  | the attention of the model it trains                |
 | `Phase(context, encoder)`                | builds the phase on the loaded model                |
@@ -145,6 +146,9 @@ class PhaseBase:
 
     name: ClassVar[str] = ""
     backpropagates: ClassVar[bool] = False
+    # What `train.tokens_per_step` / `pairs_per_step` count for this phase ("tokens", "pairs");
+    # "micro-batches": neither applies, `train.grad_accum` is used (`training/batching.py`).
+    step_unit: ClassVar[str] = "micro-batches"
 
     def __init__(self, context: PhaseContext, encoder: nn.Module) -> None:
         self.context = context

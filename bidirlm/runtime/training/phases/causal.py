@@ -45,6 +45,7 @@ def check_text_sources(config: TrainConfig, log: Callable[[str], None]) -> list[
 
 class CausalPhase(PhaseBase):
     name = "causal"
+    step_unit = "tokens"  # train.tokens_per_step (MNTP inherits it)
 
     @classmethod
     def check(

@@ -119,6 +119,7 @@ class ContrastiveBatches:
 class ContrastivePhase(PhaseBase):
     name = "contrastive"
     backpropagates = True
+    step_unit = "pairs"  # train.pairs_per_step
 
     @classmethod
     def check(
