@@ -6,7 +6,7 @@ is the same for every phase; a phase supplies the rest:
 | member                                   | what                                                |
 |------------------------------------------|-----------------------------------------------------|
 | `name`                                   | the `phase = "..."` of a config                     |
-| `step_unit`                              | what `train.tokens_per_step` / `pairs_per_step` count |
+| `step_unit`                              | what a step's size counts: tokens, pairs            |
 | `check(config, model_path, log)`         | checks the data before any work; returns it         |
 | `bidirectional(config)`                  | the attention of the model it trains                |
 | `Phase(context, encoder)`                | builds the phase on the loaded model                |
