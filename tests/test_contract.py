@@ -545,6 +545,20 @@ def test_compose_rope_from_bad_value_is_refused(parts: dict[str, Path], tmp_path
     assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
 
 
+def test_compose_and_export_refusals_are_one_line(
+    parts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    args = ["compose", "--text", str(parts["text"]), "--audio", str(parts["audio"])]
+    assert main([*args, str(tmp_path / "o"), "--rope-from", "vision"]) == 1  # no vision model
+    _one_line(capsys.readouterr().err)
+    text = str(embedded_tiny_model())
+    assert main(["export", text, str(tmp_path / "e"), "--format", "bidirlm-omni"]) == 1
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert "bidirlm_omni" in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()
+
+
 def test_omni_encode_mixed_items_and_empty(omni: Path, tmp_path: Path, torch_kernels) -> None:
     model = load_model(omni)
     pic = tmp_path / "pic.png"
@@ -991,6 +1005,19 @@ def test_merge_has_the_new_mergekit_methods(three_models, tmp_path: Path, method
     assert main(["merge", str(path), str(tmp_path / "out"), "--threads", "1", "--quiet"]) == 0
     merged = load_file(next((tmp_path / "out").glob("*.safetensors")))
     assert merged and all(torch.isfinite(t.float()).all() for t in merged.values())
+
+
+def test_merge_of_a_hub_id_says_local_folders_only(tmp_path: Path, capsys) -> None:
+    config = {
+        "merge_method": "linear",
+        "models": [{"model": "Qwen/Qwen3-0.6B"}],
+        "dtype": "float32",
+    }
+    (tmp_path / "m.yml").write_text(yaml.safe_dump(config))
+    assert main(["merge", str(tmp_path / "m.yml"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert "local" in err and not (tmp_path / "out").exists()
 
 
 def test_merge_accepts_parameters_mergekit_ignores_with_a_warning(
