@@ -239,6 +239,7 @@ def test_parquet_shard_folder_is_one_source_read_per_rank(tmp_path: Path) -> Non
     _write_shards(tmp_path / "shards" / "sub", ROWS)
     source = open_source(SourceConfig(str(tmp_path / "shards")))  # searched recursively
     assert isinstance(source, ParquetShardsSource) and len(source.paths) == 3
+    assert len(source) == 53  # from the footers
     glob = open_source(SourceConfig(str(tmp_path / "shards" / "*" / "part-*.parquet")))
     assert isinstance(glob, ParquetShardsSource) and glob.paths == source.paths
     source.set_rank(0, 1, seed=5)

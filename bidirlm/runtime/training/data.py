@@ -277,6 +277,10 @@ class ParquetShardsSource(StreamSource):
             self._groups[shard] = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
         return self._groups[shard]
 
+    def __len__(self) -> int:
+        """Rows in all shards (from their footers; no row is read)."""
+        return sum(sum(self._group_sizes(i)) for i in range(len(self.paths)))
+
     def _order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, 11, epoch]).permutation(len(self.paths))
 
