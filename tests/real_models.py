@@ -7,12 +7,20 @@ activation, attention window and layer-type pattern, patch / merge sizes, mel bi
 Size rules (one divisor per field, so two real models that differ in a size still differ after
 shrinking, and two that agree still agree):
 
-- text: `hidden_size` / 64, `intermediate_size` / 64, `num_attention_heads` / 4,
-  `num_key_value_heads` / 4 (GQA ratio kept), `head_dim` / 4, `num_hidden_layers` // 14 (at least
-  1, and at least up to the first `full_attention` layer when `layer_types` mixes kinds, so a
-  Gemma3 keeps its 5 sliding + 1 global pattern); `layer_types` and `max_window_layers` follow.
-  The vocabulary is kept (the special-token ids, e.g. 151655 or 151676, must stay inside it);
-  `query_pre_attn_scalar` (Gemma3's score scale) is kept as the real value.
+- text: `hidden_size` / 64, `intermediate_size` / 64, `num_key_value_heads` / 4 (at least 1),
+  `num_attention_heads` = the new KV heads times the real GQA ratio (/ 4 for Qwen3's 2:1; a
+  Gemma3 4:1 MQA keeps its 4 query heads on 1 KV head), `hidden_size` then rounded up to a
+  multiple of the heads (transformers requires it: Gemma-3-270M's 640 / 64 = 10 becomes 12),
+  `head_dim` / 4, `num_hidden_layers` // 14 (at least 1, and at least up to the first
+  `full_attention` layer when `layer_types` mixes kinds, or at least one `sliding_window_pattern`
+  period when a Gemma3 config states only the period, so a Gemma3 keeps its 5 sliding + 1 global
+  pattern); `layer_types` and `max_window_layers` follow. The vocabulary is kept (the
+  special-token ids, e.g. 151655 or 151676, must stay inside it); `sliding_window` (512 for
+  Gemma3) is kept, so sequences longer than it exercise the window.
+- `query_pre_attn_scalar` (Gemma3's score scale, `query_pre_attn_scalar ** -0.5`) is kept as the
+  real value (256) although the real model ties it to `head_dim` (256): the tiny model's
+  head_dim is 64, so its scores are scaled by 1/16 exactly as the real model's, not by
+  1/sqrt(64); what is kept is the real scale, not the tie.
 - MRoPE: `mrope_section` is scaled by (new head_dim / 2) / sum(section), rounded down, the
   remainder added to the temporal section, so it still sums to head_dim / 2 ([24, 20, 20] for
   head_dim 128 becomes [6, 5, 5] for head_dim 32).
@@ -81,13 +89,24 @@ def scale_mrope(section: list[int], half: int) -> list[int]:
 
 def _shrink_text(c: dict[str, Any]) -> None:
     heads = c.get("num_attention_heads")
+    kv = c.get("num_key_value_heads")
     _div(c, TEXT_DIV)
+    if isinstance(heads, int) and isinstance(kv, int) and kv > 0 and heads % kv == 0:
+        # the query heads follow the KV heads, so the GQA ratio stays exact (Gemma3's 4:1 MQA
+        # keeps its 4 query heads instead of collapsing to 1:1)
+        c["num_attention_heads"] = c["num_key_value_heads"] * (heads // kv)
+    if isinstance(c.get("hidden_size"), int) and isinstance(c.get("num_attention_heads"), int):
+        h = c["num_attention_heads"]  # transformers wants the width a multiple of the heads
+        c["hidden_size"] = -(-c["hidden_size"] // h) * h
     old = c.get("num_hidden_layers")
     if isinstance(old, int):
         n = max(1, old // TEXT_LAYERS_DIV)
         types = c.get("layer_types")
+        pattern = c.get("sliding_window_pattern", c.get("_sliding_window_pattern"))
         if isinstance(types, list) and "full_attention" in types and len(set(types)) > 1:
             n = max(n, types.index("full_attention") + 1)
+        elif types is None and isinstance(pattern, int) and 1 < pattern <= old:
+            n = max(n, pattern)  # a Gemma3 config that states only its period (Gemma3-1B)
         c["num_hidden_layers"] = n
         if isinstance(types, list):
             c["layer_types"] = types[:n]
