@@ -20,13 +20,19 @@ launched is reported beside it).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bidirlm.runtime.training.trainer import train
 
 # op families: an event or any of its ancestors matching the pattern belongs to the family
 OP_FAMILIES: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -155,14 +161,6 @@ def profile_training(config: Any, steps: int, output: str | Path) -> Breakdown:
     writes to a fresh `output/run-*` folder, removed afterwards, never the config's own output).
     Writes `trace.json`, `breakdown.md` and `breakdown.json` into `output`.
     """
-    import dataclasses
-    import shutil
-    import tempfile
-
-    from torch.profiler import ProfilerActivity, profile
-
-    from bidirlm.runtime.training.trainer import train
-
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     output = Path(output)
