@@ -189,3 +189,15 @@ def test_linear_merge_matches_mergekit_bitwise(config: dict, tmp_path: Path) -> 
     assert merged.config.softmax_scale == 256**-0.5
     emb = merged.encode(["the quick brown fox", "hello world"])
     assert emb.shape == (2, 12) and torch.isfinite(emb.float()).all()
+
+
+def test_gemma3_1b_shape_matches_transformers(tmp_path: Path) -> None:
+    """Gemma3-1B states only `sliding_window_pattern` 6: both sides derive the same pattern."""
+    folder = build_text(tmp_path / "1b", shrink(real_config("gemma-3-1b-it")), tokenizer=False)
+    enc = load_model(folder, bidirectional=True)
+    assert enc.config.layer_types == ("sliding_attention",) * 5 + ("full_attention",)
+    assert enc.config.hidden_size == 20 and enc.config.sliding_window == 512
+    ref = _reference(folder, bidirectional=True)
+    ids = _ids(4, 1, LONG)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(ids), ref.model(ids).last_hidden_state, rtol=0, atol=ATOL)
