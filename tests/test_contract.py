@@ -1136,3 +1136,77 @@ def test_fine_tuning_examples_ship(example: str, phase: str) -> None:
     config = tomllib.loads((ROOT / "examples" / example).read_text())
     assert config["phase"] == phase
     assert load_train_config(ROOT / "examples" / example, []).phase == phase
+
+
+def test_token_budget_presets_and_warmup_fraction() -> None:
+    def config(budget: str):  # noqa: ANN202
+        return train_config_from_dict(
+            {
+                "model": "embedded:tiny",
+                "phase": "mntp",
+                "train": {"output": "x", "tokens_per_step": 2359296, "token_budget": budget},
+                "optim": {"warmup_fraction": 0.01},
+                "data": {"tokens_per_batch": 8192, "sources": [{"path": "embedded:python-docs"}]},
+            }
+        )
+
+    ablation, scaling = config("ablation"), config("scaling")
+    assert ablation.train.steps == -(-10_000_000_000 // 2359296)
+    assert scaling.train.steps == -(-30_000_000_000 // 2359296)
+    assert ablation.optim.warmup_fraction == 0.01
+
+
+def test_heldout_section_parses() -> None:
+    config = train_config_from_dict(
+        {
+            "model": "embedded:tiny",
+            "phase": "mntp",
+            "train": {"output": "x", "steps": 2},
+            "data": {"tokens_per_batch": 128, "sources": [{"path": "embedded:python-docs"}]},
+            "heldout": {"every": 1, "tokens": 64, "sources": [{"path": "embedded:python-code"}]},
+        }
+    )
+    assert config.heldout.every == 1 and config.heldout.sources[0].path == "embedded:python-code"
+
+
+def test_a_new_phase_is_one_registered_class() -> None:
+    from bidirlm.runtime.training import PHASES, PhaseBase, register_phase
+    from bidirlm.runtime.training.phases import MNTPPhase
+
+    assert issubclass(MNTPPhase, PhaseBase)
+
+    class ContractPhase(MNTPPhase):
+        name = "contract-test-phase"
+
+    try:
+        assert register_phase(ContractPhase) is ContractPhase
+        assert PHASES["contract-test-phase"] is ContractPhase
+    finally:
+        PHASES.pop("contract-test-phase", None)
+
+
+def test_one_json_lines_reader_names_file_and_line(tmp_path: Path) -> None:
+    from bidirlm.runtime.jsonl import read_jsonl
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n{broken\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2") as err:
+        read_jsonl(path)
+    assert "\n" not in str(err.value)
+
+
+def test_flash_attn_varlen_keywords_and_infonce_gather_single_process(torch_kernels) -> None:
+    from bidirlm.kernels import infonce_loss
+    from bidirlm.kernels.flash_attn_compat import flash_attn_varlen_func
+
+    q = torch.randn(7, 2, 16)
+    cu = torch.tensor([0, 4, 7], dtype=torch.int32)
+    a = flash_attn_varlen_func(
+        q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=4, max_seqlen_k=4, causal=True
+    )
+    b = flash_attn_varlen_func(q, q, q, cu_seqlens=cu, max_seqlen=4, window_size=(-1, 0))
+    torch.testing.assert_close(a, b)
+    h, d = torch.randn(3, 8), torch.randn(5, 8)
+    torch.testing.assert_close(
+        infonce_loss(h, d, gather_across_devices=True), infonce_loss(h, d)
+    )  # one process: gathering is the identity
