@@ -20,4 +20,24 @@ for suite in attention mntp_loss infonce model; do
   timeout 300 python -m "bench.$suite" > "$OUT/bench-$suite.txt" 2>&1
   echo "rc $?" >> "$OUT/bench-$suite.txt"
 done
+# The model's error on the issue's rows (bf16, seq 4k, 16k tokens per batch = batch 4, heads =
+# 2048 / D, non-causal): measured bidirlm ms vs the predicted_ms written beside it, and SDPA
+# (flash) in the same run; paste the printed table into docs/perf-log.md with the date and card.
+timeout 200 python -m bench.attention --head-dims 64,128,256 --seqlens 4096 --no-packed \
+  > "$OUT/bench-targets.txt" 2>&1
+python - "$OUT/results" > "$OUT/model-error.txt" 2>&1 <<'PY'
+import json, pathlib, sys
+rows = [json.loads(x) for f in pathlib.Path(sys.argv[1]).glob("*.jsonl")
+        for x in f.read_text().splitlines() if x.strip()]
+rows = [r for r in rows if r.get("suite") == "attention" and r.get("ms")]
+print("| case | impl | pass | measured ms | TFLOP/s | predicted ms | model error |")
+print("|---|---|---|---|---|---|---|")
+for r in rows:
+    if "4096" not in r["case"]:
+        continue
+    pred = (r.get("extra") or {}).get("predicted_ms")
+    err = f"{100 * (pred / r['ms'] - 1):+.0f}%" if pred else ""
+    tf = f"{r['tflops']:.0f}" if r.get("tflops") else ""
+    print(f"| {r['case']} | {r['impl']} | {r['pass']} | {r['ms']:.3f} | {tf} | {pred or ''} | {err} |")
+PY
 tail -n 3 "$OUT"/*.txt

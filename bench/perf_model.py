@@ -541,12 +541,15 @@ def attention_kernels(
     gpu: str = "h100",
     deterministic: bool = False,
     calib: Calibration | None = None,
+    variant: str = "dense",
 ) -> list[KernelPrediction] | None:
-    """SASS-level predictions of every launch of a dense non-causal attention pass, or None when
-    the compile rows lack a kernel (or its main-loop facts)."""
+    """SASS-level predictions of every launch of a non-causal attention pass (the kernels the
+    compile suite recorded for `variant`, e.g. 'dense', 'packed', 'gqa'; all keys visible), or
+    None when the compile rows lack a kernel (or its main-loop facts)."""
     rows = compile_rows() if rows is None else rows
     kv_heads = kv_heads or heads
-    variant = "deterministic" if deterministic else "dense"
+    if deterministic and variant == "dense":
+        variant = "deterministic"
     label = f"attention {dtype} hd{head_dim} {variant}"
     ks = _attention_kernel_rows(rows, label)
     elt = BYTES[dtype]
@@ -646,6 +649,22 @@ def attention_report(
             lines.append(
                 f"| {p} | {d} | {tf:.0f} | {target or '-'}{mark} | {fa2} | {fa3} | {detail} |"
             )
+    lines += ["", "Variants (same shape; GQA-4: a quarter of the heads as kv heads; packed: the "
+              "varlen kernels on equal lengths):", "", "| pass | hd | dense | packed | GQA-4 |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for d in head_dims:
+        heads = max(1, 2048 // d)
+        for p in ("fwd", "bwd"):
+            cells = []
+            for variant, kv in (("dense", heads), ("packed", heads), ("gqa", max(1, heads // 4))):
+                ks = attention_kernels(batch, seqlen, heads, d, p, rows, kv_heads=kv, gpu=gpu,
+                                       variant=variant)  # fmt: skip
+                if ks is None:
+                    cells.append("-")
+                    continue
+                tf = _useful_flops(batch, heads, seqlen, d, p) / (sum(k.ms for k in ks) * 1e-3)
+                cells.append(f"{tf / 1e12:.0f}")
+            lines.append(f"| {p} | {d} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -712,7 +731,11 @@ def _sass_prediction(pairs: float, tokens: int, heads: int, kv_heads: int, head_
     batch = max(1, round(tokens / seqlen))
     det = variant == "deterministic"
     ks = attention_kernels(batch, seqlen, heads, head_dim, pass_, rows, kv_heads=kv_heads,
-                           dtype=dtype, gpu=gpu, deterministic=det)  # fmt: skip
+                           dtype=dtype, gpu=gpu, deterministic=det,
+                           variant="dense" if det else variant)  # fmt: skip
+    if ks is None and variant != "dense":  # a variant the suite did not compile: dense tiles
+        ks = attention_kernels(batch, seqlen, heads, head_dim, pass_, rows, kv_heads=kv_heads,
+                               dtype=dtype, gpu=gpu)  # fmt: skip
     if ks is None:
         return None
     ms = sum(k.ms for k in ks)

@@ -842,6 +842,7 @@ class _Plan:
     dq: dict
     pre: dict
     family: str
+    variant_configs: bool = False  # VARIANT_CONFIGS replaced some of the tiles
 
 
 @functools.lru_cache(maxsize=256)
@@ -878,8 +879,10 @@ def _plan(
         k: pick_config(family, shape.head_dim, False, dtype=dtype, kernel=k) for k in _KERNEL_INDEX
     }
     heavy = shape.packed or windowed or has_softcap or has_kpm or has_alibi or shape.hq != shape.hkv
+    overrides = {}
     if heavy and dtype != torch.float32:
-        cfgs.update(variant_overrides(family, shape.head_dim))
+        overrides = variant_overrides(family, shape.head_dim)
+    cfgs.update(overrides)
 
     def full(cfg: LaunchConfig, extra: dict) -> dict:
         return {
@@ -909,6 +912,7 @@ def _plan(
             "num_warps": 1 if interp else 4,
         },  # fmt: skip
         family=family,
+        variant_configs=bool(overrides),
     )
 
 
@@ -1093,7 +1097,13 @@ def attention_backward(
     # run). Deterministic mode: a second kernel sums dQ over key blocks in a fixed order.
     # Above ATOMIC_DQ_MAX_D the dK/dV kernel cannot also hold dQ's operands in registers (it
     # spills), so dQ comes from its own kernel there (bitwise reproducible as a bonus).
-    atomic = not deterministic and shape.head_dim <= ATOMIC_DQ_MAX_D.get(plan.family, 128)
+    # The variant tiles of the dK/dV kernel leave no room for dQ's dot as well (too few query
+    # rows for a wgmma, or spills): those calls take the two-kernel backward.
+    atomic = (
+        not deterministic
+        and shape.head_dim <= ATOMIC_DQ_MAX_D.get(plan.family, 128)
+        and not plan.variant_configs
+    )
     if atomic:
         dq_buf = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     else:
