@@ -8,7 +8,6 @@ reference (`BIDIRLM_KERNELS=torch`) except a few tiny cases in Triton's interpre
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import inspect
 import json
@@ -313,82 +312,8 @@ def test_compile_check_tooling_is_not_in_the_ops_package() -> None:
     assert "compile" in _subparser("bench").format_help() or main(["bench"]) == 0
 
 
-def test_phases_are_one_module_each_in_one_registry() -> None:
-    from bidirlm.runtime.training import PHASES
-
-    folder = PACKAGE / "runtime" / "training" / "phases"
-    want = {
-        "causal": "causal",
-        "mntp": "mntp",
-        "contrastive": "contrastive",
-        "multimodal-contrastive": "multimodal_contrastive",
-        "sequence-classification": "sequence_classification",
-        "token-classification": "token_classification",
-    }
-    for phase, module in want.items():
-        assert (folder / f"{module}.py").is_file(), module
-        assert phase in PHASES, phase
-        cls = PHASES[phase] if isinstance(PHASES[phase], type) else type(PHASES[phase])
-        assert cls.__module__ == f"bidirlm.runtime.training.phases.{module}", (phase, cls)
-    trainer = (PACKAGE / "runtime" / "training" / "trainer.py").read_text()
-    assert len(trainer.splitlines()) < 500
-    for phase in want:
-        assert f'"{phase}"' not in trainer, phase
-
-
-def _module_imports(path: Path, name: str, modules: set[str]) -> set[str]:
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom):
-            base = package.split(".")[: len(package.split(".")) - max(node.level - 1, 0)]
-            target = ".".join(base + [node.module or ""]).strip(".") if node.level else node.module
-            targets = [f"{target}.{a.name}" for a in node.names]
-            found.update(t for t in targets if t in modules)
-            if not any(t in modules for t in targets) and target in modules:
-                found.add(target)
-        elif isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name in modules)
-    found.discard(name)
-    return found
-
-
-def test_no_import_circle_between_modules() -> None:
-    """Module-to-module imports (direct targets only) form no cycle (Tarjan's SCCs)."""
-    files = {}
-    for path in PACKAGE.rglob("*.py"):
-        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
-        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    graph = {n: _module_imports(p, n, set(files)) for n, p in files.items()}
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    cycles: list[list[str]] = []
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        for w in graph[v]:
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = []
-            while True:
-                w = stack.pop()
-                comp.append(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                cycles.append(sorted(comp))
-
-    sys.setrecursionlimit(10000)
-    for v in graph:
-        if v not in index:
-            visit(v)
-    assert cycles == [], cycles
+# The phase table (one module per phase), trainer.py's size and the import-circle walk are
+# tests/training/test_phases.py and tests/test_imports.py.
 
 
 # --- wave 3: the performance engineer's workbench -----------------------------------------------
@@ -1167,22 +1092,6 @@ def test_heldout_section_parses() -> None:
         }
     )
     assert config.heldout.every == 1 and config.heldout.sources[0].path == "embedded:python-code"
-
-
-def test_a_new_phase_is_one_registered_class() -> None:
-    from bidirlm.runtime.training import PHASES, PhaseBase, register_phase
-    from bidirlm.runtime.training.phases import MNTPPhase
-
-    assert issubclass(MNTPPhase, PhaseBase)
-
-    class ContractPhase(MNTPPhase):
-        name = "contract-test-phase"
-
-    try:
-        assert register_phase(ContractPhase) is ContractPhase
-        assert PHASES["contract-test-phase"] is ContractPhase
-    finally:
-        PHASES.pop("contract-test-phase", None)
 
 
 def test_one_json_lines_reader_names_file_and_line(tmp_path: Path) -> None:
