@@ -85,8 +85,15 @@ class CausalPhase(PhaseBase):
     def loss(self, module: nn.Module, batch: PackedBatch, micro: MicroStep) -> torch.Tensor:
         inputs, labels = self.inputs_and_labels(batch, micro)
         device = self.context.device
+        # The labelled-row count sizes the loss kernel's launches without a device sync: the
+        # labels are still on the host here (counting them on a GPU would sync).
+        labelled = int((labels != IGNORE_INDEX).sum()) if labels.device.type == "cpu" else None
         with self.context.amp():
             loss = module(
-                inputs.to(device), batch.cu_seqlens.to(device), batch.max_seqlen, labels.to(device)
+                inputs.to(device),
+                batch.cu_seqlens.to(device),
+                batch.max_seqlen,
+                labels.to(device),
+                num_labelled=labelled,
             )
         return loss / micro.accum

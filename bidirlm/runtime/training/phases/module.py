@@ -34,6 +34,7 @@ class PhaseModule(nn.Module):
         max_seqlen: int,
         labels: torch.Tensor | None = None,
         items: dict[str, Any] | None = None,
+        num_labelled: int | None = None,
     ) -> torch.Tensor:
         if items is not None:  # an OmniEncoder batch of text/image/audio (multimodal phase)
             return self.encoder.embed_prepared(items, pooling=self.pooling)
@@ -51,5 +52,6 @@ class PhaseModule(nn.Module):
                 labels,
                 ignore_index=IGNORE_INDEX,
                 softcap=self.encoder.final_logit_softcap,
+                num_labelled=num_labelled,
             )
         return pool(hidden, pooling=self.pooling, cu_seqlens=cu_seqlens)
