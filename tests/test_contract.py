@@ -574,6 +574,11 @@ def test_media_records_fine_tune_an_omni_model(
         after.update(load_file(f))
     towers = [n for n in before if n.startswith(TOWERS)]
     assert towers and all(torch.equal(before[n], after[n]) for n in towers)
+    # `bidirlm predict` labels the same media records with the fine-tuned classifier
+    out = tmp_path / "pred.jsonl"
+    assert main(["predict", str(final), "--input", str(data), "--output", str(out)]) == 0
+    predicted = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(predicted) == 6 and all(r["label"] in ("a", "b") for r in predicted)
 
 
 def test_shipped_omni_recipe_has_a_compose_phase(tmp_path: Path) -> None:
@@ -774,9 +779,18 @@ def test_liger_compat_loss_and_function_forms(torch_kernels) -> None:
         weight, _input=hidden, target=target
     )
     assert torch.isfinite(out.loss) and out.z_loss is not None and out.token_accuracy is not None
-    got = Function.apply(hidden, weight, target, None, None, -100, 0.0, 0.0, "mean", None, False)
+    # Liger's 15 positional arguments: _input, weight, target, bias, ce_weight, ignore_index,
+    # lse_square_scale, label_smoothing, reduction, softcap, return_z_loss, accum_dtype,
+    # use_token_scaling, return_token_accuracy, return_predicted_tokens
+    args = (hidden, weight, target, None, None, -100, 0.0, 0.0, "mean", None, False)
+    got = Function.apply(*args, torch.float32, False, True, True)
     assert isinstance(got, tuple) and len(got) == 4
-    torch.testing.assert_close(got[0], F.cross_entropy(hidden @ weight.T, target))
+    loss, z_loss, accuracy, predicted = got
+    torch.testing.assert_close(loss, F.cross_entropy(hidden @ weight.T, target))
+    valid = target != -100
+    argmax = (hidden @ weight.T).argmax(-1)
+    torch.testing.assert_close(accuracy, (argmax == target)[valid].float().mean())
+    assert torch.equal(predicted[valid], argmax[valid])
 
 
 def test_flash_attn_compat_takes_tensors_where_flash_attn_does(torch_kernels) -> None:
@@ -823,6 +837,12 @@ def test_flash_attn_with_kvcache_writes_the_cache_and_attends(torch_kernels) -> 
     assert torch.equal(k_cache[:, 4:7], k) and torch.equal(k_cache[:, :4], old[:, :4])
     ref = flash_attn_func(q, k_cache[:, :7], v_cache[:, :7])
     torch.testing.assert_close(out, ref)
+    # per-sequence cache lengths as an int32 tensor [B], as flash-attn takes them
+    lengths = torch.tensor([2, 5], dtype=torch.int32)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths)
+    for b, n in enumerate((5, 8)):
+        ref = flash_attn_func(q[b : b + 1], k_cache[b : b + 1, :n], v_cache[b : b + 1, :n])
+        torch.testing.assert_close(out[b : b + 1], ref)
     with pytest.raises(ValueError, match="block_table"):
         flash_attn_with_kvcache(
             q, k_cache, v_cache, block_table=torch.zeros(2, 1, dtype=torch.int32)
