@@ -1139,3 +1139,26 @@ def test_flash_attn_varlen_keywords_and_infonce_gather_single_process(torch_kern
     torch.testing.assert_close(
         infonce_loss(h, d, gather_across_devices=True), infonce_loss(h, d)
     )  # one process: gathering is the identity
+
+
+def test_merge_cli_warns_once_about_an_ignored_parameter(
+    three_models, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """mergekit's own slerp test config carries a `weight` that mergekit ignores: it merges,
+    with one warning line naming the parameter."""
+    a, b = (str(p) for p in three_models[:2])
+    config = {
+        "merge_method": "slerp",
+        "base_model": a,
+        "models": [
+            {"model": a, "parameters": {"weight": 0.6}},
+            {"model": b, "parameters": {"weight": 0.4}},
+        ],
+        "parameters": {"t": 0.35},
+        "dtype": "bfloat16",
+    }
+    (tmp_path / "slerp.yml").write_text(yaml.safe_dump(config))
+    assert main(["merge", str(tmp_path / "slerp.yml"), str(tmp_path / "out"), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    notes = [x for x in (captured.out + captured.err).splitlines() if "ignores" in x]
+    assert len(notes) == 1 and "weight" in notes[0]
