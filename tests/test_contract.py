@@ -678,6 +678,8 @@ def test_tokens_per_step_derives_accumulation_on_a_parquet_folder_bf16(
     steps = [r for r in rows if "loss" in r]
     assert steps and all(r["grad_accum"] == 2 for r in steps)
     assert all(np.isfinite(r["loss"]) for r in steps)
+    assert all(r["tokens_per_s"] > 0 for r in steps)  # on a CPU: tokens/s, MFU unknown
+    assert all(r.get("mfu") in (None, "unknown") for r in steps)
     # TensorBoard event files appear when the package (the `tensorboard` extra) is installed
     if importlib.util.find_spec("tensorboard") is not None:
         assert list((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
@@ -1162,3 +1164,18 @@ def test_merge_cli_warns_once_about_an_ignored_parameter(
     captured = capsys.readouterr()
     notes = [x for x in (captured.out + captured.err).splitlines() if "ignores" in x]
     assert len(notes) == 1 and "weight" in notes[0]
+
+
+def test_public_ops_run_in_named_profiler_ranges(torch_kernels) -> None:
+    from torch.profiler import profile
+
+    from bidirlm.kernels import flash_attn_func, infonce_loss, mntp_loss
+
+    q = torch.randn(1, 4, 2, 8)
+    h = torch.randn(4, 8)
+    with profile() as prof:
+        flash_attn_func(q, q.clone(), q.clone())
+        mntp_loss(h, torch.randn(6, 8), torch.tensor([0, 1, -100, 5]))
+        infonce_loss(h, h.clone())
+    names = {e.name for e in prof.events()}
+    assert {"bidirlm.flash_attn", "bidirlm.mntp_loss", "bidirlm.infonce_loss"} <= names
