@@ -462,6 +462,12 @@ def test_compose_rope_from_option_is_recorded(
     assert config["rope_from"] == source and _theta(config) == 10000.0
 
 
+def test_compose_default_without_vision_is_text(parts: dict[str, Path], tmp_path: Path) -> None:
+    result = compose_omni(parts["text"], None, parts["audio"], tmp_path / "omni")
+    config = json.loads((Path(result.output) / "config.json").read_text())
+    assert config["rope_from"] == "text" and _theta(config) == 10000.0
+
+
 def test_compose_rope_from_bad_value_is_refused(parts: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(SystemExit):  # argparse choices
         main(["compose", "--text", str(parts["text"]), str(tmp_path / "o"), "--rope-from", "x"])
