@@ -309,7 +309,10 @@ def test_compile_check_tooling_is_not_in_the_ops_package() -> None:
     assert not [n for n in names if "compile" in n], names
     for path in (PACKAGE / "kernels").rglob("*.py"):
         assert "ptxas" not in path.read_text(encoding="utf-8"), path
-    assert "compile" in _subparser("bench").format_help() or main(["bench"]) == 0
+    # it stays reachable as `bidirlm bench compile` (the suite lives in the source tree's bench/)
+    from bidirlm.commands.bench import SUITES, bench_dir
+
+    assert "compile" in SUITES and (bench_dir() / "compile.py").is_file()
 
 
 # The phase table (one module per phase), trainer.py's size and the import-circle walk are
