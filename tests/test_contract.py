@@ -307,6 +307,8 @@ def test_core_dependencies_exclude_the_heavy_libraries_and_tensorboard_is_an_ext
     assert not core & {"transformers", "datasets", "sentence-transformers", "scipy", "pillow"}
     extras = project["optional-dependencies"]
     assert "tensorboard" in extras
+    carried = {name(r).lower() for reqs in extras.values() for r in reqs}
+    assert {"transformers", "datasets", "sentence-transformers", "scipy", "pillow"} <= carried
     assert any(name(r) == "tensorboard" for r in extras["tensorboard"])
 
 
