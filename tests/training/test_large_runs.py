@@ -570,3 +570,29 @@ def test_bidirlm_train_hands_the_evaluator_in(tmp_path: Path) -> None:
     assert cli_main(argv) == 0
     heldout = _rows(out)[-1]["heldout"]
     assert set(heldout) == {"embedded"} and 0.0 <= heldout["embedded"]["mrr@10"] <= 1.0
+
+
+def test_training_on_a_datasets_stream_resumes_exactly_bf16(tmp_path: Path) -> None:
+    folder = tmp_path / "jsonl"
+    folder.mkdir()
+    texts = embedded.stdlib_texts()[:60]
+    for s in range(2):
+        (folder / f"part-{s}.jsonl").write_text(
+            "".join(json.dumps({"text": t}) + "\n" for t in texts[s::2])
+        )
+    extra = ["train.steps=4", "train.checkpoint_every=0", "optim.warmup_steps=0"]
+
+    def config(out: Path):
+        cfg = _config("mntp", out, *extra)
+        cfg.data.sources = [SourceConfig(str(folder), streaming=True, name="stream")]
+        return cfg
+
+    train(config(tmp_path / "whole"))
+    with pytest.raises(TrainingInterrupted):
+        train(config(tmp_path / "split"), stop_after=2)
+    train(config(tmp_path / "split"))
+    whole = load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
+    split = load_file(str(tmp_path / "split" / "final" / "model.safetensors"))
+    assert all(torch.equal(whole[k], split[k]) for k in whole)
+    losses = [r["loss"] for r in _rows(tmp_path / "whole")]
+    assert losses == [r["loss"] for r in _rows(tmp_path / "split")] and len(set(losses)) == 4
