@@ -156,13 +156,14 @@ def _attention64(q, k, v, visible):  # noqa: ANN001, ANN202
 def test_attention_in_the_interpreter_matches_float64_and_no_visible_key_is_zero(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A tiny case through the Triton kernel (interpreter on CPU): GQA, window, a padded key."""
+    """A tiny case through the Triton kernel (interpreter on CPU): GQA, window, a padded key,
+    a head dim that is not a power of two; the deterministic backward is bitwise repeatable."""
     monkeypatch.setenv("BIDIRLM_KERNELS", "auto")
     from bidirlm.kernels.attention import flash_attn_func
 
     torch.manual_seed(1)
-    q = torch.randn(1, 5, 4, 16)
-    k, v = torch.randn(1, 5, 2, 16), torch.randn(1, 5, 2, 16)
+    q = torch.randn(1, 5, 4, 24)
+    k, v = torch.randn(1, 5, 2, 24), torch.randn(1, 5, 2, 24)
     kpm = torch.tensor([[True, True, False, True, True]])
     out = flash_attn_func(q, k, v, window_size=(1, 1), key_padding_mask=kpm)
     i = torch.arange(5)
@@ -174,6 +175,12 @@ def test_attention_in_the_interpreter_matches_float64_and_no_visible_key_is_zero
     # every key padded: zeros, never NaN
     none = flash_attn_func(q, k, v, key_padding_mask=torch.zeros(1, 5, dtype=torch.bool))
     assert torch.equal(none, torch.zeros_like(none))
+    grads = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        flash_attn_func(*leaves, deterministic=True).square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 @pytest.mark.parametrize(
@@ -217,6 +224,9 @@ def test_mntp_loss_equals_cross_entropy_and_mean_over_nothing_is_zero(torch_kern
     logits = 5.0 * torch.tanh((h @ w.T + b) / 5.0)
     want = F.cross_entropy(logits.reshape(-1, 37), labels.reshape(-1), ignore_index=-100)
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    total = mntp_loss(h, w, labels, bias=b, softcap=5.0, reduction="sum")
+    want = F.cross_entropy(logits.reshape(-1, 37), labels.reshape(-1), reduction="sum")
+    torch.testing.assert_close(total.double(), want, rtol=1e-6, atol=1e-6)
     nothing = mntp_loss(h, w, torch.full((3, 4), -100))
     nothing.backward()
     assert nothing.item() == 0.0 and h.grad is not None and not h.grad.any()
