@@ -79,3 +79,16 @@ def test_check_prints_the_run_size(tmp_path, monkeypatch, capsys) -> None:
     hours = 6 * n * 30_000_807_936 / (191.5e12 * 0.4) / 3600
     assert f"MI250X GCD  {hours:>12,.2f} device-hours" in out
     assert not (tmp_path / "runs").exists()  # --check runs nothing
+
+
+def test_check_names_a_missing_heldout_source(tmp_path) -> None:
+    recipe = pl.load_recipe(
+        "qwen3-0.6b",
+        [
+            "mntp.heldout.every=4239",
+            f'mntp.heldout.sources=[{{path = "{tmp_path}/nope.jsonl", name = "english"}}]',
+        ],
+    )
+    assert recipe.phases[0].config.heldout.every == 4239
+    with pytest.raises(pl.RecipeError, match=r"mntp.heldout.sources: .*nope.jsonl does not exist"):
+        pl.check_inputs(recipe)

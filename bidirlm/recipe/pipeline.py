@@ -358,6 +358,9 @@ def check_inputs(recipe: Recipe) -> None:
             for source in phase.config.data.sources:
                 if not _source_exists(source):
                     problems.append(f"{phase.name}.data.sources: {source.path} does not exist")
+            for source in phase.config.heldout.sources:
+                if not _source_exists(source):
+                    problems.append(f"{phase.name}.heldout.sources: {source.path} does not exist")
             if phase.config.phase == "mntp" and base_ok:
                 # every model of a recipe carries the base's tokenizer
                 try:
