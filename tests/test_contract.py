@@ -1206,3 +1206,47 @@ def test_public_ops_run_in_named_profiler_ranges(torch_kernels) -> None:
         infonce_loss(h, h.clone())
     names = {e.name for e in prof.events()}
     assert {"bidirlm.flash_attn", "bidirlm.mntp_loss", "bidirlm.infonce_loss"} <= names
+
+
+# --- issue 24: what a new user hit (cheap end-to-end checks of the promised behaviour) -----------
+
+
+def test_encode_max_length_above_the_model_is_clamped_with_a_notice(
+    tmp_path: Path, capsys: pytest.CaptureFixture, torch_kernels
+) -> None:
+    (tmp_path / "in.txt").write_text("hello world\nsecond line\n")
+    argv = ["encode", str(embedded_tiny_model()), "--input", str(tmp_path / "in.txt")]
+    argv += ["--output", str(tmp_path / "e.npy"), "--max-length", "1000000000", "--threads", "1"]
+    assert main(argv) == 0
+    assert "max_position_embeddings" in capsys.readouterr().err
+    assert np.load(tmp_path / "e.npy").shape[0] == 2
+
+
+def test_wrong_typed_config_field_is_one_line_naming_field_and_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(embedded_tiny_model(), model)
+    config = json.loads((model / "config.json").read_text())
+    config["vocab_size"] = "1024"
+    (model / "config.json").write_text(json.dumps(config))
+    (tmp_path / "in.txt").write_text("hello\n")
+    argv = ["encode", str(model), "--input", str(tmp_path / "in.txt")]
+    assert main([*argv, "--output", str(tmp_path / "e.npy")]) == 1
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert "vocab_size" in err and "config.json" in err
+    assert not (tmp_path / "e.npy").exists()
+
+
+def test_explicit_kind_dicts_remove_the_doubt(omni: Path, torch_kernels) -> None:
+    model = load_model(omni)
+    with pytest.raises(ValueError, match="nope.png"):
+        model.encode(["/x/nope.png"])  # a bare string that looks like a media path must exist
+    as_text = model.encode([{"text": "/x/nope.png"}])  # stated as text: embedded as text
+    assert as_text.shape[0] == 1 and torch.isfinite(as_text).all()
+    torch.testing.assert_close(model.encode([{"text": "a caption"}]), model.encode(["a caption"]))
+    pic = image(5)
+    torch.testing.assert_close(model.encode([{"image": pic}]), model.encode([pic]))
