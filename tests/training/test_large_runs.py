@@ -17,6 +17,7 @@ from bidirlm.runtime import embedded
 from bidirlm.runtime.training import mfu
 from bidirlm.runtime.training.batching import step_plan
 from bidirlm.runtime.training.config import (
+    HeldoutConfig,
     SourceConfig,
     load_train_config,
     train_config_from_dict,
@@ -529,6 +530,11 @@ def test_heldout_evaluation_is_logged_beside_the_loss_bf16(tmp_path: Path) -> No
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         loss = PhaseModule(model)(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, labels)
     assert last["code"]["lm_loss"] == pytest.approx(float(loss), rel=1e-4)
+    missing = _config("mntp", tmp_path / "y", "train.steps=1")
+    missing.heldout = HeldoutConfig(every=1, sources=[SourceConfig(str(tmp_path / "nope.jsonl"))])
+    with pytest.raises(FileNotFoundError, match="heldout.sources: .*nope.jsonl does not exist"):
+        train(missing)
+    assert not (tmp_path / "y").exists()  # refused before anything is written
     with pytest.raises(ValueError, match="heldout.tasks needs an evaluator"):
         train(_config("mntp", tmp_path / "x", "train.steps=1", "heldout.every=1",
                       'heldout.tasks=["embedded"]'))  # fmt: skip

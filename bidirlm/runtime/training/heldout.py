@@ -25,10 +25,17 @@ from torch import nn
 
 from . import distributed as dist_utils
 from .config import TrainConfig
-from .data import PackedBatch, StreamSource, check_sources, tokenize_document
+from .data import PackedBatch, StreamSource, check_sources, source_exists, tokenize_document
 from .phases import PhaseModule, next_token_labels
 
 Evaluator = Callable[[nn.Module, Sequence[str]], dict[str, Any]]
+
+
+def check_heldout(config: TrainConfig) -> None:
+    """FileNotFoundError naming the key when a held-out source does not exist (before work)."""
+    for source in config.heldout.sources:
+        if not source_exists(source.path):
+            raise FileNotFoundError(f"heldout.sources: {source.path} does not exist")
 
 
 def heldout_tokens(source: Any, tokenizer: Any, tokens: int, field: str) -> list[int]:

@@ -24,11 +24,11 @@ checkpoint or final model with non-finite parameters is never written (`Training
 the step); a bad data record found mid-run first checkpoints the steps done since the last
 checkpoint, then raises.
 
-Console: a one-line summary of the config, then every `train.log_every` steps a progress-bar
-update (stderr is a terminal) or one line. Profiling: the stages run in the
-`torch.profiler.record_function` ranges `bidirlm.train.data` (draw and tokenize a batch),
-`.forward` (the micro-step's loss, with the backward of phases that run their own), `.backward`,
-`.optimizer` (clipping and the step) and `.checkpoint`; free when no profiler runs.
+Console: a config summary, then every `train.log_every` steps a progress-bar update (stderr is a
+terminal) or one line. Profiling: stages run in the `torch.profiler.record_function` ranges
+`bidirlm.train.data` (draw and tokenize a batch), `.forward` (the micro-step's loss, with the
+backward of phases that run their own), `.backward`, `.optimizer` (clipping and the step) and
+`.checkpoint`; free when no profiler runs.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from .audit import config_changes as config_changes  # re-exported (defined here
 from .batching import step_plan
 from .config import TrainConfig
 from .data import BadRecordError
-from .heldout import Evaluator, HeldoutEvaluation
+from .heldout import Evaluator, HeldoutEvaluation, check_heldout
 from .mfu import PEAK_BF16_FLOPS as PEAK_BF16_FLOPS
 from .mfu import device_peak_flops, mfu
 from .monitor import StepLog, check_monitors, start_notes, token_shares
@@ -104,6 +104,7 @@ def validate(config: TrainConfig) -> tuple[Path, Any]:
         raise FileNotFoundError(f"model {config.model}: {model_path} {what}")
     step_plan(config, dist_utils.env_world_size())  # the step's size divides (one-line error)
     check_monitors(config)
+    check_heldout(config)  # its sources exist (opened once the model is loaded)
     return model_path, get_phase(config.phase).check(config, model_path, log)
 
 
@@ -147,8 +148,7 @@ class _Run:
         self.step = 0
         self.saved_step = 0  # the step of the last checkpoint written or resumed from
         self.step_start: tuple[dict[str, Any], Any] | None = None
-        self.nonfinite_total = 0
-        self.nonfinite_in_row = 0
+        self.nonfinite_total = self.nonfinite_in_row = 0
         self.tokens_seen = 0
         self.n_params = sum(p.numel() for p in self.encoder.parameters())
         self.peak_flops = (
