@@ -227,6 +227,10 @@ def test_mntp_loss_equals_cross_entropy_and_mean_over_nothing_is_zero(torch_kern
     total = mntp_loss(h, w, labels, bias=b, softcap=5.0, reduction="sum")
     want = F.cross_entropy(logits.reshape(-1, 37), labels.reshape(-1), reduction="sum")
     torch.testing.assert_close(total.double(), want, rtol=1e-6, atol=1e-6)
+    # the caller's labelled-row count (issue 27: no host sync) gives the same loss
+    known = mntp_loss(h, w, labels, bias=b, softcap=5.0, num_labelled=int((labels != -100).sum()))
+    torch.testing.assert_close(known, got)
+    assert _keyword_defaults(mntp_loss)["filter_eps"] is None  # gradient filtering off by default
     nothing = mntp_loss(h, w, torch.full((3, 4), -100))
     nothing.backward()
     assert nothing.item() == 0.0 and h.grad is not None and not h.grad.any()
