@@ -299,7 +299,9 @@ def test_cached_gist_matches_gist(tiny_model, num_columns: int, mini_batch_size:
         model, losses.GISTEmbedLoss(model, guide=model), columns, labels
     )
     assert_trained(cached_grads)
-    for loss, grads, tol in ((plain_loss, plain_grads, {"rtol": 1e-4, "atol": 1e-5}),
+    # cached vs plain: the same float32 math summed in another order (mini-batches, and the thread
+    # count of the run): one element of 10240 was measured 2.9e-4 apart relatively
+    for loss, grads, tol in ((plain_loss, plain_grads, {"rtol": 1e-3, "atol": 1e-5}),
                              (theirs_loss, theirs_grads, GIST_GRAD_TOL)):  # fmt: skip
         assert cached_loss.item() == pytest.approx(loss.item(), rel=1e-4, abs=1e-5)
         for name, grad in cached_grads.items():
