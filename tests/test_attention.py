@@ -105,6 +105,10 @@ def test_split_dkdv_backward(monkeypatch, device):
     monkeypatch.setattr(attention_triton, "FUSED_DKDV_MAX_D", dict.fromkeys(families, 16))
     q, k, v = _inputs((1, 40, 4, 32), (1, 40, 2, 32), torch.bfloat16, device)
     check_against_reference(q, k, v, softcap=5.0, window_size=(12, 7), deterministic=True)
+    # packed MQA: the dV / dK launches per q head on repeated K, V, summed per group
+    q, k, v = _inputs((45, 4, 32), (45, 1, 32), torch.float32, device)
+    cu = torch.tensor([0, 30, 45], dtype=torch.int32, device=device)
+    check_against_reference(q, k, v, cu_seqlens=cu, max_seqlen=30, deterministic=True)
 
 
 @pytest.mark.parametrize(

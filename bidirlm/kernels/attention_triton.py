@@ -28,6 +28,7 @@ Scores live in log2 units (`exp2` is one instruction, `exp` is `exp2` plus a mul
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -1117,12 +1118,21 @@ def attention_backward(
     # Above FUSED_DKDV_MAX_D one program cannot hold both fp32 accumulators: dV, then dK, each
     # recomputing P (one more S = K Q^T per key block: 8 GEMMs per score instead of 7).
     split = shape.head_dim > FUSED_DKDV_MAX_D.get(plan.family, 256) and not atomic
-    for part in (1, 2) if split else (0,):
-        kw = {**plan.dkdv, "ATOMIC_DQ": atomic, "PART": part}
-        _run(
-            "_attn_bwd_dkdv_kernel", plan.grid_dkdv, shape.kv_len, "BLOCK_N", dkdv_args, kw,
-            plan.family,
-        )  # fmt: skip
+    group = shape.hq // shape.hkv
+    if split and group > 1:
+        # GQA/MQA: a dK program looping over its group's q heads spills at D=256 (triton 3.9).
+        # Run the dV / dK launches per q head on K, V repeated per q head (float32 dK, dV per q
+        # head), then sum each group: the same MMAs, more programs, no loop over the group.
+        _split_dkdv_per_q_head(
+            plan, shape, dkdv_args, group, packed, interp, window, softcap, has_kpm, alibi_slopes
+        )
+    else:
+        for part in (1, 2) if split else (0,):
+            kw = {**plan.dkdv, "ATOMIC_DQ": atomic, "PART": part}
+            _run(
+                "_attn_bwd_dkdv_kernel", plan.grid_dkdv, shape.kv_len, "BLOCK_N", dkdv_args, kw,
+                plan.family,
+            )  # fmt: skip
     if atomic:
         return dq_buf.to(q.dtype), dk, dv
     dq_args = (
@@ -1134,6 +1144,41 @@ def attention_backward(
         "_attn_bwd_dq_kernel", plan.grid_dq, shape.seqlen, "BLOCK_M", dq_args, plan.dq, plan.family
     )
     return dq_buf, dk, dv
+
+
+def _split_dkdv_per_q_head(
+    plan: _Plan, shape: AttnShape, dkdv_args: tuple, group: int, packed: bool, interp: bool,
+    window: tuple[int, int], softcap: float, has_kpm: bool, alibi_slopes: torch.Tensor | None,
+) -> None:  # fmt: skip
+    """The split dV / dK launches of a GQA/MQA call on K, V repeated per q head; writes the
+    group sums into the dk, dv of `dkdv_args` (positions 7, 8)."""
+    q, k, v = dkdv_args[0], dkdv_args[1], dkdv_args[2]
+    dk, dv = dkdv_args[7], dkdv_args[8]
+    head_axis = 1 if packed else 2
+    k_rep = k.repeat_interleave(group, dim=head_axis)
+    v_rep = v.repeat_interleave(group, dim=head_axis)
+    dk_rep = torch.empty(k_rep.shape, dtype=torch.float32, device=k.device)
+    dv_rep = torch.empty(v_rep.shape, dtype=torch.float32, device=v.device)
+    rep = dataclasses.replace(shape, hkv=shape.hq)
+    rep_plan = _plan(
+        plan.family, interp, q.dtype, rep, window != (-1, -1), softcap > 0, has_kpm,
+        plan.fwd.get("HAS_QPM", False), alibi_slopes is not None,
+    )  # fmt: skip
+    n = 13 + 5 * 3  # tensors, then the q, k, v, dO, dQ strides
+    args = (
+        *dkdv_args[:1], k_rep, v_rep, *dkdv_args[3:7], dk_rep, dv_rep, *dkdv_args[9:13],
+        *dkdv_args[13:16], *_strides(k_rep, packed), *_strides(v_rep, packed),
+        *dkdv_args[22:n], *_strides(dk_rep, packed), *dkdv_args[n + 3 :],
+    )  # fmt: skip
+    for part in (1, 2):
+        kw = {**rep_plan.dkdv, "ATOMIC_DQ": False, "PART": part}
+        _run(
+            "_attn_bwd_dkdv_kernel", rep_plan.grid_dkdv, shape.kv_len, "BLOCK_N", args, kw,
+            plan.family,
+        )  # fmt: skip
+    per_group = (*k.shape[:head_axis], shape.hkv, group, k.shape[-1])
+    dk.copy_(dk_rep.view(per_group).sum(head_axis + 1))
+    dv.copy_(dv_rep.view(per_group).sum(head_axis + 1))
 
 
 _KERNELS = {
