@@ -24,7 +24,7 @@ Kernels (`mntp_loss_triton.py`; logits exist only as register tiles and one boun
   per chunk, never inside a K loop. When all rows fit one row chunk each dlogits chunk feeds both
   GEMMs (8 n V d FLOPs in all, as Cut Cross-Entropy); otherwise a dW pass (vocabulary-major) and
   a dH pass (row-major) recompute it (10 n V d), which keeps the working memory bounded by
-  `_SCRATCH_BYTES` (48 MB): see `_chunk_sizes`.
+  `_SCRATCH_BYTES` (56 MB): see `_bwd_plan_of`.
 Every gradient element has one owner, so the results are deterministic (no atomics), and dW is
 accumulated in float32 over all labelled rows before its one cast.
 

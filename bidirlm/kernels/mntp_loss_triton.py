@@ -37,8 +37,11 @@ from .config import arch_family, autotune_enabled
 from .dispatch import interpreting
 
 # Working memory of the backward beyond inputs and gradients: the dlogits chunk plus one float32
-# partial (dH rows or dW rows of a chunk). See `_chunk_sizes` for the math.
-_SCRATCH_BYTES = 48 * 2**20
+# partial (dH rows or dW rows of a chunk). See `_bwd_plan_of` for the math. 56 MB keeps the
+# op under 64 MB in all and lets the target shape (32k tokens, 30% labelled, V = 151,936) take
+# Vc = 2,816 (54 chunks, 110 launches; 48 MB gave Vc = 1,792 / 1,536 at d = 1024 / 2048 and
+# 172 / 200 launches, 0.7 ms more in bench/perf_model_losses.py's prediction).
+_SCRATCH_BYTES = 56 * 2**20
 
 
 # --- Triton kernels ------------------------------------------------------------------------------
@@ -644,7 +647,8 @@ def _balanced_vocab_chunk(
     programs, K = all labelled slots, are the long ones and go first; then the dH programs);
     plus two launch gaps (4 us ~ 640 units on an H100). E.g. d = 1024, 9,830 labelled: Vc =
     2,304 gives 144 dW programs on 132 SMs, a second wave of 12 long programs while 120 SMs
-    share 616 dH programs; Vc = 2,048 gives 128 and wins. Cached: one search per shape."""
+    share 616 dH programs; Vc = 2,048 gives 128 and costs less (Vc = 2,816, 176 dW programs
+    in a 1.33-wave fill, less still). Cached: one search per shape."""
     bm_f, bv_f = family.fwd.block_m, family.fwd.block_n
     bm_g, bn_g = family.gemm.block_m, family.gemm.block_n
     blocks = triton.cdiv(max(bound, 1), bm_f)
@@ -678,8 +682,8 @@ def _bwd_plan_of(
     20-33% of rows) and `d / 2` a multiple of the GEMM tile width (d = 1024, 2048, ...). Vc is
     at most the largest multiple of the alignment with `Rc Vc elem` (+ a partial buffer when one
     is needed) within `_SCRATCH_BYTES`, then chosen by `_balanced_vocab_chunk` for full waves.
-    Example (bf16, H100): n = 32,768, 9,830 labelled, V = 151,936: Rc = 9,984, Vc = 1,792 at
-    d = 1024 (85 chunks, 34.5 MB) and 1,536 at d = 2048 (99 chunks, 29.6 MB).
+    Example (bf16, H100): n = 32,768, 9,830 labelled, V = 151,936: Rc = 9,984, Vc = 2,816 at
+    d = 1024 and 2048 (54 chunks, 54.0 MB).
     When no single row chunk fits (many labelled rows and no room for dH's partial), the
     two-pass plan of `_two_pass_sizes_of` bounds the memory at 10 n V d FLOPs.
     """
