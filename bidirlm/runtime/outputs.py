@@ -38,6 +38,19 @@ from types import FrameType
 from typing import IO, Any
 
 LOCK_NAME = ".bidirlm.lock"
+# The tokenizer files a model folder may carry, copied with it by export, merge and compose (one
+# list: a copy that lacked spiece.model once lost a SentencePiece tokenizer).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+)
 # .NAME.tmp-PID-HOST-RANDOM / .NAME.old-PID-HOST-RANDOM: what AtomicFolder creates, nothing else
 _TEMP = re.compile(
     r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-(?P<host>[0-9a-f]{8})-[0-9a-f]{8}$"

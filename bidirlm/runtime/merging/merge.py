@@ -84,6 +84,8 @@ from typing import Any
 
 import torch
 
+from bidirlm.runtime import outputs
+
 from .checks import check_config_fits
 from .config import MergeConfig, MergeError, config_from_dict, has_tokenizer, load_config
 from .io import (
@@ -117,16 +119,9 @@ __all__ = [
 
 REPORT_NAME = "merge_report.json"
 CONFIG_COPY_NAME = "merge_config.yml"
+# the shared tokenizer files (runtime/outputs.py) plus the processor files a merged folder keeps
 TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "chat_template.jinja",
+    *outputs.TOKENIZER_FILES,
     "chat_template.json",
     "preprocessor_config.json",
     "processor_config.json",

@@ -46,7 +46,7 @@ from bidirlm.runtime.models.released_layout import (  # the names and configs, r
     to_composite_config,
     to_released_config,
 )
-from bidirlm.runtime.outputs import AtomicFolder
+from bidirlm.runtime.outputs import TOKENIZER_FILES, AtomicFolder
 
 __all__ = [
     "AUDIO_TYPE",
@@ -69,17 +69,6 @@ __all__ = [
 # --- export: write a checkpoint in the released layouts, tensors streamed bit for bit ---------
 
 LAYOUTS = ("bidirlm", "bidirlm-omni")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "chat_template.jinja",
-)
 COPY_FILES = ("preprocessor_config.json", "audio_preprocessor_config.json")
 _TEXT_IN = ("model.language_model.", "language_model.")
 
