@@ -16,24 +16,21 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from bidirlm.cli import main
 from bidirlm.runtime import load_model
-from bidirlm.runtime.merging.merge import merge_from_config
 from tests.omni.helpers import bits_equal
-from tests.real_models import build_text, check_special_ids, real_config, shrink, tensors
+from tests.real_models import (
+    build_text,
+    check_special_ids,
+    half_half_merge_vs_mergekit,
+    real_config,
+    shrink,
+    tensors,
+)
 
 ATOL = 2e-5  # float32 end to end
 LONG = 700  # longer than the real 512-token window, so the sliding layers really slide
-YAML = """
-merge_method: linear
-models:
-  - model: {a}
-    parameters: {{weight: 0.5}}
-  - model: {b}
-    parameters: {{weight: 0.5}}
-"""
 
 
 @pytest.fixture(autouse=True)
@@ -165,20 +162,7 @@ def test_save_pretrained_round_trips_and_passes_check(ckpt: Path, tmp_path: Path
 
 
 def test_linear_merge_matches_mergekit_bitwise(config: dict, tmp_path: Path) -> None:
-    mk_config = pytest.importorskip("mergekit.config")
-    mk_merge = pytest.importorskip("mergekit.merge")
-    mk_options = pytest.importorskip("mergekit.options")
-    a = build_text(tmp_path / "a", config, seed=0, dtype=torch.bfloat16)
-    b = build_text(tmp_path / "b", config, seed=1, dtype=torch.bfloat16)
-    text = YAML.format(a=a, b=b)
-    (tmp_path / "merge.yml").write_text(text)
-    merge_from_config(tmp_path / "merge.yml", tmp_path / "ours", threads=1)
-    mk = mk_config.MergeConfiguration.model_validate(yaml.safe_load(text))
-    mk_merge.run_merge(mk, str(tmp_path / "theirs"), mk_options.MergeOptions(quiet=True))
-    ours, theirs = tensors(tmp_path / "ours"), tensors(tmp_path / "theirs")
-    assert sorted(ours) == sorted(theirs)
-    assert all(bits_equal(ours[n], theirs[n]) for n in theirs)
-    assert {t.dtype for t in ours.values()} == {torch.bfloat16}
+    a, b, ours = half_half_merge_vs_mergekit(tmp_path, config)
     assert ours["model.embed_tokens.weight"].shape == (262144, 12)
     ta, tb = tensors(a), tensors(b)
     n = "model.layers.5.self_attn.q_norm.weight"
