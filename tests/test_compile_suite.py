@@ -619,6 +619,13 @@ def test_calibration_row_and_report() -> None:
     assert abs(fwd["prior_error"]) < 0.15 and fwd["published_tflops"] == pytest.approx(459.6)
     line = pm.calibration_line(calib)
     assert "published" in line and "PR #205" in line
+    # the backward at the shape of its one published H100 figure, with its error printed as is
+    bwd = calib.tutorial["bwd_published"]
+    assert bwd["published_tflops"] == pytest.approx(264.718)
+    assert bwd["error"] == pytest.approx(bwd["predicted_tflops"] / 264.718 - 1, abs=1e-3)
+    fwd_line, bwd_line = line.splitlines()
+    assert fwd_line.startswith("calibration (H100") and "PR #83" in bwd_line
+    assert "causal B4 H32 D64 N16384" in bwd_line and f"{100 * bwd['error']:+.1f}%" in bwd_line
     rows = (
         {"kernel": "_attn_fwd_kernel", "compiled": True, "pass": "fwd", "registers": 200,
          "shared_bytes": 96 * 1024, "cases": ["attention bf16 hd128 dense"],
@@ -626,7 +633,9 @@ def test_calibration_row_and_report() -> None:
          "main_loop": _loop(4, 4, n=64)},
     )  # fmt: skip
     report = pm.attention_report(rows, head_dims=(128,))
-    assert report.splitlines()[0] == line
+    assert report.splitlines()[:2] == line.splitlines()
     fwd_row = next(r for r in report.splitlines() if r.startswith("| fwd | 128 |"))
     assert "| 368 | 638 |" in fwd_row  # FA2 / FA3 published figures beside the prediction
+    (k,) = pm.attention_kernels(4, 4096, 16, 128, "fwd", rows)  # the kernel's own TFLOP/s
+    assert fwd_row.endswith(f" {k.executed_flops / (k.ms * 1e-3) / 1e12:.0f} |")
     assert "(no compile rows)" in next(r for r in report.splitlines() if r.startswith("| bwd"))
