@@ -602,10 +602,37 @@ def test_predict_kernel_occupancy_and_waves() -> None:
     k = pm.predict_kernel(row, programs=132 * 4 * 3, trips=10, calib=calib)
     assert k.occupancy == 4 and k.waves == 3
     assert k.executed_flops == 2 * (8 * 64 * 128 * 16) * 10 * 132 * 4 * 3
-    # four resident programs: the tensor cores (4 x mma) bound the trip, not one program's chain
-    assert k.bound == "mma" and k.cycles["per_trip"] == 4 * k.cycles["mma"]
+    # four resident programs do not hide one another's non-MMA work: four serial chains per trip
+    assert not pm.CO_RESIDENT_OVERLAP
+    assert k.bound == "mma" and k.cycles["per_trip"] == 4 * k.cycles["serial"]
+    assert k.cycles["serial"] == k.cycles["mma"] + max(k.cycles["issue"], k.cycles["mufu"])
+    # the alternative (perfect overlap): the tensor cores (4 x mma) bound the trip
+    ov = pm.predict_kernel(row, programs=132 * 4 * 3, trips=10, calib=calib, overlap=True)
+    assert (
+        ov.bound == "mma" and ov.cycles["per_trip"] == 4 * ov.cycles["mma"] < k.cycles["per_trip"]
+    )
     lone = pm.predict_kernel({**row, "registers": 255}, programs=132, trips=10, calib=calib)
-    assert lone.occupancy == 1 and lone.bound == "latency"
+    assert lone.occupancy == 1 and lone.cycles["per_trip"] == lone.cycles["serial"]
+    one_stage = {**row, "registers": 255, "config": {"num_warps": 4, "num_stages": 1}}
+    lat = pm.predict_kernel(
+        {**one_stage, "main_loop": _loop(1, 1, n=16)}, programs=132, trips=10, calib=calib
+    )
+    assert lat.bound == "latency" and lat.cycles["load"] == pm.LOAD_LATENCY
+
+
+def test_shared_memory_fed_wgmma_runs_at_the_feed_rate() -> None:
+    """m64n32k16 with both operands in shared memory needs 3 KiB per 16 cycles (192 B/clk at the
+    nominal rate, 128 B/clk available): the feed sets its time, and eta applies to that."""
+    from bench import perf_model as pm
+
+    loop = {"hgmma": [[64, 32, 16, False]] * 16, "instructions": 0, "mufu": 0}
+    c = pm.loop_cycles(loop, num_warps=4, num_stages=2, eta=0.5)
+    assert c["smem"] == 16 * 3072 / 128 and c["mma"] == c["smem"] / 0.5
+    off = pm.loop_cycles(loop, num_warps=4, num_stages=2, eta=0.5, feed_limited=False)
+    assert off["mma"] == 16 * 16 / 0.5 < c["mma"]  # the nominal rate only
+    wide = {"hgmma": [[64, 128, 16, True]] * 4, "instructions": 0, "mufu": 0}
+    w = pm.loop_cycles(wide, num_warps=4, num_stages=2, eta=0.5)
+    assert w["mma"] == 4 * 64 / 0.5  # B only from shared memory: 64 B/clk, tensor-bound
 
 
 def test_calibration_row_and_report() -> None:
@@ -625,6 +652,8 @@ def test_calibration_row_and_report() -> None:
     assert bwd["error"] == pytest.approx(bwd["predicted_tflops"] / 264.718 - 1, abs=1e-3)
     fwd_line, bwd_line = line.splitlines()
     assert fwd_line.startswith("calibration (H100") and "PR #83" in bwd_line
+    # the model as chosen, and each alternative of its two switches, on that figure
+    assert len(bwd["variants"]) == 4 and "co-resident overlap on" in bwd_line
     assert "causal B4 H32 D64 N16384" in bwd_line and f"{100 * bwd['error']:+.1f}%" in bwd_line
     rows = (
         {"kernel": "_attn_fwd_kernel", "compiled": True, "pass": "fwd", "registers": 200,
