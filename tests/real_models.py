@@ -357,6 +357,62 @@ def build_paper_three(root: Path, *, dtype: torch.dtype = torch.float32) -> dict
     }
 
 
+# --- the released BidirLM text checkpoints (BidirLM-1B / 1.7B-Embedding, `BidirLMModel`) ---
+
+# Base model of each released text checkpoint (its model card; mteb's `adapted_from`).
+BIDIRLM_BASES = {"bidirlm-1b-embedding": "gemma-3-1b-it", "bidirlm-1.7b-embedding": "qwen3-1.7b"}
+
+
+def bidirlm_text_config(name: str) -> dict[str, Any]:
+    """A released BidirLM text config.json: the stored head of the published file (the fields the
+    mirror showed, verbatim: `BidirLMModel`, `auto_map`, `classifier_pooling`, token ids, sizes)
+    over its base model's stored config for the rest, `model_type` "bidirlm" (see the README).
+    BidirLM-1.7B's stored `auto_map` is cut after four entries; they equal BidirLM-1B's, whose
+    six are used."""
+    base = (
+        qwen3_1p7b_config()
+        if BIDIRLM_BASES[name] == "qwen3-1.7b"
+        else real_config(BIDIRLM_BASES[name])
+    )
+    head = real_config(name)
+    full_map = real_config("bidirlm-1b-embedding")["auto_map"]
+    assert head["auto_map"].items() <= full_map.items()
+    out = {**base, **head, "auto_map": dict(full_map), "model_type": "bidirlm"}
+    out.pop("_name_or_path", None)
+    return out
+
+
+def real_file(name: str, relpath: str) -> dict[str, Any]:
+    """Another stored file of a real model (`relpath` under tests/data/real_configs/`name`)."""
+    return json.loads((REAL_CONFIGS / name / relpath).read_text(encoding="utf-8"))
+
+
+def build_released_text(
+    folder: Path, config: dict[str, Any], *, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> tuple[Path, Path]:
+    """A tiny released BidirLM text checkpoint of the (shrunk) released `config`, written by hand
+    (not by our exporter): the base family's random `*ForCausalLM` is built beside it
+    (`folder`/base, `model.*` names), then its tensors are stored without the `model.` prefix
+    (the `BidirLMModel` names) under `config` itself. Returns (released folder, base folder)."""
+    folder = Path(folder)
+    family = dict(config)
+    gemma = "query_pre_attn_scalar" in family
+    family["model_type"] = "gemma3_text" if gemma else "qwen3"
+    family["architectures"] = ["Gemma3ForCausalLM" if gemma else "Qwen3ForCausalLM"]
+    for key in ("auto_map", "classifier_pooling"):
+        family.pop(key, None)
+    base = build_text(folder / "base", family, seed=seed, dtype=dtype)
+    rel = folder / "released"
+    rel.mkdir(parents=True)
+    out = {}
+    for n, t in tensors(base).items():
+        out[n[len("model.") :] if n.startswith("model.") else n] = t
+    save_file(out, str(rel / "model.safetensors"), metadata={"format": "pt"})
+    _write_config(rel, _with_dtype(config, dtype))
+    _tokenizer(rel)
+    return rel, base
+
+
 HALF_HALF_YAML = """
 merge_method: linear
 models:

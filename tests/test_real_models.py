@@ -7,11 +7,14 @@ import json
 import pytest
 
 from tests.real_models import (
+    BIDIRLM_BASES,
     REAL_CONFIGS,
+    bidirlm_text_config,
     check_special_ids,
     qwen3_1p7b_config,
     qwen3_vl_2b_standin,
     real_config,
+    real_file,
     scale_mrope,
     shrink,
 )
@@ -94,3 +97,27 @@ def test_sizes_that_differ_still_differ_and_equal_ones_stay_equal() -> None:
     vl = shrink(qwen3_vl_2b_standin())
     assert vl["vision_config"]["out_hidden_size"] == vl["text_config"]["hidden_size"]
     assert vl["vision_config"]["deepstack_visual_indexes"] == [0, 1]
+
+
+@pytest.mark.parametrize("name", ["bidirlm-1b-embedding", "bidirlm-1.7b-embedding"])
+def test_released_bidirlm_heads_agree_with_their_base_and_pooling(name: str) -> None:
+    """The stored head of each released BidirLM text config.json agrees with its base model's
+    stored config on every field both state (sizes, head_dim, softcaps, activation, pattern),
+    and its 1_Pooling/config.json is mean pooling at the base model's width."""
+    head, base_name = real_config(name), BIDIRLM_BASES[name]
+    base = qwen3_1p7b_config() if base_name == "qwen3-1.7b" else real_config(base_name)
+    shared = set(head) & set(base) - {"architectures", "eos_token_id", "torch_dtype"}
+    assert shared, name
+    assert {k: head[k] for k in shared} == {k: base[k] for k in shared}
+    if "_sliding_window_pattern" in head:  # Gemma3-1B: the period its base states
+        assert head["_sliding_window_pattern"] == base["sliding_window_pattern"] == 6
+    pooling = real_file(name, "1_Pooling/config.json")
+    assert pooling["pooling_mode_mean_tokens"] and pooling["include_prompt"]
+    assert pooling["word_embedding_dimension"] == base["hidden_size"]
+    assert [k for k, v in pooling.items() if v is True] == [
+        "pooling_mode_mean_tokens",
+        "include_prompt",
+    ]
+    full = bidirlm_text_config(name)
+    assert full["model_type"] == "bidirlm" and full["architectures"] == ["BidirLMModel"]
+    check_special_ids(shrink(full))

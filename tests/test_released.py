@@ -1,6 +1,7 @@
 """The released BidirLM layouts: `load_model` reads a BidirLM-Omni checkpoint (`model_type`
-"bidirlm_omni", `language_model.*`, `visual.*`, `audio_tower.*`) with our own modules, and
-`bidirlm export --format bidirlm-omni | bidirlm` writes them bit for bit.
+"bidirlm_omni", `language_model.*`, `visual.*`, `audio_tower.*`) and a released BidirLM text
+checkpoint (`model_type` "bidirlm", `BidirLMModel`, base-model names without `model.`) with our
+own modules, and `bidirlm export --format bidirlm-omni | bidirlm` writes them bit for bit.
 
 Checkpoints are tiny random ones built from the real configs (tests/real_models.py); the
 released-layout omni is also written by hand here from the three specialists, independently of
@@ -24,10 +25,14 @@ from bidirlm.runtime import compose_omni, load_model
 from bidirlm.runtime.models import released
 from tests.omni.helpers import bits_equal, image, tone
 from tests.real_models import (
+    BIDIRLM_BASES,
+    bidirlm_text_config,
     build_paper_three,
+    build_released_text,
     build_text,
     qwen3_vl_2b_standin,
     real_config,
+    real_file,
     shrink,
     tensors,
 )
@@ -154,19 +159,23 @@ def test_export_text_layout_of_omni_and_text_models(three, composed, tmp_path: P
     text_out = tmp_path / "text"
     assert main(["export", str(composed), str(text_out), "--format", "bidirlm"]) == 0
     cfg = json.loads((text_out / "config.json").read_text())
-    assert cfg["model_type"] == "qwen3" and cfg["is_causal"] is False
-    assert cfg["rope_parameters"]["rope_theta"] == 5e6
-    assert all(n.startswith("model.") for n in tensors(text_out))
+    assert cfg["model_type"] == "bidirlm" and cfg["architectures"] == ["BidirLMModel"]
+    assert cfg["auto_map"] == real_config("bidirlm-1b-embedding")["auto_map"]
+    assert cfg["is_causal"] is False and cfg["classifier_pooling"] == "late"
+    assert cfg["rope_parameters"]["rope_theta"] == 5e6 and cfg["rope_theta"] == 5e6
+    out = tensors(text_out)
+    assert "embed_tokens.weight" in out and not any(n.startswith("model.") for n in out)
     omni = load_model(composed)
     torch.testing.assert_close(
         load_model(text_out).encode(ITEMS_TEXT), omni.encode(ITEMS_TEXT), rtol=0, atol=0
     )
-    # a plain text checkpoint (Qwen3-0.6B-shaped): same tensors, bidirectional config
+    # a plain text checkpoint (Qwen3-1.7B-shaped): the same bytes under the BidirLMModel names
     plain = tmp_path / "plain"
     assert main(["export", str(three["text"]), str(plain), "--format", "bidirlm"]) == 0
     assert json.loads((plain / "config.json").read_text())["is_causal"] is False
     a, b = tensors(three["text"]), tensors(plain)
-    assert set(a) == set(b) and all(bits_equal(a[n], b[n]) for n in a)
+    assert {n.removeprefix("model.") for n in a} == set(b)
+    assert all(bits_equal(a[n], b[n.removeprefix("model.")]) for n in a)
     torch.testing.assert_close(
         load_model(plain, bidirectional=None).encode(ITEMS_TEXT),
         load_model(three["text"]).encode(ITEMS_TEXT),
@@ -176,6 +185,46 @@ def test_export_text_layout_of_omni_and_text_models(three, composed, tmp_path: P
     with pytest.raises(ValueError, match="needs an omni checkpoint"):
         released.export_checkpoint(three["text"], tmp_path / "x", layout="bidirlm-omni")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name", sorted(BIDIRLM_BASES))
+def test_released_bidirlm_text_checkpoint_loads_and_round_trips(name: str, tmp_path: Path) -> None:
+    """A tiny BidirLM-1B / 1.7B-Embedding built from the published config head (over its base
+    model's config), written by hand in the released layout (`model_type` "bidirlm",
+    `BidirLMModel` names without `model.`): load_model reads it with our Gemma3 / Qwen3 modules,
+    bidirectional, equal bit for bit to the same weights in the base layout; `bidirlm export
+    --format bidirlm` gives it back bit for bit (released -> released, and base -> released),
+    with the released 1_Pooling/config.json, and the same embeddings."""
+    cfg = shrink(bidirlm_text_config(name))
+    rel, base = build_released_text(tmp_path / "src", cfg)
+    family = "gemma3" if BIDIRLM_BASES[name].startswith("gemma") else "qwen3"
+    model = load_model(rel, bidirectional=None)
+    assert model.bidirectional and model.spec.name == family
+    before = model.encode(ITEMS_TEXT)
+    ref = load_model(base, bidirectional=True).encode(ITEMS_TEXT)
+    assert torch.isfinite(before).all()
+    torch.testing.assert_close(before, ref, rtol=0, atol=0)
+    pooling = real_file(name, "1_Pooling/config.json") | {"word_embedding_dimension": 0}
+    for src in (rel, base):
+        out = tmp_path / f"out-{src.name}"
+        assert main(["export", str(src), str(out), "--format", "bidirlm"]) == 0
+        got = json.loads((out / "config.json").read_text())
+        flag = {"gemma3": "use_bidirectional_attention", "qwen3": "is_causal"}[family]
+        assert got[flag] is (family == "gemma3")
+        written = json.loads((rel / "config.json").read_text())
+        assert {k: got.get(k) for k in written} == written
+        extra = {flag, "rope_theta", "rope_local_base_freq", "classifier_pooling"}
+        assert set(got) - set(written) <= extra
+        a, b = tensors(rel), tensors(out)
+        assert set(a) == set(b) and all(bits_equal(a[n], b[n]) for n in a)
+        pooled = json.loads((out / "1_Pooling" / "config.json").read_text())
+        assert pooled == pooling | {"word_embedding_dimension": cfg["hidden_size"]}
+        torch.testing.assert_close(load_model(out).encode(ITEMS_TEXT), before, rtol=0, atol=0)
+    again = tmp_path / "again"
+    assert main(["export", str(tmp_path / "out-released"), str(again), "--format", "bidirlm"]) == 0
+    assert json.loads((again / "config.json").read_text()) == json.loads(
+        (tmp_path / "out-released" / "config.json").read_text()
+    )
 
 
 def test_bf16_stays_bf16_through_every_export_format(tmp_path: Path) -> None:
@@ -268,41 +317,6 @@ def test_output_created_meanwhile_is_refused_and_kept(
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
     assert (out / "mine.txt").read_text() == "user data"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-
-
-@pytest.mark.parametrize(
-    "name, model_type, arch, flag",
-    [
-        ("qwen3-0.6b", "biqwen3", "BiQwen3ForMaskedLM", "is_causal"),
-        ("qwen3-1.7b", "bidirlm", "BidirLMQwen3Model", "is_causal"),
-    ],
-)
-def test_remote_code_text_configs_read_as_their_base_family(
-    tmp_path: Path, name: str, model_type: str, arch: str, flag: str
-) -> None:
-    """A text checkpoint published with remote code under its own model_type (as the released
-    BidirLM text models are) loads with our Qwen3 modules, bidirectional by default."""
-    cfg = shrink(real_config("qwen3-0.6b") | real_config(name))
-    src = build_text(tmp_path / "src", cfg)
-    remote = tmp_path / "remote"
-    shutil.copytree(src, remote)
-    raw = json.loads((remote / "config.json").read_text())
-    raw.update(
-        model_type=model_type,
-        architectures=[arch],
-        auto_map={"AutoConfig": f"configuration.{arch}Config", "AutoModel": f"modeling.{arch}"},
-    )
-    raw.pop("_name_or_path", None)
-    (remote / "config.json").write_text(json.dumps(raw))
-    model = load_model(remote, bidirectional=None)
-    assert model.bidirectional and model.spec.name == "qwen3"
-    ref = load_model(src, bidirectional=True)
-    torch.testing.assert_close(model.encode(ITEMS_TEXT), ref.encode(ITEMS_TEXT), rtol=0, atol=0)
-    # the same config without auto_map is still an unsupported architecture (one line)
-    raw.pop("auto_map")
-    (remote / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(ValueError, match="unsupported architecture"):
-        load_model(remote)
 
 
 def test_empty_output_filled_meanwhile_is_refused_and_kept(

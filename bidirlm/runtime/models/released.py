@@ -1,4 +1,4 @@
-"""The released BidirLM-Omni layout, both ways, as data (no remote code is run).
+"""The released BidirLM layouts, both ways, as data (no remote code is run).
 
 The published BidirLM-Omni checkpoints (`BidirLMOmniModel`, remote code
 `modeling_bidirlm_omni.py`) store:
@@ -7,15 +7,20 @@ The published BidirLM-Omni checkpoints (`BidirLMOmniModel`, remote code
   `rope_theta`, `rope_scaling` with `mrope_section` / `mrope_interleaved`, always bidirectional),
   `vision_config` ("bidirlm_omni_vision": Qwen3-VL vision fields), `audio_config`
   ("bidirlm_omni_audio": Qwen3-ASR encoder fields with `output_dim`), the placeholder ids at the
-  top level;
+  top level (the schema of `configuration_bidirlm_omni.py`, read in a public copy);
 - tensors: `language_model.*` (Qwen3 names without `model.`), `visual.*` (Qwen3-VL vision names)
-  and `audio_tower.*` (Qwen3-ASR encoder names; its projector is `audio_tower.proj1` / `proj2`).
+  and `audio_tower.*` (Qwen3-ASR encoder names; its projector is `audio_tower.proj1` / `proj2`),
+  the names a public GGUF converter of BidirLM-Omni-2.5B-Embedding reads.
+
+The released text checkpoints (BidirLM-270M / 0.6B / 1B / 1.7B, `BidirLMModel`, remote code
+`modeling_bidirlm.py`): see `released_layout` (what was found of them, and what is inferred).
 
 Our composite layout (`bidirlm compose`, `OmniEncoder.save_pretrained`) keeps transformers'
 names instead: `model.language_model.*`, `model.visual.*`, `model.audio_tower.*`,
 `model.multi_modal_projector.linear_1/2`, a `qwen3` text config and a top-level `mrope_section`.
 `load_omni` reads both (`to_composite_config`, `composite_name`); `bidirlm export --format
-bidirlm-omni` writes the released one (`to_released_config`, `released_name`).
+bidirlm-omni` writes the released one (`to_released_config`, `released_name`), `--format
+bidirlm` the released text layout (`to_released_text_config`).
 """
 
 from __future__ import annotations
@@ -35,16 +40,22 @@ from bidirlm.runtime.models import checkpoint as ckpt
 from bidirlm.runtime.models.loading import load_model
 from bidirlm.runtime.models.released_layout import (  # the names and configs, re-exported here
     AUDIO_TYPE,
+    RELEASED_TEXT_ARCH,
+    RELEASED_TEXT_AUTO_MAP,
+    RELEASED_TEXT_TYPE,
     TEXT_TYPE,
     VISION_TYPE,
     audio_processor_config,
     composite_name,
     image_processor_config,
     is_released,
+    is_released_text,
     released_name,
+    released_pooling,
     text_config,
     to_composite_config,
     to_released_config,
+    to_released_text_config,
 )
 from bidirlm.runtime.outputs import TOKENIZER_FILES, AtomicFolder
 
@@ -52,6 +63,9 @@ __all__ = [
     "AUDIO_TYPE",
     "COPY_FILES",
     "LAYOUTS",
+    "RELEASED_TEXT_ARCH",
+    "RELEASED_TEXT_AUTO_MAP",
+    "RELEASED_TEXT_TYPE",
     "TEXT_TYPE",
     "TOKENIZER_FILES",
     "VISION_TYPE",
@@ -60,10 +74,13 @@ __all__ = [
     "export_checkpoint",
     "image_processor_config",
     "is_released",
+    "is_released_text",
     "released_name",
+    "released_pooling",
     "text_config",
     "to_composite_config",
     "to_released_config",
+    "to_released_text_config",
 ]
 
 # --- export: write a checkpoint in the released layouts, tensors streamed bit for bit ---------
@@ -71,6 +88,7 @@ __all__ = [
 LAYOUTS = ("bidirlm", "bidirlm-omni")
 COPY_FILES = ("preprocessor_config.json", "audio_preprocessor_config.json")
 _TEXT_IN = ("model.language_model.", "language_model.")
+_TEXT_TYPES = ("qwen3", "gemma3_text")  # families the released text layout holds
 
 
 def _text_config_out(hf: dict[str, Any]) -> dict[str, Any]:
@@ -83,11 +101,33 @@ def _text_config_out(hf: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _text_plan(
+    names: list[str], hf: dict[str, Any], prefixes: tuple[str, ...]
+) -> tuple[dict[str, Any], dict[str, str | None]]:
+    """The released text layout of a Qwen3 / Gemma3 text config `hf` (standard `model_type`)
+    whose backbone tensors sit under the first of `prefixes` that holds `embed_tokens.weight`:
+    backbone names without the prefix (`BidirLMModel`), `lm_head.weight` kept when stored (an
+    untied MNTP head; `BidirLMModel` ignores it), every other tensor left behind."""
+    have = set(names)
+    prefix = next((p for p in prefixes if p + "embed_tokens.weight" in have), None)
+    if prefix is None:
+        raise ValueError(f"no embed_tokens.weight under any of the prefixes {list(prefixes)}")
+    plan: dict[str, str | None] = {}
+    for n in names:
+        if n in ckpt.LM_HEAD_NAMES:
+            plan[n] = "lm_head.weight"
+        elif n.startswith(prefix):
+            plan[n] = n[len(prefix) :]
+        else:
+            plan[n] = None
+    return to_released_text_config(_text_config_out(hf)), plan
+
+
 def _plan(
     folder: Path, hf: dict[str, Any], layout: str
 ) -> tuple[dict[str, Any], dict[str, str | None]]:
     """(config.json to write, {input tensor name: output name, None = left out})."""
-    names = ckpt.weight_files(folder)
+    names = list(ckpt.weight_files(folder))
     omni = hf.get("model_type") == "bidirlm_omni"
     if layout == "bidirlm-omni":
         if not omni:
@@ -98,19 +138,17 @@ def _plan(
         if is_released(hf):
             return copy.deepcopy(hf), {n: n for n in names}
         return to_released_config(hf), {n: released_name(n) for n in names}
-    if not omni:  # a text checkpoint: same tensors, bidirectional config
-        return _text_config_out(hf), {n: n for n in names}
-    composite = to_composite_config(hf) if is_released(hf) else hf
-    text = dict(composite["text_config"])
-    text["architectures"] = ["Qwen3ForCausalLM"]
-    plan: dict[str, str | None] = {}
-    for n in names:
-        prefix = next((p for p in _TEXT_IN if n.startswith(p)), None)
-        if prefix is not None:
-            plan[n] = "model." + n[len(prefix) :]
-        else:
-            plan[n] = n if n == "lm_head.weight" else None  # the towers stay behind
-    return _text_config_out(text), plan
+    if omni:  # the text backbone of an omni checkpoint
+        composite = to_composite_config(hf) if is_released(hf) else hf
+        text = dict(composite["text_config"])
+        text["architectures"] = ["Qwen3ForCausalLM"]
+        text["model_type"] = "qwen3"
+        return _text_plan(names, text, _TEXT_IN)
+    family = text_config(hf)  # a released text config reads as its base family
+    spec = ckpt.MODEL_TYPES.get(family.get("model_type"))
+    if spec is None or family.get("model_type") not in _TEXT_TYPES:
+        return _text_config_out(hf), {n: n for n in names}  # another layout: flag only
+    return _text_plan(names, family, spec.text_prefixes)
 
 
 def export_checkpoint(
@@ -125,13 +163,18 @@ def export_checkpoint(
     """Write checkpoint folder `model` to `output` in a released BidirLM layout.
 
     `layout` "bidirlm-omni": the BidirLM-Omni layout (see the module docstring) of an omni
-    checkpoint; "bidirlm": a bidirectional text checkpoint (`model.*` Qwen3 / Gemma3 names,
-    `is_causal: false` / `use_bidirectional_attention: true`; an omni checkpoint gives its text
-    backbone). Tensors are streamed shard by shard and renamed, never converted: the output
-    holds the input's bytes and dtype unless `dtype` is given. The input is checked first
-    (`load_model`: names, shapes, NaN/Inf unless `allow_non_finite`). The folder is built beside
-    `output` (same filesystem, nothing under $TMPDIR) and appears only when complete; an
-    existing `output`, or one that appears meanwhile, is refused unless `force`.
+    checkpoint; "bidirlm": the released BidirLM text layout (`model_type` "bidirlm",
+    `BidirLMModel` + `auto_map`, the Qwen3 / Gemma3 fields flat, bidirectionality recorded the
+    transformers way too; backbone tensors without a `model.` prefix, a stored `lm_head.weight`
+    kept; `1_Pooling/config.json` mean pooling) of a Qwen3 / Gemma3 text checkpoint, of a
+    released one, or of an omni checkpoint's text backbone. The remote code files
+    (`configuration_bidirlm.py`, `modeling_bidirlm.py`) are not written: transformers needs them
+    beside the output (from a released repository) for `trust_remote_code`; `load_model` does
+    not. Tensors are streamed shard by shard and renamed, never converted: the output holds the
+    input's bytes and dtype unless `dtype` is given. The input is checked first (`load_model`:
+    names, shapes, NaN/Inf unless `allow_non_finite`). The folder is built beside `output`
+    (same filesystem, nothing under $TMPDIR) and appears only when complete; an existing
+    `output`, or one that appears meanwhile, is refused unless `force`.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
@@ -184,5 +227,10 @@ def export_checkpoint(
         for fname in (*TOKENIZER_FILES, *extra):
             if (folder / fname).is_file():
                 shutil.copyfile(folder / fname, tmp / fname)
+        if is_released_text(config):  # the released Embedding repos' pooling module
+            pooling = tmp / "1_Pooling"
+            pooling.mkdir()
+            body = released_pooling(int(text_config(config)["hidden_size"]))
+            (pooling / "config.json").write_text(json.dumps(body, indent=2) + "\n")
         atomic.commit()
     return out

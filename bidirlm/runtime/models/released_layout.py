@@ -136,31 +136,117 @@ def audio_processor_config(audio_config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-# --- released text checkpoints published with remote code -------------------------------------
+# --- released text checkpoints (BidirLM-270M / 0.6B / 1B / 1.7B, published with remote code) ---
 
-# Base families a remote-code BidirLM text config can name, and how each records bidirectionality.
+# What the published files show (tests/data/real_configs/bidirlm-*/, sources in its README):
+# config.json of BidirLM-1B-Embedding and BidirLM-1.7B-Embedding starts with `architectures`
+# ["BidirLMModel"] and this `auto_map`; its `model_type` is "bidirlm" (the repositories' tag and a
+# public fine-tuning project's notes); the base model's fields (Gemma3 or Qwen3) sit flat at the top
+# level with `classifier_pooling` "late"; 1_Pooling/config.json is mean pooling with the prompt
+# included. The Embedding checkpoints are `BidirLMModel` (AutoModel), whose parameters are the base
+# model's own names without a `model.` prefix (`embed_tokens.weight`, `layers.{i}.*`,
+# `norm.weight`), as a public ONNX export of BidirLM names them (`backbone.embed_tokens.weight`
+# under its wrapper); the safetensors index itself was not reached, so the bare names are an
+# inference, and `load_model` also reads them under `model.`.
+RELEASED_TEXT_TYPE = "bidirlm"
+RELEASED_TEXT_ARCH = "BidirLMModel"
+RELEASED_TEXT_AUTO_MAP = {
+    "AutoConfig": "configuration_bidirlm.BidirLMConfig",
+    "AutoModel": "modeling_bidirlm.BidirLMModel",
+    "AutoModelForMaskedLM": "modeling_bidirlm.BidirLMForMaskedLM",
+    "AutoModelForPreTraining": "modeling_bidirlm.BidirLMPreTrainedModel",
+    "AutoModelForSequenceClassification": "modeling_bidirlm.BidirLMForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_bidirlm.BidirLMForTokenClassification",
+}
+# the released 1_Pooling/config.json, `word_embedding_dimension` set to the hidden size
+RELEASED_POOLING = {
+    "pooling_mode_cls_token": False,
+    "pooling_mode_mean_tokens": True,
+    "pooling_mode_max_tokens": False,
+    "pooling_mode_mean_sqrt_len_tokens": False,
+    "pooling_mode_weightedmean_tokens": False,
+    "pooling_mode_lasttoken": False,
+    "include_prompt": True,
+}
+
+# Base families a BidirLM text config can hold, and how each records bidirectionality.
 _FAMILIES = (
     ("gemma3", "gemma3_text", "use_bidirectional_attention", True),
     ("qwen3", "qwen3", "is_causal", False),
 )
+# Fields only a Gemma3 config has (the released BidirLM-1B config shows the first four).
+_GEMMA3_FIELDS = (
+    "_sliding_window_pattern",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "hidden_activation",
+    "query_pre_attn_scalar",
+    "rope_local_base_freq",
+    "sliding_window_pattern",
+)
+
+
+def is_released_text(hf: dict[str, Any]) -> bool:
+    """A released-layout BidirLM text config (its own `model_type`, remote code)."""
+    return hf.get("model_type") == RELEASED_TEXT_TYPE
+
+
+def _family(hf: dict[str, Any]) -> tuple[str, str, Any]:
+    names = " ".join([str(hf.get("model_type", "")), *map(str, hf.get("architectures") or [])])
+    for token, model_type, flag, value in _FAMILIES:
+        if token in names.lower():
+            return model_type, flag, value
+    gemma = any(k in hf for k in _GEMMA3_FIELDS)
+    _, model_type, flag, value = _FAMILIES[0] if gemma else _FAMILIES[1]
+    return model_type, flag, value
 
 
 def text_config(hf: dict[str, Any]) -> dict[str, Any]:
     """A text checkpoint's config as our Qwen3 / Gemma3 specs read it.
 
-    Configs of a known `model_type` are returned unchanged. A config that ships remote code
-    (`auto_map`) under its own `model_type` (the released BidirLM text models are published that
-    way) is read as the base family its `model_type` or `architectures` name (Qwen3 or Gemma3,
-    e.g. "biqwen3" / "BiQwen3ForMaskedLM"), bidirectional (these encoders have no causal mode):
-    the layout (`model.*` or bare names) and fields are the base family's.
+    Configs of a known `model_type` are returned unchanged. A released BidirLM text config
+    (`model_type` "bidirlm", `BidirLMModel`, remote code) or another remote-code config
+    (`auto_map`) under its own `model_type` is read as its base family: named by its
+    `model_type` / `architectures` when they say "qwen3" or "gemma3", else Gemma3 when it has
+    Gemma3-only fields (`query_pre_attn_scalar`, `hidden_activation`, ...), else Qwen3; and
+    bidirectional (these encoders have no causal mode) unless the config says otherwise.
     """
-    if hf.get("model_type") in ckpt.MODEL_TYPES or not hf.get("auto_map"):
+    if hf.get("model_type") in ckpt.MODEL_TYPES:
         return hf
-    names = " ".join([str(hf.get("model_type", "")), *map(str, hf.get("architectures") or [])])
-    for token, model_type, flag, value in _FAMILIES:
-        if token in names.lower():
-            out = copy.deepcopy(hf)
-            out["model_type"] = model_type
-            out.setdefault(flag, value)
-            return out
-    return hf
+    if not (is_released_text(hf) or hf.get("auto_map")):
+        return hf
+    model_type, flag, value = _family(hf)
+    out = copy.deepcopy(hf)
+    out["model_type"] = model_type
+    out.setdefault(flag, value)
+    return out
+
+
+def to_released_text_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """A Qwen3 / Gemma3 text config (bidirectionality recorded) in the released BidirLM text
+    layout: `model_type` "bidirlm", `BidirLMModel` and its `auto_map`, `classifier_pooling`
+    "late" unless set, the base fields kept flat. The legacy RoPE keys the remote code's
+    transformers 4.57 reads (`rope_theta`, Gemma3's `rope_local_base_freq`) are added from
+    `rope_parameters` when missing. `text_config` of the result gives the input's fields back."""
+    out = copy.deepcopy(hf)
+    family = out.get("model_type")
+    params = out.get("rope_parameters")
+    if isinstance(params, dict):
+        if family == "gemma3_text":
+            full, local = params.get("full_attention"), params.get("sliding_attention")
+            if isinstance(full, dict) and "rope_theta" in full:
+                out.setdefault("rope_theta", full["rope_theta"])
+            if isinstance(local, dict) and "rope_theta" in local:
+                out.setdefault("rope_local_base_freq", local["rope_theta"])
+        elif "rope_theta" in params:
+            out.setdefault("rope_theta", params["rope_theta"])
+    out["model_type"] = RELEASED_TEXT_TYPE
+    out["architectures"] = [RELEASED_TEXT_ARCH]
+    out["auto_map"] = dict(RELEASED_TEXT_AUTO_MAP)
+    out.setdefault("classifier_pooling", "late")
+    return out
+
+
+def released_pooling(hidden_size: int) -> dict[str, Any]:
+    """The released 1_Pooling/config.json for a model of width `hidden_size`."""
+    return {"word_embedding_dimension": int(hidden_size), **RELEASED_POOLING}
