@@ -3,9 +3,11 @@
 - `sentence-transformers` (default): `SentenceTransformer(OUT)` then loads the model offline,
   bidirectional (recorded in config.json the transformers way), with the chosen pooling
   (`--pooling mean|last|first`), and gives the embeddings of `Encoder.encode`.
-- `bidirlm`: a bidirectional text checkpoint (the released BidirLM text models' layout:
-  `model.*` Qwen3 / Gemma3 names, `is_causal: false` / `use_bidirectional_attention: true`); an
-  omni MODEL gives its text backbone.
+- `bidirlm`: the released BidirLM text layout (`model_type` "bidirlm", `BidirLMModel` and its
+  `auto_map`, the Qwen3 / Gemma3 fields flat with `is_causal: false` /
+  `use_bidirectional_attention: true`, backbone names without `model.`, 1_Pooling mean pooling);
+  an omni MODEL gives its text backbone. The remote code files are not written (see
+  `bidirlm.runtime.models.released.export_checkpoint`).
 - `bidirlm-omni`: an omni MODEL in the released BidirLM-Omni layout (`model_type`
   "bidirlm_omni", `language_model.*`, `visual.*`, `audio_tower.*`), which `load_model` reads back.
 
