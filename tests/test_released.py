@@ -319,6 +319,21 @@ def test_output_created_meanwhile_is_refused_and_kept(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_other_remote_code_text_configs_are_not_guessed(tmp_path: Path) -> None:
+    """Only a "bidirlm" config (or one whose names say qwen3 / gemma3) is read as a base family;
+    another remote-code model_type stays an unsupported architecture (one line)."""
+    src = build_text(tmp_path / "src", shrink(real_config("qwen3-0.6b")))
+    raw = json.loads((src / "config.json").read_text())
+    raw.update(model_type="llama_bidirec", architectures=["LlamaBidirectionalModel"])
+    raw["auto_map"] = {"AutoModel": "llama_bidirectional_model.LlamaBidirectionalModel"}
+    (src / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        load_model(src)
+    raw.update(model_type="bidirlm", architectures=["BidirLMModel"])
+    (src / "config.json").write_text(json.dumps(raw))
+    assert load_model(src, bidirectional=None).bidirectional
+
+
 def test_empty_output_filled_meanwhile_is_refused_and_kept(
     composed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:

@@ -191,11 +191,13 @@ def is_released_text(hf: dict[str, Any]) -> bool:
     return hf.get("model_type") == RELEASED_TEXT_TYPE
 
 
-def _family(hf: dict[str, Any]) -> tuple[str, str, Any]:
+def _family(hf: dict[str, Any]) -> tuple[str, str, Any] | None:
     names = " ".join([str(hf.get("model_type", "")), *map(str, hf.get("architectures") or [])])
     for token, model_type, flag, value in _FAMILIES:
         if token in names.lower():
             return model_type, flag, value
+    if not is_released_text(hf):
+        return None  # another remote-code model: not ours to guess
     gemma = any(k in hf for k in _GEMMA3_FIELDS)
     _, model_type, flag, value = _FAMILIES[0] if gemma else _FAMILIES[1]
     return model_type, flag, value
@@ -207,15 +209,19 @@ def text_config(hf: dict[str, Any]) -> dict[str, Any]:
     Configs of a known `model_type` are returned unchanged. A released BidirLM text config
     (`model_type` "bidirlm", `BidirLMModel`, remote code) or another remote-code config
     (`auto_map`) under its own `model_type` is read as its base family: named by its
-    `model_type` / `architectures` when they say "qwen3" or "gemma3", else Gemma3 when it has
-    Gemma3-only fields (`query_pre_attn_scalar`, `hidden_activation`, ...), else Qwen3; and
-    bidirectional (these encoders have no causal mode) unless the config says otherwise.
+    `model_type` / `architectures` when they say "qwen3" or "gemma3"; a "bidirlm" config that
+    does not is Gemma3 when it has Gemma3-only fields (`query_pre_attn_scalar`,
+    `hidden_activation`, ...), else Qwen3; any other remote-code config is returned unchanged.
+    The result is bidirectional (these encoders have no causal mode) unless it says otherwise.
     """
     if hf.get("model_type") in ckpt.MODEL_TYPES:
         return hf
     if not (is_released_text(hf) or hf.get("auto_map")):
         return hf
-    model_type, flag, value = _family(hf)
+    family = _family(hf)
+    if family is None:
+        return hf
+    model_type, flag, value = family
     out = copy.deepcopy(hf)
     out["model_type"] = model_type
     out.setdefault(flag, value)
