@@ -33,8 +33,10 @@ them.
 from __future__ import annotations
 
 import argparse
+import functools
 import heapq
 import json
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -57,6 +59,11 @@ class Device:
     sfu_tops: float  # special-function results per second (16 per clock per SM)
     hbm_tbs: float
     launch_gap_us: float = 4.0
+
+    @property
+    def clock_ghz(self) -> float:
+        """The SM clock at which the bf16 peak is quoted: peak / (SMs x 4096 FLOPs per clock)."""
+        return self.bf16_tflops * 1e3 / (self.sms * SM90_MMA_FLOPS_PER_CLK)
 
 
 DEVICES = {
@@ -130,66 +137,357 @@ def _finish(dev: Device, launch: Launch, per_program: list[float]) -> Launch:
     return launch
 
 
+# --- instruction issue cost, counted from the compiled sm_90 SASS --------------------------------
+
+# SASS opcode (its first dot-separated part) -> the sm_90 pipe that executes it. Per SM
+# sub-partition (SP: one warp scheduler, 1 warp instruction issued per clock) the CUDA C
+# Programming Guide's sm_90 throughput table gives, in warp instructions per clock: FP32 add /
+# multiply / FMA 1 (32 lanes: 128 per SM), integer multiply-add 0.5 (IMAD: the "fmaheavy" half
+# only), compare / min / max / logic / shifts / integer add 0.5 (64 per SM), special functions
+# and int<->float conversions 1/8 (MUFU: 16 per SM). F2FP (float32 -> bf16/fp16 pack) runs on the
+# ALU (Nsight Compute's pipe description). Everything else (loads, stores, shuffles, barriers,
+# branches, uniform-datapath U* ops, HGMMA, NOP) costs its issue slot only: its own pipe is
+# assumed not to bind (the LSU/MIO traffic of these kernels is a few instructions per tile).
+_FP32_OPS = frozenset({"FADD", "FMUL", "FFMA", "FSWZADD", "HADD2", "HMUL2", "HFMA2"})
+_IMAD_OPS = frozenset({"IMAD", "IMUL", "IDP", "IMADSP"})
+_XU_OPS = frozenset({"MUFU", "F2I", "I2F", "F2F", "FRND", "I2FP", "F2IP"})
+_ALU_OPS = frozenset({
+    "ISETP", "FSETP", "FSEL", "SEL", "FMNMX", "IMNMX", "VIMNMX", "LOP3", "LOP", "IADD3", "IADD",
+    "VIADD", "VIADDMNMX", "SHF", "SHL", "SHR", "LEA", "PRMT", "MOV", "CS2R", "P2R", "R2P",
+    "PLOP3", "F2FP", "IABS", "FLO", "POPC", "BMSK", "SGXT", "BREV", "FCHK", "ISCADD", "FSET",
+    "ISET", "PSETP", "HSETP2", "HMNMX2",
+})  # fmt: skip
+SP_PER_SM = 4
+# warp instructions per clock per SP, by pipe (see above)
+PIPE_RATE = {"issue": 1.0, "fp32+imad": 1.0, "imad": 0.5, "alu": 0.5, "xu": 0.125}
+SM90_MMA_FLOPS_PER_CLK = 4096  # dense bf16 per SM per clock (989 TFLOPs / 132 SMs / 1.83 GHz)
+
+
+@dataclass(frozen=True)
+class Ops:
+    """Warp instructions of a stretch of SASS, by pipe (`total` counts every issued one:
+    predicated-off instructions still take their issue slot)."""
+
+    total: int = 0
+    fp32: int = 0
+    imad: int = 0
+    alu: int = 0
+    xu: int = 0
+
+    def __add__(self, o: Ops) -> Ops:
+        return Ops(self.total + o.total, self.fp32 + o.fp32, self.imad + o.imad,
+                   self.alu + o.alu, self.xu + o.xu)  # fmt: skip
+
+    def scale(self, k: float) -> dict[str, float]:
+        return {f: getattr(self, f) * k for f in ("total", "fp32", "imad", "alu", "xu")}
+
+    def pipe_clocks(self, warps_per_sp: float) -> dict[str, float]:
+        """Clocks one SP needs for `warps_per_sp` warps each executing these instructions, per
+        limit: the issue slot, the FMA pipe (FP32 + IMAD), IMAD alone, the ALU and the XU."""
+        w = warps_per_sp
+        return {
+            "issue": w * self.total / PIPE_RATE["issue"],
+            "fp32+imad": w * (self.fp32 + self.imad) / PIPE_RATE["fp32+imad"],
+            "imad": w * self.imad / PIPE_RATE["imad"],
+            "alu": w * self.alu / PIPE_RATE["alu"],
+            "xu": w * self.xu / PIPE_RATE["xu"],
+        }
+
+    def clocks(self, warps_per_sp: float) -> float:
+        return max(self.pipe_clocks(warps_per_sp).values())
+
+    def binding(self, warps_per_sp: float) -> str:
+        c = self.pipe_clocks(warps_per_sp)
+        return max(c, key=c.get)
+
+
+def _opcode(text: str) -> str:
+    parts = text.split()
+    op = parts[1] if parts[0].startswith("@") else parts[0]
+    return op.split(".")[0]
+
+
+def _ops_of(texts: list[str]) -> Ops:
+    fp32 = imad = alu = xu = 0
+    for t in texts:
+        op = _opcode(t)
+        fp32 += op in _FP32_OPS
+        imad += op in _IMAD_OPS
+        alu += op in _ALU_OPS
+        xu += op in _XU_OPS
+    return Ops(len(texts), fp32, imad, alu, xu)
+
+
+@dataclass
+class SassLoop:
+    lo: int
+    hi: int
+    hgmma: int  # HGMMA instructions in the body (nested loops included)
+    own: Ops  # the body's instructions outside nested loops (one iteration)
+    parent: int | None = None  # index of the innermost enclosing loop
+    children: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SassKernel:
+    """A compiled kernel's SASS as the model charges it: its loops (static instruction counts
+    of one iteration, nested loops excluded) and the longest acyclic path through the code
+    outside every loop (`outside`, or `through(loop)`: the longest path that reaches a loop)."""
+
+    name: str
+    registers: int
+    spills: int
+    loops: list[SassLoop]
+    _ins: list[tuple[int, str]]
+
+    def k_loops(self) -> list[int]:
+        return [i for i, lp in enumerate(self.loops) if lp.hgmma and not lp.children]
+
+    def _path(self, through: int | None) -> Ops:
+        ins = self._ins
+        n = len(ins)
+        index = {a: i for i, (a, _) in enumerate(ins)}
+        in_loop = [any(lp.lo <= a <= lp.hi for lp in self.loops) for a, _ in ins]
+        w = [Ops() if in_loop[i] else _ops_of([t]) for i, (_, t) in enumerate(ins)]
+        succ: list[list[int]] = [[] for _ in range(n)]
+        for i, (a, t) in enumerate(ins):
+            op, pred = _opcode(t), t.startswith("@") and not t.startswith("@PT")
+            m = re.search(r"\bBRA(?:\.\w+)*\s+0x([0-9a-f]+)", t)
+            if m and int(m.group(1), 16) > a and int(m.group(1), 16) in index:
+                succ[i].append(index[int(m.group(1), 16)])
+            ends = op in ("EXIT", "RET") or (op in ("BRA", "JMP") and bool(m))
+            if (not ends or pred) and i + 1 < n:
+                succ[i].append(i + 1)
+        # longest path (by issued instructions) from the entry to i, and from i to an end
+        f: list[Ops | None] = [None] * n
+        f[0] = w[0]
+        for i in range(n):
+            if f[i] is None:
+                continue
+            for j in succ[i]:
+                cand = f[i] + w[j]
+                if f[j] is None or cand.total > f[j].total:
+                    f[j] = cand
+        g: list[Ops] = [Ops()] * n
+        for i in range(n - 1, -1, -1):
+            best = max((g[j] for j in succ[i]), key=lambda o: o.total, default=Ops())
+            g[i] = w[i] + best
+        if through is None:
+            return g[0]
+        head = index[self.loops[through].lo]  # loop instructions weigh 0: f + g is the path
+        return (f[head] or Ops()) + g[head]
+
+    @functools.cached_property
+    def outside(self) -> Ops:
+        return self._path(None)
+
+    def through(self, loop: int) -> Ops:
+        return self._path(loop)
+
+
+def analyze_kernel_sass(name: str, sass: str, registers: int = 0, spills: int = 0) -> SassKernel:
+    """Loops and instruction counts of one kernel's `cuobjdump -sass` listing."""
+    from bench.compile_check import loop_ranges, sass_instructions
+
+    ins = sass_instructions(sass)
+    ranges = sorted({r for r in loop_ranges(ins) if r[1] > r[0]})  # not the trailing `BRA .`
+    loops = [SassLoop(lo, hi, sum("HGMMA" in t for a, t in ins if lo <= a <= hi), Ops())
+             for lo, hi in ranges]  # fmt: skip
+    for i, lp in enumerate(loops):
+        outer = [j for j, o in enumerate(loops) if j != i and o.lo <= lp.lo and lp.hi <= o.hi]
+        if outer:
+            lp.parent = min(outer, key=lambda j: loops[j].hi - loops[j].lo)
+            loops[lp.parent].children.append(i)
+    for lp in loops:
+        nested = [loops[c] for c in lp.children]
+        lp.own = _ops_of([t for a, t in ins if lp.lo <= a <= lp.hi
+                          and not any(c.lo <= a <= c.hi for c in nested)])  # fmt: skip
+    return SassKernel(name, registers, spills, loops, ins)
+
+
+def _target_launches(tokens: int, labelled: int, vocab: int, d: int, softcap: bool) -> dict:
+    """The representative launch of each MNTP kernel at the target shape, recorded from the real
+    launchers on 'nvidia-sm90' (bf16, `num_labelled` passed): the forward and merge launches,
+    and the second vocabulary chunk's dz and grads launches (every middle chunk is this one;
+    the first chunk's `first = 1` compiles separately). The tensors are never touched."""
+    from bench.compile_check import _PHASE, Launch, recording
+    from bidirlm.kernels import mntp_loss
+
+    h = torch.empty(tokens, d, dtype=torch.bfloat16).requires_grad_()
+    w = torch.empty(vocab, d, dtype=torch.bfloat16).requires_grad_()
+    y = torch.full((tokens,), -100, dtype=torch.int64)
+    y[:labelled] = torch.arange(labelled) % vocab
+    kw = {"softcap": 30.0} if softcap else {}
+    with recording("nvidia-sm90") as calls:
+        _PHASE[0] = "fwd"
+        out = mntp_loss(h, w, y, reduction="none", num_labelled=labelled, **kw)
+        _PHASE[0] = "bwd"
+        out.backward(torch.ones_like(out))
+    launches = [Launch(None, fn, a, k, g, ph) for fn, a, k, g, ph in calls]  # type: ignore[arg-type]
+    picked = {}
+    for name in ("_mntp_fwd_kernel", "_mntp_merge_kernel", "_mntp_dz_kernel",
+                 "_mntp_grads_kernel"):  # fmt: skip
+        same = [x for x in launches if x.kernel == name]
+        picked[name] = same[1] if len(same) > 1 else same[0]
+    return picked
+
+
+@functools.lru_cache(maxsize=16)
+def mntp_sass(
+    tokens: int = 32768, labelled: int = 9830, vocab: int = 151936, d: int = 1024,
+    softcap: bool = False,
+) -> dict[str, SassKernel]:  # fmt: skip
+    """Compile the target launches for sm_90 with the installed triton (no GPU: ptxas and
+    cuobjdump ship in the wheel) and analyze their SASS. Cached (and triton caches the cubins)."""
+    import tempfile
+
+    from triton.compiler import ASTSource
+
+    from bench.compile_check import _run, gpu_target, nvidia_tool, specialize
+
+    out = {}
+    for name, launch in _target_launches(tokens, labelled, vocab, d, softcap).items():
+        spec = specialize(launch, "sm90")
+        src = ASTSource(spec.fn, spec.signature, spec.constexprs, spec.attrs)
+        compiled = triton.compile(src, target=gpu_target("sm90"), options=spec.options)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            sass = _run([nvidia_tool("cuobjdump"), "-sass", f.name])
+            usage = _run([nvidia_tool("cuobjdump"), "-res-usage", f.name])
+        m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+        regs, stack = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+        out[name] = analyze_kernel_sass(name, sass, regs, stack)
+    return out
+
+
 # --- MNTP -----------------------------------------------------------------------------------------
+
+
+def _mma_step_clk(bm: int, bn: int, bk: int) -> float:
+    """SM clocks of one K step's wgmma (`bm x bn x bk`) at `MMA_EFFICIENCY` of the dense peak."""
+    return 2.0 * bm * bn * bk / SM90_MMA_FLOPS_PER_CLK / MMA_EFFICIENCY
+
+
+def _k_step_clk(loop: SassLoop, mma_clk: float, warps_per_sp: float) -> float:
+    """One K step: the wgmma runs asynchronously beside the loop's own instructions (address
+    math, cp.async, barriers), so the step takes the longer of the two."""
+    return max(mma_clk, loop.own.clocks(warps_per_sp))
+
+
+def _fwd_loops(k: SassKernel) -> tuple[int, int, int, int | None]:
+    """(unit loop, full-tile loop, its K loop, the tail tile's K loop) of `_mntp_fwd_kernel`."""
+    ks = k.k_loops()
+    full = [i for i in ks if k.loops[i].parent is not None
+            and k.loops[k.loops[i].parent].parent is not None]  # fmt: skip
+    if len(full) != 1:
+        raise ValueError(f"_mntp_fwd_kernel: expected one K loop inside the tile loop, got {ks}")
+    kf = full[0]
+    tile = k.loops[kf].parent
+    unit = k.loops[tile].parent
+    tail = next((i for i in ks if i != kf and k.loops[i].parent == unit), None)
+    return unit, tile, kf, tail
 
 
 def mntp_launches(
     tokens: int, labelled: int, vocab: int, d: int, *, gpu: str = "h100", softcap: bool = False
 ) -> tuple[list[Launch], list[Launch], dict[str, Any]]:
     """(forward launches, backward launches, plan facts) of one bf16 `mntp_loss` call with
-    `num_labelled=labelled`, as the launchers plan it on an H100/H200."""
+    `num_labelled=labelled`, as the launchers plan it on an H100/H200, each program's time from
+    the compiled sm_90 SASS of the launch (`mntp_sass`) and the wgmma work of its K steps."""
     from bidirlm.kernels import mntp_loss_triton as mt
 
     dev = DEVICES[gpu]
     fam = mt._CONFIGS["hopper"]
+    cfg, gcfg = fam.fwd, fam.gemm
     nl = labelled
     fp = mt._fwd_plan_of(fam, nl, vocab, dev.sms, False)
     bp = mt._bwd_plan_of(fam, tokens, nl, vocab, d, 2, 2, True, True, dev.sms)
     if bp.two_pass:
         raise ValueError("the model covers the one-row-chunk plan (pass num_labelled)")
-    sfu_per_logit = 1 + (2 if softcap else 0)  # exp (+ tanh's exp and divide)
-    blocks = triton.cdiv(nl, TILE)
+    sass = mntp_sass(tokens, nl, vocab, d, softcap)
+    us = 1.0 / (dev.clock_ghz * 1e3)  # microseconds per clock
+    w_fwd = cfg.num_warps / SP_PER_SM
+    mma_fwd = _mma_step_clk(cfg.block_m, cfg.block_n, cfg.block_k)
+    k_steps = triton.cdiv(d, cfg.block_k)
+    fk = sass["_mntp_fwd_kernel"]
+    unit_l, tile_l, kf_l, kt_l = _fwd_loops(fk)
+    tile_clk = fk.loops[tile_l].own.clocks(w_fwd) + k_steps * _k_step_clk(
+        fk.loops[kf_l], mma_fwd, w_fwd
+    )
+    tail_k_clk = k_steps * _k_step_clk(fk.loops[kt_l if kt_l is not None else kf_l], mma_fwd,
+                                       w_fwd)  # fmt: skip
+    unit_clk = fk.loops[unit_l].own.clocks(w_fwd)
+    blocks = triton.cdiv(nl, cfg.block_m)
     # forward: units (split s, row block b), unit u on program u % P, in order
-    per_split = triton.cdiv(triton.cdiv(vocab, TILE), fp.splits) * TILE
-    unit_cols = [min(per_split, vocab - s * per_split) for s in range(fp.splits)]
-    prog = [0.0] * fp.programs
+    per_split = triton.cdiv(triton.cdiv(vocab, cfg.block_n), fp.splits) * cfg.block_n
+    prog = [fk.outside.clocks(w_fwd)] * fp.programs
     for u in range(fp.units):
-        cols = max(0, unit_cols[u // blocks])
-        logits = TILE * cols
-        prog[u % fp.programs] += _program_us(
-            dev, 2.0 * logits * d, logits * sfu_per_logit, logits * ALU_PER_LOGIT["fwd"]
-        )
+        s = u // blocks
+        cols = max(0, min(per_split, vocab - s * per_split))
+        full, tail = divmod(cols, cfg.block_n)
+        prog[u % fp.programs] += unit_clk + full * tile_clk + (tail_k_clk if tail else 0.0)
+    prog = [c * us for c in prog]
     fwd_bytes = vocab * d * 2 + tokens * d * 2 * 0.3 + fp.splits * tokens * 4 * 2
     fwd = [_finish(dev, Launch("_mntp_fwd_kernel", fp.programs, max(prog), fwd_bytes), prog)]
-    merge_bytes = fp.splits * nl * 4 + nl * 16
-    fwd.append(_finish(dev, Launch("_mntp_merge_kernel", triton.cdiv(nl, 64), 0.5, merge_bytes),
-                       [0.5] * triton.cdiv(nl, 64)))  # fmt: skip
+    mk = sass["_mntp_merge_kernel"]
+    merge_programs = triton.cdiv(nl, 64)
+    merge_us = (mk.outside.clocks(1.0) + sum(
+        lp.own.clocks(1.0) * triton.cdiv(d, 64) for lp in mk.loops)) * us  # fmt: skip
+    merge_bytes = fp.splits * nl * 4 + nl * 16 + 2 * nl * d * 2  # + h and W[label] rows
+    fwd.append(_finish(dev, Launch("_mntp_merge_kernel", merge_programs, merge_us, merge_bytes),
+                       [merge_us] * merge_programs))  # fmt: skip
+    zk, gk = sass["_mntp_dz_kernel"], sass["_mntp_grads_kernel"]
+    (z_loop,) = zk.k_loops()
+    dz_clk = zk.outside.clocks(w_fwd) + k_steps * _k_step_clk(zk.loops[z_loop], mma_fwd, w_fwd)
+    dz_us = dz_clk * us
+    w_g = gcfg.num_warps / SP_PER_SM
+    mma_g = _mma_step_clk(gcfg.block_m, gcfg.block_n, gcfg.block_k)
+    dw_loop, dh_loop = sorted(gk.k_loops(), key=lambda i: gk.loops[i].lo)  # dW role first
     bwd: list[Launch] = []
-    d_tiles = triton.cdiv(d, TILE)
+    d_tiles = triton.cdiv(d, gcfg.block_n)
     for c0 in range(0, vocab, bp.vocab):
         cols = min(bp.vocab, vocab - c0)
-        logits = TILE * TILE
-        dz_us = _program_us(
-            dev, 2.0 * logits * d, logits * sfu_per_logit, logits * ALU_PER_LOGIT["bwd"]
-        )
-        dz_programs = blocks * triton.cdiv(cols, TILE)
+        dz_programs = blocks * triton.cdiv(cols, cfg.block_n)
         dz_bytes = nl * cols * 2 + cols * d * 2 + nl * d * 2
         bwd.append(_finish(dev, Launch("_mntp_dz_kernel", dz_programs, dz_us, dz_bytes),
                            [dz_us] * dz_programs))  # fmt: skip
-        k_rows = triton.cdiv(nl, 64) * 64
-        dw_us = _program_us(dev, 2.0 * TILE * TILE * k_rows, 0, 0)
-        dh_us = _program_us(dev, 2.0 * TILE * TILE * cols, 0, TILE * TILE * 3)
-        n_dw, n_dh = triton.cdiv(cols, TILE) * d_tiles, blocks * d_tiles
+        k_w = triton.cdiv(nl, gcfg.block_k)  # dW: K over the labelled slots
+        k_h = triton.cdiv(cols, gcfg.block_k)  # dH: K over the chunk's vocabulary
+        dw_us = (gk.through(dw_loop).clocks(w_g)
+                 + k_w * _k_step_clk(gk.loops[dw_loop], mma_g, w_g)) * us  # fmt: skip
+        dh_us = (gk.through(dh_loop).clocks(w_g)
+                 + k_h * _k_step_clk(gk.loops[dh_loop], mma_g, w_g)) * us  # fmt: skip
+        n_dw, n_dh = triton.cdiv(cols, gcfg.block_m) * d_tiles, blocks * d_tiles
         # dz read by each GEMM, W chunk and labelled H once, dH's float32 partial read + written
         g_bytes = 2 * nl * cols * 2 + cols * d * 2 + nl * d * 2 + nl * d * 8 + cols * d * 2
         per = [dw_us] * n_dw + [dh_us] * n_dh
         bwd.append(_finish(dev, Launch("_mntp_grads_kernel", len(per), max(per), g_bytes), per))
+    logits_per_thread = cfg.block_m * cfg.block_n / (cfg.num_warps * 32)
+    tile_ops = fk.loops[tile_l].own
+    dz_ops = zk.outside
     facts = {
         "splits": fp.splits, "fwd_programs": fp.programs, "fwd_units": fp.units,
         "fwd_waves": round(fp.waves, 2), "chunk_rows": bp.rows, "chunk_vocab": bp.vocab,
         "chunks": triton.cdiv(vocab, bp.vocab), "dh_partial": ("buffer", "dH", "dH ignored rows")[
             bp.acc_mode],
         "dz_waves": round(bwd[0].waves, 2), "grads_waves": round(bwd[1].waves, 2),
+        "triton": triton.__version__,
+        "sass_per_logit": {
+            "fwd_tile": {k: round(v, 2) for k, v in tile_ops.scale(1 / logits_per_thread).items()},
+            "fwd_binding": tile_ops.binding(w_fwd),
+            "dz": {k: round(v, 2) for k, v in dz_ops.scale(1 / logits_per_thread).items()},
+            "dz_binding": dz_ops.binding(w_fwd),
+        },
+        "clocks_per_tile": {
+            "mma": round(k_steps * mma_fwd),
+            "fwd_elementwise": round(tile_ops.clocks(w_fwd)),
+            "fwd_k_loop_issue_per_step": round(fk.loops[kf_l].own.clocks(w_fwd)),
+            "mma_per_step": round(mma_fwd),
+            "dz_outside_k_loop": round(dz_ops.clocks(w_fwd)),
+        },
+        "registers": {k: v.registers for k, v in sass.items()},
+        "spill_bytes": {k: v.spills for k, v in sass.items()},
     }  # fmt: skip
     return fwd, bwd, facts
 

@@ -199,17 +199,20 @@ def _mntp_loss_bwd(
     grad_lse: Optional[torch.Tensor] = None,
     num_labelled: int = -1,
     filter_eps: float = 0.0,
+    row_loss: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dhidden [N, d], dweight [V, d], dbias [V]) for the per-row gradients of the loss (`grad`)
     and of the lse (`grad_lse`, None = 0); an empty tensor for each one not needed (need_dh;
     need_dw covers weight and bias) or absent (bias None). `num_labelled` (-1 = unknown) sizes
-    the chunks; `filter_eps > 0` turns on gradient filtering (Triton path only)."""
+    the chunks; `filter_eps > 0` turns on gradient filtering (Triton path only). `row_loss` (the
+    forward's per-row loss, optional) gives the Triton path the target's softmax `exp(-loss)`
+    without a per-logit compare when there is no smoothing, softcap or filtering."""
     if use_triton(hidden):
         from .mntp_loss_triton import _triton_backward
 
         dh, dw, db = _triton_backward(
             grad, hidden, weight, bias, labels, lse, ignore_index, softcap, need_dh, need_dw,
-            label_smoothing, grad_lse, num_labelled, filter_eps,
+            label_smoothing, grad_lse, num_labelled, filter_eps, row_loss,
         )  # fmt: skip
     else:
         dh, dw, db = reference.mntp_loss_reference_backward(
@@ -237,6 +240,7 @@ def _(  # noqa: ANN202
     grad_lse=None,  # noqa: ANN001
     num_labelled=-1,
     filter_eps=0.0,
+    row_loss=None,
 ):
     empty = weight.new_empty(0)
     dh = torch.empty_like(hidden) if need_dh else empty
@@ -248,14 +252,14 @@ def _(  # noqa: ANN202
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
     hidden, weight, bias, labels, ignore_index, softcap, label_smoothing, _, *rest = inputs
     num_labelled, filter_eps = (*rest, -1, 0.0)[:2] if len(rest) != 1 else (rest[0], 0.0)
-    _, lse, correct = output
-    ctx.save_for_backward(hidden, weight, bias, labels, lse)
+    loss, lse, correct = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, loss)
     ctx.options = (ignore_index, softcap, label_smoothing, num_labelled, filter_eps)
     ctx.mark_non_differentiable(correct)
 
 
 def _backward(ctx, grad_loss, grad_lse, grad_correct):  # noqa: ANN001, ANN202
-    hidden, weight, bias, labels, lse = ctx.saved_tensors
+    hidden, weight, bias, labels, lse, row_loss = ctx.saved_tensors
     ignore_index, softcap, label_smoothing, num_labelled, filter_eps = ctx.options
     need_dh = ctx.needs_input_grad[0]
     need_dw = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
@@ -263,7 +267,7 @@ def _backward(ctx, grad_loss, grad_lse, grad_correct):  # noqa: ANN001, ANN202
         grad_loss = torch.zeros_like(lse)
     dh, dw, db = torch.ops.bidirlm.mntp_loss_bwd(
         grad_loss, hidden, weight, bias, labels, lse, ignore_index, softcap, need_dh, need_dw,
-        label_smoothing, grad_lse, num_labelled, filter_eps,
+        label_smoothing, grad_lse, num_labelled, filter_eps, row_loss,
     )  # fmt: skip
     return (
         dh if need_dh else None,

@@ -75,6 +75,24 @@ def _tanh(x):
     return tl.where(x < 0, -t, t)
 
 
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): one FFMA with the shift
+
+
+@triton.jit
+def _exp2(x, FTZ: tl.constexpr):
+    """2**x in float32. FTZ (NVIDIA): one `ex2.approx.ftz.f32` (MUFU.EX2); without it ptxas
+    wraps `ex2.approx.f32` in a denormal-result fix-up (a compare and two predicated multiplies
+    per element). Flushing results below 2**-126 to 0 changes a softmax sum (>= 1) by < 1e-38
+    and a dlogit by < 1e-38 x its row's gradient. Elsewhere (AMD, the interpreter) tl.math.exp2.
+    """
+    if FTZ:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.math.exp2(x)
+
+
 @triton.jit
 def _logits_tile(
     h_ptr,
@@ -120,12 +138,53 @@ def _logits_tile(
 
 
 @triton.jit
+def _fwd_tile(
+    h_ptr, w_ptr, b_ptr, rows, row_mask, v0, v_hi, V, D, stride_h, stride_w, softcap,
+    m, s, xsum, amax,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
+    ACCURACY: tl.constexpr, MASKED: tl.constexpr, FTZ: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One vocabulary tile `[v0, v0 + BLOCK_V)` of the online log-sum-exp: the updated (max,
+    sum of exp, sum of logits, first argmax) per row. Only a MASKED tile (the split's partial
+    last one) masks columns `>= v_hi`; a full tile's elementwise work per logit is the max, one
+    FFMA (x log2(e) - m log2(e)), one exp2 and the sum."""
+    cols = v0 + tl.arange(0, BLOCK_V)
+    if MASKED:
+        col_mask = cols < v_hi
+    else:
+        col_mask = cols >= 0  # always true, folded away
+    x = _logits_tile(
+        h_ptr, w_ptr, b_ptr, rows, row_mask, cols.to(tl.int64), col_mask, D, stride_h,
+        stride_w, HAS_BIAS, UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_K,
+    )  # fmt: skip
+    if HAS_SOFTCAP:
+        x = softcap * _tanh(x / softcap)
+    if MASKED:
+        x = tl.where(col_mask[None, :], x, float("-inf"))
+    if SMOOTH:
+        if MASKED:
+            xsum += tl.sum(tl.where(col_mask[None, :], x, 0.0), axis=1)
+        else:
+            xsum += tl.sum(x, axis=1)
+    tile_max = tl.max(x, axis=1)  # every tile has >= 1 real column: finite
+    if ACCURACY:  # first index of the max, as torch.argmax
+        first = tl.min(tl.where(x == tile_max[:, None], cols[None, :], V), axis=1)
+        amax = tl.where(tile_max > m, first, amax)
+    m_new = tl.maximum(m, tile_max)
+    mc = m_new * LOG2E
+    e = _exp2(x * LOG2E - mc[:, None], FTZ)
+    s = s * _exp2(m * LOG2E - mc, FTZ) + tl.sum(e, axis=1)
+    return m_new, s, xsum, amax
+
+
+@triton.jit
 def _mntp_fwd_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, order_ptr, count_ptr,
-    lse_part_ptr, sum_part_ptr, max_part_ptr, arg_part_ptr, tgt_ptr,
+    h_ptr, w_ptr, b_ptr, order_ptr, count_ptr,
+    lse_part_ptr, sum_part_ptr, max_part_ptr, arg_part_ptr,
     N, V, D, stride_h, stride_w, softcap, row_bound, n_splits,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
-    ACCURACY: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    ACCURACY: tl.constexpr, FTZ: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Persistent program: work units (vocabulary split s, labelled-slot block b), `unit = s *
@@ -133,7 +192,9 @@ def _mntp_fwd_kernel(
 
     Per unit: the split's log-sum-exp per row in `lse_part[s, slot]` (-inf for an empty split),
     and when asked the split's sum of logits (label smoothing) and its max / first argmax (token
-    accuracy); the split holding a row's target writes the target logit `tgt[slot]`. Programs
+    accuracy). The split's full vocabulary tiles run unmasked; only its partial last tile (the
+    last split's, when V is not a multiple of BLOCK_V) masks columns. The target logit is not
+    looked for here: the merge takes it once per row (a dot of h with W[label]). Programs
     running together share a split (consecutive units), so its weight tiles are read from L2.
     """
     n_valid = tl.minimum(tl.load(count_ptr), row_bound)
@@ -143,37 +204,28 @@ def _mntp_fwd_kernel(
         pid_s = unit // n_blocks
         pid_m = unit % n_blocks
         v_lo = pid_s * per_split
-        v_hi = tl.minimum(v_lo + per_split, V)
+        v_hi = tl.maximum(tl.minimum(v_lo + per_split, V), v_lo)  # empty split: v_hi = v_lo
+        v_full = v_lo + ((v_hi - v_lo) // BLOCK_V) * BLOCK_V  # end of the full tiles
         pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = pos < n_valid
         # row * stride overflows int32 past 2**31 elements: index in int64
         rows = tl.load(order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
-        target = tl.load(labels_ptr + rows, mask=row_mask, other=0)
         m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         s = tl.zeros([BLOCK_M], dtype=tl.float32)
-        tgt = tl.zeros([BLOCK_M], dtype=tl.float32)
         xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
         amax = tl.zeros([BLOCK_M], dtype=tl.int32)
-        for v0 in range(v_lo, v_hi, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            col_mask = cols < v_hi
-            x = _logits_tile(
-                h_ptr, w_ptr, b_ptr, rows, row_mask, cols.to(tl.int64), col_mask, D, stride_h,
-                stride_w, HAS_BIAS, UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_K,
+        for v0 in range(v_lo, v_full, BLOCK_V):
+            m, s, xsum, amax = _fwd_tile(
+                h_ptr, w_ptr, b_ptr, rows, row_mask, v0, v_hi, V, D, stride_h, stride_w,
+                softcap, m, s, xsum, amax, HAS_BIAS, HAS_SOFTCAP, SMOOTH, ACCURACY, False, FTZ,
+                UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_K,
             )  # fmt: skip
-            if HAS_SOFTCAP:
-                x = softcap * _tanh(x / softcap)
-            x = tl.where(col_mask[None, :], x, float("-inf"))
-            tgt += tl.sum(tl.where(cols[None, :] == target[:, None], x, 0.0), axis=1)
-            if SMOOTH:
-                xsum += tl.sum(tl.where(col_mask[None, :], x, 0.0), axis=1)
-            tile_max = tl.max(x, axis=1)  # every tile has >= 1 real column: finite
-            if ACCURACY:  # first index of the max, as torch.argmax
-                first = tl.min(tl.where(x == tile_max[:, None], cols[None, :], V), axis=1)
-                amax = tl.where(tile_max > m, first, amax)
-            m_new = tl.maximum(m, tile_max)
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
-            m = m_new
+        if v_full < v_hi:
+            m, s, xsum, amax = _fwd_tile(
+                h_ptr, w_ptr, b_ptr, rows, row_mask, v_full, v_hi, V, D, stride_h, stride_w,
+                softcap, m, s, xsum, amax, HAS_BIAS, HAS_SOFTCAP, SMOOTH, ACCURACY, True, FTZ,
+                UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_K,
+            )  # fmt: skip
         part = pid_s * N + pos
         tl.store(lse_part_ptr + part, m + tl.log(s), mask=row_mask)  # -inf: the split is empty
         if SMOOTH:
@@ -181,18 +233,20 @@ def _mntp_fwd_kernel(
         if ACCURACY:
             tl.store(max_part_ptr + part, m, mask=row_mask)
             tl.store(arg_part_ptr + part, amax, mask=row_mask)
-        owns = row_mask & (target >= v_lo) & (target < v_hi)
-        tl.store(tgt_ptr + pos, tgt, mask=owns)
 
 
 @triton.jit
 def _mntp_merge_kernel(
-    lse_part_ptr, sum_part_ptr, max_part_ptr, arg_part_ptr, tgt_ptr, labels_ptr, order_ptr,
-    count_ptr, loss_ptr, lse_ptr, correct_ptr, N, V, smoothing, row_bound,
+    h_ptr, w_ptr, b_ptr, lse_part_ptr, sum_part_ptr, max_part_ptr, arg_part_ptr, labels_ptr,
+    order_ptr, count_ptr, loss_ptr, lse_ptr, correct_ptr, N, V, D, stride_h, stride_w, softcap,
+    smoothing, row_bound,
     SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, SMOOTH: tl.constexpr,
-    ACCURACY: tl.constexpr, BLOCK_R: tl.constexpr,
+    ACCURACY: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Exact merge of the splits per labelled row; scatters loss, lse (and correct) by row."""
+    """Exact merge of the splits per labelled row, plus the target logit `softcap(h . W[label] +
+    b[label])` as a float32 dot per row (labels outside [0, V) give 0: never an address);
+    scatters loss, lse (and correct) by row."""
     n_valid = tl.minimum(tl.load(count_ptr), row_bound)
     if tl.program_id(0) * BLOCK_R >= n_valid:
         return
@@ -204,14 +258,28 @@ def _mntp_merge_kernel(
     lse_k = tl.load(lse_part_ptr + part, mask=mask2, other=float("-inf"))
     big = tl.max(lse_k, axis=1)  # split 0 is never empty: finite
     lse = big + tl.log(tl.sum(tl.exp(lse_k - big[:, None]), axis=1))
-    tgt = tl.load(tgt_ptr + pos, mask=row_mask, other=0.0)
+    rows = tl.load(order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
+    target = tl.load(labels_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    ok = row_mask & (target >= 0) & (target < V)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_D):
+        ks = k0 + tl.arange(0, BLOCK_D)
+        mk = ok[:, None] & (ks < D)[None, :]
+        h = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :], mask=mk, other=0.0)
+        w = tl.load(w_ptr + target[:, None] * stride_w + ks[None, :], mask=mk, other=0.0)
+        acc += h.to(tl.float32) * w.to(tl.float32)
+    tgt = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        tgt += tl.load(b_ptr + target, mask=ok, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        tgt = softcap * _tanh(tgt / softcap)
+    tgt = tl.where(ok, tgt, 0.0)
     if SMOOTH:
         # (1 - eps) * (lse - x_t) + eps * (lse - mean_j x_j): torch's label_smoothing
         xsum = tl.sum(tl.load(sum_part_ptr + part, mask=mask2, other=0.0), axis=1)
         loss = lse - (1.0 - smoothing) * tgt - (smoothing / V) * xsum
     else:
         loss = lse - tgt
-    rows = tl.load(order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
     tl.store(loss_ptr + rows, loss, mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
     if ACCURACY:
@@ -219,25 +287,33 @@ def _mntp_merge_kernel(
         arg = tl.load(arg_part_ptr + part, mask=mask2, other=V)
         best = tl.max(mx, axis=1)
         first = tl.min(tl.where(mx == best[:, None], arg, V), axis=1)  # splits are in order
-        target = tl.load(labels_ptr + rows, mask=row_mask, other=0)
         tl.store(correct_ptr + rows, tl.where(first == target, 1.0, 0.0), mask=row_mask)
 
 
 @triton.jit
 def _mntp_dz_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, order_ptr, count_ptr, gce_ptr, glse_ptr, lse_ptr, dz_ptr,
-    flag_ptr, r0, c0, n_chunk_cols, V, D, stride_h, stride_w, stride_dz, softcap, smoothing,
-    filter_eps, row_bound,
+    h_ptr, w_ptr, b_ptr, labels_ptr, order_ptr, count_ptr, gce_ptr, glse_ptr, lse_ptr, loss_ptr,
+    dz_ptr, flag_ptr, r0, c0, n_chunk_cols, V, D, stride_h, stride_w, stride_dz, softcap,
+    smoothing, filter_eps, row_bound,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
-    HAS_GLSE: tl.constexpr, FILTER: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_GLSE: tl.constexpr, FILTER: tl.constexpr, FIX_TARGET: tl.constexpr, FTZ: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One tile of the chunk `dz[slot r0 + i, col c0 + j] = d loss / d logit` (before softcap').
 
     `dz = (g_ce + g_lse) * softmax - g_ce * ((1 - eps) [j == t] + eps / V)`, times
-    `1 - tanh^2` under softcap; 0 outside the labelled slots and the vocabulary. With FILTER
-    (Cut Cross-Entropy's gradient filtering), a tile whose every `|dz|` is at most
-    `filter_eps * (|g_ce| + |g_lse|)` of its row is stored as zeros and flagged 0 in
+    `1 - tanh^2` under softcap. Per logit: one FFMA and one exp2 for `softmax * g`, then one
+    32-bit compare of the tile column with the row's target column (a per-row int32, -1 when
+    the target is elsewhere) and one select + FFMA for the subtrahend. FIX_TARGET (plain cross
+    entropy: no smoothing, softcap or filtering) drops the compare: the tile is stored as
+    `softmax * g`, then, after a CTA barrier, each row whose target lies in the tile overwrites
+    that one entry with `g exp(-loss) - g_ce` (`exp(-loss)` is the target's softmax, from the
+    forward's per-row loss at `loss_ptr`). Slots past the labelled
+    ones load `lse = +inf`, so their softmax and dz are exactly 0 with no mask; columns past
+    the chunk are stored but never read (both GEMMs mask them). With FILTER (Cut
+    Cross-Entropy's gradient filtering) both are masked to 0 and a tile whose every `|dz|` is
+    at most `filter_eps * (|g_ce| + |g_lse|)` of its row is stored as zeros and flagged 0 in
     `flag[tile row, tile col]`, so the GEMMs skip it.
     """
     n_valid = tl.minimum(tl.load(count_ptr), row_bound)
@@ -245,14 +321,15 @@ def _mntp_dz_kernel(
     if r0 + pid_m * BLOCK_M >= n_valid:
         return  # no GEMM reads these slots (their K loops stop at n_valid, their rows exit)
     local_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    local_c = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    tile_c = tl.program_id(1) * BLOCK_V
+    local_c = tile_c + tl.arange(0, BLOCK_V)
     pos = r0 + local_r
     row_mask = pos < n_valid
     col_mask = local_c < n_chunk_cols
     rows = tl.load(order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
     cols = (c0 + local_c).to(tl.int64)
-    target = tl.load(labels_ptr + rows, mask=row_mask, other=0)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    target = tl.load(labels_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=float("inf"))
     g_ce = tl.load(gce_ptr + rows, mask=row_mask, other=0.0)
     x = _logits_tile(
         h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, stride_h, stride_w,
@@ -263,21 +340,29 @@ def _mntp_dz_kernel(
         z = softcap * t
     else:
         z = x
-    p = tl.exp(z - lse[:, None])
+    p = _exp2(z * LOG2E - (lse * LOG2E)[:, None], FTZ)
+    g = g_ce
     if HAS_GLSE:
         g_lse = tl.load(glse_ptr + rows, mask=row_mask, other=0.0)
-        p = p * (g_ce + g_lse)[:, None]
-    else:
-        p = p * g_ce[:, None]
-    hit = cols[None, :] == target[:, None]
+        g = g_ce + g_lse
+    # the target's column inside this tile, per row (int32; -1: not in this tile)
+    t_col = target - (c0 + tile_c)
+    t_col = tl.where((t_col >= 0) & (t_col < BLOCK_V), t_col, -1).to(tl.int32)
+    hit = tl.arange(0, BLOCK_V)[None, :] == t_col[:, None]
     if SMOOTH:
-        dz = p - g_ce[:, None] * (tl.where(hit, 1.0 - smoothing, 0.0) + smoothing / V)
+        sub_miss = g_ce * (smoothing / V)
+        sub_hit = g_ce * (1.0 - smoothing) + sub_miss
     else:
-        dz = p - tl.where(hit, g_ce[:, None], 0.0)
+        sub_miss = tl.zeros_like(g_ce)
+        sub_hit = g_ce
+    if FIX_TARGET:
+        dz = p * g[:, None]
+    else:
+        dz = p * g[:, None] - tl.where(hit, sub_hit[:, None], sub_miss[:, None])
     if HAS_SOFTCAP:
         dz = dz * (1.0 - t * t)  # d/dx softcap*tanh(x/softcap)
-    dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
     if FILTER:
+        dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
         g_abs = tl.abs(g_ce)
         if HAS_GLSE:
             g_abs += tl.abs(g_lse)
@@ -287,6 +372,12 @@ def _mntp_dz_kernel(
         tl.store(flag_ptr + pid_m * tl.num_programs(1) + tl.program_id(1), keep.to(tl.int8))
     ptrs = dz_ptr + local_r[:, None].to(tl.int64) * stride_dz + local_c[None, :]
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty))
+    if FIX_TARGET:
+        tl.debug_barrier()  # the tile's stores before the overwrite (CTA-ordered)
+        loss = tl.load(loss_ptr + rows, mask=row_mask, other=0.0)
+        d_t = g * _exp2(-loss * LOG2E, FTZ) - g_ce
+        fix = dz_ptr + local_r.to(tl.int64) * stride_dz + tile_c + t_col
+        tl.store(fix, d_t.to(dz_ptr.dtype.element_ty), mask=row_mask & (t_col >= 0))
 
 
 @triton.jit
@@ -820,6 +911,8 @@ def _flags(hidden: torch.Tensor, bias: torch.Tensor | None, softcap: float) -> d
         # bf16 arithmetic is wrong in the interpreter (it computes on raw bits)
         "UPCAST": upcast,
         "PREC": _dot_precision(hidden.dtype, hidden.device),
+        # one MUFU.EX2 per exp on NVIDIA GPUs (inline PTX: not in the interpreter, not on AMD)
+        "FTZ": not interpreting() and arch_family(hidden.device) in ("hopper", "ampere", "nvidia"),
     }
 
 
@@ -859,10 +952,9 @@ def _triton_forward(
     sum_part = torch.empty(splits, n, dtype=torch.float32, device=dev) if smooth else lse_part
     max_part = torch.empty(splits, n, dtype=torch.float32, device=dev) if with_accuracy else lse
     arg_part = torch.empty(splits, n, dtype=torch.int32, device=dev) if with_accuracy else count
-    tgt = torch.zeros(n, dtype=torch.float32, device=dev)  # 0 for out-of-range labels
     b = bias if bias is not None else weight  # dummy pointer, never read (HAS_BIAS=False)
     flags = _flags(hidden, bias, softcap)
-    args = (hidden, weight, b, labels, order, count, lse_part, sum_part, max_part, arg_part, tgt,
+    args = (hidden, weight, b, order, count, lse_part, sum_part, max_part, arg_part,
             n, v, d, hidden.stride(0), weight.stride(0), softcap, bound, splits)  # fmt: skip
     flags = {**flags, "SMOOTH": smooth, "ACCURACY": with_accuracy}
     programs = _sm_count(dev) * _CONFIGS[name].persist
@@ -873,10 +965,12 @@ def _triton_forward(
     _launch_tiles("fwd", dev, grid_of, args, flags, hidden.dtype)
     block_r = 64
     _mntp_merge_kernel[(triton.cdiv(bound, block_r),)](
-        lse_part, sum_part, max_part, arg_part, tgt, labels, order, count, loss, lse,
-        correct if with_accuracy else loss, n, v, float(label_smoothing), bound,
+        hidden, weight, b, lse_part, sum_part, max_part, arg_part, labels, order, count, loss,
+        lse, correct if with_accuracy else loss, n, v, d, hidden.stride(0), weight.stride(0),
+        softcap, float(label_smoothing), bound,
         SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), SMOOTH=smooth,
-        ACCURACY=with_accuracy, BLOCK_R=block_r, num_warps=4,
+        ACCURACY=with_accuracy, HAS_BIAS=flags["HAS_BIAS"], HAS_SOFTCAP=flags["HAS_SOFTCAP"],
+        BLOCK_R=block_r, BLOCK_D=64, num_warps=4,
     )  # fmt: skip
     return loss, lse, correct
 
@@ -896,6 +990,7 @@ def _triton_backward(
     grad_lse: torch.Tensor | None = None,
     num_labelled: int = -1,
     filter_eps: float = 0.0,
+    row_loss: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dhidden [N, d], dweight [V, d], dbias [V]) for per-row gradients of the loss (`grad`)
     and of the log-sum-exp (`grad_lse`, from the z-loss; None = 0).
@@ -905,6 +1000,8 @@ def _triton_backward(
     labelled). A gradient that is not needed (need_dh / need_dw, the latter covering weight and
     bias) is None and its GEMM programs are not launched. `filter_eps > 0` skips the dlogits
     tiles whose every entry is at most `filter_eps` times its row's upstream gradient.
+    `row_loss` (the forward's per-row loss) lets plain cross entropy skip the per-logit target
+    compare (`FIX_TARGET` of `_mntp_dz_kernel`).
     """
     n, d = hidden.shape
     v = weight.shape[0]
@@ -937,7 +1034,10 @@ def _triton_backward(
         triton.cdiv(rc, fwd_cfg.block_m) * triton.cdiv(vc, fwd_cfg.block_n) if filtering else 1,
         dtype=torch.int8, device=dev,
     )  # fmt: skip
-    dz_flags = {**flags, "SMOOTH": smooth, "HAS_GLSE": grad_lse is not None, "FILTER": filtering}
+    fix_target = row_loss is not None and not smooth and not filtering and softcap == 0.0
+    row_loss = row_loss.to(torch.float32).contiguous() if fix_target else grad
+    dz_flags = {**flags, "SMOOTH": smooth, "HAS_GLSE": grad_lse is not None, "FILTER": filtering,
+                "FIX_TARGET": fix_target}  # fmt: skip
     gemm = launch_config(dev, "gemm", hidden.dtype)
     gemm_kw = {"BLOCK_M": gemm.block_m, "BLOCK_N": gemm.block_n, "BLOCK_K": gemm.block_k,
                "UPCAST": flags["UPCAST"], "PREC": flags["PREC"], "HAS_BIAS": db is not None,
@@ -963,7 +1063,8 @@ def _triton_backward(
 
     def make_dz(r0: int, c0: int) -> int:
         cols = min(vc, v - c0)
-        args = (hidden, weight, b, labels, order, count, grad, glse, lse, dz, flag, r0, c0, cols,
+        args = (hidden, weight, b, labels, order, count, grad, glse, lse, row_loss, dz, flag, r0,
+                c0, cols,
                 v, d, hidden.stride(0), weight.stride(0), dz.stride(0), softcap,
                 float(label_smoothing), float(filter_eps), bound)  # fmt: skip
         grid_of = lambda bm, bv: (triton.cdiv(rc, bm), triton.cdiv(cols, bv))  # noqa: E731
