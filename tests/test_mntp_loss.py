@@ -759,3 +759,49 @@ def test_profiler_range_and_compile_with_count(device: torch.device) -> None:
     torch.testing.assert_close(got, want)
     for g, gw in zip(got_g, want_g):
         torch.testing.assert_close(g, gw)
+
+
+@pytest.mark.parametrize("vocab", [50, 256, 384, 1003])
+def test_vocab_tail_tile(device: torch.device, vocab: int) -> None:
+    """The forward runs full vocabulary tiles unmasked and masks only a split's partial last
+    tile: V smaller than one tile (a tail only), exact multiples (no tail) and V = 1003 (a
+    tail after full tiles), with smoothing, z-loss and accuracy (their masked and unmasked
+    sums and argmax) and without (plain cross entropy: the backward's target overwrite)."""
+    h, w, _, y = _inputs(device, torch.float32, shape=(67,), d=40, vocab=vocab, labelled=0.6)
+    y[:3] = torch.tensor([0, vocab - 1, vocab // 2], device=y.device)  # first, last, middle
+    up = (torch.rand(y.shape) + 0.5).to(device)
+    ours, ours_g = _run(lambda h_, w_: mntp_loss(h_, w_, y, reduction="none"), (h, w), up)
+    t64 = [_leaf64(t) for t in (h, w)]
+    ref, ref_g = _run(lambda h_, w_: mntp_loss_reference(h_, w_, y, reduction="none"), t64,
+                      up.double())  # fmt: skip
+    torch.testing.assert_close(ours, ref.float(), rtol=1e-5, atol=1e-5)
+    for g, g64 in zip(ours_g, ref_g):
+        torch.testing.assert_close(g, g64.float(), rtol=1e-5, atol=1e-6 * g64.abs().max().item())
+    kw = {"reduction": "none", "label_smoothing": 0.1, "lse_square_scale": 1e-3}
+    hs, ws = _leaf(h), _leaf(w)
+    out = mntp_loss(hs, ws, y, return_z_loss=True, return_token_accuracy=True, **kw)
+    t64 = [_leaf64(t) for t in (h, w)]
+    ref_loss, ref_z, ref_acc = _options_float64(t64[0], t64[1], y, None, None, "none", 0.1, 1e-3)
+    torch.testing.assert_close(out.loss, ref_loss.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.z_loss, ref_z.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.token_accuracy, ref_acc.float(), rtol=0, atol=1e-6)
+    ours_g = torch.autograd.grad((out.loss * up).sum(), (hs, ws))
+    ref_g = torch.autograd.grad((ref_loss * up.double()).sum(), t64)
+    for g, g64 in zip(ours_g, ref_g):
+        torch.testing.assert_close(g, g64.float(), rtol=1e-5, atol=1e-6 * g64.abs().max().item())
+
+
+def test_target_overwrite_matches_the_compare_path(device: torch.device) -> None:
+    """Plain cross entropy's dlogits take the target entry from the forward's per-row loss
+    (`row_loss`, FIX_TARGET) instead of a compare per logit: both paths give the same
+    gradients, with and without the z-loss's lse gradient, labels in every chunk."""
+    h, w, _, y = _inputs(device, torch.float32, shape=(90,), d=48, vocab=700, labelled=0.5)
+    loss, lse, _ = mntp_triton._triton_forward(h.detach(), w.detach(), None, y, -100, 0.0)
+    grad = torch.rand(90, device=device) + 0.5
+    for glse in (None, torch.rand(90, device=device)):
+        fixed = mntp_triton._triton_backward(grad, h.detach(), w.detach(), None, y, lse, -100,
+                                             0.0, grad_lse=glse, row_loss=loss)  # fmt: skip
+        compared = mntp_triton._triton_backward(grad, h.detach(), w.detach(), None, y, lse, -100,
+                                                0.0, grad_lse=glse)  # fmt: skip
+        for a, b in zip(fixed[:2], compared[:2]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
