@@ -24,9 +24,11 @@ minus the gradients: the loss's own working memory; the target is < 64 MB on H10
 
 Target rows (`pass="memory"`, every run, CPU included): issue #27's targets at V = 151,936,
 32k tokens, 30% labelled (passed as `num_labelled`), d = 1024 and 2048, bf16, PREDICTED by
-`bench/perf_model_losses.py` from the launchers' own plans: Triton launches, GPU time on H100
-and H200, host issue time (launches x the per-launch host cost measured on this machine + 4.5 us
-of binding), waves, working memory; on a GPU a measured row follows.
+`bench/perf_model_losses.py` from the launchers' own plans and the kernels' compiled sm_90 SASS:
+Triton launches, GPU time on H100 and H200, host issue time (launches x the per-launch host cost
+measured on this machine + 4.5 us of binding), waves of each launch, the SASS instructions per
+logit by pipe (forward tile, dlogits) and the binding pipe, working memory; on a GPU a measured
+row follows.
 """
 
 from __future__ import annotations
@@ -206,7 +208,13 @@ def memory_target_rows(runner: Runner, measure: bool) -> None:
               f"{extra['beyond_grads_mb']:.1f} MB beyond inputs and gradients (target < "
               f"{TARGET['limit_mb']:.0f}), fwd+bwd GPU {extra['predicted_ms_h100']} ms H100 / "
               f"{extra['predicted_ms_h200']} ms H200, host issue "
-              f"{extra['predicted_host_issue_ms']} ms")  # fmt: skip
+              f"{extra['predicted_host_issue_ms']} ms, fwd waves {extra['fwd_waves']}, dz waves "
+              f"{extra['dz_waves']}, grads waves {extra['grads_waves']}")  # fmt: skip
+        per = extra["sass_per_logit"]
+        print(f"[mntp_loss]   sm_90 SASS per logit (triton {extra['triton']}): fwd tile "
+              f"{per['fwd_tile']} ({per['fwd_binding']}-bound), dz {per['dz']} "
+              f"({per['dz_binding']}-bound); clocks per tile "
+              f"{extra['clocks_per_tile']}")  # fmt: skip
         if not measure:
             continue
         h, w, y = make_inputs(tokens, d, vocab, ratio, torch.bfloat16, runner.device)

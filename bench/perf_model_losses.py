@@ -7,10 +7,29 @@ Everything here is a PREDICTION for a GPU we do not have, from the launchers' ow
 functions the launchers call: `_fwd_plan_of`, `_bwd_plan_of`, the launch configs), so the launch
 counts, grids, chunk sizes and working memory are exact; the times rest on these assumptions:
 
-- **Per-program time** = MMA FLOPs / (the SM's share of the dense bf16 peak x `MMA_EFFICIENCY`
-  0.70, as `bench/perf_model.py`) + special-function ops (exp, tanh) / the SM's 16 per clock +
-  FP32 ALU ops per logit (6 forward, 12 backward: scale, max, subtract, sum, masks, convert)
-  / the SM's FP32 rate / 2, summed (no overlap: pessimistic for the exp/ALU terms).
+- **MNTP per-program time, from the compiled SASS** (`mntp_sass`): the launchers' target
+  launches (recorded on 'nvidia-sm90', bf16, `num_labelled` passed; the second vocabulary
+  chunk's dz/grads launch stands for every chunk) are compiled for sm_90 with the installed
+  triton and their `cuobjdump -sass` read: each loop's instructions per iteration (nested loops
+  excluded) and the longest acyclic path through the code outside the loops. Instructions are
+  counted per warp and charged per SM sub-partition (SP: one scheduler, `num_warps / 4` warps
+  of the program on it): clocks = warps x max(issued instructions (1 per clock), FP32 + IMAD
+  (FMA pipe, 1 per clock), IMAD alone (0.5), ALU ops (0.5), MUFU/conversions (1/8)), the sm_90
+  rates of the CUDA C Programming Guide's throughput table (see `_ALU_OPS`); loads, stores,
+  shuffles, barriers, uniform ops and HGMMA cost their issue slot only. A K step (one
+  128 x 128 x 64 wgmma) takes max(its MMA time at `MMA_EFFICIENCY` 0.70 of the dense peak,
+  the K loop body's instruction clocks): the wgmma is asynchronous. The elementwise code after
+  a tile's K loop does NOT overlap with the MMA (one program per SM and the accumulator is
+  waited for before it is read): tile time = K steps + elementwise. The forward's unit loop
+  body (which holds the masked tail tile's code) is charged to every unit, a pessimism of a
+  few hundred instructions per ~100 tiles. The grads kernel's two roles are separate loops; the
+  first in address order is taken as dW's (the `if` branch, laid out first by the compiler).
+  Predicated-off instructions take their issue slot (they do on NVIDIA GPUs); static counts
+  stand for dynamic ones (the loop bodies charged have no data-dependent branches). Clock:
+  the bf16 peak / (SMs x 4096 FLOPs per clock) = 1.83 GHz on the H100 and H200.
+- **InfoNCE per-program time** (not yet from SASS): MMA FLOPs / (the SM's share of the dense
+  bf16 peak x 0.70) + special-function ops / the SM's 16 per clock + FP32 ALU ops per entry
+  (`ALU_PER_LOGIT`: 6 forward, 12 backward, hand counts) / the SM's FP32 rate / 2, summed.
 - **One program per SM** resident: the compiled bf16 kernels take 162-254 registers x 256
   threads on sm_90 (8 warps; compile rows of the loss kernels), so a second program does not
   fit (the InfoNCE backward launches one program per SM by design). The programs of
