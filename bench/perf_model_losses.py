@@ -30,9 +30,11 @@ counts, grids, chunk sizes and working memory are exact; the times rest on these
 - **InfoNCE per-program time** (not yet from SASS): MMA FLOPs / (the SM's share of the dense
   bf16 peak x 0.70) + special-function ops / the SM's 16 per clock + FP32 ALU ops per entry
   (`ALU_PER_LOGIT`: 6 forward, 12 backward, hand counts) / the SM's FP32 rate / 2, summed.
-- **One program per SM** resident: the compiled bf16 kernels take 162-254 registers x 256
-  threads on sm_90 (8 warps; compile rows of the loss kernels), so a second program does not
-  fit (the InfoNCE backward launches one program per SM by design). The programs of
+- **One program per SM** at a time, its time not overlapped with another's. The MNTP grads
+  kernel (170-190 registers x 256 threads) and the InfoNCE kernels fit one program per SM; the
+  MNTP forward is persistent with one program per SM; the MNTP dz kernel (119 registers, 96 KB
+  of shared memory) could hold two (`resident_per_sm` in the facts): the MMA of one could then
+  hide the other's elementwise work, which the model does NOT credit (pessimistic). The programs of
   a launch are list-scheduled in program-id order on the SMs (a free SM takes the next program):
   the makespan includes the last wave's idle SMs, and `waves` = programs / SMs.
 - **Kernel time** = max(makespan, HBM bytes / bandwidth) + `launch_gap_us` (4 us, the GPU-side
@@ -258,6 +260,17 @@ class SassKernel:
     spills: int
     loops: list[SassLoop]
     _ins: list[tuple[int, str]]
+    shared: int = 0  # bytes of shared memory per program
+    threads: int = 256
+
+    @property
+    def resident_per_sm(self) -> int:
+        """Programs an sm_90 SM could hold: 64 K registers (allocated per warp in units of 256,
+        i.e. per thread in multiples of 8) and 228 KB of shared memory (227 KB per program)."""
+        regs = -(-max(self.registers, 1) // 8) * 8
+        by_regs = 65536 // (regs * self.threads)
+        by_smem = (228 * 1024) // self.shared if self.shared else by_regs
+        return max(1, min(by_regs, by_smem))
 
     def k_loops(self) -> list[int]:
         return [i for i, lp in enumerate(self.loops) if lp.hgmma and not lp.children]
@@ -304,7 +317,9 @@ class SassKernel:
         return self._path(loop)
 
 
-def analyze_kernel_sass(name: str, sass: str, registers: int = 0, spills: int = 0) -> SassKernel:
+def analyze_kernel_sass(
+    name: str, sass: str, registers: int = 0, spills: int = 0, shared: int = 0, threads: int = 256
+) -> SassKernel:
     """Loops and instruction counts of one kernel's `cuobjdump -sass` listing."""
     from bench.compile_check import loop_ranges, sass_instructions
 
@@ -321,7 +336,7 @@ def analyze_kernel_sass(name: str, sass: str, registers: int = 0, spills: int = 
         nested = [loops[c] for c in lp.children]
         lp.own = _ops_of([t for a, t in ins if lp.lo <= a <= lp.hi
                           and not any(c.lo <= a <= c.hi for c in nested)])  # fmt: skip
-    return SassKernel(name, registers, spills, loops, ins)
+    return SassKernel(name, registers, spills, loops, ins, shared, threads)
 
 
 def _target_launches(tokens: int, labelled: int, vocab: int, d: int, softcap: bool) -> dict:
@@ -376,7 +391,10 @@ def mntp_sass(
             usage = _run([nvidia_tool("cuobjdump"), "-res-usage", f.name])
         m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
         regs, stack = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-        out[name] = analyze_kernel_sass(name, sass, regs, stack)
+        meta = compiled.metadata
+        out[name] = analyze_kernel_sass(
+            name, sass, regs, stack, int(getattr(meta, "shared", 0)), 32 * meta.num_warps
+        )
     return out
 
 
@@ -504,7 +522,12 @@ def mntp_launches(
             "fwd_k_loop_issue_per_step": round(fk.loops[kf_l].own.clocks(w_fwd)),
             "mma_per_step": round(mma_fwd),
             "dz_outside_k_loop": round(dz_ops.clocks(w_fwd)),
+            "grads_dw_outside_k_loop": round(gk.through(dw_loop).clocks(w_g)),
+            "grads_dh_outside_k_loop": round(gk.through(dh_loop).clocks(w_g)),
         },
+        # programs an SM could hold (registers, shared memory); the model runs one per SM
+        # and credits no overlap between two (pessimistic where this is 2)
+        "resident_per_sm": {k: v.resident_per_sm for k, v in sass.items()},
         "registers": {k: v.registers for k, v in sass.items()},
         "spill_bytes": {k: v.spills for k, v in sass.items()},
     }  # fmt: skip

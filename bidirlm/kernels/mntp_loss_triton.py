@@ -385,13 +385,14 @@ def _dw_role(
     dz_ptr, h_ptr, order_ptr, acc_ptr, accb_ptr, dw_ptr, db_ptr, flag_ptr, n_valid, pid_c, pid_d,
     r0, c0, n_chunk_rows, n_chunk_cols, D, stride_h, stride_dz, stride_dw, n_flag_cols,
     HAS_BIAS: tl.constexpr, FILTER: tl.constexpr, FLAG_M: tl.constexpr, FLAG_V: tl.constexpr,
-    FLAGS_K: tl.constexpr, FLAGS_N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FLAGS_K: tl.constexpr, FLAGS_N: tl.constexpr, SINGLE: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """`dW[c0 + j] (+)= dz[:, j].T @ H[order[r0 + k]]` over the chunk's labelled slots: the K
     loop (slots, bounded by the on-device count) accumulates on chip in float32; with one row
     chunk (the usual plan) there is no partial, else the vocabulary-chunk partial `acc` is read
-    and written once per row chunk. The last row chunk writes dW (and dBias)."""
+    and written once per row chunk. The last row chunk writes dW (and dBias). SINGLE (one row
+    chunk, a compile-time fact of the plan) compiles only that path."""
     if r0 >= n_valid:
         return
     n_k = tl.minimum(n_chunk_rows, n_valid - r0)
@@ -433,12 +434,12 @@ def _dw_role(
     mask = col_mask[:, None] & d_mask[None, :]
     b_mask = col_mask & (pid_d + tl.zeros_like(local_c) == 0)  # one program per column owns it
     acc_ptrs = acc_ptr + local_c[:, None].to(tl.int64) * D + ds[None, :]
-    if r0 > 0:
+    if not SINGLE and r0 > 0:
         acc += tl.load(acc_ptrs, mask=mask, other=0.0)
         if HAS_BIAS:
             dbias += tl.load(accb_ptr + local_c, mask=b_mask, other=0.0)
     cols = (c0 + local_c).to(tl.int64)
-    if r0 + n_chunk_rows >= n_valid:  # the last row chunk with labelled slots
+    if SINGLE or r0 + n_chunk_rows >= n_valid:  # the last row chunk with labelled slots
         tl.store(dw_ptr + cols[:, None] * stride_dw + ds[None, :], acc.to(dw_ptr.dtype.element_ty),
                  mask=mask)  # fmt: skip
         if HAS_BIAS:
@@ -452,9 +453,10 @@ def _dw_role(
 @triton.jit
 def _dh_role(
     dz_ptr, w_ptr, order_ptr, acc_ptr, dh_ptr, flag_ptr, n_valid, pid_m, pid_d,
-    r0, c0, n_chunk_cols, D, stride_w, stride_dz, stride_dh, stride_acc, acc_width, first, last,
+    r0, c0, n_chunk_cols, D, stride_w, stride_dz, stride_dh, stride_acc, acc_width,
     n_flag_cols, n_valid_local,
-    ACC_MODE: tl.constexpr, FILTER: tl.constexpr, FLAG_M: tl.constexpr, FLAG_V: tl.constexpr,
+    FIRST: tl.constexpr, LAST: tl.constexpr, ACC_MODE: tl.constexpr, FILTER: tl.constexpr,
+    FLAG_M: tl.constexpr, FLAG_V: tl.constexpr,
     FLAGS_R: tl.constexpr, FLAGS_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -473,7 +475,21 @@ def _dh_role(
     ds = pid_d * BLOCK_N + tl.arange(0, BLOCK_N)
     d_mask = ds < D
     a_base = dz_ptr + local_r[:, None].to(tl.int64) * stride_dz
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    mask = row_mask[:, None] & d_mask[None, :]
+    rows = tl.load(order_ptr + r0 + local_r, mask=row_mask, other=0).to(tl.int64)
+    if ACC_MODE == 0:
+        acc_ptrs = acc_ptr + local_r[:, None].to(tl.int64) * stride_acc + ds[None, :]
+    elif ACC_MODE == 1:
+        acc_ptrs = acc_ptr + rows[:, None] * stride_acc + ds[None, :]
+    else:  # the tile's columns lie in one half (the host asks acc_width % BLOCK_N == 0)
+        half = (pid_d * BLOCK_N) // acc_width
+        spare = n_valid + (r0 + local_r) * 2 + half
+        prow = tl.load(order_ptr + spare, mask=row_mask, other=0).to(tl.int64)
+        acc_ptrs = acc_ptr + prow[:, None] * stride_acc + (ds - half * acc_width)[None, :]
+    if FIRST:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:  # the partial of the earlier chunks is the accumulator's start: no add after the loop
+        acc = tl.load(acc_ptrs, mask=mask, other=0.0)
     for k0 in range(0, n_chunk_cols, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < n_chunk_cols
@@ -497,24 +513,11 @@ def _dh_role(
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PREC)
-    mask = row_mask[:, None] & d_mask[None, :]
-    rows = tl.load(order_ptr + r0 + local_r, mask=row_mask, other=0).to(tl.int64)
-    if ACC_MODE == 0:
-        acc_ptrs = acc_ptr + local_r[:, None].to(tl.int64) * stride_acc + ds[None, :]
-    elif ACC_MODE == 1:
-        acc_ptrs = acc_ptr + rows[:, None] * stride_acc + ds[None, :]
-    else:  # the tile's columns lie in one half (the host asks acc_width % BLOCK_N == 0)
-        half = (pid_d * BLOCK_N) // acc_width
-        spare = n_valid + (r0 + local_r) * 2 + half
-        prow = tl.load(order_ptr + spare, mask=row_mask, other=0).to(tl.int64)
-        acc_ptrs = acc_ptr + prow[:, None] * stride_acc + (ds - half * acc_width)[None, :]
-    if first == 0:
-        acc += tl.load(acc_ptrs, mask=mask, other=0.0)
-    if last != 0:
+    if LAST:
         out = dh_ptr + rows[:, None] * stride_dh + ds[None, :]
         tl.store(out, acc.to(dh_ptr.dtype.element_ty), mask=mask)
         if ACC_MODE == 2:
-            if first == 0:
+            if not FIRST:
                 tl.store(acc_ptrs, tl.zeros_like(acc), mask=mask)  # the ignored rows stay 0
     else:
         tl.store(acc_ptrs, acc, mask=mask)
@@ -524,8 +527,8 @@ def _dh_role(
 def _mntp_grads_kernel(
     dz_ptr, h_ptr, w_ptr, order_ptr, count_ptr, accw_ptr, accb_ptr, dw_ptr, db_ptr, acch_ptr,
     dh_ptr, flag_ptr, r0, c0, n_chunk_rows, n_chunk_cols, D, stride_h, stride_w, stride_dz,
-    stride_dw, stride_dh, stride_acch, acch_width, first, last, n_flag_cols, n_dw_programs,
-    row_bound,
+    stride_dw, stride_dh, stride_acch, acch_width, n_flag_cols, n_dw_programs, row_bound,
+    FIRST: tl.constexpr, LAST: tl.constexpr, SINGLE: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACC_MODE: tl.constexpr, FILTER: tl.constexpr,
     FLAG_M: tl.constexpr, FLAG_V: tl.constexpr, FLAGS_WK: tl.constexpr, FLAGS_WN: tl.constexpr,
     FLAGS_HR: tl.constexpr, FLAGS_HK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
@@ -542,14 +545,14 @@ def _mntp_grads_kernel(
             dz_ptr, h_ptr, order_ptr, accw_ptr, accb_ptr, dw_ptr, db_ptr, flag_ptr, n_valid,
             pid // n_d, pid % n_d, r0, c0, n_chunk_rows, n_chunk_cols, D, stride_h, stride_dz,
             stride_dw, n_flag_cols, HAS_BIAS, FILTER, FLAG_M, FLAG_V, FLAGS_WK, FLAGS_WN,
-            UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K,
+            SINGLE, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
     else:
         q = pid - n_dw_programs
         _dh_role(
             dz_ptr, w_ptr, order_ptr, acch_ptr, dh_ptr, flag_ptr, n_valid, q // n_d, q % n_d,
             r0, c0, n_chunk_cols, D, stride_w, stride_dz, stride_dh, stride_acch, acch_width,
-            first, last, n_flag_cols, n_valid - r0, ACC_MODE, FILTER, FLAG_M, FLAG_V, FLAGS_HR,
+            n_flag_cols, n_valid - r0, FIRST, LAST, ACC_MODE, FILTER, FLAG_M, FLAG_V, FLAGS_HR,
             FLAGS_HK, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
 
@@ -1084,9 +1087,10 @@ def _triton_backward(
             dz, hidden, weight, order, count, acc_w, acc_b, dw if dw is not None else dz,
             db if db is not None else dz, acc_h, dh if dh is not None else dz, flag, r0, c0, rc,
             cols, d, hidden.stride(0), weight.stride(0), dz.stride(0), dw.stride(0) if do_dw else 0,
-            dh.stride(0) if do_dh else 0, acc_h.stride(0), acc_width, int(c0 == 0),
-            int(c0 + vc >= v), triton.cdiv(cols, fwd_cfg.block_n), n_dw, bound,
-            ACC_MODE=plan.acc_mode if do_dh and vc < v else 0, **gemm_kw,
+            dh.stride(0) if do_dh else 0, acc_h.stride(0), acc_width,
+            triton.cdiv(cols, fwd_cfg.block_n), n_dw, bound, FIRST=c0 == 0, LAST=c0 + vc >= v,
+            SINGLE=not plan.two_pass, ACC_MODE=plan.acc_mode if do_dh and vc < v else 0,
+            **gemm_kw,
         )  # fmt: skip
 
     if not plan.two_pass:  # one row chunk: each dlogits chunk feeds both GEMMs
