@@ -6,20 +6,23 @@ eagerly, see the package docstring) never imports Triton.
 Forward (2 launches, whatever the number of rows): `_mntp_fwd_kernel` is persistent: a grid of
 `persist` programs per SM strides over (vocabulary split, labelled-row block) units, the number
 of row blocks read from the on-device labelled count, each unit an online log-sum-exp over its
-split; `_mntp_merge_kernel` merges the splits' log-sum-exps exactly
-(`lse = M + log sum_k exp(lse_k - M)`), adds the target logit written by the split that holds it,
-and scatters the per-row results.
+split (full vocabulary tiles unmasked, the split's partial last tile masked; per logit a max, one
+FFMA, one exp2 and an add); `_mntp_merge_kernel` merges the splits' log-sum-exps exactly
+(`lse = M + log sum_k exp(lse_k - M)`), takes the target logit once per row as a float32 dot
+`h . W[label]` (no compare against every vocabulary column), and scatters the per-row results.
 
 Backward (2 launches per dlogits chunk): chunks of `Rc` labelled slots x `Vc` vocabulary entries,
 `Rc` covering every labelled slot (sized from `num_labelled` when the caller passes it).
 `_mntp_dz_kernel` writes the chunk's `dlogits` (input dtype, as torch's own backward feeds its
-GEMMs) into one bounded buffer; `_mntp_grads_kernel` runs both GEMMs on it in one launch,
-`dW[chunk] = dz.T @ H[slots]` (K loop over all slots: no partial) and `dH[slots] += dz @
+GEMMs) into one bounded buffer (plain cross entropy: the target entry from the forward's per-row
+loss, `exp(-loss)`, so no per-logit compare); `_mntp_grads_kernel` runs both GEMMs on it in one
+launch, `dW[chunk] = dz.T @ H[slots]` (K loop over all slots: no partial) and `dH[slots] += dz @
 W[chunk]`, with fp32 accumulators on chip: 8 n V d FLOPs in all with the forward. dH's float32
-partial across vocabulary chunks is read and written once per chunk (its epilogue), never inside
-a K loop, and lives in dH's own ignored rows when there is room (see `_bwd_plan_of`). Every
-output tile has one owner: deterministic, no atomics. Optional gradient filtering (Cut
-Cross-Entropy's): dlogits tiles below `filter_eps` x the row's gradient are skipped by the GEMMs.
+partial across vocabulary chunks is read once per chunk (it starts the accumulator) and written
+once (the epilogue), never inside a K loop, and lives in dH's own ignored rows when there is
+room (see `_bwd_plan_of`). Every output tile has one owner: deterministic, no atomics.
+Optional gradient filtering (Cut Cross-Entropy's): dlogits tiles below `filter_eps` x the row's
+gradient are skipped by the GEMMs.
 """
 
 from __future__ import annotations
@@ -461,8 +464,10 @@ def _dh_role(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """`dH[slots] (+)= dz[Rc, vc] @ W[c0 : c0 + vc]`: the K loop (the chunk's vocabulary)
-    accumulates on chip; the float32 partial across vocabulary chunks is read and written once
-    per chunk, in the epilogue, and the last chunk writes `dH[order[slot]]`. Where the partial
+    accumulates on chip, starting from the float32 partial of the earlier vocabulary chunks
+    (zeros in the FIRST), which the epilogue writes back once, or, in the LAST chunk, writes
+    `dH[order[slot]]` from (FIRST / LAST are compile-time: each chunk kind compiles only its
+    own path). Where the partial
     lives (`ACC_MODE`): 0 its own `[Rc, d]` buffer; 1 dH itself (float32 inputs); 2 the
     ignored rows of dH, which are zero in the result and otherwise unused: slot i's float32
     partial spans the bytes of rows `order[n_valid + 2 i]` and `order[n_valid + 2 i + 1]`
@@ -840,14 +845,14 @@ def working_memory(
     family: str = "hopper", sms: int = 132,
 ) -> dict[str, int]:  # fmt: skip
     """Bytes the op allocates beyond its inputs, outputs and gradients, as the launchers size
-    them (no GPU needed): `fwd` (compaction, split partials, target logits, saved lse) and `bwd`
+    them (no GPU needed): `fwd` (compaction, split partials, saved lse) and `bwd`
     (compaction, float32 upstream gradient, dlogits chunk, a partial buffer if the plan needs
     one), with the plans' chunk sizes, splits, launches and waves."""
     fam = _CONFIGS[family]
     bound = _row_bound(n, num_labelled)
     fp = _fwd_plan_of(fam, bound, v, sms, False)
     compact = n * 8 + 4
-    fwd = compact + fp.splits * n * 4 + n * 4 + n * 4
+    fwd = compact + fp.splits * n * 4 + n * 4  # (the merge takes the target logits itself)
     bp = _bwd_plan_of(fam, n, bound, v, d, elem, elem, True, True, sms)
     if bp.two_pass:
         partial = max(bp.rows * d * 4 if bp.vocab < v else 0, bp.vocab * d * 4 + bp.vocab * 4)
