@@ -454,6 +454,24 @@ def _dw_role(
 
 
 @triton.jit
+def _dh_partial_ptrs(
+    acc_ptr, order_ptr, local_r, row_mask, ds, pid_d, r0, n_valid, stride_acc, acc_width,
+    ACC_MODE: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Pointers of a dH tile's float32 partial (see `_dh_role`'s ACC_MODE)."""
+    if ACC_MODE == 0:
+        return acc_ptr + local_r[:, None].to(tl.int64) * stride_acc + ds[None, :]
+    elif ACC_MODE == 1:
+        rows = tl.load(order_ptr + r0 + local_r, mask=row_mask, other=0).to(tl.int64)
+        return acc_ptr + rows[:, None] * stride_acc + ds[None, :]
+    else:  # the tile's columns lie in one half (the host asks acc_width % BLOCK_N == 0)
+        half = (pid_d * BLOCK_N) // acc_width
+        spare = n_valid + (r0 + local_r) * 2 + half
+        prow = tl.load(order_ptr + spare, mask=row_mask, other=0).to(tl.int64)
+        return acc_ptr + prow[:, None] * stride_acc + (ds - half * acc_width)[None, :]
+
+
+@triton.jit
 def _dh_role(
     dz_ptr, w_ptr, order_ptr, acc_ptr, dh_ptr, flag_ptr, n_valid, pid_m, pid_d,
     r0, c0, n_chunk_cols, D, stride_w, stride_dz, stride_dh, stride_acc, acc_width,
@@ -480,21 +498,15 @@ def _dh_role(
     ds = pid_d * BLOCK_N + tl.arange(0, BLOCK_N)
     d_mask = ds < D
     a_base = dz_ptr + local_r[:, None].to(tl.int64) * stride_dz
-    mask = row_mask[:, None] & d_mask[None, :]
-    rows = tl.load(order_ptr + r0 + local_r, mask=row_mask, other=0).to(tl.int64)
-    if ACC_MODE == 0:
-        acc_ptrs = acc_ptr + local_r[:, None].to(tl.int64) * stride_acc + ds[None, :]
-    elif ACC_MODE == 1:
-        acc_ptrs = acc_ptr + rows[:, None] * stride_acc + ds[None, :]
-    else:  # the tile's columns lie in one half (the host asks acc_width % BLOCK_N == 0)
-        half = (pid_d * BLOCK_N) // acc_width
-        spare = n_valid + (r0 + local_r) * 2 + half
-        prow = tl.load(order_ptr + spare, mask=row_mask, other=0).to(tl.int64)
-        acc_ptrs = acc_ptr + prow[:, None] * stride_acc + (ds - half * acc_width)[None, :]
     if FIRST:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:  # the partial of the earlier chunks is the accumulator's start: no add after the loop
-        acc = tl.load(acc_ptrs, mask=mask, other=0.0)
+        acc = tl.load(
+            _dh_partial_ptrs(acc_ptr, order_ptr, local_r, row_mask, ds, pid_d, r0, n_valid,
+                             stride_acc, acc_width, ACC_MODE, BLOCK_N),
+            mask=row_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )  # fmt: skip
     for k0 in range(0, n_chunk_cols, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < n_chunk_cols
@@ -518,6 +530,11 @@ def _dh_role(
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PREC)
+    # pointers formed again after the K loop, not kept live through it (registers)
+    mask = row_mask[:, None] & d_mask[None, :]
+    rows = tl.load(order_ptr + r0 + local_r, mask=row_mask, other=0).to(tl.int64)
+    acc_ptrs = _dh_partial_ptrs(acc_ptr, order_ptr, local_r, row_mask, ds, pid_d, r0, n_valid,
+                                stride_acc, acc_width, ACC_MODE, BLOCK_N)  # fmt: skip
     if LAST:
         out = dh_ptr + rows[:, None] * stride_dh + ds[None, :]
         tl.store(out, acc.to(dh_ptr.dtype.element_ty), mask=mask)
