@@ -805,3 +805,38 @@ def test_target_overwrite_matches_the_compare_path(device: torch.device) -> None
                                                 0.0, grad_lse=glse)  # fmt: skip
         for a, b in zip(fixed[:2], compared[:2]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+
+
+def test_perf_model_counts_sass_by_pipe() -> None:
+    """bench/perf_model_losses.py charges SASS per pipe: a synthetic listing with an entry
+    branch, a K loop (HGMMA) nested in a tile loop and two exits; loop bodies are counted once
+    per iteration without their nested loops, the code outside loops along its longest path."""
+    pm = pytest.importorskip("bench.perf_model_losses")
+    body = [
+        "S2R R0, SR_TID.X",  # 0x00
+        "@P0 BRA 0x0060",  # 0x10: skips the two below
+        "IMAD R1, R0, R0, RZ",  # 0x20
+        "IMAD R2, R0, R1, RZ",  # 0x30
+        "@P1 EXIT",  # 0x40
+        "NOP",  # 0x50
+        "FMNMX R3, R3, R4, !PT",  # 0x60: tile loop starts
+        "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24",  # 0x70: K loop
+        "IADD3 R5, R5, 0x1, RZ",  # 0x80
+        "@P2 BRA 0x0070",  # 0x90: K loop back edge
+        "FFMA R6, R3, 1.44, -R7",  # 0xa0
+        "MUFU.EX2 R6, R6",  # 0xb0
+        "FADD R8, R8, R6",  # 0xc0
+        "@P3 BRA 0x0060",  # 0xd0: tile loop back edge
+        "EXIT",  # 0xe0
+    ]
+    sass = "\n".join(f"        /*{16 * i:04x}*/  {t} ;  /* 0x0 */" for i, t in enumerate(body))
+    k = pm.analyze_kernel_sass("synthetic", sass)
+    assert [(lp.lo, lp.hi) for lp in k.loops] == [(0x60, 0xD0), (0x70, 0x90)]
+    (kl,) = k.k_loops()
+    assert k.loops[kl].own == pm.Ops(total=3, alu=1)  # HGMMA, IADD3, BRA
+    tile = k.loops[k.loops[kl].parent].own  # FMNMX, FFMA, MUFU, FADD, BRA
+    assert tile == pm.Ops(total=5, fp32=2, alu=1, xu=1)
+    assert tile.binding(2) == "xu" and tile.clocks(2) == 2 * 8
+    # outside the loops: the longest path takes the two IMADs (S2R BRA IMAD IMAD EXIT NOP EXIT)
+    assert k.outside == pm.Ops(total=7, imad=2)
+    assert k.outside.pipe_clocks(1.0)["imad"] == 4
