@@ -840,3 +840,18 @@ def test_perf_model_counts_sass_by_pipe() -> None:
     # outside the loops: the longest path takes the two IMADs (S2R BRA IMAD IMAD EXIT NOP EXIT)
     assert k.outside == pm.Ops(total=7, imad=2)
     assert k.outside.pipe_clocks(1.0)["imad"] == 4
+
+
+def test_per_row_loss_changed_in_place_keeps_gradients(device: torch.device) -> None:
+    """The backward of plain cross entropy reads the forward's per-row loss; a caller who
+    scales the returned per-row loss in place (reduction="none") still gets the gradients of
+    what it computed, as with torch's own cross entropy."""
+    h, w, _, y = _inputs(device, torch.float32, shape=(50,), d=32, vocab=300, labelled=0.6)
+    scale = (torch.rand(50) + 0.5).to(device)
+    hs, ws = _leaf(h), _leaf(w)
+    loss = mntp_loss(hs, ws, y, reduction="none")
+    loss.mul_(scale)  # in place on the op's output view
+    loss.sum().backward()
+    ref_g = torch.autograd.grad((mntp_loss(h, w, y, reduction="none") * scale).sum(), (h, w))
+    for g, r in zip((hs.grad, ws.grad), ref_g):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)

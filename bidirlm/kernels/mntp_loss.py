@@ -253,7 +253,12 @@ def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
     hidden, weight, bias, labels, ignore_index, softcap, label_smoothing, _, *rest = inputs
     num_labelled, filter_eps = (*rest, -1, 0.0)[:2] if len(rest) != 1 else (rest[0], 0.0)
     loss, lse, correct = output
-    ctx.save_for_backward(hidden, weight, bias, labels, lse, loss)
+    # plain cross entropy: the backward takes the target's softmax from the per-row loss; a copy,
+    # since the caller may change the returned loss in place (reduction="none" returns a view)
+    plain = not label_smoothing and not softcap and not filter_eps
+    ctx.save_for_backward(
+        hidden, weight, bias, labels, lse, loss.detach().clone() if plain else None
+    )
     ctx.options = (ignore_index, softcap, label_smoothing, num_labelled, filter_eps)
     ctx.mark_non_differentiable(correct)
 
