@@ -11,11 +11,18 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bidirlm.kernels import flash_attn_func, flash_attn_varlen_func
-from bidirlm.kernels.attention_triton import CONFIGS, autotune_configs, pick_config
+from bidirlm.kernels.attention_triton import (
+    CONFIGS,
+    _exp2_mixed,
+    autotune_configs,
+    pick_config,
+)
 from bidirlm.kernels.reference import attention_reference
 from tests.helpers import DTYPES, assert_close_to_ref
 
@@ -560,3 +567,123 @@ def test_random_packed_configs(
         q, k, v, cu_seqlens=cu.to(device), max_seqlen=max(lengths), window_size=(left, right),
         softcap=softcap, deterministic=deterministic, softmax_scale=1 / math.sqrt(head_dim),
     )  # fmt: skip
+
+
+# --- forward: TMA descriptors and exp2 on the FMA pipe (Hopper paths, run in the interpreter) ---
+
+
+@triton.jit
+def _exp2_kernel(X, Y, POLY_LOG: tl.constexpr, M: tl.constexpr, N: tl.constexpr):
+    offs = tl.arange(0, M)[:, None] * N + tl.arange(0, N)[None, :]
+    tl.store(Y + offs, _exp2_mixed(tl.load(X + offs), POLY_LOG))
+
+
+@pytest.mark.parametrize("poly_log", [0, 1, 2, 3])
+def test_exp2_fma_split_matches_torch_exp2(poly_log):
+    """`_exp2_mixed` puts the last 2**-poly_log of the columns on the FMA-pipe polynomial; every
+    column agrees with float64 2**x to 4e-6 relative (the degree-4 fit: 2.7e-6), over the whole
+    range the forward feeds it (finite x <= 0, down to the -126 clamp, and x a rounding above 0),
+    and bf16(P) equals bf16 of the exact value except at a few rounding ties."""
+    gen = torch.Generator().manual_seed(0)
+    x = -torch.rand(64, 64, generator=gen) * torch.tensor([0.5, 4.0, 30.0, 125.0]).repeat(16)
+    x[0, :] = torch.linspace(-126.0, 0.0, 64)
+    x[1, :] = 1e-6  # s * scale - m can round a hair above 0
+    y = torch.empty_like(x)
+    _exp2_kernel[(1,)](x, y, poly_log, 64, 64)
+    exact = torch.exp2(x.double())
+    rel = ((y.double() - exact) / exact).abs()
+    assert rel.max() < 4e-6
+    if poly_log:
+        poly_cols = slice(64 - 64 // 2**poly_log, 64)
+        assert rel[:, poly_cols].max() > 1e-7  # those columns really took the polynomial
+    same = y.to(torch.bfloat16) == exact.to(torch.bfloat16)
+    assert same.float().mean() > 0.995
+
+
+def _forward_vs_reference(q, k, v, *, cu=None, cu_k=None, kpm=None, window=(-1, -1),
+                          softcap=0.0, alibi=None):  # fmt: skip
+    """Forward only (out, lse) against the float64 reference, bound from torch's own error."""
+    from bidirlm.kernels.attention_triton import attention_forward
+
+    scale = q.shape[-1] ** -0.5
+    if cu is not None:
+        lens_q, lens_k = cu.diff(), (cu if cu_k is None else cu_k).diff()
+        out, lse = attention_forward(
+            q, k, v, cu, None, int(lens_q.max()), scale, window, softcap, cu_seqlens_k=cu_k,
+            max_seqlen_k=int(lens_k.max()), alibi_slopes=alibi,
+        )  # fmt: skip
+    else:
+        out, lse = attention_forward(
+            q, k, v, None, kpm, q.shape[1], scale, window, softcap, alibi_slopes=alibi
+        )
+    kw = dict(cu_seqlens=cu, cu_seqlens_k=cu_k, key_padding_mask=kpm, softmax_scale=scale,
+              window_size=window, softcap=softcap, alibi_slopes=alibi)  # fmt: skip
+    out64, lse64 = attention_reference(
+        q.double(), k.double(), v.double(), return_lse=True, compute_dtype=torch.float64, **kw
+    )
+    out_pt = attention_reference(q, k, v, compute_dtype=q.dtype, **kw)
+    assert_close_to_ref(out, out64, out_pt, name="out")
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse64))
+    finite = torch.isfinite(lse64)
+    torch.testing.assert_close(lse[finite], lse64[finite].float(), atol=1e-3, rtol=1e-3)
+
+
+FWD_TMA_CASES = ["dense-gqa", "cross", "kpm", "window", "softcap-alibi", "d40", "packed",
+                 "packed-cross", "strided"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", FWD_TMA_CASES)
+def test_forward_tma_descriptors_and_fma_exp2(case, monkeypatch):
+    """The Hopper forward path (K/V through tensor descriptors, 1/8 of the interior exp2 and the
+    rescale factors on the FMA pipe) on the interpreter's small tiles: dense descriptors zero-fill
+    the key rows past Sk in edge blocks (cross lengths, key padding), packed ones serve interior
+    blocks only; every variant against the float64 reference."""
+    from bidirlm.kernels import attention_triton as at
+
+    made = []
+
+    class CountingDescriptor(at.TensorDescriptor):
+        def __post_init__(self):
+            super().__post_init__()
+            made.append(tuple(self.block_shape))
+
+    monkeypatch.setattr(at, "TensorDescriptor", CountingDescriptor)
+    monkeypatch.setattr(at, "FWD_TMA_FAMILIES", ("interpreter",))
+    monkeypatch.setitem(at.FWD_EXP2_SPLIT, "interpreter", [(256, 3, True)])
+    torch.manual_seed(0)
+    bf16_cases = ("dense-gqa", "kpm", "softcap-alibi", "packed")
+    dt = torch.bfloat16 if case in bf16_cases else torch.float16
+
+    def rnd(*shape):
+        return torch.randn(*shape).to(dt)
+
+    if case.startswith("packed"):
+        cu = torch.tensor([0, 70, 75, 108], dtype=torch.int32)
+        cu_k = None
+        if case == "packed-cross":
+            cu_k = torch.tensor([0, 40, 105, 110], dtype=torch.int32)
+        tk = int((cu if cu_k is None else cu_k)[-1])
+        _forward_vs_reference(rnd(108, 4, 64), rnd(tk, 2, 64), rnd(tk, 2, 64), cu=cu, cu_k=cu_k)
+    elif case == "strided":  # K/V views TMA cannot take as they are: copied once
+        kv = rnd(1, 2, 100, 128).transpose(1, 2)  # unaligned bases (2-byte offsets)
+        _forward_vs_reference(rnd(1, 100, 2, 64), kv[..., 1:65], kv[..., 63:127])
+    else:
+        sq, sk, hkv, d = 100, 100, 2, 64
+        if case == "cross":
+            sk = 90
+        elif case == "d40":
+            d = 40
+        elif case == "dense-gqa":
+            hkv = 1
+        q, k, v = rnd(2, sq, 2, d), rnd(2, sk, hkv, d), rnd(2, sk, hkv, d)
+        kw = {}
+        if case == "kpm":
+            kpm = torch.ones(2, sk, dtype=torch.bool)
+            kpm[1, 61:] = False
+            kw["kpm"] = kpm
+        elif case == "window":
+            kw["window"] = (20, 33)
+        elif case == "softcap-alibi":
+            kw.update(softcap=5.0, alibi=torch.tensor([0.1, 0.4]))
+        _forward_vs_reference(q, k, v, **kw)
+    assert made, "the forward took no tensor descriptor"

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .config import arch_family, autotune_enabled
 from .dispatch import interpreting
@@ -148,29 +149,107 @@ def _scores(
 
 
 @triton.jit
+def _exp2_fma(x):
+    """2**x for finite x <= 0 on the FMA pipe (no MUFU): frees the 16-per-clock special-function
+    unit that every score's exp2 otherwise queues on. The integer part comes from one FADD of
+    1.5 * 2**23 (which rounds x to an integer in the low mantissa bits) and goes into the exponent
+    field; 2**f for f in [-0.5, 0.5] is a degree-4 minimax polynomial (relative error 2.7e-6 =
+    2**-18.5, 2**-9.5 below bf16's rounding of P). x is clamped at -126 (2**-126 is still a
+    normal float, and exactly 0 is not needed: this is used only where every row has a finite
+    maximum, so such a P is 126 binades below the row's largest)."""
+    x = tl.maximum(x, -126.0)
+    t = x + 12582912.0
+    f = x - (t - 12582912.0)
+    p = 0.009570101276040077 * f + 0.05591785907745361
+    p = p * f + 0.240247443318367
+    p = p * f + 0.6931217908859253
+    p = p * f + 0.9999992847442627
+    # t's low bits hold round(x) (two's complement); << 23 moves them onto the exponent field
+    bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _halves(x):
+    """(x[:, :N/2], x[:, N/2:]) of a [M, N] tile. The top column bit is a register bit of the
+    wgmma / mma accumulator layouts, so on a GPU the split moves no data between threads."""
+    m: tl.constexpr = x.shape[0]
+    n: tl.constexpr = x.shape[1]
+    return tl.split(tl.permute(x.reshape([m, 2, n // 2]), [0, 2, 1]))
+
+
+@triton.jit
+def _join_halves(a, b):
+    m: tl.constexpr = a.shape[0]
+    n: tl.constexpr = a.shape[1]
+    return tl.permute(tl.join(a, b), [0, 2, 1]).reshape([m, 2 * n])
+
+
+@triton.jit
+def _exp2_mixed(x, POLY_LOG: tl.constexpr):
+    """2**x of a [M, N] tile with the last N / 2**POLY_LOG columns on the FMA pipe
+    (`_exp2_fma`, finite x <= 0 only) and the others on MUFU; POLY_LOG = 0: all on MUFU."""
+    tl.static_assert(POLY_LOG >= 0 and POLY_LOG <= 3, "POLY_LOG is 0..3")
+    if POLY_LOG == 0:
+        y = tl.exp2(x)
+    else:
+        a, b = _halves(x)
+        if POLY_LOG == 1:
+            b = _exp2_fma(b)
+        elif POLY_LOG == 2:
+            b0, b1 = _halves(b)
+            b = _join_halves(tl.exp2(b0), _exp2_fma(b1))
+        else:
+            b0, b1 = _halves(b)
+            b10, b11 = _halves(b1)
+            b = _join_halves(tl.exp2(b0), _join_halves(tl.exp2(b10), _exp2_fma(b11)))
+        y = _join_halves(tl.exp2(a), b)
+    return y
+
+
+@triton.jit
 def _fwd_blocks(
-    acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
+    acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, KD, VD, kd_row, kd_col,
     pos, start, end, seqlen_k, qk_scale, cap_in, cap_out, slope2, window_left, window_right,
     offs_n, offs_d, d_ok,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_KPM: tl.constexpr, WINDOWED: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, USE_DESC: tl.constexpr, PACKED: tl.constexpr,
+    POLY_LOG: tl.constexpr, POLY_ALPHA: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Online softmax over key blocks [start, end); MASKED for edge blocks only."""
+    """Online softmax over key blocks [start, end); MASKED for edge blocks only.
+
+    USE_DESC: K and V tiles come through TMA tensor descriptors (Hopper), so no thread holds
+    per-element addresses: dense descriptors are [B, Sk, Hkv, D] and fill rows past Sk (and
+    columns past D) with zeros, so edge blocks use them too; packed ones are [Tk, Hkv, D], whose
+    rows past a sequence belong to the next one: their edge blocks keep masked pointer loads.
+    POLY_LOG / POLY_ALPHA (interior blocks only, where every exponent is finite): part of the
+    exp2 work on the FMA pipe (`_exp2_mixed`, `_exp2_fma`)."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        kT_ptrs = k_base + cols[None, :] * stride_kt + offs_d[:, None]
-        v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
         if MASKED:
             col_ok = cols < seqlen_k
-            kT = tl.load(kT_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        elif EVEN_D:
-            kT = tl.load(kT_ptrs)
-            v = tl.load(v_ptrs)
+        if USE_DESC and not (MASKED and PACKED):
+            if PACKED:
+                k = KD.load([kd_row + start_n, kd_col, 0])
+                v = VD.load([kd_row + start_n, kd_col, 0])
+            else:
+                k = KD.load([kd_row, start_n, kd_col, 0])
+                v = VD.load([kd_row, start_n, kd_col, 0])
+            kT = tl.trans(k.reshape([BLOCK_N, offs_d.shape[0]]))
+            v = v.reshape([BLOCK_N, offs_d.shape[0]])
         else:
-            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+            kT_ptrs = k_base + cols[None, :] * stride_kt + offs_d[:, None]
+            v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
+            if MASKED:
+                kT = tl.load(kT_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            elif EVEN_D:
+                kT = tl.load(kT_ptrs)
+                v = tl.load(v_ptrs)
+            else:
+                kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         if UPCAST:
             kT = kT.to(tl.float32)
             v = v.to(tl.float32)
@@ -195,10 +274,16 @@ def _fwd_blocks(
         if MASKED:
             # A row with no visible key so far keeps m = -inf; subtract 0 there, never -inf - -inf.
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_sub)
+            p = tl.exp2(s * scale - m_sub[:, None])
         else:
-            m_sub = m_new  # an interior block gives every row a finite maximum
-        alpha = tl.exp2(m_i - m_sub)
-        p = tl.exp2(s * scale - m_sub[:, None])
+            # an interior block gives every row a finite maximum; m_i = -inf (first block) makes
+            # alpha 2**-126 instead of 0, which multiplies l_i = 0 and acc = 0
+            if POLY_ALPHA:
+                alpha = _exp2_fma(m_i - m_new)
+            else:
+                alpha = tl.exp2(m_i - m_new)
+            p = _exp2_mixed(s * scale - m_new[:, None], POLY_LOG)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         acc = _dot(p.to(v.dtype), v, acc, IEEE)
@@ -208,7 +293,7 @@ def _fwd_blocks(
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K, KPM, ALIBI,
+    Q, K, V, O, LSE, CU_Q, CU_K, KPM, ALIBI, KD, VD,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -218,7 +303,8 @@ def _attn_fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     PACKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_QPM: tl.constexpr, WINDOWED: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, USE_DESC: tl.constexpr, POLY_LOG: tl.constexpr,
+    POLY_ALPHA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
@@ -245,6 +331,11 @@ def _attn_fwd_kernel(
         q = q.to(tl.float32)
     k_base = K + b64 * stride_kb + col0 * stride_kt + kv_head * stride_kh
     v_base = V + b64 * stride_vb + col0 * stride_vt + kv_head * stride_vh
+    # descriptor coordinates (int32): dense [batch, key, kv head, 0], packed [token, kv head, 0]
+    if PACKED:
+        kd_row = col0.to(tl.int32)
+    else:
+        kd_row = batch
     kpm_base = KPM + b64 * stride_mb
     qk_scale = sm_scale * 1.4426950408889634
     cap_in = sm_scale / softcap
@@ -261,23 +352,29 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # The two edge ranges first, the interior last (the softmax does not care about the order):
+    # nothing the edge loops need stays live across the long interior loop (on sm_90 the
+    # 128x128 hd128 tile spilled 36-100 B of such values with the interior loop in the middle).
     acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, pos, lo,
-        tl.minimum(full_lo, hi), seqlen_k, qk_scale, cap_in, cap_out, slope2, window_left,
+        acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, KD, VD, kd_row,
+        kv_head, pos, lo, tl.minimum(full_lo, hi), seqlen_k, qk_scale, cap_in, cap_out, slope2,
+        window_left, window_right, offs_n, offs_d, d_ok,
+        True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
+        USE_DESC, PACKED, POLY_LOG, POLY_ALPHA, BLOCK_N,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, KD, VD, kd_row,
+        kv_head, pos, full_hi, hi, seqlen_k, qk_scale, cap_in, cap_out, slope2, window_left,
         window_right, offs_n, offs_d, d_ok,
-        True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE, BLOCK_N,
+        True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
+        USE_DESC, PACKED, POLY_LOG, POLY_ALPHA, BLOCK_N,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, pos, full_lo,
-        full_hi, seqlen_k, qk_scale, cap_in, cap_out, slope2, window_left, window_right,
-        offs_n, offs_d, d_ok,
-        False, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE, BLOCK_N,
-    )  # fmt: skip
-    acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, pos, full_hi, hi,
-        seqlen_k, qk_scale, cap_in, cap_out, slope2, window_left, window_right,
-        offs_n, offs_d, d_ok,
-        True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE, BLOCK_N,
+        acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, KD, VD, kd_row,
+        kv_head, pos, full_lo, full_hi, seqlen_k, qk_scale, cap_in, cap_out, slope2,
+        window_left, window_right, offs_n, offs_d, d_ok,
+        False, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
+        USE_DESC, PACKED, POLY_LOG, POLY_ALPHA, BLOCK_N,
     )  # fmt: skip
 
     has_key = l_i > 0.0  # a query with no visible key outputs zeros and lse = -inf
@@ -677,13 +774,19 @@ C = LaunchConfig
 # rows). The only D=256 shapes found that compile without a spill with triton 3.6 and 3.9 and
 # fit two programs per SM (32-query tiles spill 32-76 B with 3.6, one stage spills 600+ B).
 # Heavier variants take VARIANT_CONFIGS.
+# Hopper forward (2026-12-08): one 8-warp program per SM on K/V tensor descriptors
+# (FWD_TMA_FAMILIES): hd64 128x256 (255 registers, no spill, 3 stages) with 1/8 of the exp2 on the
+# FMA pipe, hd128 128x128 (226-230 registers, 2 stages) with the rescale exp2 on the FMA pipe
+# (FWD_EXP2_SPLIT). The perf model of a2ebb0a charges co-resident programs their softmax in
+# full, so the earlier two 4-warp programs per SM no longer helped (hd64 369 -> 390, hd128
+# 409 -> 460 TFLOP/s predicted; not measured).
 # AMD CDNA: no TMA or warp specialisation, no software pipelining on its LDS (num_stages=1),
 # waves_per_eu sized so no kernel spills VGPRs, never more than 8 warps (wave64). Checked by
 # compiling for sm_90, gfx942 and gfx90a (registers, spills, wgmma); not yet timed on hardware.
 CONFIGS: dict[str, list[tuple[int, LaunchConfig, LaunchConfig, LaunchConfig]]] = {
     "hopper": [
-        (64, C(64, 128, 4, 3), C(64, 64, 4, 2), C(64, 64, 4, 2)),
-        (128, C(64, 64, 4, 2), C(32, 64, 4, 2), C(64, 64, 4, 2)),
+        (64, C(128, 256, 8, 3), C(64, 64, 4, 2), C(64, 64, 4, 2)),
+        (128, C(128, 128, 8, 2), C(32, 64, 4, 2), C(64, 64, 4, 2)),
         (256, C(64, 32, 4, 2), C(16, 64, 4, 2), C(64, 16, 4, 2)),
     ],
     "ampere": [
@@ -741,7 +844,7 @@ FUSED_DKDV_MAX_D = {"hopper": 128}
 _C = LaunchConfig
 VARIANT_CONFIGS: dict[str, list[tuple[int, dict[str, LaunchConfig]]]] = {
     "hopper": [
-        (64, {"dkdv": _C(32, 128, 8, 2)}),
+        (64, {"fwd": _C(128, 128, 8, 3), "dkdv": _C(32, 128, 8, 2)}),
         (128, {"fwd": _C(128, 64, 8, 2), "dkdv": _C(16, 128, 8, 2), "dq": _C(64, 32, 4, 2)}),
         (256, {"fwd": _C(128, 32, 8, 1), "dkdv": _C(16, 64, 4, 2), "dq": _C(64, 16, 4, 2)}),
     ],
@@ -753,6 +856,20 @@ PACKED_WINDOW_CONFIGS: dict[str, list[tuple[int, dict[str, LaunchConfig]]]] = {
     "hopper": [(128, {}), (256, {"dkdv": _C(16, 64, 8, 3)})],
 }
 del _C
+
+# Forward on TMA tensor descriptors (`_fwd_blocks`, USE_DESC): K and V tiles land in shared memory
+# without per-thread addresses, which frees the registers that let sm_90 run 128x128 tiles at 8
+# warps without a spill (the pointer version spilled 24-104 B at hd128).
+FWD_TMA_FAMILIES = ("hopper",)
+# (largest head dim, POLY_LOG, POLY_ALPHA) per family: the last 2**-POLY_LOG of every interior
+# block's score columns (and, POLY_ALPHA, the row rescale factors) take exp2 on the FMA pipe
+# (`_exp2_mixed`), balancing the MUFU unit (16 exp2 a clock per SM) against instruction issue.
+# Hopper, from the sm_90 SASS of the main loop (bench/perf_model.py): hd64 on a 128x256 tile
+# 904 instructions and 114 MUFU a warp per trip with 1/8 of the columns on the FMA pipe (777 and
+# 130 without); hd128 on 128x128, 527 and 64 with the rescale factors on the FMA pipe (510, 66).
+FWD_EXP2_SPLIT: dict[str, list[tuple[int, int, bool]]] = {
+    "hopper": [(64, 3, False), (128, 0, True), (256, 0, False)],
+}
 
 
 def variant_overrides(
@@ -1052,14 +1169,58 @@ def attention_forward(
     cu_q = cu_seqlens if packed else q
     cu_k = cu_seqlens_k if cu_seqlens_k is not None else cu_q
     kpm, alibi, stride_mb, stride_ab = _aux_args(key_padding_mask, alibi_slopes, q)
+    k, v, kd, vd, fwd_kw = _fwd_operands(plan, k, v, packed)
     args = (
-        q, k, v, out, lse, cu_q, cu_k, kpm, alibi,
+        q, k, v, out, lse, cu_q, cu_k, kpm, alibi, kd, vd,
         *_strides(q, packed), *_strides(k, packed), *_strides(v, packed),
         *_strides(out, packed), *_lse_strides(shape, total_q), stride_mb, stride_ab,
         *_scalars(shape, softmax_scale, window, softcap),
     )  # fmt: skip
-    _run("_attn_fwd_kernel", plan.grid_fwd, shape.seqlen, "BLOCK_M", args, plan.fwd, plan.family)
+    _run("_attn_fwd_kernel", plan.grid_fwd, shape.seqlen, "BLOCK_M", args, fwd_kw, plan.family)
     return out, lse
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """A TMA descriptor takes `t` as it is: 16-byte aligned base and strides, unit last stride."""
+    size = t.element_size()
+    strides = t.stride()
+    return (
+        t.data_ptr() % 16 == 0
+        and strides[-1] == 1
+        and all(st > 0 and st * size % 16 == 0 for st in strides[:-1])
+    )
+
+
+def _fwd_operands(
+    plan: _Plan, k: torch.Tensor, v: torch.Tensor, packed: bool
+) -> tuple[torch.Tensor, torch.Tensor, TensorDescriptor | None, TensorDescriptor | None, dict]:
+    """(k, v, K descriptor, V descriptor, forward kwargs): descriptors (and their block shape)
+    for the families of FWD_TMA_FAMILIES on 16-bit inputs, None elsewhere; FWD_EXP2_SPLIT's
+    share of FMA-pipe exp2. K/V whose layout TMA cannot take are copied once (contiguous).
+    Autotuning picks BLOCK_N after the descriptors exist, so it keeps pointer loads."""
+    kw = dict(plan.fwd)
+    d = kw["HEAD_DIM"]
+    kw["POLY_LOG"], kw["POLY_ALPHA"] = next(
+        ((log, alpha) for max_d, log, alpha in FWD_EXP2_SPLIT.get(plan.family, ()) if d <= max_d),
+        (0, False),
+    )
+    use_desc = (
+        plan.family in FWD_TMA_FAMILIES
+        and k.dtype in (torch.float16, torch.bfloat16)
+        and not autotune_enabled()
+    )
+    kw["USE_DESC"] = use_desc
+    if not use_desc:
+        return k, v, None, None, kw
+    if not (_tma_ready(k) and _tma_ready(v)):
+        k = k.clone(memory_format=torch.contiguous_format)
+        v = v.clone(memory_format=torch.contiguous_format)
+    # dense [B, Sk, Hkv, D] with a [1, BLOCK_N, 1, BLOCK_D] box, packed [Tk, Hkv, D] with
+    # [BLOCK_N, 1, BLOCK_D]; BLOCK_D > D (80, 96) reads zeros past D
+    box = [kw["BLOCK_N"], 1, kw["BLOCK_D"]] if packed else [1, kw["BLOCK_N"], 1, kw["BLOCK_D"]]
+    kd = TensorDescriptor(k, list(k.shape), list(k.stride()), box)
+    vd = TensorDescriptor(v, list(v.shape), list(v.stride()), box)
+    return k, v, kd, vd, kw
 
 
 def attention_backward(
