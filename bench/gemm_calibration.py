@@ -22,7 +22,7 @@ triton. Its time is PREDICTED with the per-SM accounting the losses model uses f
 fp8 (e4m3) runs the wgmma at twice the fp16/bf16 rate per clock (8192 FLOPs per SM per clock);
 e is the sustained fraction of whichever nominal rate applies. e is fitted by bisection on the
 row marked `fit`, then every row is predicted at the fitted e, at 0.64 (the attention model's
-eta, `bench/perf_model.py`) and at 0.70 (the losses model's prior `MMA_EFFICIENCY`).
+eta, `bench/perf_model.py`) and at 0.70 (the losses model's prior `MMA_EFFICIENCY_PRIOR`).
 
 Compile facts are cached in bench/results/gemm-calibration-<triton>.json (the tests read them, no
 GPU and no compile needed).
@@ -49,7 +49,7 @@ from bench.perf_model_losses import (  # noqa: E402
 )
 
 ATTENTION_ETA = 0.64  # bench/perf_model.py's eta (fitted on the tutorial attention forward)
-PRIOR_ETA = 0.70  # bench/perf_model_losses.py's MMA_EFFICIENCY (not calibrated)
+PRIOR_ETA = 0.70  # bench/perf_model_losses.py's MMA_EFFICIENCY_PRIOR (not calibrated)
 MMA_FLOPS_PER_CLK = {"fp16": SM90_MMA_FLOPS_PER_CLK, "fp8": 2 * SM90_MMA_FLOPS_PER_CLK}
 ELEMENT_BYTES = {"fp16": 2, "fp8": 1}
 

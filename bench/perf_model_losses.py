@@ -17,7 +17,8 @@ counts, grids, chunk sizes and working memory are exact; the times rest on these
   (FMA pipe, 1 per clock), IMAD alone (0.5), ALU ops (0.5), MUFU/conversions (1/8)), the sm_90
   rates of the CUDA C Programming Guide's throughput table (see `_ALU_OPS`); loads, stores,
   shuffles, barriers, uniform ops and HGMMA cost their issue slot only. A K step (one
-  128 x 128 x 64 wgmma) takes max(its MMA time at `MMA_EFFICIENCY` 0.70 of the dense peak,
+  128 x 128 x 64 wgmma) takes max(its MMA time at `mma_efficiency()` of the dense peak (0.652:
+  fitted on a published H100 figure of Triton's tutorial matmul by `bench/gemm_calibration.py`),
   the K loop body's instruction clocks): the wgmma is asynchronous. The elementwise code after
   a tile's K loop does NOT overlap with the MMA (one program per SM and the accumulator is
   waited for before it is read): tile time = K steps + elementwise. The forward's unit loop
@@ -28,8 +29,8 @@ counts, grids, chunk sizes and working memory are exact; the times rest on these
   stand for dynamic ones (the loop bodies charged have no data-dependent branches). Clock:
   the bf16 peak / (SMs x 4096 FLOPs per clock) = 1.83 GHz on the H100 and H200.
 - **InfoNCE per-program time** (not yet from SASS): MMA FLOPs / (the SM's share of the dense
-  bf16 peak x 0.70) + special-function ops / the SM's 16 per clock + FP32 ALU ops per entry
-  (`ALU_PER_LOGIT`: 6 forward, 12 backward, hand counts) / the SM's FP32 rate / 2, summed.
+  bf16 peak x `mma_efficiency()`) + special-function ops / the SM's 16 per clock + FP32 ALU ops
+  per entry (`ALU_PER_LOGIT`: 6 forward, 12 backward, hand counts) / the SM's FP32 rate / 2, summed.
 - **One program per SM** at a time, its time not overlapped with another's. The MNTP grads
   kernel (170-190 registers x 256 threads) and the InfoNCE kernels fit one program per SM; the
   MNTP forward is persistent with one program per SM; the MNTP dz kernel (119 registers, 96 KB
@@ -57,6 +58,7 @@ import argparse
 import functools
 import heapq
 import json
+import os
 import re
 import sys
 import time
@@ -91,7 +93,24 @@ DEVICES = {
     "h100": Device("h100", 132, 989.0, 67.0, 3.9, 3.35),
     "h200": Device("h200", 132, 989.0, 67.0, 3.9, 4.8),
 }
-MMA_EFFICIENCY = 0.70
+MMA_EFFICIENCY_PRIOR = 0.70  # the a-priori K-loop wgmma efficiency, before any calibration
+
+
+@functools.lru_cache(maxsize=1)
+def mma_efficiency() -> float:
+    """The K-loop wgmma efficiency: fitted by `bench/gemm_calibration.py` on a published H100
+    figure of Triton's tutorial matmul (our kernel with its tiling, read with this model's own
+    SASS accounting; 0.652 with triton 3.9, 0.654 with 3.6; the attention model's eta, fitted on
+    the tutorial attention forward, is 0.640). BIDIRLM_LOSSES_MMA_EFFICIENCY overrides it (for
+    sensitivity runs; reports name the value used)."""
+    env = os.environ.get("BIDIRLM_LOSSES_MMA_EFFICIENCY")
+    if env:
+        return float(env)
+    from bench.gemm_calibration import gemm_calibration
+
+    return float(gemm_calibration()["eta"])
+
+
 BINDING_US = 4.5  # Triton's argument binding + driver launch per call (GPU host, issue #27)
 ALU_PER_LOGIT = {"fwd": 6, "bwd": 12}
 TILE = 128  # the bf16 H100 tiles of both ops (fwd/dz/E tiles and GEMM tiles are 128 x 128)
@@ -132,7 +151,7 @@ class OpPrediction:
 
 
 def _program_us(dev: Device, mma_flops: float, sfu: float, alu: float) -> float:
-    mma = mma_flops / (dev.bf16_tflops * 1e12 * MMA_EFFICIENCY / dev.sms)
+    mma = mma_flops / (dev.bf16_tflops * 1e12 * mma_efficiency() / dev.sms)
     special = sfu / (dev.sfu_tops * 1e12 / dev.sms)
     fp32 = alu / (dev.fp32_tflops * 1e12 / 2 / dev.sms)
     return (mma + special + fp32) * 1e6
@@ -402,8 +421,8 @@ def mntp_sass(
 
 
 def _mma_step_clk(bm: int, bn: int, bk: int) -> float:
-    """SM clocks of one K step's wgmma (`bm x bn x bk`) at `MMA_EFFICIENCY` of the dense peak."""
-    return 2.0 * bm * bn * bk / SM90_MMA_FLOPS_PER_CLK / MMA_EFFICIENCY
+    """SM clocks of one K step's wgmma (`bm x bn x bk`) at `mma_efficiency()` of the dense peak."""
+    return 2.0 * bm * bn * bk / SM90_MMA_FLOPS_PER_CLK / mma_efficiency()
 
 
 def _k_step_clk(loop: SassLoop, mma_clk: float, warps_per_sp: float) -> float:
@@ -731,6 +750,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per row")
     args = parser.parse_args(argv)
     print(f"host cost measured here: {json.dumps(host_cost())}")
+    from bench.gemm_calibration import calibration_line
+
+    print(f"K-loop wgmma efficiency used: {mma_efficiency():.3f}; {calibration_line()}")
     for row in target_rows(args.gpu):
         if args.json:
             print(json.dumps(row))

@@ -54,3 +54,22 @@ def test_validation_rows_are_reported(facts, capsys):
             assert isinstance(r[key], float)
     with capsys.disabled():
         print("\n" + line)
+
+
+def test_losses_model_uses_the_calibrated_k_loop_efficiency(monkeypatch) -> None:
+    """The loss kernels' K loops run at the GEMM-calibrated efficiency, not the 0.70 prior; the
+    override exists for sensitivity runs and changes the MMA clocks in proportion."""
+    from bench import gemm_calibration as gc
+    from bench import perf_model_losses as pml
+
+    monkeypatch.delenv("BIDIRLM_LOSSES_MMA_EFFICIENCY", raising=False)
+    pml.mma_efficiency.cache_clear()
+    try:
+        eta = pml.mma_efficiency()
+        assert eta == gc.gemm_calibration()["eta"] and eta != pml.MMA_EFFICIENCY_PRIOR
+        at_fit = pml._mma_step_clk(128, 128, 64)
+        monkeypatch.setenv("BIDIRLM_LOSSES_MMA_EFFICIENCY", "0.7")
+        pml.mma_efficiency.cache_clear()
+        assert pml._mma_step_clk(128, 128, 64) == pytest.approx(at_fit * eta / 0.7)
+    finally:
+        pml.mma_efficiency.cache_clear()
