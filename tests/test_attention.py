@@ -649,7 +649,7 @@ def test_forward_tma_descriptors_and_fma_exp2(case, monkeypatch):
 
     monkeypatch.setattr(at, "TensorDescriptor", CountingDescriptor)
     monkeypatch.setattr(at, "FWD_TMA_FAMILIES", ("interpreter",))
-    monkeypatch.setitem(at.FWD_EXP2_SPLIT, "interpreter", [(256, 3, True)])
+    monkeypatch.setitem(at.FWD_EXP2_SPLIT, "interpreter", [(256, 32, 32, 3, True)])
     torch.manual_seed(0)
     bf16_cases = ("dense-gqa", "kpm", "softcap-alibi", "packed")
     dt = torch.bfloat16 if case in bf16_cases else torch.float16
@@ -687,3 +687,36 @@ def test_forward_tma_descriptors_and_fma_exp2(case, monkeypatch):
             kw.update(softcap=5.0, alibi=torch.tensor([0.1, 0.4]))
         _forward_vs_reference(q, k, v, **kw)
     assert made, "the forward took no tensor descriptor"
+
+
+def test_hopper_forward_descriptors_and_exp2_split_choice(monkeypatch):
+    """On sm_90 the forward gets K/V descriptors (dense 4-d box, packed 3-d) for 16-bit inputs,
+    pointers for float32 and under autotuning; the FMA-pipe exp2 share goes with the dense tiles
+    it was sized on (hd64 128x256: 1/8 of the columns; hd128 128x128: the rescale factors), never
+    to the issue-bound variant tiles."""
+    from bidirlm.kernels.attention_triton import AttnShape, _fwd_operands, _plan
+
+    def launch(d, hkv=4, packed=False, dtype=torch.bfloat16):
+        shape = AttnShape(2, 256, 4, hkv, d, packed)
+        plan = _plan("hopper", False, dtype, shape, False, False, False, False, False)
+        kv_shape = (512, hkv, d) if packed else (2, 256, hkv, d)
+        k, v = torch.zeros(kv_shape, dtype=dtype), torch.zeros(kv_shape, dtype=dtype)
+        return _fwd_operands(plan, k, v, packed)
+
+    *_, kd, _, kw = launch(64)
+    assert kw["USE_DESC"] and kd.block_shape == [1, 256, 1, 64]
+    assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["POLY_LOG"], kw["POLY_ALPHA"]) == (128, 256, 3, False)
+    *_, kw = launch(128)
+    assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["POLY_LOG"], kw["POLY_ALPHA"]) == (128, 128, 0, True)
+    for d in (64, 128):  # GQA: the variant tiles, every exp2 on MUFU
+        *_, kw = launch(d, hkv=2)
+        assert (kw["POLY_LOG"], kw["POLY_ALPHA"]) == (0, False)
+    *_, kd, _, kw = launch(128, packed=True)
+    assert kd.block_shape == [kw["BLOCK_N"], 1, 128]
+    *_, kd, _, kw = launch(64, dtype=torch.float32)
+    assert kd is None and not kw["USE_DESC"]
+    from bidirlm.kernels import attention_triton
+
+    monkeypatch.setattr(attention_triton, "autotune_enabled", lambda: True)  # GPU-only switch
+    *_, kd, _, kw = launch(64)
+    assert kd is None and not kw["USE_DESC"]

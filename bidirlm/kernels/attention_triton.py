@@ -863,14 +863,16 @@ del _C
 # without per-thread addresses, which frees the registers that let sm_90 run 128x128 tiles at 8
 # warps without a spill (the pointer version spilled 24-104 B at hd128).
 FWD_TMA_FAMILIES = ("hopper",)
-# (largest head dim, POLY_LOG, POLY_ALPHA) per family: the last 2**-POLY_LOG of every interior
-# block's score columns (and, POLY_ALPHA, the row rescale factors) take exp2 on the FMA pipe
-# (`_exp2_mixed`), balancing the MUFU unit (16 exp2 a clock per SM) against instruction issue.
-# Hopper, from the sm_90 SASS of the main loop (bench/perf_model.py): hd64 on a 128x256 tile
-# 904 instructions and 114 MUFU a warp per trip with 1/8 of the columns on the FMA pipe (777 and
-# 130 without); hd128 on 128x128, 527 and 64 with the rescale factors on the FMA pipe (510, 66).
-FWD_EXP2_SPLIT: dict[str, list[tuple[int, int, bool]]] = {
-    "hopper": [(64, 3, False), (128, 0, True), (256, 0, False)],
+# (largest head dim, BLOCK_M, BLOCK_N, POLY_LOG, POLY_ALPHA) per family, for that forward tile
+# only: the last 2**-POLY_LOG of every interior block's score columns (and, POLY_ALPHA, the row
+# rescale factors) take exp2 on the FMA pipe (`_exp2_mixed`), balancing the MUFU unit (16 exp2
+# a clock per SM) against instruction issue; a tile whose main loop is issue-bound (the 128x64
+# and 128x128 variant tiles) keeps every exp2 on MUFU. Hopper, from the sm_90 SASS of the main
+# loop (bench/perf_model.py), a warp per trip: hd64 128x256 904 instructions and 114 MUFU with
+# 1/8 of the columns on the FMA pipe (777 and 130 without); hd128 128x128 527 and 64 with the
+# rescale factors on the FMA pipe (510 and 66).
+FWD_EXP2_SPLIT: dict[str, list[tuple[int, int, int, int, bool]]] = {
+    "hopper": [(64, 128, 256, 3, False), (128, 128, 128, 0, True)],
 }
 
 
@@ -1202,10 +1204,12 @@ def _fwd_operands(
     Autotuning picks BLOCK_N after the descriptors exist, so it keeps pointer loads."""
     kw = dict(plan.fwd)
     d = kw["HEAD_DIM"]
-    kw["POLY_LOG"], kw["POLY_ALPHA"] = next(
-        ((log, alpha) for max_d, log, alpha in FWD_EXP2_SPLIT.get(plan.family, ()) if d <= max_d),
-        (0, False),
-    )
+    kw["POLY_LOG"], kw["POLY_ALPHA"] = 0, False
+    for max_d, bm, bn, log, alpha in FWD_EXP2_SPLIT.get(plan.family, ()):
+        if d <= max_d:
+            if (bm, bn) == (kw["BLOCK_M"], kw["BLOCK_N"]):
+                kw["POLY_LOG"], kw["POLY_ALPHA"] = log, alpha
+            break
     use_desc = (
         plan.family in FWD_TMA_FAMILIES
         and k.dtype in (torch.float16, torch.bfloat16)
