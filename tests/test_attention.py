@@ -181,6 +181,35 @@ def test_hd256_split_backward_variants(variant, monkeypatch, device):
         assert_close_to_ref(g, g64, atol=1e-4, name=name)
 
 
+def test_split_dv_tile_differs_from_dk(monkeypatch, device):
+    """The split dV launch with its own query tile (SPLIT_DV_CONFIGS; sm_90 at head dim 256), here
+    16 queries for dV and the interpreter's 32 for dK on the same 32-key grid (fp16: the tiles are
+    for 16-bit inputs), vs float64."""
+    from bidirlm.kernels import attention_triton
+
+    families = ("hopper", "ampere", "nvidia", "cdna", "amd", "interpreter")
+    monkeypatch.setattr(attention_triton, "FUSED_DKDV_MAX_D", dict.fromkeys(families, 128))
+    tile = attention_triton.LaunchConfig(16, 32, 1, 1)
+    monkeypatch.setattr(attention_triton, "SPLIT_DV_CONFIGS", {"interpreter": [(256, tile)]})
+    attention_triton._plan.cache_clear()
+    launched = []
+    run = attention_triton._run
+
+    def record(name, grid, extent, axis, args, kw, family):  # noqa: ANN001, ANN202
+        launched.append((name, kw.get("PART"), kw["BLOCK_M"]))
+        return run(name, grid, extent, axis, args, kw, family)
+
+    monkeypatch.setattr(attention_triton, "_run", record)
+    try:
+        q, k, v = _inputs((1, 45, 2, 256), (1, 45, 2, 256), torch.float16, device)
+        check_against_reference(q, k, v, deterministic=True)
+    finally:
+        attention_triton._plan.cache_clear()
+    if not HAS_GPU:  # the interpreter's tiles: dV 16 queries, dK 32
+        assert ("_attn_bwd_dkdv_kernel", 1, 16) in launched
+        assert ("_attn_bwd_dkdv_kernel", 2, 32) in launched
+
+
 def test_hd256_hopper_backward_tiles():
     """sm_90 at head dim 256: 4-warp dV / dK / dQ programs (two per SM, no warpgroup computing
     the other's scores) for dense and variant calls; packed + window keeps the 8-warp dK/dV tile
@@ -194,6 +223,11 @@ def test_hd256_hopper_backward_tiles():
     for p in (plan(False, False), plan(True, False), plan(False, True), plan(False, False, 1)):
         assert p.dkdv["num_warps"] == 4 and p.dq["num_warps"] == 4
         assert (p.dkdv["BLOCK_M"], p.dkdv["BLOCK_N"], p.dq["BLOCK_M"]) == (16, 64, 64)
+    # the dV launch of a dense call takes 64 queries (SPLIT_DV_CONFIGS), variants keep dK's tile
+    dense = plan(False, False)
+    assert (dense.dv["BLOCK_M"], dense.dv["BLOCK_N"], dense.dv["num_warps"]) == (64, 64, 4)
+    for p in (plan(True, False), plan(False, True), plan(False, False, 1)):
+        assert p.dv == p.dkdv
     pw = plan(True, True)
     assert pw.dkdv["num_warps"] == 8 and pw.dq["num_warps"] == 4
     assert variant_overrides("hopper", 128, True) == variant_overrides("hopper", 128)

@@ -857,6 +857,14 @@ VARIANT_CONFIGS: dict[str, list[tuple[int, dict[str, LaunchConfig]]]] = {
 PACKED_WINDOW_CONFIGS: dict[str, list[tuple[int, dict[str, LaunchConfig]]]] = {
     "hopper": [(128, {}), (256, {"dkdv": _C(16, 64, 8, 3)})],
 }
+# The dV launch of the split dK/dV (head dims above FUSED_DKDV_MAX_D) of a dense 16-bit call
+# (no variant tiles), per family: (largest head dim, config); same BLOCK_N as the dK launch (one
+# grid). On sm_90 at D=256 the dV program holds one fp32 accumulator and no dP: 64-query tiles
+# fit (255 registers, no spill with triton 3.6 and 3.9) where the dK program's spill, and its
+# `m64n64k16` score GEMMs need half the shared-memory bytes per MAC of the 16-query tiles'.
+SPLIT_DV_CONFIGS: dict[str, list[tuple[int, LaunchConfig | None]]] = {
+    "hopper": [(128, None), (256, _C(64, 64, 4, 2))],
+}
 del _C
 
 # Forward on TMA tensor descriptors (`_fwd_blocks`, USE_DESC): K and V tiles land in shared memory
@@ -991,6 +999,7 @@ class _Plan:
     dq: dict
     pre: dict
     family: str
+    dv: dict = dataclasses.field(default_factory=dict)  # the split dV launch (else dkdv's tiles)
     variant_configs: bool = False  # VARIANT_CONFIGS replaced some of the tiles
 
 
@@ -1032,6 +1041,13 @@ def _plan(
     if heavy and dtype != torch.float32:
         overrides = variant_overrides(family, shape.head_dim, shape.packed and windowed)
     cfgs.update(overrides)
+    dv_cfg = cfgs["dkdv"]
+    if not heavy and dtype != torch.float32:
+        for max_d, cfg in SPLIT_DV_CONFIGS.get(family, ()):
+            if shape.head_dim <= max_d:
+                if cfg is not None and cfg.block_n == dv_cfg.block_n:  # one grid for both
+                    dv_cfg = cfg
+                break
 
     def full(cfg: LaunchConfig, extra: dict) -> dict:
         return {
@@ -1053,6 +1069,7 @@ def _plan(
         fwd=full(cfgs["fwd"], {"HAS_QPM": has_qpm}),
         dkdv=full(cfgs["dkdv"], {}),
         dq=full(cfgs["dq"], {}),
+        dv=full(dv_cfg, {}),
         pre={
             "HEAD_DIM": shape.head_dim,
             "BLOCK_D": block_d,
@@ -1322,7 +1339,7 @@ def attention_backward(
         )
     else:
         for part in (1, 2) if split else (0,):
-            kw = {**plan.dkdv, "ATOMIC_DQ": atomic, "PART": part}
+            kw = {**(plan.dv if part == 1 else plan.dkdv), "ATOMIC_DQ": atomic, "PART": part}
             _run(
                 "_attn_bwd_dkdv_kernel", plan.grid_dkdv, shape.kv_len, "BLOCK_N", dkdv_args, kw,
                 plan.family,
