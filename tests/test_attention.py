@@ -210,6 +210,50 @@ def test_split_dv_tile_differs_from_dk(monkeypatch, device):
         assert ("_attn_bwd_dkdv_kernel", 2, 32) in launched
 
 
+@pytest.mark.parametrize("case", ["dense", "cross-bf16", "packed-window"])
+def test_dq_kernel_on_descriptors(case, monkeypatch, device):
+    """The dQ kernel reading K and V through TMA tensor descriptors (DQ_TMA_HEAD_DIMS; sm_90 at
+    head dim 256), here in the interpreter: dense tails past Sk read zeros, packed interior blocks
+    use the descriptors and packed edge blocks pointers; vs the float64 reference."""
+    from bidirlm.kernels import attention_triton as at
+    from bidirlm.kernels import flash_attn_compat as fa
+
+    families = ("hopper", "ampere", "nvidia", "cdna", "amd", "interpreter")
+    monkeypatch.setattr(at, "FUSED_DKDV_MAX_D", dict.fromkeys(families, 128))
+    monkeypatch.setattr(at, "DQ_TMA_HEAD_DIMS", {"interpreter": (256,), "hopper": (256,)})
+    launched = []
+    run = at._run
+
+    def record(name, grid, extent, axis, args, kw, family):  # noqa: ANN001, ANN202
+        launched.append((name, bool(kw.get("USE_DESC"))))
+        return run(name, grid, extent, axis, args, kw, family)
+
+    monkeypatch.setattr(at, "_run", record)
+    dt = torch.bfloat16 if case.endswith("bf16") else torch.float16
+    ref_kw: dict = {}
+    if case == "packed-window":
+        cu = torch.tensor([0, 70, 75, 108], dtype=torch.int32, device=device)
+        q, k, v = _inputs((108, 2, 256), (108, 1, 256), dt, device)
+        out = fa.flash_attn_varlen_func(q, k, v, cu, cu, 70, 70, window_size=(20, 9))
+        ref_kw.update(cu_seqlens=cu, window_size=(20, 9))
+    else:
+        sk = 38 if case.startswith("cross") else 45
+        q, k, v = _inputs((2, 45, 2, 256), (2, sk, 2, 256), dt, device)
+        out = fa.flash_attn_func(q, k, v)
+    dout = torch.randn_like(out)
+    grads = _grads(out, (q, k, v), dout)
+    inputs64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out64 = attention_reference(*inputs64, compute_dtype=torch.float64, **ref_kw)
+    grads64 = _grads(out64, inputs64, dout.double())
+    low = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out_pt = attention_reference(*low, compute_dtype=dt, **ref_kw)
+    grads_pt = _grads(out_pt, low, dout)
+    for name, g, g64, g_pt in zip(("dq", "dk", "dv"), grads, grads64, grads_pt):
+        assert_close_to_ref(g, g64, g_pt, name=name)
+    if not HAS_GPU:
+        assert ("_attn_bwd_dq_kernel", True) in launched
+
+
 def test_hd256_hopper_backward_tiles():
     """sm_90 at head dim 256: 4-warp dV / dK / dQ programs (two per SM, no warpgroup computing
     the other's scores) for dense and variant calls; packed + window keeps the 8-warp dK/dV tile
@@ -230,6 +274,10 @@ def test_hd256_hopper_backward_tiles():
         assert p.dv == p.dkdv
     pw = plan(True, True)
     assert pw.dkdv["num_warps"] == 8 and pw.dq["num_warps"] == 4
+    # dQ: 32-key blocks on K/V descriptors; packed calls keep 16 (their edge blocks use pointers)
+    for p in (plan(False, False), plan(False, True), plan(False, False, 1)):
+        assert p.dq["BLOCK_N"] == 32
+    assert plan(True, False).dq["BLOCK_N"] == pw.dq["BLOCK_N"] == 16
     assert variant_overrides("hopper", 128, True) == variant_overrides("hopper", 128)
     assert variant_overrides("cdna", 256, True) == {}
 

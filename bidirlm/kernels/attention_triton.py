@@ -609,22 +609,36 @@ def _bwd_q_blocks(
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_KPM: tl.constexpr, WINDOWED: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+    KD, VD, kd_row, kd_col, USE_DESC: tl.constexpr, PACKED: tl.constexpr,
 ):  # fmt: skip
-    """dQ contributions of key blocks [start, end) in a fixed order (deterministic mode)."""
+    """dQ contributions of key blocks [start, end) in a fixed order (deterministic mode).
+    USE_DESC: K and V tiles through TMA descriptors, as in `_fwd_blocks` (packed edge blocks keep
+    masked pointer loads: their rows past the sequence belong to the next one)."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
-        v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
         if MASKED:
             col_ok = cols < seqlen_k
-            k = tl.load(k_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        elif EVEN_D:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        if USE_DESC and not (MASKED and PACKED):
+            if PACKED:
+                k = KD.load([kd_row + start_n, kd_col, 0])
+                v = VD.load([kd_row + start_n, kd_col, 0])
+            else:
+                k = KD.load([kd_row, start_n, kd_col, 0])
+                v = VD.load([kd_row, start_n, kd_col, 0])
+            k = k.reshape([BLOCK_N, offs_d.shape[0]])
+            v = v.reshape([BLOCK_N, offs_d.shape[0]])
         else:
-            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+            k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
+            v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
+            if MASKED:
+                k = tl.load(k_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            elif EVEN_D:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            else:
+                k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -663,6 +677,7 @@ def _attn_bwd_dq_kernel(
     PACKED: tl.constexpr, HAS_KPM: tl.constexpr, WINDOWED: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    KD=None, VD=None, USE_DESC: tl.constexpr = False,
 ):  # fmt: skip
     """One query block of one q head: dQ = scale * sum_j dS[:, j] K[j] in a fixed key order."""
     pid_m = tl.program_id(0)
@@ -712,24 +727,31 @@ def _attn_bwd_dq_kernel(
     )  # fmt: skip
     out_off = b64 * stride_dqb + (row0 + m_start) * stride_dqt + head * stride_dqh
     m_rem = seqlen_q - m_start
+    if PACKED:  # descriptor coordinates: the sequence's first key row (packed) or the batch
+        kd_row = col0.to(tl.int32)
+    else:
+        kd_row = batch
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _bwd_q_blocks(
         dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kt, stride_vt, pos, lo,
         tl.minimum(full_lo, hi), seqlen_k, qk_scale, cap_in, cap_out, slope2, window_left,
         window_right, offs_n, offs_d, d_ok,
         True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE, BLOCK_N,
+        KD, VD, kd_row, kv_head, USE_DESC, PACKED,
     )  # fmt: skip
     dq = _bwd_q_blocks(
         dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kt, stride_vt, pos, full_lo,
         full_hi, seqlen_k, qk_scale, cap_in, cap_out, slope2, window_left, window_right,
         offs_n, offs_d, d_ok,
         False, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE, BLOCK_N,
+        KD, VD, kd_row, kv_head, USE_DESC, PACKED,
     )  # fmt: skip
     dq = _bwd_q_blocks(
         dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kt, stride_vt, pos, full_hi, hi,
         seqlen_k, qk_scale, cap_in, cap_out, slope2, window_left, window_right,
         offs_n, offs_d, d_ok,
         True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE, BLOCK_N,
+        KD, VD, kd_row, kv_head, USE_DESC, PACKED,
     )  # fmt: skip
     dq = dq * sm_scale  # addresses rebuilt from scalars, as in the dK/dV kernel's epilogue
     offs_o = tl.arange(0, BLOCK_M)
@@ -768,11 +790,12 @@ C = LaunchConfig
 # program's MMAs overlap the other's softmax: the static model, bench/perf_model.py, predicts
 # this; not yet measured); the hd128 backward keeps two stages in dK/dV and 64-key dQ blocks; at
 # D=256 dK and dV come from two launches (FUSED_DKDV_MAX_D), each a 4-warp program of 64 keys
-# x 16 queries (one [64, 256] fp32 accumulator = 128 registers a thread) and dQ 64 queries x 16
-# keys: two programs per SM (<= 255 registers, <= 98 KB shared memory) and no duplicated work
-# (an 8-warp program on a 64-row tile computes every score twice: each warpgroup owns all 64
-# rows). The only D=256 shapes found that compile without a spill with triton 3.6 and 3.9 and
-# fit two programs per SM (32-query tiles spill 32-76 B with 3.6, one stage spills 600+ B).
+# x 16 queries (one [64, 256] fp32 accumulator = 128 registers a thread; 32 queries spill with
+# 3.6), no duplicated work (an 8-warp program on a 64-row tile computes every score twice: each
+# warpgroup owns all 64 rows); a dense call's dV launch takes 64 queries (SPLIT_DV_CONFIGS); dQ
+# 64 queries x 32 keys on K/V tensor descriptors (DQ_TMA_HEAD_DIMS: with pointer loads it spilled
+# 76 B with 3.6). Under the model of 2026-12-08 (shared-memory-fed wgmma at the feed rate) the
+# 16-wide score GEMMs are feed-bound: wider query tiles are what the register budget limits.
 # Heavier variants take VARIANT_CONFIGS.
 # Hopper forward (2026-12-08): one 8-warp program per SM on K/V tensor descriptors
 # (FWD_TMA_FAMILIES): hd64 128x256 (255 registers, no spill, 3 stages) with 1/8 of the exp2 on the
@@ -789,7 +812,7 @@ CONFIGS: dict[str, list[tuple[int, LaunchConfig, LaunchConfig, LaunchConfig]]] =
     "hopper": [
         (64, C(128, 256, 8, 3), C(64, 64, 4, 2), C(64, 64, 4, 2)),
         (128, C(128, 128, 8, 2), C(32, 64, 4, 2), C(64, 64, 4, 2)),
-        (256, C(64, 32, 4, 2), C(16, 64, 4, 2), C(64, 16, 4, 2)),
+        (256, C(64, 32, 4, 2), C(16, 64, 4, 2), C(64, 32, 4, 2)),
     ],
     "ampere": [
         (64, C(128, 128, 8, 2), C(64, 128, 8, 2), C(128, 64, 8, 2)),
@@ -848,7 +871,7 @@ VARIANT_CONFIGS: dict[str, list[tuple[int, dict[str, LaunchConfig]]]] = {
     "hopper": [
         (64, {"fwd": _C(128, 128, 8, 3), "dkdv": _C(32, 128, 8, 2)}),
         (128, {"fwd": _C(128, 64, 8, 2), "dkdv": _C(16, 128, 8, 2), "dq": _C(64, 32, 4, 2)}),
-        (256, {"fwd": _C(128, 32, 8, 1), "dkdv": _C(16, 64, 4, 2), "dq": _C(64, 16, 4, 2)}),
+        (256, {"fwd": _C(128, 32, 8, 1), "dkdv": _C(16, 64, 4, 2), "dq": _C(64, 32, 4, 2)}),
     ],
 }
 # On top of VARIANT_CONFIGS for a call with packed sequences AND a window: at D=256 the 4-warp dK
@@ -856,6 +879,12 @@ VARIANT_CONFIGS: dict[str, list[tuple[int, dict[str, LaunchConfig]]]] = {
 # tile (every score computed by both warpgroups, one program per SM: slower, spill-free).
 PACKED_WINDOW_CONFIGS: dict[str, list[tuple[int, dict[str, LaunchConfig]]]] = {
     "hopper": [(128, {}), (256, {"dkdv": _C(16, 64, 8, 3)})],
+}
+# On top of VARIANT_CONFIGS for a call with packed sequences: at D=256 the dQ program's packed
+# edge blocks keep pointer loads (TMA rows past a sequence are the next one's), and 32-key
+# blocks spill 4 B (16 B with a window) with triton 3.6 there: 16-key blocks.
+PACKED_CONFIGS: dict[str, list[tuple[int, dict[str, LaunchConfig]]]] = {
+    "hopper": [(128, {}), (256, {"dq": _C(64, 16, 4, 2)})],
 }
 # The dV launch of the split dK/dV (head dims above FUSED_DKDV_MAX_D) of a dense 16-bit call
 # (no variant tiles), per family: (largest head dim, config); same BLOCK_N as the dK launch (one
@@ -885,14 +914,15 @@ FWD_EXP2_SPLIT: dict[str, list[tuple[int, int, int, int, bool]]] = {
 
 
 def variant_overrides(
-    family: str, head_dim: int, packed_window: bool = False
+    family: str, head_dim: int, packed_window: bool = False, packed: bool = False
 ) -> dict[str, LaunchConfig]:
     """Configs that replace `pick_config`'s for a 16-bit call with any of: packed sequences, a
     window, a softcap, ALiBi, a key padding mask or GQA/MQA (more index math, masks and per-head
-    pointers live in registers than in the dense kernel); `packed_window` adds
-    PACKED_WINDOW_CONFIGS (packed sequences and a window together)."""
+    pointers live in registers than in the dense kernel); `packed` adds PACKED_CONFIGS and
+    `packed_window` PACKED_WINDOW_CONFIGS (packed sequences and a window together)."""
     out: dict[str, LaunchConfig] = {}
-    tables = (VARIANT_CONFIGS, PACKED_WINDOW_CONFIGS) if packed_window else (VARIANT_CONFIGS,)
+    tables = (VARIANT_CONFIGS,) + ((PACKED_CONFIGS,) if packed or packed_window else ())
+    tables += (PACKED_WINDOW_CONFIGS,) if packed_window else ()
     for table in tables:
         for max_d, overrides in table.get(family, ()):
             if head_dim <= max_d:
@@ -1039,7 +1069,9 @@ def _plan(
     heavy = shape.packed or windowed or has_softcap or has_kpm or has_alibi or shape.hq != shape.hkv
     overrides = {}
     if heavy and dtype != torch.float32:
-        overrides = variant_overrides(family, shape.head_dim, shape.packed and windowed)
+        overrides = variant_overrides(
+            family, shape.head_dim, shape.packed and windowed, shape.packed
+        )
     cfgs.update(overrides)
     dv_cfg = cfgs["dkdv"]
     if not heavy and dtype != torch.float32:
@@ -1351,10 +1383,34 @@ def attention_backward(
         *strides_q, *strides_k, *strides_v, *strides_do, *strides_dq,
         *lse_strides, stride_mb, stride_ab, *scalars,
     )  # fmt: skip
-    _run(
-        "_attn_bwd_dq_kernel", plan.grid_dq, shape.seqlen, "BLOCK_M", dq_args, plan.dq, plan.family
-    )
+    dq_kw = {**plan.dq, **_dq_descriptors(plan, k, v, packed)}
+    _run("_attn_bwd_dq_kernel", plan.grid_dq, shape.seqlen, "BLOCK_M", dq_args, dq_kw, plan.family)
     return dq_buf, dk, dv
+
+
+# Head dims whose dQ kernel reads K and V through TMA descriptors (as the forward does), per
+# family: on sm_90 at D=256 the freed address registers let the dQ program take 32-key blocks
+# without a spill with triton 3.6 (64x32 spilled 76 B with pointer loads).
+DQ_TMA_HEAD_DIMS: dict[str, tuple[int, ...]] = {"hopper": (256,)}
+
+
+def _dq_descriptors(plan: _Plan, k: torch.Tensor, v: torch.Tensor, packed: bool) -> dict:
+    """The dQ launch's K/V descriptor kwargs ({} where DQ_TMA_HEAD_DIMS does not apply, for
+    float32 and under autotuning); K/V TMA cannot take as they are are copied once."""
+    kw = plan.dq
+    if (
+        kw["HEAD_DIM"] not in DQ_TMA_HEAD_DIMS.get(plan.family, ())
+        or k.dtype not in (torch.float16, torch.bfloat16)
+        or autotune_enabled()
+    ):
+        return {}
+    if not (_tma_ready(k) and _tma_ready(v)):
+        k = k.clone(memory_format=torch.contiguous_format)
+        v = v.clone(memory_format=torch.contiguous_format)
+    box = [kw["BLOCK_N"], 1, kw["BLOCK_D"]] if packed else [1, kw["BLOCK_N"], 1, kw["BLOCK_D"]]
+    kd = TensorDescriptor(k, list(k.shape), list(k.stride()), box)
+    vd = TensorDescriptor(v, list(v.shape), list(v.stride()), box)
+    return {"KD": kd, "VD": vd, "USE_DESC": True}
 
 
 def _split_dkdv_per_q_head(
