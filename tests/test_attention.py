@@ -210,17 +210,19 @@ def test_split_dv_tile_differs_from_dk(monkeypatch, device):
         assert ("_attn_bwd_dkdv_kernel", 2, 32) in launched
 
 
-@pytest.mark.parametrize("case", ["dense", "cross-bf16", "packed-window"])
-def test_dq_kernel_on_descriptors(case, monkeypatch, device):
-    """The dQ kernel reading K and V through TMA tensor descriptors (DQ_TMA_HEAD_DIMS; sm_90 at
-    head dim 256), here in the interpreter: dense tails past Sk read zeros, packed interior blocks
-    use the descriptors and packed edge blocks pointers; vs the float64 reference."""
+@pytest.mark.parametrize("case", ["dense", "cross-bf16", "gqa", "packed-window"])
+def test_backward_on_descriptors(case, monkeypatch, device):
+    """The dQ kernel reading K and V, and the dK/dV kernel reading Q and dO, through TMA tensor
+    descriptors (DQ_TMA_HEAD_DIMS, KV_TMA_HEAD_DIMS; sm_90 at head dim 256), here in the
+    interpreter: dense tails read zeros, packed interior blocks use the dQ descriptors and packed
+    edge blocks pointers (packed dK/dV: pointers only); GQA's per-q-head launches; vs float64."""
     from bidirlm.kernels import attention_triton as at
     from bidirlm.kernels import flash_attn_compat as fa
 
     families = ("hopper", "ampere", "nvidia", "cdna", "amd", "interpreter")
     monkeypatch.setattr(at, "FUSED_DKDV_MAX_D", dict.fromkeys(families, 128))
     monkeypatch.setattr(at, "DQ_TMA_HEAD_DIMS", {"interpreter": (256,), "hopper": (256,)})
+    monkeypatch.setattr(at, "KV_TMA_HEAD_DIMS", {"interpreter": (256,), "hopper": (256,)})
     launched = []
     run = at._run
 
@@ -238,7 +240,7 @@ def test_dq_kernel_on_descriptors(case, monkeypatch, device):
         ref_kw.update(cu_seqlens=cu, window_size=(20, 9))
     else:
         sk = 38 if case.startswith("cross") else 45
-        q, k, v = _inputs((2, 45, 2, 256), (2, sk, 2, 256), dt, device)
+        q, k, v = _inputs((2, 45, 2, 256), (2, sk, 1 if case == "gqa" else 2, 256), dt, device)
         out = fa.flash_attn_func(q, k, v)
     dout = torch.randn_like(out)
     grads = _grads(out, (q, k, v), dout)
@@ -252,6 +254,7 @@ def test_dq_kernel_on_descriptors(case, monkeypatch, device):
         assert_close_to_ref(g, g64, g_pt, name=name)
     if not HAS_GPU:
         assert ("_attn_bwd_dq_kernel", True) in launched
+        assert ("_attn_bwd_dkdv_kernel", not case.startswith("packed")) in launched
 
 
 def test_hd256_hopper_backward_tiles():
@@ -264,9 +267,17 @@ def test_hd256_hopper_backward_tiles():
         shape = AttnShape(2, 256, 4, hkv, 256, packed)
         return _plan("hopper", False, torch.bfloat16, shape, window, False, False, False, False)
 
+    from bidirlm.kernels.attention_triton import WIDE_DK_MIN_TRITON, _triton_version
+
     for p in (plan(False, False), plan(True, False), plan(False, True), plan(False, False, 1)):
         assert p.dkdv["num_warps"] == 4 and p.dq["num_warps"] == 4
-        assert (p.dkdv["BLOCK_M"], p.dkdv["BLOCK_N"], p.dq["BLOCK_M"]) == (16, 64, 64)
+        assert (p.dkdv["BLOCK_N"], p.dq["BLOCK_M"]) == (64, 64)
+    # the dK launch of a dense call: 32 queries with triton >= 3.9, else 16 (3.6 spills there);
+    # variant calls 16
+    wide = 32 if _triton_version() >= WIDE_DK_MIN_TRITON else 16
+    assert plan(False, False).dkdv["BLOCK_M"] == wide
+    for p in (plan(True, False), plan(False, True), plan(False, False, 1)):
+        assert p.dkdv["BLOCK_M"] == 16
     # the dV launch of a dense call takes 64 queries (SPLIT_DV_CONFIGS), variants keep dK's tile
     dense = plan(False, False)
     assert (dense.dv["BLOCK_M"], dense.dv["BLOCK_N"], dense.dv["num_warps"]) == (64, 64, 4)

@@ -430,33 +430,42 @@ def _bwd_kv_blocks(
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HAS_KPM: tl.constexpr, WINDOWED: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, ATOMIC_DQ: tl.constexpr, PART: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, QD, DOD, d_row, d_head, USE_DESC: tl.constexpr, PACKED: tl.constexpr,
 ):  # fmt: skip
     """dK/dV (and atomic dQ) contributions of query blocks [start, end) to one key block
     (PART 0: dK and dV, 1: dV only, 2: dK only)."""
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
-        q_ptrs = q_base + rows[:, None] * stride_qt + offs_d[None, :]
-        do_ptrs = do_base + rows[:, None] * stride_dot + offs_d[None, :]
         if MASKED:
             row_ok = rows < seqlen_q
             q_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-            do = tl.load(do_ptrs, mask=q_mask, other=0.0)
+        elif EVEN_D:
+            q_mask = None
+        else:
+            q_mask = d_ok[None, :]
+        if USE_DESC and not (MASKED and PACKED):
+            # TMA (as in `_fwd_blocks`): dense boxes past Sq (and past D) read zeros
+            if PACKED:
+                q = QD.load([d_row + start_m, d_head, 0]).reshape([BLOCK_M, offs_d.shape[0]])
+                do = DOD.load([d_row + start_m, d_head, 0]).reshape([BLOCK_M, offs_d.shape[0]])
+            else:
+                q = QD.load([d_row, start_m, d_head, 0]).reshape([BLOCK_M, offs_d.shape[0]])
+                do = DOD.load([d_row, start_m, d_head, 0]).reshape([BLOCK_M, offs_d.shape[0]])
+        else:
+            q_ptrs = q_base + rows[:, None] * stride_qt + offs_d[None, :]
+            do_ptrs = do_base + rows[:, None] * stride_dot + offs_d[None, :]
+            if q_mask is None:
+                q = tl.load(q_ptrs)
+                do = tl.load(do_ptrs)
+            else:
+                q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+                do = tl.load(do_ptrs, mask=q_mask, other=0.0)
+        if MASKED:
             # lse = -inf (rows past the end included) marks a query without visible keys: push
             # it to +inf so its P row is exp2(-inf) = 0, never exp2(-inf - -inf) = NaN.
             lse = tl.load(LSE + lse_off + rows, mask=row_ok, other=float("-inf"))
             delta = tl.load(DELTA + lse_off + rows, mask=row_ok, other=0.0)
-        elif EVEN_D:
-            q_mask = None
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
-            lse = tl.load(LSE + lse_off + rows)
-            delta = tl.load(DELTA + lse_off + rows)
         else:
-            q_mask = d_ok[None, :]
-            q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-            do = tl.load(do_ptrs, mask=q_mask, other=0.0)
             lse = tl.load(LSE + lse_off + rows)
             delta = tl.load(DELTA + lse_off + rows)
         if UPCAST:
@@ -505,7 +514,8 @@ def _attn_bwd_dkdv_kernel(
     PACKED: tl.constexpr, HAS_KPM: tl.constexpr, WINDOWED: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, ATOMIC_DQ: tl.constexpr, PART: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QD=None, DOD=None,
+    USE_DESC: tl.constexpr = False,
 ):  # fmt: skip
     """One key block of one kv head: dK, dV summed over the GROUP q heads (+ dQ by atomics).
 
@@ -552,6 +562,10 @@ def _attn_bwd_dkdv_kernel(
     )  # fmt: skip
     out_off = b64 * stride_dkb + (col0 + n_start) * stride_dkt + kv_head * stride_dkh
     n_rem = seqlen_k - n_start
+    if PACKED:  # descriptor coordinates: the sequence's first query row (packed) or the batch
+        d_row = row0.to(tl.int32)
+    else:
+        d_row = batch
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g in range(GROUP):
@@ -571,7 +585,7 @@ def _attn_bwd_dkdv_kernel(
             tl.minimum(full_lo, hi), seqlen_q, shift, sm_scale, qk_scale, cap_in, cap_out,
             slope2, window_left, window_right, offs_m, offs_d, d_ok,
             True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
-            ATOMIC_DQ, PART, BLOCK_M,
+            ATOMIC_DQ, PART, BLOCK_M, QD, DOD, d_row, head, USE_DESC, PACKED,
         )  # fmt: skip
         dk, dv = _bwd_kv_blocks(
             dk, dv, k, v, q_base, do_base, dq_base, LSE, DELTA, lse_off,
@@ -579,7 +593,7 @@ def _attn_bwd_dkdv_kernel(
             seqlen_q, shift, sm_scale, qk_scale, cap_in, cap_out,
             slope2, window_left, window_right, offs_m, offs_d, d_ok,
             False, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
-            ATOMIC_DQ, PART, BLOCK_M,
+            ATOMIC_DQ, PART, BLOCK_M, QD, DOD, d_row, head, USE_DESC, PACKED,
         )  # fmt: skip
         dk, dv = _bwd_kv_blocks(
             dk, dv, k, v, q_base, do_base, dq_base, LSE, DELTA, lse_off,
@@ -587,7 +601,7 @@ def _attn_bwd_dkdv_kernel(
             seqlen_q, shift, sm_scale, qk_scale, cap_in, cap_out,
             slope2, window_left, window_right, offs_m, offs_d, d_ok,
             True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
-            ATOMIC_DQ, PART, BLOCK_M,
+            ATOMIC_DQ, PART, BLOCK_M, QD, DOD, d_row, head, USE_DESC, PACKED,
         )  # fmt: skip
     # The stores' addresses and mask are rebuilt from two scalars (a 64-bit offset, the rows
     # left): per-thread pointers kept live across the loops were spilled at D=256 (sm_90).
@@ -894,6 +908,15 @@ PACKED_CONFIGS: dict[str, list[tuple[int, dict[str, LaunchConfig]]]] = {
 SPLIT_DV_CONFIGS: dict[str, list[tuple[int, LaunchConfig | None]]] = {
     "hopper": [(128, None), (256, _C(64, 64, 4, 2))],
 }
+# The dK launch of the split dK/dV of a dense 16-bit call with triton >= WIDE_DK_MIN_TRITON, per
+# family: on sm_90 at D=256, on Q/dO descriptors, 32 queries x 64 keys compile without a spill
+# with triton 3.9 (243 registers: its ptxas runs with --regAllocOptLevel=2) but spill 24 B with
+# 3.6, which keeps the 16-query tile. `m64n32k16` score GEMMs instead of the feed-bound
+# `m64n16k16`: predicted dK 3.45 -> 2.12 ms (bench/perf_model.py, H100, B4 H8 S4096).
+WIDE_DK_CONFIGS: dict[str, list[tuple[int, LaunchConfig | None]]] = {
+    "hopper": [(128, None), (256, _C(32, 64, 4, 2))],
+}
+WIDE_DK_MIN_TRITON = (3, 9)
 del _C
 
 # Forward on TMA tensor descriptors (`_fwd_blocks`, USE_DESC): K and V tiles land in shared memory
@@ -1033,6 +1056,11 @@ class _Plan:
     variant_configs: bool = False  # VARIANT_CONFIGS replaced some of the tiles
 
 
+def _triton_version() -> tuple[int, int]:
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
 @functools.lru_cache(maxsize=256)
 def _plan(
     family: str,
@@ -1079,6 +1107,13 @@ def _plan(
             if shape.head_dim <= max_d:
                 if cfg is not None and cfg.block_n == dv_cfg.block_n:  # one grid for both
                     dv_cfg = cfg
+                break
+
+    if not heavy and dtype != torch.float32 and _triton_version() >= WIDE_DK_MIN_TRITON:
+        for max_d, cfg in WIDE_DK_CONFIGS.get(family, ()):
+            if shape.head_dim <= max_d:
+                if cfg is not None and cfg.block_n == cfgs["dkdv"].block_n:
+                    cfgs["dkdv"] = cfg
                 break
 
     def full(cfg: LaunchConfig, extra: dict) -> dict:
@@ -1372,6 +1407,7 @@ def attention_backward(
     else:
         for part in (1, 2) if split else (0,):
             kw = {**(plan.dv if part == 1 else plan.dkdv), "ATOMIC_DQ": atomic, "PART": part}
+            kw.update(_kv_descriptors(plan.family, q, dout, packed, kw))
             _run(
                 "_attn_bwd_dkdv_kernel", plan.grid_dkdv, shape.kv_len, "BLOCK_N", dkdv_args, kw,
                 plan.family,
@@ -1413,6 +1449,35 @@ def _dq_descriptors(plan: _Plan, k: torch.Tensor, v: torch.Tensor, packed: bool)
     return {"KD": kd, "VD": vd, "USE_DESC": True}
 
 
+# Head dims whose dK/dV kernel reads the Q and dO tiles through TMA descriptors, per family (the
+# forward's layout and rules, as for dQ): the freed address registers let the dK launch of a
+# dense call take 32-query tiles (WIDE_DK_CONFIGS).
+KV_TMA_HEAD_DIMS: dict[str, tuple[int, ...]] = {"hopper": (256,)}
+
+
+def _kv_descriptors(
+    family: str, q: torch.Tensor, dout: torch.Tensor, packed: bool, kw: dict
+) -> dict:
+    """A dK/dV launch's Q/dO descriptor kwargs ({} where KV_TMA_HEAD_DIMS does not apply, for
+    float32, packed calls and under autotuning); Q/dO TMA cannot take as they are are copied
+    once. Packed calls keep pointer loads: their edge blocks need them anyway, and both load
+    paths in one program spilled 20 B at D=256 with triton 3.6."""
+    if (
+        packed
+        or kw["HEAD_DIM"] not in KV_TMA_HEAD_DIMS.get(family, ())
+        or q.dtype not in (torch.float16, torch.bfloat16)
+        or autotune_enabled()
+    ):
+        return {}
+    if not (_tma_ready(q) and _tma_ready(dout)):
+        q = q.clone(memory_format=torch.contiguous_format)
+        dout = dout.clone(memory_format=torch.contiguous_format)
+    box = [kw["BLOCK_M"], 1, kw["BLOCK_D"]] if packed else [1, kw["BLOCK_M"], 1, kw["BLOCK_D"]]
+    qd = TensorDescriptor(q, list(q.shape), list(q.stride()), box)
+    dod = TensorDescriptor(dout, list(dout.shape), list(dout.stride()), box)
+    return {"QD": qd, "DOD": dod, "USE_DESC": True}
+
+
 def _split_dkdv_per_q_head(
     plan: _Plan, shape: AttnShape, dkdv_args: tuple, group: int, packed: bool, interp: bool,
     window: tuple[int, int], softcap: float, has_kpm: bool, alibi_slopes: torch.Tensor | None,
@@ -1439,6 +1504,7 @@ def _split_dkdv_per_q_head(
     )  # fmt: skip
     for part in (1, 2):
         kw = {**rep_plan.dkdv, "ATOMIC_DQ": False, "PART": part}
+        kw.update(_kv_descriptors(plan.family, q, dkdv_args[3], packed, kw))
         _run(
             "_attn_bwd_dkdv_kernel", rep_plan.grid_dkdv, shape.kv_len, "BLOCK_N", args, kw,
             plan.family,
