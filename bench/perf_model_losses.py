@@ -385,13 +385,10 @@ def _target_launches(tokens: int, labelled: int, vocab: int, d: int, softcap: bo
     return picked
 
 
-@functools.lru_cache(maxsize=16)
-def mntp_sass(
-    tokens: int = 32768, labelled: int = 9830, vocab: int = 151936, d: int = 1024,
-    softcap: bool = False,
-) -> dict[str, SassKernel]:  # fmt: skip
-    """Compile the target launches for sm_90 with the installed triton (no GPU: ptxas and
-    cuobjdump ship in the wheel) and analyze their SASS. Cached (and triton caches the cubins)."""
+def _mntp_sass_raw(
+    tokens: int, labelled: int, vocab: int, d: int, softcap: bool
+) -> dict[str, dict[str, Any]]:
+    """The compiled sm_90 SASS listing and resource usage of each target launch (JSON-able)."""
     import tempfile
 
     from triton.compiler import ASTSource
@@ -411,10 +408,47 @@ def mntp_sass(
         m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
         regs, stack = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
         meta = compiled.metadata
-        out[name] = analyze_kernel_sass(
-            name, sass, regs, stack, int(getattr(meta, "shared", 0)), 32 * meta.num_warps
-        )
+        shared = int(getattr(meta, "shared", 0))
+        out[name] = {"sass": sass, "registers": regs, "spills": stack, "shared": shared,
+                     "threads": 32 * meta.num_warps}  # fmt: skip
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def mntp_sass(
+    tokens: int = 32768, labelled: int = 9830, vocab: int = 151936, d: int = 1024,
+    softcap: bool = False,
+) -> dict[str, SassKernel]:  # fmt: skip
+    """Compile the target launches for sm_90 with the installed triton (no GPU: ptxas and
+    cuobjdump ship in the wheel) and analyze their SASS. Cached (and triton caches the cubins).
+    Under TRITON_INTERPRET=1 the kernels are interpreter functions that neither record nor
+    compile, so the compile runs in a child process without the interpreter."""
+    args = (tokens, labelled, vocab, d, softcap)
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raw = _mntp_sass_raw(*args)
+    else:
+        import subprocess
+
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        code = (
+            "import json, sys; from bench.perf_model_losses import _mntp_sass_raw; "
+            f"json.dump(_mntp_sass_raw(*{args!r}), sys.stdout)"
+        )
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        run = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root
+        )
+        if run.returncode != 0:
+            tail = run.stderr.strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"compiling the MNTP target launches failed: {tail[0]}")
+        raw = json.loads(run.stdout)
+    return {
+        name: analyze_kernel_sass(
+            name, r["sass"], r["registers"], r["spills"], r["shared"], r["threads"]
+        )
+        for name, r in raw.items()
+    }
 
 
 # --- MNTP -----------------------------------------------------------------------------------------
