@@ -93,8 +93,9 @@ def _results_dir() -> Path:
 
 @functools.lru_cache(maxsize=4)
 def compile_rows(path: str | None = None) -> tuple[dict[str, Any], ...]:
-    """sm_90 compile rows (their `extra`) of the latest run in `path`, else of the newest
-    `compile-<triton>.jsonl` under bench/results (the installed triton's first)."""
+    """sm_90 compile rows (their `extra`) in `path`, else in the newest `compile-<triton>.jsonl`
+    under bench/results (the installed triton's first): for each case label, the rows of the
+    latest run that compiled it."""
     if path is None:
         try:
             import importlib.metadata
@@ -115,10 +116,20 @@ def compile_rows(path: str | None = None) -> tuple[dict[str, Any], ...]:
                 rows.append(row)
     if not rows:
         return ()
-    last = rows[-1]["run_id"]
-    return tuple(
-        r["extra"] for r in rows if r["run_id"] == last and r["extra"].get("target") == "sm90"
-    )
+    # per case label, the newest run that compiled it (a run of one op's suite does not hide the
+    # other ops' rows of an earlier run)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["extra"].get("target") == "sm90":
+            runs.setdefault(r["run_id"], []).append(r["extra"])
+    covered: set[str] = set()
+    picked: list[dict[str, Any]] = []
+    for run_id in reversed(list(runs)):
+        labels = {c for e in runs[run_id] for c in e.get("cases", [])}
+        new = labels - covered
+        picked += [e for e in runs[run_id] if new & set(e.get("cases", []))]
+        covered |= labels
+    return tuple(picked)
 
 
 def kernel_facts(case_label: str, pass_: str, rows: tuple[dict[str, Any], ...]) -> dict[str, Any]:

@@ -668,3 +668,28 @@ def test_calibration_row_and_report() -> None:
     (k,) = pm.attention_kernels(4, 4096, 16, 128, "fwd", rows)  # the kernel's own TFLOP/s
     assert fwd_row.endswith(f" {k.executed_flops / (k.ms * 1e-3) / 1e12:.0f} |")
     assert "(no compile rows)" in next(r for r in report.splitlines() if r.startswith("| bwd"))
+
+
+def test_compile_rows_take_each_case_from_its_newest_run(tmp_path: Path) -> None:
+    """A later run of one op's suite replaces that op's rows only: the model keeps the attention
+    rows of the earlier run (and never reads AMD or host rows)."""
+    from bench import perf_model as pm
+
+    def row(run: str, case: str, regs: int, target: str = "sm90") -> str:
+        extra = {"target": target, "cases": [case], "kernel": "k", "registers": regs}
+        return json.dumps({"suite": "compile", "pass": "fwd", "run_id": run, "extra": extra})
+
+    path = tmp_path / "compile-x.jsonl"
+    lines = [
+        row("a", "attention bf16 hd128 dense", 100),
+        row("a", "mntp_loss bf16 plain", 101),
+        row("b", "mntp_loss bf16 plain", 201),
+        row("b", "mntp_loss bf16 plain", 202, "gfx942"),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    pm.compile_rows.cache_clear()
+    try:
+        got = {(r["cases"][0], r["registers"]) for r in pm.compile_rows(str(path))}
+    finally:
+        pm.compile_rows.cache_clear()
+    assert got == {("attention bf16 hd128 dense", 100), ("mntp_loss bf16 plain", 201)}
