@@ -293,6 +293,80 @@ def test_hd256_hopper_backward_tiles():
     assert variant_overrides("cdna", 256, True) == {}
 
 
+def test_hd128_hopper_dq_tiles():
+    """sm_90 at head dim 128: a dense 16-bit call's dQ takes 64 queries x 128 keys at 4 warps
+    (WIDE_DQ_CONFIGS, on K/V descriptors); variant and float32 calls, head dims the descriptors
+    do not cover and other families keep their tiles."""
+    from bidirlm.kernels import attention_triton as at
+    from bidirlm.kernels.attention_triton import AttnShape, _plan
+
+    def plan(family="hopper", d=128, packed=False, window=False, hkv=4, dtype=torch.bfloat16):
+        shape = AttnShape(2, 256, 4, hkv, d, packed)
+        return _plan(family, False, dtype, shape, window, False, False, False, False)
+
+    dense = plan()
+    assert 128 in at.DQ_TMA_HEAD_DIMS["hopper"]
+    assert (dense.dq["BLOCK_M"], dense.dq["BLOCK_N"], dense.dq["num_warps"]) == (64, 128, 4)
+    assert plan(dtype=torch.float16).dq["BLOCK_N"] == 128
+    for p in (plan(packed=True), plan(window=True), plan(hkv=1)):
+        assert (p.dq["BLOCK_M"], p.dq["BLOCK_N"]) == (64, 32)
+    assert plan(d=96).dq["BLOCK_N"] == 64  # pointer loads: the 64x64 tile
+    assert plan(dtype=torch.float32).dq["BLOCK_N"] == 16
+    assert plan("ampere").dq["BLOCK_N"] == 32 and plan("cdna").dq["BLOCK_N"] == 64
+
+
+@pytest.mark.parametrize("case", ["dense", "cross-bf16", "gqa", "packed"])
+def test_hd128_backward_wide_dq_on_descriptors(case, monkeypatch, device):
+    """The head-dim-128 dQ path of sm_90 (K/V descriptors, a wide key block: DQ_TMA_HEAD_DIMS,
+    WIDE_DQ_CONFIGS) in the interpreter: 64-key blocks over 45 / 38 keys (tails read zeros),
+    GQA, packed edge blocks on pointers; gradients vs float64."""
+    from bidirlm.kernels import attention_triton as at
+    from bidirlm.kernels import flash_attn_compat as fa
+
+    # as on sm_90: a separate dQ launch above head dim 64 (the interpreter's default: atomics)
+    monkeypatch.setattr(at, "ATOMIC_DQ_MAX_D", {**at.ATOMIC_DQ_MAX_D, "interpreter": 64})
+    monkeypatch.setattr(at, "DQ_TMA_HEAD_DIMS", {"interpreter": (128,), "hopper": (128, 256)})
+    wide = {"interpreter": {128: at.LaunchConfig(32, 64, 1, 1)}}
+    monkeypatch.setattr(at, "WIDE_DQ_CONFIGS", wide)
+    launched = []
+    run = at._run
+
+    def record(name, grid, extent, axis, args, kw, family):  # noqa: ANN001, ANN202
+        launched.append((name, bool(kw.get("USE_DESC")), kw.get("BLOCK_N")))
+        return run(name, grid, extent, axis, args, kw, family)
+
+    monkeypatch.setattr(at, "_run", record)
+    at._plan.cache_clear()
+    try:
+        dt = torch.bfloat16 if case.endswith("bf16") else torch.float16
+        ref_kw: dict = {}
+        if case == "packed":
+            cu = torch.tensor([0, 70, 75, 108], dtype=torch.int32, device=device)
+            q, k, v = _inputs((108, 2, 128), (108, 2, 128), dt, device)
+            out = fa.flash_attn_varlen_func(q, k, v, cu, cu, 70, 70)
+            ref_kw.update(cu_seqlens=cu)
+        else:
+            sk = 38 if case.startswith("cross") else 45
+            hkv = 1 if case == "gqa" else 2
+            q, k, v = _inputs((2, 45, 2, 128), (2, sk, hkv, 128), dt, device)
+            out = fa.flash_attn_func(q, k, v)
+        dout = torch.randn_like(out)
+        grads = _grads(out, (q, k, v), dout)
+    finally:
+        at._plan.cache_clear()
+    inputs64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out64 = attention_reference(*inputs64, compute_dtype=torch.float64, **ref_kw)
+    grads64 = _grads(out64, inputs64, dout.double())
+    low = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out_pt = attention_reference(*low, compute_dtype=dt, **ref_kw)
+    grads_pt = _grads(out_pt, low, dout)
+    for name, g, g64, g_pt in zip(("dq", "dk", "dv"), grads, grads64, grads_pt):
+        assert_close_to_ref(g, g64, g_pt, name=name)
+    if not HAS_GPU:  # dense calls take the wide block, variants (GQA, packed) the plain one
+        wide_n = 64 if case in ("dense", "cross-bf16") else 32
+        assert ("_attn_bwd_dq_kernel", True, wide_n) in launched
+
+
 @pytest.mark.parametrize(
     "window",
     [(-1, 0), (0, -1), (5, 5), (7, 2), (0, 0), (40, 3)],

@@ -917,6 +917,13 @@ WIDE_DK_CONFIGS: dict[str, list[tuple[int, LaunchConfig | None]]] = {
     "hopper": [(128, None), (256, _C(32, 64, 4, 2))],
 }
 WIDE_DK_MIN_TRITON = (3, 9)
+# The dQ launch of a dense 16-bit call at a head dim of DQ_TMA_HEAD_DIMS (K/V on descriptors),
+# per family: (head dim, config). On sm_90 at D=128, 64 queries x 128 keys at 4 warps compile
+# without a spill with triton 3.9 (226 registers) and 3.6 (236) on K/V descriptors: one program
+# per SM, `m64n128k16` score GEMMs (no longer feed-bound) instead of 64x64 at two programs per
+# SM; predicted dQ 1.752 -> 1.634 ms (3.9) and 1.725 -> 1.639 ms (3.6) (bench/perf_model.py,
+# H100, B4 H16 S4096; not measured). Variant calls keep VARIANT_CONFIGS' dQ tile.
+WIDE_DQ_CONFIGS: dict[str, dict[int, LaunchConfig]] = {"hopper": {128: _C(64, 128, 4, 2)}}
 del _C
 
 # Forward on TMA tensor descriptors (`_fwd_blocks`, USE_DESC): K and V tiles land in shared memory
@@ -1115,6 +1122,16 @@ def _plan(
                 if cfg is not None and cfg.block_n == cfgs["dkdv"].block_n:
                     cfgs["dkdv"] = cfg
                 break
+
+    wide_dq = WIDE_DQ_CONFIGS.get(family, {}).get(shape.head_dim)
+    if (
+        wide_dq is not None
+        and not heavy
+        and dtype != torch.float32
+        and shape.head_dim in DQ_TMA_HEAD_DIMS.get(family, ())
+        and not autotune_enabled()
+    ):
+        cfgs["dq"] = wide_dq  # only with the K/V descriptors: pointer loads need more registers
 
     def full(cfg: LaunchConfig, extra: dict) -> dict:
         return {
@@ -1426,8 +1443,9 @@ def attention_backward(
 
 # Head dims whose dQ kernel reads K and V through TMA descriptors (as the forward does), per
 # family: on sm_90 at D=256 the freed address registers let the dQ program take 32-key blocks
-# without a spill with triton 3.6 (64x32 spilled 76 B with pointer loads).
-DQ_TMA_HEAD_DIMS: dict[str, tuple[int, ...]] = {"hopper": (256,)}
+# without a spill with triton 3.6 (64x32 spilled 76 B with pointer loads); at D=128 they let a
+# dense call's dQ take 128-key blocks (WIDE_DQ_CONFIGS).
+DQ_TMA_HEAD_DIMS: dict[str, tuple[int, ...]] = {"hopper": (128, 256)}
 
 
 def _dq_descriptors(plan: _Plan, k: torch.Tensor, v: torch.Tensor, packed: bool) -> dict:
