@@ -910,7 +910,7 @@ SPLIT_DV_CONFIGS: dict[str, list[tuple[int, LaunchConfig | None]]] = {
 }
 # The dK launch of the split dK/dV of a dense 16-bit call with triton >= WIDE_DK_MIN_TRITON, per
 # family: on sm_90 at D=256, on Q/dO descriptors, 32 queries x 64 keys compile without a spill
-# with triton 3.9 (243 registers: its ptxas runs with --regAllocOptLevel=2) but spill 24 B with
+# with triton 3.9 (243 registers: assembled with --regAllocOptLevel=2) but spill 24 B with
 # 3.6, which keeps the 16-query tile. `m64n32k16` score GEMMs instead of the feed-bound
 # `m64n16k16`: predicted dK 3.45 -> 2.12 ms (bench/perf_model.py, H100, B4 H8 S4096).
 WIDE_DK_CONFIGS: dict[str, list[tuple[int, LaunchConfig | None]]] = {

@@ -83,7 +83,7 @@ LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): one FFMA w
 
 @triton.jit
 def _exp2(x, FTZ: tl.constexpr):
-    """2**x in float32. FTZ (NVIDIA): one `ex2.approx.ftz.f32` (MUFU.EX2); without it ptxas
+    """2**x in float32. FTZ (NVIDIA): one `ex2.approx.ftz.f32` (MUFU.EX2); without it the assembler
     wraps `ex2.approx.f32` in a denormal-result fix-up (a compare and two predicated multiplies
     per element). Flushing results below 2**-126 to 0 changes a softmax sum (>= 1) by < 1e-38
     and a dlogit by < 1e-38 x its row's gradient. Elsewhere (AMD, the interpreter) tl.math.exp2.
