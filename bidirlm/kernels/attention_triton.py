@@ -1296,6 +1296,21 @@ def _tma_ready(t: torch.Tensor) -> bool:
     )
 
 
+def _descriptor_pair(
+    a: torch.Tensor, b: torch.Tensor, rows: int, block_d: int, packed: bool
+) -> tuple[torch.Tensor, torch.Tensor, TensorDescriptor, TensorDescriptor]:
+    """(a, b, their TMA descriptors) over one head's [rows, block_d] box: dense [B, S, H, D]
+    with a [1, rows, 1, block_d] box, packed [T, H, D] with [rows, 1, block_d]; block_d > D
+    (80, 96) reads zeros past D. Tensors whose layout TMA cannot take are copied once."""
+    if not (_tma_ready(a) and _tma_ready(b)):
+        a = a.clone(memory_format=torch.contiguous_format)
+        b = b.clone(memory_format=torch.contiguous_format)
+    box = [rows, 1, block_d] if packed else [1, rows, 1, block_d]
+    da = TensorDescriptor(a, list(a.shape), list(a.stride()), box)
+    db = TensorDescriptor(b, list(b.shape), list(b.stride()), box)
+    return a, b, da, db
+
+
 def _fwd_operands(
     plan: _Plan, k: torch.Tensor, v: torch.Tensor, packed: bool
 ) -> tuple[torch.Tensor, torch.Tensor, TensorDescriptor | None, TensorDescriptor | None, dict]:
@@ -1319,14 +1334,7 @@ def _fwd_operands(
     kw["USE_DESC"] = use_desc
     if not use_desc:
         return k, v, None, None, kw
-    if not (_tma_ready(k) and _tma_ready(v)):
-        k = k.clone(memory_format=torch.contiguous_format)
-        v = v.clone(memory_format=torch.contiguous_format)
-    # dense [B, Sk, Hkv, D] with a [1, BLOCK_N, 1, BLOCK_D] box, packed [Tk, Hkv, D] with
-    # [BLOCK_N, 1, BLOCK_D]; BLOCK_D > D (80, 96) reads zeros past D
-    box = [kw["BLOCK_N"], 1, kw["BLOCK_D"]] if packed else [1, kw["BLOCK_N"], 1, kw["BLOCK_D"]]
-    kd = TensorDescriptor(k, list(k.shape), list(k.stride()), box)
-    vd = TensorDescriptor(v, list(v.shape), list(v.stride()), box)
+    k, v, kd, vd = _descriptor_pair(k, v, kw["BLOCK_N"], kw["BLOCK_D"], packed)
     return k, v, kd, vd, kw
 
 
@@ -1458,12 +1466,7 @@ def _dq_descriptors(plan: _Plan, k: torch.Tensor, v: torch.Tensor, packed: bool)
         or autotune_enabled()
     ):
         return {}
-    if not (_tma_ready(k) and _tma_ready(v)):
-        k = k.clone(memory_format=torch.contiguous_format)
-        v = v.clone(memory_format=torch.contiguous_format)
-    box = [kw["BLOCK_N"], 1, kw["BLOCK_D"]] if packed else [1, kw["BLOCK_N"], 1, kw["BLOCK_D"]]
-    kd = TensorDescriptor(k, list(k.shape), list(k.stride()), box)
-    vd = TensorDescriptor(v, list(v.shape), list(v.stride()), box)
+    _k, _v, kd, vd = _descriptor_pair(k, v, kw["BLOCK_N"], kw["BLOCK_D"], packed)
     return {"KD": kd, "VD": vd, "USE_DESC": True}
 
 
@@ -1487,12 +1490,7 @@ def _kv_descriptors(
         or autotune_enabled()
     ):
         return {}
-    if not (_tma_ready(q) and _tma_ready(dout)):
-        q = q.clone(memory_format=torch.contiguous_format)
-        dout = dout.clone(memory_format=torch.contiguous_format)
-    box = [kw["BLOCK_M"], 1, kw["BLOCK_D"]] if packed else [1, kw["BLOCK_M"], 1, kw["BLOCK_D"]]
-    qd = TensorDescriptor(q, list(q.shape), list(q.stride()), box)
-    dod = TensorDescriptor(dout, list(dout.shape), list(dout.stride()), box)
+    _q, _do, qd, dod = _descriptor_pair(q, dout, kw["BLOCK_M"], kw["BLOCK_D"], packed)
     return {"QD": qd, "DOD": dod, "USE_DESC": True}
 
 
