@@ -693,3 +693,30 @@ def test_compile_rows_take_each_case_from_its_newest_run(tmp_path: Path) -> None
     finally:
         pm.compile_rows.cache_clear()
     assert got == {("attention bf16 hd128 dense", 100), ("mntp_loss bf16 plain", 201)}
+
+
+def test_warp_specialization_probe(tmp_path: Path) -> None:
+    """bench/ws_probe.py reads the MMA loop of each variant it compiles (8 warps, K/V on host
+    descriptors: 16 HGMMA and 66 MUFU per warp at 128 x 128, hd128, no spill) and turns a
+    compiler rejection into a one-line reason instead of an exception."""
+    code = (
+        "import json; from bench import ws_probe as w; "
+        "print(json.dumps([w.probe('kv-descriptors', 8, False), w.probe('pointers', 4, True)]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=_env_without_interpreter(TRITON_CACHE_DIR=str(tmp_path / "cache")),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain, specialized = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert plain["compiled"] and plain["warps"] == 8 and plain["setmaxnreg"] == 0
+    assert (plain["hgmma"], plain["mufu"], plain["local"]) == (16, 66, 0), plain
+    assert plain["loop_instructions"] > 16 + 66
+    if specialized["compiled"]:  # a triton that takes this loop adds a producer warpgroup
+        assert specialized["warps"] > 4 and specialized["setmaxnreg"] > 0, specialized
+    else:
+        assert specialized["error"] and "\n" not in specialized["error"], specialized
