@@ -13,7 +13,10 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
+from bidirlm.kernels.exp2_triton import exp2_poly, row_sum_exp2
 from bidirlm.kernels.reference import mntp_loss_reference
 from tests.helpers import ATOL, DTYPES, assert_close_to_ref
 
@@ -883,3 +886,71 @@ def test_forward_with_an_empty_vocabulary_split(
     g64 = torch.autograd.grad(ref_loss.sum(), t64)
     for a, b in zip(g, g64):
         torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-6 * b.abs().max().item())
+
+
+@triton.jit
+def _poly(x_ptr, y_ptr, s_ptr, N: tl.constexpr, LOG: tl.constexpr):
+    r = tl.arange(0, 8)[:, None] * N + tl.arange(0, N)[None, :]
+    x = tl.load(x_ptr + r)
+    tl.store(y_ptr + r, exp2_poly(x))
+    tl.store(s_ptr + tl.arange(0, 8), row_sum_exp2(x, LOG, False))
+
+
+def test_exp2_poly_matches_float64() -> None:
+    """The FMA-pipe exp2 of `exp2_triton` (the forward's share of exponentials on Hopper): within
+    3e-7 relative of float64 over [-126, 0] (as `ex2.approx`), about 2**-126 below (where the
+    FTZ hardware exp2 gives 0); `row_sum_exp2` with every column split sums the same."""
+    if not mntp_triton.interpreting():
+        pytest.skip("runs the helper in the interpreter (the GPU path is the forward's own test)")
+    g = torch.Generator().manual_seed(0)
+    x = -torch.rand(8, 128, generator=g, dtype=torch.float64) * 126.0
+    x[0, :64] = torch.linspace(-1.0, 0.0, 64, dtype=torch.float64)  # small f, both rounding ways
+    x[1, :4] = torch.tensor([-126.0, -125.5, -0.5, 0.0], dtype=torch.float64)
+    x32 = x.float()
+    want = torch.exp2(x32.double())
+    for log in range(4):
+        y, s = torch.empty_like(x32), torch.empty(8)
+        _poly[(1,)](x32, y, s, N=128, LOG=log)
+        rel = ((y.double() - want) / want).abs().max().item()
+        assert rel < 3e-7, rel
+        torch.testing.assert_close(s.double(), want.sum(1), rtol=3e-7, atol=0)
+    below = torch.tensor([[-126.9, -200.0, -1e30, float("-inf")] * 32] * 8)
+    y = torch.empty_like(below)
+    _poly[(1,)](below, y, torch.empty(8), N=128, LOG=0)
+    torch.testing.assert_close(y, torch.full_like(y, 2.0**-126), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_forward_with_fma_pipe_exp2(
+    device: torch.device, monkeypatch: pytest.MonkeyPatch, softcap: float | None
+) -> None:
+    """The forward's full vocabulary tiles with 1/8, 1/4 and 1/2 of their exp2 on the FMA pipe
+    (`fwd_poly_log`, 3 on Hopper): loss, lse-based options and gradients match float64 as with
+    every exp2 on MUFU (V = 1003: full tiles and a masked tail, which stays on MUFU)."""
+    if device.type == "cuda":
+        pytest.skip("sets the interpreter family's split (the GPU runs its own)")
+    h, w, b, y = _inputs(device, torch.float32, shape=(70,), d=40, labelled=0.6, bias=True)
+    t64 = [_leaf64(t) for t in (h, w, b)]
+    ref_loss, ref_z, ref_acc = _options_float64(t64[0], t64[1], y, t64[2], softcap, "none", 0.1,
+                                                1e-3)  # fmt: skip
+    ref_g = torch.autograd.grad(ref_loss.sum(), t64)
+    fam = mntp_triton._CONFIGS["interpreter"]
+    assert fam.fwd_poly_log == 0
+    mufu = mntp_loss(h, w, y, bias=b, softcap=softcap, reduction="none").detach()
+    for log in (1, 2, 3):
+        monkeypatch.setitem(
+            mntp_triton._CONFIGS, "interpreter", dataclasses.replace(fam, fwd_poly_log=log)
+        )
+        hs, ws, bs = _leaf(h), _leaf(w), _leaf(b)
+        out = mntp_loss(hs, ws, y, bias=bs, softcap=softcap, reduction="none",
+                        label_smoothing=0.1, lse_square_scale=1e-3, return_z_loss=True,
+                        return_token_accuracy=True)  # fmt: skip
+        torch.testing.assert_close(out.loss, ref_loss.float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.z_loss, ref_z.float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.token_accuracy, ref_acc.float(), rtol=0, atol=1e-6)
+        # as close to the all-MUFU forward as float32 allows (the polynomial's error is ex2's)
+        plain = mntp_loss(h, w, y, bias=b, softcap=softcap, reduction="none").detach()
+        torch.testing.assert_close(plain, mufu, rtol=0, atol=2e-6)
+        g = torch.autograd.grad(out.loss.sum(), (hs, ws, bs))
+        for a, r in zip(g, ref_g):
+            torch.testing.assert_close(a, r.float(), rtol=1e-5, atol=1e-6 * r.abs().max().item())

@@ -38,6 +38,7 @@ import triton.language as tl
 from . import config
 from .config import arch_family, autotune_enabled
 from .dispatch import interpreting
+from .exp2_triton import row_sum_exp2
 
 # Working memory of the backward beyond inputs and gradients: the dlogits chunk plus one float32
 # partial (dH rows or dW rows of a chunk). See `_bwd_plan_of` for the math. 56 MB keeps the
@@ -114,29 +115,45 @@ def _logits_tile(
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    MASKED: tl.constexpr = True,
+    EVEN_K: tl.constexpr = False,
 ):
-    """float32 `[BLOCK_M, BLOCK_V]` tile of `H[rows] @ W[cols].T + b[cols]` (before softcap)."""
+    """float32 `[BLOCK_M, BLOCK_V]` tile of `H[rows] @ W[cols].T + b[cols]` (before softcap).
+
+    MASKED=False: every row and column index is a valid address (the caller clamps them), so
+    the loads take no row/column mask; EVEN_K: `D` is a positive multiple of BLOCK_K (the
+    launcher checks), so no mask along K either, and the K loop runs at least once: without
+    a zero-trip path the compiler zero-fills the accumulator once per tile, not twice."""
     acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    if EVEN_K:
+        tl.assume(D > 0)
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < D
-        h = tl.load(
-            h_ptr + rows[:, None] * stride_h + ks[None, :],
-            mask=row_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
+        h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h + ks[None, :]
         # loaded as [BLOCK_K, BLOCK_V]: the dot needs no transpose
-        w = tl.load(
-            w_ptr + cols[None, :] * stride_w + ks[:, None],
-            mask=col_mask[None, :] & k_mask[:, None],
-            other=0.0,
-        )
+        w_ptrs = w_ptr + cols.to(tl.int64)[None, :] * stride_w + ks[:, None]
+        if EVEN_K and not MASKED:
+            h = tl.load(h_ptrs)
+            w = tl.load(w_ptrs)
+        elif EVEN_K:
+            h = tl.load(h_ptrs, mask=row_mask[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
+        elif not MASKED:
+            h = tl.load(h_ptrs, mask=(ks < D)[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=(ks < D)[:, None], other=0.0)
+        else:
+            k_mask = ks < D
+            h = tl.load(h_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=col_mask[None, :] & k_mask[:, None], other=0.0)
         if UPCAST:  # the interpreter computes bf16 on raw bits: go to float32 at once
             h = h.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(h, w, acc, input_precision=PREC)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if MASKED:
+            acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        else:
+            acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
     return acc
 
 
@@ -147,6 +164,7 @@ def _fwd_tile(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
     ACCURACY: tl.constexpr, MASKED: tl.constexpr, FTZ: tl.constexpr, UPCAST: tl.constexpr,
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    POLY_LOG: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
     """One vocabulary tile `[v0, v0 + BLOCK_V)` of the online log-sum-exp: the updated (max,
     sum of exp, sum of logits, first argmax) per row. Only a MASKED tile (the split's partial
@@ -157,9 +175,11 @@ def _fwd_tile(
         col_mask = cols < v_hi
     else:
         col_mask = cols >= 0  # always true, folded away
+    # rows past the labelled ones read row 0's h (`other=0` of their index load: a valid
+    # address; their results are never stored), so only the tail tile's columns need a mask
     x = _logits_tile(
-        h_ptr, w_ptr, b_ptr, rows, row_mask, cols.to(tl.int64), col_mask, D, stride_h,
-        stride_w, HAS_BIAS, UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_K,
+        h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, stride_h, stride_w, HAS_BIAS,
+        UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_K, MASKED, EVEN_K,
     )  # fmt: skip
     if HAS_SOFTCAP:
         x = softcap * _tanh(x / softcap)
@@ -176,8 +196,11 @@ def _fwd_tile(
         amax = tl.where(tile_max > m, first, amax)
     m_new = tl.maximum(m, tile_max)
     mc = m_new * LOG2E
-    e = _exp2(x * LOG2E - mc[:, None], FTZ)
-    s = s * _exp2(m * LOG2E - mc, FTZ) + tl.sum(e, axis=1)
+    if MASKED:  # masked columns are -inf: all on MUFU
+        tile_sum = tl.sum(_exp2(x * LOG2E - mc[:, None], FTZ), axis=1)
+    else:  # 1 / 2**POLY_LOG of the columns on the FMA pipe (every argument finite, <= 0)
+        tile_sum = row_sum_exp2(x * LOG2E - mc[:, None], POLY_LOG, FTZ)
+    s = s * _exp2(m * LOG2E - mc, FTZ) + tile_sum
     return m_new, s, xsum, amax
 
 
@@ -189,6 +212,7 @@ def _mntp_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
     ACCURACY: tl.constexpr, FTZ: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    POLY_LOG: tl.constexpr = 0, EVEN_K: tl.constexpr = False,
 ):  # fmt: skip
     """Persistent program: work units (vocabulary split s, labelled-slot block b), `unit = s *
     blocks + b`, strided over the grid; the number of blocks comes from the on-device count.
@@ -211,8 +235,9 @@ def _mntp_fwd_kernel(
         v_full = v_lo + ((v_hi - v_lo) // BLOCK_V) * BLOCK_V  # end of the full tiles
         pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = pos < n_valid
-        # row * stride overflows int32 past 2**31 elements: index in int64
-        rows = tl.load(order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
+        # row indices (< N < 2**31) in 32 bits; row * stride (which overflows int32 past 2**31
+        # elements) is formed in int64 where the addresses are
+        rows = tl.load(order_ptr + pos, mask=row_mask, other=0).to(tl.int32)
         m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         s = tl.zeros([BLOCK_M], dtype=tl.float32)
         xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -221,13 +246,13 @@ def _mntp_fwd_kernel(
             m, s, xsum, amax = _fwd_tile(
                 h_ptr, w_ptr, b_ptr, rows, row_mask, v0, v_hi, V, D, stride_h, stride_w,
                 softcap, m, s, xsum, amax, HAS_BIAS, HAS_SOFTCAP, SMOOTH, ACCURACY, False, FTZ,
-                UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_K,
+                UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_K, POLY_LOG, EVEN_K,
             )  # fmt: skip
         if v_full < v_hi:
             m, s, xsum, amax = _fwd_tile(
                 h_ptr, w_ptr, b_ptr, rows, row_mask, v_full, v_hi, V, D, stride_h, stride_w,
                 softcap, m, s, xsum, amax, HAS_BIAS, HAS_SOFTCAP, SMOOTH, ACCURACY, True, FTZ,
-                UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_K,
+                UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_K, 0, EVEN_K,
             )  # fmt: skip
         part = pid_s * N + pos
         tl.store(lse_part_ptr + part, m + tl.log(s), mask=row_mask)  # -inf: the split is empty
@@ -300,7 +325,7 @@ def _mntp_dz_kernel(
     smoothing, filter_eps, row_bound,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
     HAS_GLSE: tl.constexpr, FILTER: tl.constexpr, FIX_TARGET: tl.constexpr, FTZ: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One tile of the chunk `dz[slot r0 + i, col c0 + j] = d loss / d logit` (before softcap').
@@ -329,14 +354,15 @@ def _mntp_dz_kernel(
     pos = r0 + local_r
     row_mask = pos < n_valid
     col_mask = local_c < n_chunk_cols
-    rows = tl.load(order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
-    cols = (c0 + local_c).to(tl.int64)
+    # row indices (< N < 2**31) kept in 32 bits: each address is one widening multiply-add
+    rows = tl.load(order_ptr + pos, mask=row_mask, other=0).to(tl.int32)
+    cols = c0 + local_c
     target = tl.load(labels_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=float("inf"))
     g_ce = tl.load(gce_ptr + rows, mask=row_mask, other=0.0)
     x = _logits_tile(
-        h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, stride_h, stride_w,
-        HAS_BIAS, UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_K,
+        h_ptr, w_ptr, b_ptr, rows, row_mask, tl.minimum(cols, V - 1), col_mask, D, stride_h,
+        stride_w, HAS_BIAS, UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_K, False, EVEN_K,
     )  # fmt: skip
     if HAS_SOFTCAP:
         t = _tanh(x / softcap)
@@ -373,13 +399,15 @@ def _mntp_dz_kernel(
         keep = tl.max(big.to(tl.int32))
         dz = dz * keep.to(tl.float32)
         tl.store(flag_ptr + pid_m * tl.num_programs(1) + tl.program_id(1), keep.to(tl.int8))
-    ptrs = dz_ptr + local_r[:, None].to(tl.int64) * stride_dz + local_c[None, :]
-    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty))
+    # the tile's base (64-bit, uniform) + 32-bit offsets (BLOCK_M * stride_dz < 2**31)
+    tile_ptr = dz_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_dz + tile_c
+    offs = tl.arange(0, BLOCK_M)[:, None] * stride_dz + tl.arange(0, BLOCK_V)[None, :]
+    tl.store(tile_ptr + offs, dz.to(dz_ptr.dtype.element_ty))
     if FIX_TARGET:
         tl.debug_barrier()  # the tile's stores before the overwrite (CTA-ordered)
         loss = tl.load(loss_ptr + rows, mask=row_mask, other=0.0)
         d_t = g * _exp2(-loss * LOG2E, FTZ) - g_ce
-        fix = dz_ptr + local_r.to(tl.int64) * stride_dz + tile_c + t_col
+        fix = tile_ptr + (tl.arange(0, BLOCK_M) * stride_dz + t_col)
         tl.store(fix, d_t.to(dz_ptr.dtype.element_ty), mask=row_mask & (t_col >= 0))
 
 
@@ -609,6 +637,8 @@ class _Family:
     # threads on sm_90 (compile suite), so one program per SM is resident
     persist: int = 1
     vocab_cap: int = 65536  # largest Vc of the one-row-chunk backward plan
+    # forward full tiles: 1 / 2**fwd_poly_log of the exp2 on the FMA pipe (`exp2_triton`), 0 = none
+    fwd_poly_log: int = 0
 
 
 C = _LaunchConfig
@@ -616,7 +646,7 @@ _CONFIGS: dict[str, _Family] = {
     # Hopper/Blackwell: 128 x 128 tiles, 8 warps (two warpgroups) keep wgmma fed; 3 stages of
     # (128x64 + 64x128) bf16 operands = 96 KB of the 228 KB of shared memory. GEMM accumulators
     # are 64 registers per thread.
-    "hopper": _Family(C(128, 128, 64, 8, 3), C(128, 128, 64, 8, 3), 256, 4096, 4),
+    "hopper": _Family(C(128, 128, 64, 8, 3), C(128, 128, 64, 8, 3), 256, 4096, 4, fwd_poly_log=3),
     # Ampere (A100: 164 KB shared memory): the same tiles, fwd/dz with BLOCK_K 32.
     "ampere": _Family(C(128, 128, 32, 8, 3), C(128, 128, 32, 8, 3), 256, 4096, 4),
     "nvidia": _Family(C(64, 64, 32, 4, 2), C(64, 64, 32, 4, 2), 256, 2048, 4),
@@ -671,14 +701,27 @@ def _autotuned(kernel: str):  # noqa: ANN202 - a triton Autotuner
     return triton.autotune(configs=_autotune_configs(), key=["V", "D"])(fn)
 
 
+def _even_k(d: int, block_k: int, dtype: torch.dtype) -> bool:
+    """EVEN_K of the fwd/dz kernels: no K mask when `d` is a positive multiple of BLOCK_K, for
+    16-bit inputs only (float32's IEEE dots keep their operands in registers: unmasked loads
+    made the dz kernel spill 8 B on sm_90 with triton 3.9, 128 registers)."""
+    return d > 0 and d % block_k == 0 and dtype != torch.float32
+
+
 def _launch_tiles(
-    kernel: str, device: torch.device, grid_of, args: tuple, flags: dict, dtype: torch.dtype
-) -> None:
-    """Launch the fwd or dz kernel: the device's fixed config, or autotuned (BIDIRLM_AUTOTUNE=1)."""
+    kernel: str, device: torch.device, grid_of, args: tuple, flags: dict, dtype: torch.dtype,
+    d: int,
+) -> None:  # fmt: skip
+    """Launch the fwd or dz kernel: the device's fixed config, or autotuned (BIDIRLM_AUTOTUNE=1),
+    with EVEN_K (`_even_k`) for every BLOCK_K the launch may use."""
     if autotune_enabled():
-        _autotuned(kernel)[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_V"])](*args, **flags)
+        even = all(_even_k(d, c.kwargs["BLOCK_K"], dtype) for c in _autotune_configs())
+        _autotuned(kernel)[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_V"])](
+            *args, **flags, EVEN_K=even
+        )
         return
     cfg = launch_config(device, kernel, dtype)
+    flags = {**flags, "EVEN_K": _even_k(d, cfg.block_k, dtype)}
     fn = {"fwd": _mntp_fwd_kernel, "dz": _mntp_dz_kernel}[kernel]
     blocks = {"BLOCK_M": cfg.block_m, "BLOCK_V": cfg.block_n, "BLOCK_K": cfg.block_k}
     kw = cfg.launch_kwargs()
@@ -868,7 +911,7 @@ def working_memory(
     fam = _CONFIGS[family]
     bound = _row_bound(n, num_labelled)
     fp = _fwd_plan_of(fam, bound, v, sms, False)
-    compact = n * 8 + 4
+    compact = n * 4 + 4  # int32 order + count
     fwd = compact + fp.splits * n * 4 + n * 4  # (the merge takes the target logits itself)
     bp = _bwd_plan_of(fam, n, bound, v, d, elem, elem, True, True, sms)
     if bp.two_pass:
@@ -893,7 +936,9 @@ def _compact(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, tor
     A stable partition on the device instead of `nonzero()`, which would sync with the host.
     """
     valid = labels != ignore_index
-    order = torch.argsort(valid.to(torch.uint8), descending=True, stable=True)
+    # int32 (row indices < N < 2**31): the kernels widen them where an address needs 64 bits, one
+    # widening multiply-add instead of a 64 x 64-bit product (and half the bytes)
+    order = torch.argsort(valid.to(torch.uint8), descending=True, stable=True).to(torch.int32)
     count = valid.sum(dtype=torch.int32).reshape(1)
     return order, count
 
@@ -981,13 +1026,14 @@ def _triton_forward(
     flags = _flags(hidden, bias, softcap)
     args = (hidden, weight, b, order, count, lse_part, sum_part, max_part, arg_part,
             n, v, d, hidden.stride(0), weight.stride(0), softcap, bound, splits)  # fmt: skip
-    flags = {**flags, "SMOOTH": smooth, "ACCURACY": with_accuracy}
+    flags = {**flags, "SMOOTH": smooth, "ACCURACY": with_accuracy,
+             "POLY_LOG": _CONFIGS[name].fwd_poly_log}  # fmt: skip
     programs = _sm_count(dev) * _CONFIGS[name].persist
 
     def grid_of(bm: int, bv: int) -> tuple[int]:
         return (max(1, min(programs, triton.cdiv(bound, bm) * splits)),)
 
-    _launch_tiles("fwd", dev, grid_of, args, flags, hidden.dtype)
+    _launch_tiles("fwd", dev, grid_of, args, flags, hidden.dtype, d)
     block_r = 64
     _mntp_merge_kernel[(triton.cdiv(bound, block_r),)](
         hidden, weight, b, lse_part, sum_part, max_part, arg_part, labels, order, count, loss,
@@ -1096,10 +1142,11 @@ def _triton_backward(
         if filtering:  # the flag layout must be the fixed config's tiles: never autotuned
             _mntp_dz_kernel[grid_of(fwd_cfg.block_m, fwd_cfg.block_n)](
                 *args, **dz_flags, BLOCK_M=fwd_cfg.block_m, BLOCK_V=fwd_cfg.block_n,
-                BLOCK_K=fwd_cfg.block_k, **fwd_cfg.launch_kwargs(),
+                BLOCK_K=fwd_cfg.block_k, EVEN_K=_even_k(d, fwd_cfg.block_k, hidden.dtype),
+                **fwd_cfg.launch_kwargs(),
             )  # fmt: skip
         else:
-            _launch_tiles("dz", dev, grid_of, args, dz_flags, hidden.dtype)
+            _launch_tiles("dz", dev, grid_of, args, dz_flags, hidden.dtype, d)
         return cols
 
     def grads(r0: int, c0: int, cols: int, do_dw: bool, do_dh: bool) -> None:

@@ -1,0 +1,86 @@
+"""exp2 on the FMA pipe, for Triton kernels whose exponentials queue on the special-function unit.
+
+An SM's MUFU unit does 16 `ex2` per clock against 128 FP32 FMAs: a kernel with one exponential per
+element and little else (the MNTP forward's log-sum-exp) waits on MUFU. Computing a small share
+of the exponentials as a polynomial on the FMA pipe shortens that wait, until the extra issued
+instructions (about 11 per polynomial exp2) become the limit. Imported only by the Triton kernel
+modules (never by `bidirlm.kernels` itself).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# 2**f on [-0.5, 0.5], degree 5: Lawson-reweighted least squares of the relative error on 4,000
+# Chebyshev nodes (float64), coefficients rounded to float32. Evaluated in float32 with Horner's
+# rule its relative error is <= 2.4e-7 on the interval (checked at 200,001 points), the same as
+# the hardware's `ex2.approx` (2**-22).
+_C0 = tl.constexpr(1.0000001192092896)
+_C1 = tl.constexpr(0.6931469440460205)
+_C2 = tl.constexpr(0.24022120237350464)
+_C3 = tl.constexpr(0.05550713092088699)
+_C4 = tl.constexpr(0.009675540961325169)
+_C5 = tl.constexpr(0.001327647129073739)
+_ROUND = tl.constexpr(12582912.0)  # 1.5 * 2**23: x + _ROUND holds round(x) in its low bits
+
+
+@triton.jit
+def exp2_poly(x):
+    """2**x in float32 without MUFU, for x <= 0 and not NaN (x = -inf gives 2**-126).
+
+    `t = x + 1.5 * 2**23` rounds x to the integer n in t's low mantissa bits (exact for
+    |x| < 2**22), `f = x - n` is exact and in [-0.5, 0.5], and `2**n` enters as n added to the
+    exponent field of the polynomial's value p (in [0.70, 1.42]: biased exponent 126 or 127).
+    x is clamped at -126 so that the exponent stays >= 1 (a normal float): values below 2**-126,
+    which the FTZ `ex2.approx` flushes to 0, come out as about 2**-126 instead (1e-38)."""
+    x = tl.maximum(x, -126.0)
+    t = x + _ROUND
+    f = x - (t - _ROUND)
+    p = _C5 * f + _C4
+    p = p * f + _C3
+    p = p * f + _C2
+    p = p * f + _C1
+    p = p * f + _C0
+    # the low bits of t's pattern are n in two's complement; << 23 puts them on the exponent
+    bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def split_columns(x):
+    """(x[:, :N/2], x[:, N/2:]) of an [M, N] tile. On a GPU the column's top bit is a register
+    index of the MMA accumulator layouts, so the split moves no data between threads."""
+    m: tl.constexpr = x.shape[0]
+    n: tl.constexpr = x.shape[1]
+    return tl.split(tl.permute(tl.reshape(x, [m, 2, n // 2]), [0, 2, 1]))
+
+
+@triton.jit
+def row_sum_exp2(x, POLY_LOG: tl.constexpr, FTZ: tl.constexpr):
+    """`sum(2**x, axis=1)` of an [M, N] tile with its last N / 2**POLY_LOG columns on the FMA pipe
+    (`exp2_poly`: x <= 0, no NaN) and the others on MUFU (`ex2.approx.ftz` when FTZ, else
+    tl.math.exp2). POLY_LOG = 0: every column on MUFU."""
+    tl.static_assert(POLY_LOG >= 0 and POLY_LOG <= 3, "POLY_LOG is 0..3")
+    if POLY_LOG == 0:
+        return tl.sum(_exp2_mufu(x, FTZ), axis=1)
+    a, b = split_columns(x)
+    s = tl.sum(_exp2_mufu(a, FTZ), axis=1)
+    if POLY_LOG == 1:
+        return s + tl.sum(exp2_poly(b), axis=1)
+    b0, b1 = split_columns(b)
+    s += tl.sum(_exp2_mufu(b0, FTZ), axis=1)
+    if POLY_LOG == 2:
+        return s + tl.sum(exp2_poly(b1), axis=1)
+    c0, c1 = split_columns(b1)
+    return s + tl.sum(_exp2_mufu(c0, FTZ), axis=1) + tl.sum(exp2_poly(c1), axis=1)
+
+
+@triton.jit
+def _exp2_mufu(x, FTZ: tl.constexpr):
+    if FTZ:  # one MUFU.EX2; without .ftz the assembler adds a denormal fix-up per element
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.math.exp2(x)
