@@ -267,15 +267,12 @@ def test_hd256_hopper_backward_tiles():
         shape = AttnShape(2, 256, 4, hkv, 256, packed)
         return _plan("hopper", False, torch.bfloat16, shape, window, False, False, False, False)
 
-    from bidirlm.kernels.attention_triton import WIDE_DK_MIN_TRITON, _triton_version
-
     for p in (plan(False, False), plan(True, False), plan(False, True), plan(False, False, 1)):
         assert p.dkdv["num_warps"] == 4 and p.dq["num_warps"] == 4
         assert (p.dkdv["BLOCK_N"], p.dq["BLOCK_M"]) == (64, 64)
-    # the dK launch of a dense call: 32 queries with triton >= 3.9, else 16 (3.6 spills there);
-    # variant calls 16
-    wide = 32 if _triton_version() >= WIDE_DK_MIN_TRITON else 16
-    assert plan(False, False).dkdv["BLOCK_M"] == wide
+    # the dK launch of a dense call: 32 queries with every triton (WIDE_DK_CONFIGS, Q/dO on
+    # descriptors); variant calls 16
+    assert plan(False, False).dkdv["BLOCK_M"] == 32 and plan(False, False).wide_dk
     for p in (plan(True, False), plan(False, True), plan(False, False, 1)):
         assert p.dkdv["BLOCK_M"] == 16
     # the dV launch of a dense call takes 64 queries (SPLIT_DV_CONFIGS), variants keep dK's tile
@@ -313,6 +310,78 @@ def test_hd128_hopper_dq_tiles():
     assert plan(d=96).dq["BLOCK_N"] == 64  # pointer loads: the 64x64 tile
     assert plan(dtype=torch.float32).dq["BLOCK_N"] == 16
     assert plan("ampere").dq["BLOCK_N"] == 32 and plan("cdna").dq["BLOCK_N"] == 64
+
+
+def test_hd128_hopper_dkdv_tiles():
+    """sm_90 at head dim 128: a dense 16-bit call's dK/dV takes 64 queries x 64 keys at 4 warps
+    (WIDE_DK_CONFIGS, on Q/dO descriptors); variant and float32 calls, head dims other than the
+    table's and other families keep their tiles (and pointer loads)."""
+    from bidirlm.kernels.attention_triton import AttnShape, _plan
+
+    def plan(family="hopper", d=128, packed=False, window=False, hkv=4, dtype=torch.bfloat16):
+        shape = AttnShape(2, 256, 4, hkv, d, packed)
+        return _plan(family, False, dtype, shape, window, False, False, False, False)
+
+    for p in (plan(), plan(dtype=torch.float16)):
+        assert p.wide_dk
+        assert (p.dkdv["BLOCK_M"], p.dkdv["BLOCK_N"], p.dkdv["num_warps"]) == (64, 64, 4)
+        assert p.dkdv["num_stages"] == 2 and p.grid_dkdv[0] == 4
+    for p in (plan(packed=True), plan(window=True), plan(hkv=1)):
+        assert not p.wide_dk and (p.dkdv["BLOCK_M"], p.dkdv["BLOCK_N"]) == (16, 128)
+    for p in (plan(d=96), plan(d=64), plan(dtype=torch.float32), plan("ampere"), plan("cdna")):
+        assert not p.wide_dk and p.dkdv["BLOCK_M"] <= 64
+    assert plan(d=96).dkdv["BLOCK_M"] == 32 and plan(d=64).dkdv["BLOCK_M"] == 64
+
+
+@pytest.mark.parametrize("case", ["dense", "cross-bf16", "gqa", "kpm"])
+def test_hd128_backward_wide_dkdv_on_descriptors(case, monkeypatch, device):
+    """The head-dim-128 dK/dV path of sm_90 (one launch, Q/dO on descriptors, a wide query
+    tile: WIDE_DK_CONFIGS) in the interpreter: 64-query boxes over 45 queries (the tail reads
+    zeros; lse and delta are masked loads), cross lengths; GQA and a key padding mask keep the
+    plain tile and pointer loads; gradients vs float64."""
+    from bidirlm.kernels import attention_triton as at
+    from bidirlm.kernels import flash_attn_compat as fa
+
+    # as on sm_90: a separate dQ launch above head dim 64 (the interpreter's default: atomics)
+    monkeypatch.setattr(at, "ATOMIC_DQ_MAX_D", {**at.ATOMIC_DQ_MAX_D, "interpreter": 64})
+    wide = {"interpreter": {128: at.LaunchConfig(64, 32, 1, 1)}}
+    monkeypatch.setattr(at, "WIDE_DK_CONFIGS", wide)
+    launched = []
+    run = at._run
+
+    def record(name, grid, extent, axis, args, kw, family):  # noqa: ANN001, ANN202
+        launched.append((name, bool(kw.get("USE_DESC")), kw.get("BLOCK_M"), kw.get("PART")))
+        return run(name, grid, extent, axis, args, kw, family)
+
+    monkeypatch.setattr(at, "_run", record)
+    at._plan.cache_clear()
+    try:
+        dt = torch.bfloat16 if case.endswith("bf16") else torch.float16
+        sk = 38 if case.startswith("cross") else 45
+        hkv = 1 if case == "gqa" else 2
+        q, k, v = _inputs((2, 45, 2, 128), (2, sk, hkv, 128), dt, device)
+        kpm = None
+        if case == "kpm":
+            kpm = torch.ones(2, sk, dtype=torch.bool, device=device)
+            kpm[1, 30:] = False
+        out = fa.flash_attn_func(q, k, v, key_padding_mask=kpm)
+        dout = torch.randn_like(out)
+        grads = _grads(out, (q, k, v), dout)
+    finally:
+        at._plan.cache_clear()
+    ref_kw = {} if kpm is None else {"key_padding_mask": kpm}
+    inputs64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out64 = attention_reference(*inputs64, compute_dtype=torch.float64, **ref_kw)
+    grads64 = _grads(out64, inputs64, dout.double())
+    low = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out_pt = attention_reference(*low, compute_dtype=dt, **ref_kw)
+    grads_pt = _grads(out_pt, low, dout)
+    for name, g, g64, g_pt in zip(("dq", "dk", "dv"), grads, grads64, grads_pt):
+        assert_close_to_ref(g, g64, g_pt, name=name)
+    if not HAS_GPU:  # dense calls: the wide tile on descriptors; variants: pointers, 32 queries
+        dense = case in ("dense", "cross-bf16")
+        expected = (True, 64) if dense else (False, 32)
+        assert ("_attn_bwd_dkdv_kernel", *expected, 0) in launched
 
 
 @pytest.mark.parametrize("case", ["dense", "cross-bf16", "gqa", "packed"])
@@ -657,6 +726,7 @@ def test_variant_configs_replace_the_dense_ones():
     those variants); a dense call and fp32 keep CONFIGS; other families have no overrides."""
     from bidirlm.kernels.attention_triton import (
         VARIANT_CONFIGS,
+        WIDE_DK_CONFIGS,
         AttnShape,
         _plan,
         variant_overrides,
@@ -666,8 +736,9 @@ def test_variant_configs_replace_the_dense_ones():
         shape = AttnShape(2, 256, hq, hkv, 128, packed)
         return _plan("hopper", False, dtype, shape, window, False, False, False, False)
 
-    dense = plan(4, 4, False, False)
-    assert dense.dkdv["BLOCK_M"] == pick_config("hopper", 128, True).block_m
+    dense = plan(4, 4, False, False)  # CONFIGS' dK/dV tile, widened by WIDE_DK_CONFIGS
+    assert dense.dkdv["BLOCK_M"] == WIDE_DK_CONFIGS["hopper"][128].block_m
+    assert dense.dkdv["BLOCK_N"] == pick_config("hopper", 128, True).block_n
     over = variant_overrides("hopper", 128)
     for p in (plan(8, 2, False, False), plan(4, 4, True, False), plan(4, 4, False, True)):
         assert (p.dkdv["BLOCK_M"], p.dkdv["BLOCK_N"]) == (

@@ -422,6 +422,15 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _row_values(base, rows, limit, other, MASKED: tl.constexpr):
+    """base[rows] (float32 lse or delta); rows >= limit read `other` when MASKED."""
+    if MASKED:
+        return tl.load(base + rows, mask=rows < limit, other=other)
+    else:
+        return tl.load(base + rows)
+
+
+@triton.jit
 def _bwd_kv_blocks(
     dk, dv, k, v, q_base, do_base, dq_base, LSE, DELTA, lse_off,
     stride_qt, stride_dot, stride_dqt,
@@ -464,10 +473,10 @@ def _bwd_kv_blocks(
             # lse = -inf (rows past the end included) marks a query without visible keys: push
             # it to +inf so its P row is exp2(-inf) = 0, never exp2(-inf - -inf) = NaN.
             lse = tl.load(LSE + lse_off + rows, mask=row_ok, other=float("-inf"))
-            delta = tl.load(DELTA + lse_off + rows, mask=row_ok, other=0.0)
         else:
             lse = tl.load(LSE + lse_off + rows)
-            delta = tl.load(DELTA + lse_off + rows)
+        if ATOMIC_DQ:
+            delta = _row_values(DELTA + lse_off, rows, seqlen_q, 0.0, MASKED)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
@@ -488,6 +497,12 @@ def _bwd_kv_blocks(
             dv = _dot(pT.to(do.dtype), do, dv, IEEE)
         if PART != 1:
             dpT = _dot(v, tl.trans(do), None, IEEE)
+            if not ATOMIC_DQ:
+                # loaded here, delta is not live across the S and dP GEMMs (sm_90, D=128 64x64
+                # on descriptors: with delta above and the epilogue offsets before the loops,
+                # 40 B spilled with triton 3.9, 52 B with 3.6); the atomic-dQ kernel (D=64)
+                # keeps it above: 4 fewer shared-memory loads a trip there
+                delta = _row_values(DELTA + lse_off, rows, seqlen_q, 0.0, MASKED)
             dsT = pT * (dpT - delta[None, :])
             if HAS_SOFTCAP:  # d/dx [c * tanh(x / c)] = 1 - tanh^2
                 dsT = dsT * (1.0 - tT * tT)
@@ -560,8 +575,8 @@ def _attn_bwd_dkdv_kernel(
         n_start - shift, n_last - shift, window_right, window_left, seqlen_q,
         n_start + BLOCK_N > seqlen_k, HAS_KPM, BLOCK_M,
     )  # fmt: skip
-    out_off = b64 * stride_dkb + (col0 + n_start) * stride_dkt + kv_head * stride_dkh
-    n_rem = seqlen_k - n_start
+    if PACKED:  # the output offset uses col0, loaded from cu_seqlens: computed once, here
+        out_off = b64 * stride_dkb + (col0 + n_start) * stride_dkt + kv_head * stride_dkh
     if PACKED:  # descriptor coordinates: the sequence's first query row (packed) or the batch
         d_row = row0.to(tl.int32)
     else:
@@ -603,9 +618,15 @@ def _attn_bwd_dkdv_kernel(
             True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
             ATOMIC_DQ, PART, BLOCK_M, QD, DOD, d_row, head, USE_DESC, PACKED,
         )  # fmt: skip
-    # The stores' addresses and mask are rebuilt from two scalars (a 64-bit offset, the rows
-    # left): per-thread pointers kept live across the loops were spilled at D=256 (sm_90).
+    # The stores' addresses and mask are rebuilt from scalars: per-thread pointers kept live
+    # across the loops were spilled at D=256 (sm_90). A dense call's offset comes from program
+    # ids only and is computed after the loops (computed before them, its 64-bit value spilled
+    # at D=128 64x64 with triton 3.6); a packed call's before them (computed after, col0 stayed
+    # live instead: 4 B spilled at D=256 16x64 with 3.6).
     dk = dk * sm_scale
+    if not PACKED:
+        out_off = b64 * stride_dkb + n_start * stride_dkt + kv_head * stride_dkh
+    n_rem = seqlen_k - n_start
     offs_o = tl.arange(0, BLOCK_N)
     o_mask = (offs_o < n_rem)[:, None] & (offs_d < HEAD_DIM)[None, :]
     o_offs = out_off + offs_o[:, None] * stride_dkt + offs_d[None, :]
@@ -908,15 +929,21 @@ PACKED_CONFIGS: dict[str, list[tuple[int, dict[str, LaunchConfig]]]] = {
 SPLIT_DV_CONFIGS: dict[str, list[tuple[int, LaunchConfig | None]]] = {
     "hopper": [(128, None), (256, _C(64, 64, 4, 2))],
 }
-# The dK launch of the split dK/dV of a dense 16-bit call with triton >= WIDE_DK_MIN_TRITON, per
-# family: on sm_90 at D=256, on Q/dO descriptors, 32 queries x 64 keys compile without a spill
-# with triton 3.9 (243 registers: assembled with --regAllocOptLevel=2) but spill 24 B with
-# 3.6, which keeps the 16-query tile. `m64n32k16` score GEMMs instead of the feed-bound
-# `m64n16k16`: predicted dK 3.45 -> 2.12 ms (bench/perf_model.py, H100, B4 H8 S4096).
-WIDE_DK_CONFIGS: dict[str, list[tuple[int, LaunchConfig | None]]] = {
-    "hopper": [(128, None), (256, _C(32, 64, 4, 2))],
+# The dK/dV launch (the dK launch where dK and dV are split) of a dense 16-bit call, per family:
+# {head dim: config}, exact head dims; such a launch reads Q and dO through TMA tensor
+# descriptors (with pointer loads these tiles spill). On sm_90 (2026-12-08, after the query loop
+# loads delta only where dS needs it and the epilogue builds its offsets after the loops):
+# - D=128: 64 queries x 64 keys, 4 warps, 2 stages, 241 registers with triton 3.9 and 255 with
+#   3.6, no spill (40 / 52 B before); `m64n64k16` score GEMMs instead of the shared-memory-feed-
+#   bound `m64n32k16`: predicted hd128 bwd 307 -> 348 TFLOP/s (3.9 rows), 315 -> 344 (3.6).
+# - D=256: 32 queries x 64 keys (dK launch), 232 registers with 3.9, 255 with 3.6, no spill (3.6
+#   spilled 24 B before, so the tile was gated to triton >= 3.9): predicted hd256 bwd 264 (3.9
+#   rows), 218 -> 267 (3.6 rows).
+# (bench/perf_model.py, H100, B4, H = 2048/D, S4096; not measured.) Variant calls keep
+# VARIANT_CONFIGS' tiles: at D=128, 64x64 spills with GQA/MQA (44-148 B) and a softcap (48-212 B).
+WIDE_DK_CONFIGS: dict[str, dict[int, LaunchConfig]] = {
+    "hopper": {128: _C(64, 64, 4, 2), 256: _C(32, 64, 4, 2)},
 }
-WIDE_DK_MIN_TRITON = (3, 9)
 # The dQ launch of a dense 16-bit call at a head dim of DQ_TMA_HEAD_DIMS (K/V on descriptors),
 # per family: (head dim, config). On sm_90 at D=128, 64 queries x 128 keys at 4 warps compile
 # without a spill with triton 3.9 (226 registers) and 3.6 (236) on K/V descriptors: one program
@@ -1061,11 +1088,7 @@ class _Plan:
     family: str
     dv: dict = dataclasses.field(default_factory=dict)  # the split dV launch (else dkdv's tiles)
     variant_configs: bool = False  # VARIANT_CONFIGS replaced some of the tiles
-
-
-def _triton_version() -> tuple[int, int]:
-    major, minor = triton.__version__.split(".")[:2]
-    return int(major), int(minor)
+    wide_dk: bool = False  # a WIDE_DK_CONFIGS tile: its launches read Q/dO through descriptors
 
 
 @functools.lru_cache(maxsize=256)
@@ -1116,12 +1139,17 @@ def _plan(
                     dv_cfg = cfg
                 break
 
-    if not heavy and dtype != torch.float32 and _triton_version() >= WIDE_DK_MIN_TRITON:
-        for max_d, cfg in WIDE_DK_CONFIGS.get(family, ()):
-            if shape.head_dim <= max_d:
-                if cfg is not None and cfg.block_n == cfgs["dkdv"].block_n:
-                    cfgs["dkdv"] = cfg
-                break
+    wide_dk = WIDE_DK_CONFIGS.get(family, {}).get(shape.head_dim)
+    if (
+        wide_dk is not None
+        and wide_dk.block_n == cfgs["dkdv"].block_n  # one grid for the split dV and dK launches
+        and not heavy
+        and dtype != torch.float32
+        and not autotune_enabled()
+    ):
+        cfgs["dkdv"] = wide_dk  # only with the Q/dO descriptors (`_kv_descriptors`)
+    else:
+        wide_dk = None
 
     wide_dq = WIDE_DQ_CONFIGS.get(family, {}).get(shape.head_dim)
     if (
@@ -1163,6 +1191,7 @@ def _plan(
         },  # fmt: skip
         family=family,
         variant_configs=bool(overrides),
+        wide_dk=wide_dk is not None,
     )
 
 
@@ -1432,7 +1461,7 @@ def attention_backward(
     else:
         for part in (1, 2) if split else (0,):
             kw = {**(plan.dv if part == 1 else plan.dkdv), "ATOMIC_DQ": atomic, "PART": part}
-            kw.update(_kv_descriptors(plan.family, q, dout, packed, kw))
+            kw.update(_kv_descriptors(plan, q, dout, packed, kw))
             _run(
                 "_attn_bwd_dkdv_kernel", plan.grid_dkdv, shape.kv_len, "BLOCK_N", dkdv_args, kw,
                 plan.family,
@@ -1470,22 +1499,24 @@ def _dq_descriptors(plan: _Plan, k: torch.Tensor, v: torch.Tensor, packed: bool)
     return {"KD": kd, "VD": vd, "USE_DESC": True}
 
 
-# Head dims whose dK/dV kernel reads the Q and dO tiles through TMA descriptors, per family (the
-# forward's layout and rules, as for dQ): the freed address registers let the dK launch of a
-# dense call take 32-query tiles (WIDE_DK_CONFIGS).
+# Head dims whose dK/dV kernel reads the Q and dO tiles through TMA descriptors in every
+# non-packed 16-bit call, per family (the forward's layout and rules, as for dQ); the launches
+# of a WIDE_DK_CONFIGS tile (dense calls) read them so at other head dims too. At D=128 the
+# variant tiles (16 queries) stay on pointer loads: on descriptors their main loop took 16-53
+# more instructions a trip on sm_90 (TMA barrier waits for 16-row boxes).
 KV_TMA_HEAD_DIMS: dict[str, tuple[int, ...]] = {"hopper": (256,)}
 
 
 def _kv_descriptors(
-    family: str, q: torch.Tensor, dout: torch.Tensor, packed: bool, kw: dict
+    plan: _Plan, q: torch.Tensor, dout: torch.Tensor, packed: bool, kw: dict
 ) -> dict:
-    """A dK/dV launch's Q/dO descriptor kwargs ({} where KV_TMA_HEAD_DIMS does not apply, for
-    float32, packed calls and under autotuning); Q/dO TMA cannot take as they are are copied
-    once. Packed calls keep pointer loads: their edge blocks need them anyway, and both load
-    paths in one program spilled 20 B at D=256 with triton 3.6."""
+    """A dK/dV launch's Q/dO descriptor kwargs ({} where neither KV_TMA_HEAD_DIMS nor a
+    WIDE_DK_CONFIGS tile applies, for float32, packed calls and under autotuning); Q/dO TMA
+    cannot take as they are are copied once. Packed calls keep pointer loads: their edge blocks
+    need them anyway, and both load paths in one program spilled 20 B at D=256 with triton 3.6."""
     if (
         packed
-        or kw["HEAD_DIM"] not in KV_TMA_HEAD_DIMS.get(family, ())
+        or not (plan.wide_dk or kw["HEAD_DIM"] in KV_TMA_HEAD_DIMS.get(plan.family, ()))
         or q.dtype not in (torch.float16, torch.bfloat16)
         or autotune_enabled()
     ):
@@ -1520,7 +1551,7 @@ def _split_dkdv_per_q_head(
     )  # fmt: skip
     for part in (1, 2):
         kw = {**rep_plan.dkdv, "ATOMIC_DQ": False, "PART": part}
-        kw.update(_kv_descriptors(plan.family, q, dkdv_args[3], packed, kw))
+        kw.update(_kv_descriptors(rep_plan, q, dkdv_args[3], packed, kw))
         _run(
             "_attn_bwd_dkdv_kernel", rep_plan.grid_dkdv, shape.kv_len, "BLOCK_N", args, kw,
             plan.family,
