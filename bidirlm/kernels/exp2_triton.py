@@ -1,10 +1,10 @@
-"""exp2 on the FMA pipe, for Triton kernels whose exponentials queue on the special-function unit.
+"""exp2 for Triton kernels: on MUFU (`exp2_mufu`) and on the FMA pipe (`exp2_poly`).
 
-An SM's MUFU unit does 16 `ex2` per clock against 128 FP32 FMAs: a kernel with one exponential per
-element and little else (the MNTP forward's log-sum-exp) waits on MUFU. Computing a small share
-of the exponentials as a polynomial on the FMA pipe shortens that wait, until the extra issued
-instructions (about 11 per polynomial exp2) become the limit. Imported only by the Triton kernel
-modules (never by `bidirlm.kernels` itself).
+An SM's MUFU unit does 16 `ex2` per clock against 128 FP32 FMAs: a kernel with one exponential
+per element and little else (the MNTP forward's log-sum-exp) waits on MUFU. Computing a small
+share of the exponentials as a polynomial on the FMA pipe shortens that wait, until the extra
+issued instructions (about 12 per polynomial exp2 in the MNTP forward's sm_90 code) become the
+limit. Imported only by the Triton kernel modules (never by `bidirlm.kernels` itself).
 """
 
 from __future__ import annotations
@@ -63,22 +63,27 @@ def row_sum_exp2(x, POLY_LOG: tl.constexpr, FTZ: tl.constexpr):
     tl.math.exp2). POLY_LOG = 0: every column on MUFU."""
     tl.static_assert(POLY_LOG >= 0 and POLY_LOG <= 3, "POLY_LOG is 0..3")
     if POLY_LOG == 0:
-        return tl.sum(_exp2_mufu(x, FTZ), axis=1)
+        return tl.sum(exp2_mufu(x, FTZ), axis=1)
     a, b = split_columns(x)
-    s = tl.sum(_exp2_mufu(a, FTZ), axis=1)
+    s = tl.sum(exp2_mufu(a, FTZ), axis=1)
     if POLY_LOG == 1:
         return s + tl.sum(exp2_poly(b), axis=1)
     b0, b1 = split_columns(b)
-    s += tl.sum(_exp2_mufu(b0, FTZ), axis=1)
+    s += tl.sum(exp2_mufu(b0, FTZ), axis=1)
     if POLY_LOG == 2:
         return s + tl.sum(exp2_poly(b1), axis=1)
     c0, c1 = split_columns(b1)
-    return s + tl.sum(_exp2_mufu(c0, FTZ), axis=1) + tl.sum(exp2_poly(c1), axis=1)
+    return s + tl.sum(exp2_mufu(c0, FTZ), axis=1) + tl.sum(exp2_poly(c1), axis=1)
 
 
 @triton.jit
-def _exp2_mufu(x, FTZ: tl.constexpr):
-    if FTZ:  # one MUFU.EX2; without .ftz the assembler adds a denormal fix-up per element
+def exp2_mufu(x, FTZ: tl.constexpr):
+    """2**x in float32 on MUFU. FTZ (NVIDIA): one `ex2.approx.ftz.f32` (MUFU.EX2); without it
+    the assembler wraps `ex2.approx.f32` in a denormal-result fix-up (a compare and two
+    predicated multiplies per element). Flushing results below 2**-126 to 0 changes a softmax
+    sum (>= 1) by < 1e-38 and a dlogit by < 1e-38 x its row's gradient. Elsewhere (AMD, the
+    interpreter) tl.math.exp2."""
+    if FTZ:
         return tl.inline_asm_elementwise(
             "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
         )

@@ -38,6 +38,7 @@ import triton.language as tl
 from . import config
 from .config import arch_family, autotune_enabled
 from .dispatch import interpreting
+from .exp2_triton import exp2_mufu as _exp2
 from .exp2_triton import row_sum_exp2
 
 # Working memory of the backward beyond inputs and gradients: the dlogits chunk plus one float32
@@ -80,21 +81,6 @@ def _tanh(x):
 
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): one FFMA with the shift
-
-
-@triton.jit
-def _exp2(x, FTZ: tl.constexpr):
-    """2**x in float32. FTZ (NVIDIA): one `ex2.approx.ftz.f32` (MUFU.EX2); without it the assembler
-    wraps `ex2.approx.f32` in a denormal-result fix-up (a compare and two predicated multiplies
-    per element). Flushing results below 2**-126 to 0 changes a softmax sum (>= 1) by < 1e-38
-    and a dlogit by < 1e-38 x its row's gradient. Elsewhere (AMD, the interpreter) tl.math.exp2.
-    """
-    if FTZ:
-        return tl.inline_asm_elementwise(
-            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
-        )
-    else:
-        return tl.math.exp2(x)
 
 
 @triton.jit
