@@ -208,6 +208,22 @@ def _exp2_mixed(x, POLY_LOG: tl.constexpr):
 
 
 @triton.jit
+def _tma_tiles(
+    AD, BD, row, start, head, ROWS: tl.constexpr, COLS: tl.constexpr, PACKED: tl.constexpr
+):
+    """[ROWS, COLS] tiles of two TMA descriptors of one layout at sequence position `start` of
+    head `head`: packed [T, H, D] descriptors at token `row + start`, dense [B, S, H, D] ones at
+    batch `row`, position `start` (dense boxes past S, and past D, read zeros)."""
+    if PACKED:
+        a = AD.load([row + start, head, 0])
+        b = BD.load([row + start, head, 0])
+    else:
+        a = AD.load([row, start, head, 0])
+        b = BD.load([row, start, head, 0])
+    return a.reshape([ROWS, COLS]), b.reshape([ROWS, COLS])
+
+
+@triton.jit
 def _fwd_blocks(
     acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, KD, VD, kd_row, kd_col,
     pos, start, end, seqlen_k, qk_scale, cap_in, cap_out, slope2, window_left, window_right,
@@ -230,14 +246,8 @@ def _fwd_blocks(
         if MASKED:
             col_ok = cols < seqlen_k
         if USE_DESC and not (MASKED and PACKED):
-            if PACKED:
-                k = KD.load([kd_row + start_n, kd_col, 0])
-                v = VD.load([kd_row + start_n, kd_col, 0])
-            else:
-                k = KD.load([kd_row, start_n, kd_col, 0])
-                v = VD.load([kd_row, start_n, kd_col, 0])
-            kT = tl.trans(k.reshape([BLOCK_N, offs_d.shape[0]]))
-            v = v.reshape([BLOCK_N, offs_d.shape[0]])
+            k, v = _tma_tiles(KD, VD, kd_row, start_n, kd_col, BLOCK_N, offs_d.shape[0], PACKED)
+            kT = tl.trans(k)
         else:
             kT_ptrs = k_base + cols[None, :] * stride_kt + offs_d[:, None]
             v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
@@ -454,12 +464,7 @@ def _bwd_kv_blocks(
             q_mask = d_ok[None, :]
         if USE_DESC and not (MASKED and PACKED):
             # TMA (as in `_fwd_blocks`): dense boxes past Sq (and past D) read zeros
-            if PACKED:
-                q = QD.load([d_row + start_m, d_head, 0]).reshape([BLOCK_M, offs_d.shape[0]])
-                do = DOD.load([d_row + start_m, d_head, 0]).reshape([BLOCK_M, offs_d.shape[0]])
-            else:
-                q = QD.load([d_row, start_m, d_head, 0]).reshape([BLOCK_M, offs_d.shape[0]])
-                do = DOD.load([d_row, start_m, d_head, 0]).reshape([BLOCK_M, offs_d.shape[0]])
+            q, do = _tma_tiles(QD, DOD, d_row, start_m, d_head, BLOCK_M, offs_d.shape[0], PACKED)
         else:
             q_ptrs = q_base + rows[:, None] * stride_qt + offs_d[None, :]
             do_ptrs = do_base + rows[:, None] * stride_dot + offs_d[None, :]
@@ -654,14 +659,7 @@ def _bwd_q_blocks(
         if MASKED:
             col_ok = cols < seqlen_k
         if USE_DESC and not (MASKED and PACKED):
-            if PACKED:
-                k = KD.load([kd_row + start_n, kd_col, 0])
-                v = VD.load([kd_row + start_n, kd_col, 0])
-            else:
-                k = KD.load([kd_row, start_n, kd_col, 0])
-                v = VD.load([kd_row, start_n, kd_col, 0])
-            k = k.reshape([BLOCK_N, offs_d.shape[0]])
-            v = v.reshape([BLOCK_N, offs_d.shape[0]])
+            k, v = _tma_tiles(KD, VD, kd_row, start_n, kd_col, BLOCK_N, offs_d.shape[0], PACKED)
         else:
             k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
             v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
@@ -825,8 +823,9 @@ C = LaunchConfig
 # program's MMAs overlap the other's softmax: the static model, bench/perf_model.py, predicts
 # this; not yet measured); the hd128 backward keeps two stages in dK/dV and 64-key dQ blocks; at
 # D=256 dK and dV come from two launches (FUSED_DKDV_MAX_D), each a 4-warp program of 64 keys
-# x 16 queries (one [64, 256] fp32 accumulator = 128 registers a thread; 32 queries spill with
-# 3.6), no duplicated work (an 8-warp program on a 64-row tile computes every score twice: each
+# x 16 queries (one [64, 256] fp32 accumulator = 128 registers a thread; a dense call's dK launch
+# takes 32 on Q/dO descriptors: WIDE_DK_CONFIGS, as does a dense call's dK/dV at D=128), no
+# duplicated work (an 8-warp program on a 64-row tile computes every score twice: each
 # warpgroup owns all 64 rows); a dense call's dV launch takes 64 queries (SPLIT_DV_CONFIGS); dQ
 # 64 queries x 32 keys on K/V tensor descriptors (DQ_TMA_HEAD_DIMS: with pointer loads it spilled
 # 76 B with 3.6). Under the model of 2026-12-08 (shared-memory-fed wgmma at the feed rate) the
@@ -933,12 +932,12 @@ SPLIT_DV_CONFIGS: dict[str, list[tuple[int, LaunchConfig | None]]] = {
 # {head dim: config}, exact head dims; such a launch reads Q and dO through TMA tensor
 # descriptors (with pointer loads these tiles spill). On sm_90 (2026-12-08, after the query loop
 # loads delta only where dS needs it and the epilogue builds its offsets after the loops):
-# - D=128: 64 queries x 64 keys, 4 warps, 2 stages, 241 registers with triton 3.9 and 255 with
+# - D=128: 64 queries x 64 keys, 4 warps, 2 stages, 240 registers with triton 3.9 and 255 with
 #   3.6, no spill (40 / 52 B before); `m64n64k16` score GEMMs instead of the shared-memory-feed-
-#   bound `m64n32k16`: predicted hd128 bwd 307 -> 348 TFLOP/s (3.9 rows), 315 -> 344 (3.6).
-# - D=256: 32 queries x 64 keys (dK launch), 232 registers with 3.9, 255 with 3.6, no spill (3.6
+#   bound `m64n32k16`: predicted hd128 bwd 307 -> 348 TFLOP/s (3.9 rows), 316 -> 345 (3.6).
+# - D=256: 32 queries x 64 keys (dK launch), 216 registers with 3.9, 255 with 3.6, no spill (3.6
 #   spilled 24 B before, so the tile was gated to triton >= 3.9): predicted hd256 bwd 264 (3.9
-#   rows), 218 -> 267 (3.6 rows).
+#   rows), 219 -> 268 (3.6 rows).
 # (bench/perf_model.py, H100, B4, H = 2048/D, S4096; not measured.) Variant calls keep
 # VARIANT_CONFIGS' tiles: at D=128, 64x64 spills with GQA/MQA (44-148 B) and a softcap (48-212 B).
 WIDE_DK_CONFIGS: dict[str, dict[int, LaunchConfig]] = {
