@@ -103,6 +103,18 @@ def _env_without_interpreter(**extra: str) -> dict[str, str]:
     return env
 
 
+def _run_tool(args: list[str], timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    """`python <args>` from the repository root, outside the interpreter, output captured."""
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=_env_without_interpreter(**env),
+        timeout=timeout,
+    )
+
+
 # --- parsers --------------------------------------------------------------------------------------
 
 
@@ -350,14 +362,7 @@ json.dump(out, sys.stdout)
 def test_small_kernel_compiles_for_every_target(tmp_path: Path) -> None:
     script = tmp_path / "small_kernels.py"  # @triton.jit needs its source in a file
     script.write_text(SMALL_KERNELS)
-    proc = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=_env_without_interpreter(TRITON_CACHE_DIR=str(tmp_path / "cache")),
-        timeout=600,
-    )
+    proc = _run_tool([str(script)], TRITON_CACHE_DIR=str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     facts = json.loads(proc.stdout)
     # the register report is read with exactly the options triton assembled the kernel with
@@ -384,14 +389,10 @@ def test_small_kernel_compiles_for_every_target(tmp_path: Path) -> None:
 def test_suite_rows_from_the_real_launchers(tmp_path: Path) -> None:
     """bench.compile on the InfoNCE op for sm_90: launches found through the public op, one row
     each with the documented schema."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.compile", "--quick", "--ops", "infonce", "--targets",
-         "sm90", "--no-host", "--jobs", "1"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=_env_without_interpreter(BIDIRLM_BENCH_RESULTS=str(tmp_path)),
-        timeout=600,
+    proc = _run_tool(
+        ["-m", "bench.compile", "--quick", "--ops", "infonce", "--targets", "sm90", "--no-host",
+         "--jobs", "1"],
+        BIDIRLM_BENCH_RESULTS=str(tmp_path),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = list(tmp_path.glob("compile-*.jsonl"))
@@ -425,22 +426,10 @@ def test_compile_check(tmp_path: Path) -> None:
     narrows them) with the triton on the path, and the rules hold except for the violations
     listed in bench/compile_known_issues.toml."""
     targets = os.environ.get("BIDIRLM_COMPILE_TARGETS", ",".join(cc.TARGETS))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.compile",
-            "--quick",
-            "--check",
-            "--no-host",
-            "--targets",
-            targets,
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=_env_without_interpreter(BIDIRLM_BENCH_RESULTS=str(tmp_path)),
+    proc = _run_tool(
+        ["-m", "bench.compile", "--quick", "--check", "--no-host", "--targets", targets],
         timeout=1800,
+        BIDIRLM_BENCH_RESULTS=str(tmp_path),
     )
     report = proc.stdout[proc.stdout.find("compile check:") :]
     print(proc.stdout[-20000:])
@@ -703,14 +692,7 @@ def test_warp_specialization_probe(tmp_path: Path) -> None:
         "import json; from bench import ws_probe as w; "
         "print(json.dumps([w.probe('kv-descriptors', 8, False), w.probe('pointers', 4, True)]))"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=_env_without_interpreter(TRITON_CACHE_DIR=str(tmp_path / "cache")),
-        timeout=600,
-    )
+    proc = _run_tool(["-c", code], TRITON_CACHE_DIR=str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     plain, specialized = json.loads(proc.stdout.strip().splitlines()[-1])
     assert plain["compiled"] and plain["warps"] == 8 and plain["setmaxnreg"] == 0
