@@ -44,6 +44,16 @@ BWD_TILES = {"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 32, "
 
 
 @triton.jit
+def online_softmax_step(qk, m_i, l_i, acc, qk_scale):
+    """One key block of the forward's online softmax in log2 units: (P, new row max, new row
+    sum, the accumulator rescaled to the new max); the caller adds P V."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    return p, m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None]
+
+
+@triton.jit
 def _tut_fwd(Q, K, V, O, M, qk_scale, N_CTX, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr):  # fmt: skip
     start_m = tl.program_id(0)
@@ -59,15 +69,9 @@ def _tut_fwd(Q, K, V, O, M, qk_scale, N_CTX, HEAD_DIM: tl.constexpr, BLOCK_M: tl
     for start_n in range(0, N_CTX, BLOCK_N):
         cols = start_n + offs_n
         kt = tl.load(K + base + cols[None, :] * HEAD_DIM + offs_d[:, None])
-        qk = tl.dot(q, kt)
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        p, m_i, l_i, acc = online_softmax_step(tl.dot(q, kt), m_i, l_i, acc, qk_scale)
         v = tl.load(V + base + cols[:, None] * HEAD_DIM + offs_d[None, :])
         acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
     tl.store(M + bh * N_CTX + rows, m_i + tl.math.log2(l_i))
     out = acc / l_i[:, None]
     tl.store(O + base + rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty))

@@ -30,6 +30,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from bench import compile_check as cc
+from bench.tutorial_attention import online_softmax_step
 
 BLOCK_M = 128
 
@@ -56,19 +57,13 @@ def _probe_fwd(Q, K, V, O, M, qk_scale, n_ctx, HEAD_DIM: tl.constexpr, BLOCK_M: 
         else:
             cols = start_n + tl.arange(0, BLOCK_N)
             k = tl.load(K + base + cols[:, None] * HEAD_DIM + offs_d[None, :])
-        qk = tl.dot(q, k.T)
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        p, m_i, l_i, acc = online_softmax_step(tl.dot(q, k.T), m_i, l_i, acc, qk_scale)
         if KV_DESC:
             v = V.load([bh * n_ctx + start_n, 0])
         else:
             cols = start_n + tl.arange(0, BLOCK_N)
             v = tl.load(V + base + cols[:, None] * HEAD_DIM + offs_d[None, :])
         acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
     tl.store(M + bh * n_ctx + rows, m_i + tl.math.log2(l_i))
     out = acc / l_i[:, None]
     tl.store(O + base + rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty))
