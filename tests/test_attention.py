@@ -314,31 +314,37 @@ def test_hd128_hopper_dq_tiles():
 
 def test_hd128_hopper_dkdv_tiles():
     """sm_90 at head dim 128: a dense 16-bit call's dK/dV takes 64 queries x 64 keys at 4 warps
-    (WIDE_DK_CONFIGS, on Q/dO descriptors); variant and float32 calls, head dims other than the
-    table's and other families keep their tiles (and pointer loads)."""
+    (WIDE_DK_CONFIGS, on Q/dO descriptors), as do calls with a window, a key padding mask or
+    ALiBi, or two of them (WIDE_DK_VARIANT_DIMS); packed, softcap, GQA/MQA calls, all three
+    together, float32, head dims other than the table's and other families keep their tiles."""
     from bidirlm.kernels.attention_triton import AttnShape, _plan
 
-    def plan(family="hopper", d=128, packed=False, window=False, hkv=4, dtype=torch.bfloat16):
+    def plan(family="hopper", d=128, packed=False, window=False, hkv=4, dtype=torch.bfloat16,
+             softcap=False, kpm=False, alibi=False):  # fmt: skip
         shape = AttnShape(2, 256, 4, hkv, d, packed)
-        return _plan(family, False, dtype, shape, window, False, False, False, False)
+        return _plan(family, False, dtype, shape, window, softcap, kpm, kpm, alibi)
 
-    for p in (plan(), plan(dtype=torch.float16)):
+    wide = (plan(), plan(dtype=torch.float16), plan(window=True), plan(kpm=True), plan(alibi=True))
+    for p in (*wide, plan(window=True, alibi=True)):
         assert p.wide_dk
         assert (p.dkdv["BLOCK_M"], p.dkdv["BLOCK_N"], p.dkdv["num_warps"]) == (64, 64, 4)
         assert p.dkdv["num_stages"] == 2 and p.grid_dkdv[0] == 4
-    for p in (plan(packed=True), plan(window=True), plan(hkv=1)):
+    assert plan(window=True).dq["BLOCK_N"] == 32  # variant calls keep their dQ tile
+    three = plan(window=True, kpm=True, alibi=True)
+    for p in (plan(packed=True), plan(hkv=1), plan(softcap=True), three):
         assert not p.wide_dk and (p.dkdv["BLOCK_M"], p.dkdv["BLOCK_N"]) == (16, 128)
+    assert not plan(d=256, window=True).wide_dk  # D=256: dense calls only
     for p in (plan(d=96), plan(d=64), plan(dtype=torch.float32), plan("ampere"), plan("cdna")):
         assert not p.wide_dk and p.dkdv["BLOCK_M"] <= 64
     assert plan(d=96).dkdv["BLOCK_M"] == 32 and plan(d=64).dkdv["BLOCK_M"] == 64
 
 
-@pytest.mark.parametrize("case", ["dense", "cross-bf16", "gqa", "kpm"])
+@pytest.mark.parametrize("case", ["dense", "cross-bf16", "gqa", "kpm", "window-alibi"])
 def test_hd128_backward_wide_dkdv_on_descriptors(case, monkeypatch, device):
     """The head-dim-128 dK/dV path of sm_90 (one launch, Q/dO on descriptors, a wide query
-    tile: WIDE_DK_CONFIGS) in the interpreter: 64-query boxes over 45 queries (the tail reads
-    zeros; lse and delta are masked loads), cross lengths; GQA and a key padding mask keep the
-    plain tile and pointer loads; gradients vs float64."""
+    tile: WIDE_DK_CONFIGS, WIDE_DK_VARIANT_DIMS) in the interpreter: 64-query boxes over 45
+    queries (the tail reads zeros; lse and delta are masked loads), cross lengths, a key padding
+    mask, a window with ALiBi; GQA keeps the plain tile and pointer loads; vs float64."""
     from bidirlm.kernels import attention_triton as at
     from bidirlm.kernels import flash_attn_compat as fa
 
@@ -346,6 +352,7 @@ def test_hd128_backward_wide_dkdv_on_descriptors(case, monkeypatch, device):
     monkeypatch.setattr(at, "ATOMIC_DQ_MAX_D", {**at.ATOMIC_DQ_MAX_D, "interpreter": 64})
     wide = {"interpreter": {128: at.LaunchConfig(64, 32, 1, 1)}}
     monkeypatch.setattr(at, "WIDE_DK_CONFIGS", wide)
+    monkeypatch.setattr(at, "WIDE_DK_VARIANT_DIMS", {"interpreter": (128,)})
     launched = []
     run = at._run
 
@@ -360,16 +367,22 @@ def test_hd128_backward_wide_dkdv_on_descriptors(case, monkeypatch, device):
         sk = 38 if case.startswith("cross") else 45
         hkv = 1 if case == "gqa" else 2
         q, k, v = _inputs((2, 45, 2, 128), (2, sk, hkv, 128), dt, device)
-        kpm = None
+        kpm = slopes = None
+        window = (20, 9) if case == "window-alibi" else (-1, -1)
         if case == "kpm":
             kpm = torch.ones(2, sk, dtype=torch.bool, device=device)
             kpm[1, 30:] = False
-        out = fa.flash_attn_func(q, k, v, key_padding_mask=kpm)
+        if case == "window-alibi":
+            slopes = torch.tensor([0.05, 0.2], device=device)
+        out = fa.flash_attn_func(
+            q, k, v, key_padding_mask=kpm, window_size=window, alibi_slopes=slopes
+        )
         dout = torch.randn_like(out)
         grads = _grads(out, (q, k, v), dout)
     finally:
         at._plan.cache_clear()
-    ref_kw = {} if kpm is None else {"key_padding_mask": kpm}
+    ref_kw = {"key_padding_mask": kpm, "window_size": window, "alibi_slopes": slopes}
+    ref_kw = {key: val for key, val in ref_kw.items() if val is not None}
     inputs64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
     out64 = attention_reference(*inputs64, compute_dtype=torch.float64, **ref_kw)
     grads64 = _grads(out64, inputs64, dout.double())
@@ -378,9 +391,8 @@ def test_hd128_backward_wide_dkdv_on_descriptors(case, monkeypatch, device):
     grads_pt = _grads(out_pt, low, dout)
     for name, g, g64, g_pt in zip(("dq", "dk", "dv"), grads, grads64, grads_pt):
         assert_close_to_ref(g, g64, g_pt, name=name)
-    if not HAS_GPU:  # dense calls: the wide tile on descriptors; variants: pointers, 32 queries
-        dense = case in ("dense", "cross-bf16")
-        expected = (True, 64) if dense else (False, 32)
+    if not HAS_GPU:  # the wide tile on descriptors; GQA: pointers, 32 queries
+        expected = (True, 64) if case != "gqa" else (False, 32)
         assert ("_attn_bwd_dkdv_kernel", *expected, 0) in launched
 
 
@@ -741,11 +753,14 @@ def test_variant_configs_replace_the_dense_ones():
     assert dense.dkdv["BLOCK_N"] == pick_config("hopper", 128, True).block_n
     over = variant_overrides("hopper", 128)
     for p in (plan(8, 2, False, False), plan(4, 4, True, False), plan(4, 4, False, True)):
+        assert p.fwd["num_warps"] == over["fwd"].num_warps
+        if p.wide_dk:  # a window alone: WIDE_DK_CONFIGS' tile (WIDE_DK_VARIANT_DIMS)
+            assert p.dkdv["BLOCK_M"] == WIDE_DK_CONFIGS["hopper"][128].block_m
+            continue
         assert (p.dkdv["BLOCK_M"], p.dkdv["BLOCK_N"]) == (
             over["dkdv"].block_m,
             over["dkdv"].block_n,
         )
-        assert p.fwd["num_warps"] == over["fwd"].num_warps
     assert (
         plan(8, 2, False, False, torch.float32).dkdv["BLOCK_M"]
         == pick_config("hopper", 128, True, dtype=torch.float32).block_m

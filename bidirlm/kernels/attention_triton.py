@@ -480,7 +480,7 @@ def _bwd_kv_blocks(
             lse = tl.load(LSE + lse_off + rows, mask=row_ok, other=float("-inf"))
         else:
             lse = tl.load(LSE + lse_off + rows)
-        if ATOMIC_DQ:
+        if ATOMIC_DQ or offs_d.shape[0] <= 64:
             delta = _row_values(DELTA + lse_off, rows, seqlen_q, 0.0, MASKED)
         if UPCAST:
             q = q.to(tl.float32)
@@ -502,11 +502,11 @@ def _bwd_kv_blocks(
             dv = _dot(pT.to(do.dtype), do, dv, IEEE)
         if PART != 1:
             dpT = _dot(v, tl.trans(do), None, IEEE)
-            if not ATOMIC_DQ:
+            if not (ATOMIC_DQ or offs_d.shape[0] <= 64):
                 # loaded here, delta is not live across the S and dP GEMMs (sm_90, D=128 64x64
                 # on descriptors: with delta above and the epilogue offsets before the loops,
-                # 40 B spilled with triton 3.9, 52 B with 3.6); the atomic-dQ kernel (D=64)
-                # keeps it above: 4 fewer shared-memory loads a trip there
+                # 40 B spilled with triton 3.9, 52 B with 3.6); at D <= 64 it stays above: 4
+                # fewer shared-memory loads a trip there (sm_90, 64x64 tile)
                 delta = _row_values(DELTA + lse_off, rows, seqlen_q, 0.0, MASKED)
             dsT = pT * (dpT - delta[None, :])
             if HAS_SOFTCAP:  # d/dx [c * tanh(x / c)] = 1 - tanh^2
@@ -939,10 +939,18 @@ SPLIT_DV_CONFIGS: dict[str, list[tuple[int, LaunchConfig | None]]] = {
 #   spilled 24 B before, so the tile was gated to triton >= 3.9): predicted hd256 bwd 264 (3.9
 #   rows), 219 -> 268 (3.6 rows).
 # (bench/perf_model.py, H100, B4, H = 2048/D, S4096; not measured.) Variant calls keep
-# VARIANT_CONFIGS' tiles: at D=128, 64x64 spills with GQA/MQA (44-148 B) and a softcap (48-212 B).
+# VARIANT_CONFIGS' tiles, except those of WIDE_DK_VARIANT_DIMS.
 WIDE_DK_CONFIGS: dict[str, dict[int, LaunchConfig]] = {
     "hopper": {128: _C(64, 64, 4, 2), 256: _C(32, 64, 4, 2)},
 }
+# Head dims at which calls with a window, a key padding mask or ALiBi, or two of them (not packed,
+# no softcap, no GQA/MQA) take the WIDE_DK_CONFIGS tile too, per family. sm_90 D=128: 64x64 on
+# descriptors compiles without a spill there with both tritons (up to 255 registers with 3.6)
+# where GQA/MQA (44-148 B), a softcap (48-212 B) and all three together (20 B, 3.6) spill; predicted
+# (bench/perf_model.py, H100 bf16 B4 H16 S4096, not measured) window 209 -> 307, key padding
+# 204 -> 295, ALiBi 201 -> 291 TFLOP/s with the 3.9 rows. At D=256 the 32-query dK spills 8 B
+# with a window or ALiBi with 3.6.
+WIDE_DK_VARIANT_DIMS: dict[str, tuple[int, ...]] = {"hopper": (128,)}
 # The dQ launch of a dense 16-bit call at a head dim of DQ_TMA_HEAD_DIMS (K/V on descriptors),
 # per family: (head dim, config). On sm_90 at D=128, 64 queries x 128 keys at 4 warps compile
 # without a spill with triton 3.9 (226 registers) and 3.6 (236) on K/V descriptors: one program
@@ -1139,10 +1147,15 @@ def _plan(
                 break
 
     wide_dk = WIDE_DK_CONFIGS.get(family, {}).get(shape.head_dim)
+    light = not (shape.packed or has_softcap or shape.hq != shape.hkv)
+    light = light and windowed + has_kpm + has_alibi < 3
     if (
         wide_dk is not None
-        and wide_dk.block_n == cfgs["dkdv"].block_n  # one grid for the split dV and dK launches
-        and not heavy
+        and (not heavy or (light and shape.head_dim in WIDE_DK_VARIANT_DIMS.get(family, ())))
+        and (
+            wide_dk.block_n == cfgs["dkdv"].block_n  # one grid for the split dV and dK launches
+            or shape.head_dim <= FUSED_DKDV_MAX_D.get(family, 256)
+        )
         and dtype != torch.float32
         and not autotune_enabled()
     ):
@@ -1500,9 +1513,9 @@ def _dq_descriptors(plan: _Plan, k: torch.Tensor, v: torch.Tensor, packed: bool)
 
 # Head dims whose dK/dV kernel reads the Q and dO tiles through TMA descriptors in every
 # non-packed 16-bit call, per family (the forward's layout and rules, as for dQ); the launches
-# of a WIDE_DK_CONFIGS tile (dense calls) read them so at other head dims too. At D=128 the
-# variant tiles (16 queries) stay on pointer loads: on descriptors their main loop took 16-53
-# more instructions a trip on sm_90 (TMA barrier waits for 16-row boxes).
+# of a WIDE_DK_CONFIGS tile read them so at other head dims too. At D=128 the 16-query variant
+# tiles (packed, softcap, GQA/MQA calls) stay on pointer loads: on descriptors their main loop
+# took 16-53 more instructions a trip on sm_90 (TMA barrier waits for 16-row boxes).
 KV_TMA_HEAD_DIMS: dict[str, tuple[int, ...]] = {"hopper": (256,)}
 
 
