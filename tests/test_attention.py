@@ -40,6 +40,17 @@ def _grads(out, inputs, dout):
     return torch.autograd.grad(out, inputs, dout)
 
 
+def _check_grads(q, k, v, grads, dout, dtype, **ref_kw):
+    """Kernel dq/dk/dv vs the float64 reference, bound from torch's own error in `dtype`."""
+    inputs64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    grads64 = _grads(attention_reference(*inputs64, compute_dtype=torch.float64, **ref_kw),
+                     inputs64, dout.double())  # fmt: skip
+    low = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    grads_pt = _grads(attention_reference(*low, compute_dtype=dtype, **ref_kw), low, dout)
+    for name, g, g64, g_pt in zip(("dq", "dk", "dv"), grads, grads64, grads_pt):
+        assert_close_to_ref(g, g64, g_pt, name=name)
+
+
 def check_against_reference(q, k, v, *, cu_seqlens=None, max_seqlen=None, factor=2.0, **kw):
     """Kernel out/lse/dq/dk/dv vs float64 reference; bound from torch's error in q.dtype."""
     ref_kw = {key: kw[key] for key in ("softmax_scale", "window_size", "softcap") if key in kw}
@@ -244,14 +255,7 @@ def test_backward_on_descriptors(case, monkeypatch, device):
         out = fa.flash_attn_func(q, k, v)
     dout = torch.randn_like(out)
     grads = _grads(out, (q, k, v), dout)
-    inputs64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    out64 = attention_reference(*inputs64, compute_dtype=torch.float64, **ref_kw)
-    grads64 = _grads(out64, inputs64, dout.double())
-    low = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out_pt = attention_reference(*low, compute_dtype=dt, **ref_kw)
-    grads_pt = _grads(out_pt, low, dout)
-    for name, g, g64, g_pt in zip(("dq", "dk", "dv"), grads, grads64, grads_pt):
-        assert_close_to_ref(g, g64, g_pt, name=name)
+    _check_grads(q, k, v, grads, dout, dt, **ref_kw)
     if not HAS_GPU:
         assert ("_attn_bwd_dq_kernel", True) in launched
         assert ("_attn_bwd_dkdv_kernel", not case.startswith("packed")) in launched
@@ -383,14 +387,7 @@ def test_hd128_backward_wide_dkdv_on_descriptors(case, monkeypatch, device):
         at._plan.cache_clear()
     ref_kw = {"key_padding_mask": kpm, "window_size": window, "alibi_slopes": slopes}
     ref_kw = {key: val for key, val in ref_kw.items() if val is not None}
-    inputs64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    out64 = attention_reference(*inputs64, compute_dtype=torch.float64, **ref_kw)
-    grads64 = _grads(out64, inputs64, dout.double())
-    low = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out_pt = attention_reference(*low, compute_dtype=dt, **ref_kw)
-    grads_pt = _grads(out_pt, low, dout)
-    for name, g, g64, g_pt in zip(("dq", "dk", "dv"), grads, grads64, grads_pt):
-        assert_close_to_ref(g, g64, g_pt, name=name)
+    _check_grads(q, k, v, grads, dout, dt, **ref_kw)
     if not HAS_GPU:  # the wide tile on descriptors; GQA: pointers, 32 queries
         expected = (True, 64) if case != "gqa" else (False, 32)
         assert ("_attn_bwd_dkdv_kernel", *expected, 0) in launched
@@ -435,14 +432,7 @@ def test_hd128_backward_wide_dq_on_descriptors(case, monkeypatch, device):
         grads = _grads(out, (q, k, v), dout)
     finally:
         at._plan.cache_clear()
-    inputs64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    out64 = attention_reference(*inputs64, compute_dtype=torch.float64, **ref_kw)
-    grads64 = _grads(out64, inputs64, dout.double())
-    low = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out_pt = attention_reference(*low, compute_dtype=dt, **ref_kw)
-    grads_pt = _grads(out_pt, low, dout)
-    for name, g, g64, g_pt in zip(("dq", "dk", "dv"), grads, grads64, grads_pt):
-        assert_close_to_ref(g, g64, g_pt, name=name)
+    _check_grads(q, k, v, grads, dout, dt, **ref_kw)
     if not HAS_GPU:  # dense calls take the wide block, variants (GQA, packed) the plain one
         wide_n = 64 if case in ("dense", "cross-bf16") else 32
         assert ("_attn_bwd_dq_kernel", True, wide_n) in launched
