@@ -39,6 +39,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .config import arch_family, autotune_enabled
 from .dispatch import interpreting
+from .exp2_triton import exp2_poly, join_columns, split_columns
 
 UNBOUNDED = 1 << 30  # a window side of -1 becomes this: |i - j| never reaches it, i + it fits int32
 
@@ -149,61 +150,25 @@ def _scores(
 
 
 @triton.jit
-def _exp2_fma(x):
-    """2**x for finite x <= 0 on the FMA pipe (no MUFU): frees the 16-per-clock special-function
-    unit that every score's exp2 otherwise queues on. The integer part comes from one FADD of
-    1.5 * 2**23 (which rounds x to an integer in the low mantissa bits) and goes into the exponent
-    field; 2**f for f in [-0.5, 0.5] is a degree-4 minimax polynomial (relative error 2.7e-6 =
-    2**-18.5, 2**-9.5 below bf16's rounding of P). x is clamped at -126 (2**-126 is still a
-    normal float, and exactly 0 is not needed: this is used only where every row has a finite
-    maximum, so such a P is 126 binades below the row's largest)."""
-    x = tl.maximum(x, -126.0)
-    t = x + 12582912.0
-    f = x - (t - 12582912.0)
-    p = 0.009570101276040077 * f + 0.05591785907745361
-    p = p * f + 0.240247443318367
-    p = p * f + 0.6931217908859253
-    p = p * f + 0.9999992847442627
-    # t's low bits hold round(x) (two's complement); << 23 moves them onto the exponent field
-    bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _halves(x):
-    """(x[:, :N/2], x[:, N/2:]) of a [M, N] tile. The top column bit is a register bit of the
-    wgmma / mma accumulator layouts, so on a GPU the split moves no data between threads."""
-    m: tl.constexpr = x.shape[0]
-    n: tl.constexpr = x.shape[1]
-    return tl.split(tl.permute(x.reshape([m, 2, n // 2]), [0, 2, 1]))
-
-
-@triton.jit
-def _join_halves(a, b):
-    m: tl.constexpr = a.shape[0]
-    n: tl.constexpr = a.shape[1]
-    return tl.permute(tl.join(a, b), [0, 2, 1]).reshape([m, 2 * n])
-
-
-@triton.jit
 def _exp2_mixed(x, POLY_LOG: tl.constexpr):
     """2**x of a [M, N] tile with the last N / 2**POLY_LOG columns on the FMA pipe
-    (`_exp2_fma`, finite x <= 0 only) and the others on MUFU; POLY_LOG = 0: all on MUFU."""
+    (`exp2_poly` of degree 4, finite x <= 0 only) and the others on MUFU; POLY_LOG = 0: all on
+    MUFU."""
     tl.static_assert(POLY_LOG >= 0 and POLY_LOG <= 3, "POLY_LOG is 0..3")
     if POLY_LOG == 0:
         y = tl.exp2(x)
     else:
-        a, b = _halves(x)
+        a, b = split_columns(x)
         if POLY_LOG == 1:
-            b = _exp2_fma(b)
+            b = exp2_poly(b, 4)
         elif POLY_LOG == 2:
-            b0, b1 = _halves(b)
-            b = _join_halves(tl.exp2(b0), _exp2_fma(b1))
+            b0, b1 = split_columns(b)
+            b = join_columns(tl.exp2(b0), exp2_poly(b1, 4))
         else:
-            b0, b1 = _halves(b)
-            b10, b11 = _halves(b1)
-            b = _join_halves(tl.exp2(b0), _join_halves(tl.exp2(b10), _exp2_fma(b11)))
-        y = _join_halves(tl.exp2(a), b)
+            b0, b1 = split_columns(b)
+            b10, b11 = split_columns(b1)
+            b = join_columns(tl.exp2(b0), join_columns(tl.exp2(b10), exp2_poly(b11, 4)))
+        y = join_columns(tl.exp2(a), b)
     return y
 
 
@@ -240,7 +205,7 @@ def _fwd_blocks(
     columns past D) with zeros, so edge blocks use them too; packed ones are [Tk, Hkv, D], whose
     rows past a sequence belong to the next one: their edge blocks keep masked pointer loads.
     POLY_LOG / POLY_ALPHA (interior blocks only, where every exponent is finite): part of the
-    exp2 work on the FMA pipe (`_exp2_mixed`, `_exp2_fma`)."""
+    exp2 work on the FMA pipe (`_exp2_mixed`, `exp2_poly`)."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         if MASKED:
@@ -290,7 +255,7 @@ def _fwd_blocks(
             # an interior block gives every row a finite maximum; m_i = -inf (first block) makes
             # alpha 2**-126 instead of 0, which multiplies l_i = 0 and acc = 0
             if POLY_ALPHA:
-                alpha = _exp2_fma(m_i - m_new)
+                alpha = exp2_poly(m_i - m_new, 4)
             else:
                 alpha = tl.exp2(m_i - m_new)
             p = _exp2_mixed(s * scale - m_new[:, None], POLY_LOG)
