@@ -61,3 +61,20 @@ def tol(dtype: torch.dtype, scale: float = 1.0) -> dict[str, float]:
         torch.bfloat16: (1.6e-2, 1.6e-2),
     }[dtype]
     return {"rtol": base[0] * scale, "atol": base[1] * scale}
+
+
+def count_triton_launches(monkeypatch) -> list[str]:
+    """Names of the Triton launches as they run: the `run` of compiled and interpreted kernels
+    is wrapped (the kernel still runs; `kernel[grid](...)` goes through `run` in both)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    names: list[str] = []
+    for cls in (JITFunction, InterpretedFunction):
+
+        def run(fn, *args, _original=cls.run, **kwargs):
+            names.append(fn.fn.__name__)
+            return _original(fn, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "run", run)
+    return names

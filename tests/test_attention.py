@@ -24,7 +24,7 @@ from bidirlm.kernels.attention_triton import (
     pick_config,
 )
 from bidirlm.kernels.reference import attention_reference
-from tests.helpers import DTYPES, assert_close_to_ref
+from tests.helpers import DTYPES, assert_close_to_ref, count_triton_launches
 
 HAS_GPU = torch.cuda.is_available()
 
@@ -963,3 +963,37 @@ def test_hopper_forward_descriptors_and_exp2_split_choice(monkeypatch):
     monkeypatch.setattr(attention_triton, "autotune_enabled", lambda: True)  # GPU-only switch
     *_, kd, _, kw = launch(64)
     assert kd is None and not kw["USE_DESC"]
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_launches_do_not_grow_with_the_batch(head_dim, monkeypatch, device):
+    """Triton launches of one forward and one backward, counted as they run, at two batch and
+    sequence sizes, on sm_90's plan shapes: head dim 64 accumulates dQ by atomics inside dK/dV
+    (forward 1; backward preprocess + dK/dV), head dim 128 has its own dQ kernel and the wide
+    dK/dV tile on descriptors (backward preprocess + dK/dV + dQ)."""
+    if device.type != "cpu":
+        pytest.skip("counts the interpreter's launches (same launchers on a GPU)")
+    from bidirlm.kernels import attention_triton as at
+    from bidirlm.kernels import flash_attn_compat as fa
+
+    monkeypatch.setattr(at, "ATOMIC_DQ_MAX_D", {**at.ATOMIC_DQ_MAX_D, "interpreter": 64})
+    monkeypatch.setattr(
+        at, "WIDE_DK_CONFIGS", {"interpreter": {128: at.LaunchConfig(64, 32, 1, 1)}}
+    )
+    names = count_triton_launches(monkeypatch)
+    expected_bwd = ["_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel"]
+    if head_dim > 64:
+        expected_bwd.append("_attn_bwd_dq_kernel")
+    at._plan.cache_clear()
+    try:
+        for batch, seqlen in ((1, 40), (3, 130)):
+            q, k, v = _inputs((batch, seqlen, 2, head_dim), (batch, seqlen, 2, head_dim),
+                              torch.float16, device)  # fmt: skip
+            out = fa.flash_attn_func(q, k, v)
+            assert names == ["_attn_fwd_kernel"], (batch, seqlen, names)
+            names.clear()
+            out.backward(torch.randn_like(out))
+            assert sorted(names) == sorted(expected_bwd), (batch, seqlen, names)
+            names.clear()
+    finally:
+        at._plan.cache_clear()

@@ -14,7 +14,7 @@ from bidirlm.kernels import InfoNCELoss, infonce_loss
 from bidirlm.kernels.infonce import _infonce_lse_op
 from bidirlm.kernels.infonce_triton import CONFIGS
 from bidirlm.kernels.reference import infonce_direction_reference, infonce_reference
-from tests.helpers import DTYPES, assert_close_to_ref
+from tests.helpers import DTYPES, assert_close_to_ref, count_triton_launches
 
 B, M, D = 17, 51, 48  # odd sizes on purpose: partial row, column and width tiles
 
@@ -543,24 +543,8 @@ def test_exact_zero_loss_gives_exact_zeros(device):
             assert torch.count_nonzero(gq) == 0 and torch.count_nonzero(gd) == 0
 
 
-def _count_launches(monkeypatch) -> list[str]:
-    """Names of the Triton launches as they run (`run` of compiled and interpreted kernels)."""
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    names: list[str] = []
-    for cls in (JITFunction, InterpretedFunction):
-
-        def run(fn, *args, _original=cls.run, **kwargs):
-            names.append(fn.fn.__name__)
-            return _original(fn, *args, **kwargs)
-
-        monkeypatch.setattr(cls, "run", run)
-    return names
-
-
 def _launch_counts(device, monkeypatch) -> list[tuple[int, int]]:
-    names = _count_launches(monkeypatch)
+    names = count_triton_launches(monkeypatch)
     counts = []
     for b, m in ((8, 16), (40, 80)):  # the interpreter's chunks are 16 x 32
         q, docs = _inputs(device, torch.float32, b=b, m=m, d=16)
