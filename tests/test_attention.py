@@ -23,6 +23,7 @@ from bidirlm.kernels.attention_triton import (
     autotune_configs,
     pick_config,
 )
+from bidirlm.kernels.exp2_triton import exp2_poly_affine
 from bidirlm.kernels.reference import attention_reference
 from tests.helpers import DTYPES, assert_close_to_ref, count_triton_launches
 
@@ -818,7 +819,7 @@ def test_random_packed_configs(
 @triton.jit
 def _exp2_kernel(X, Y, POLY_LOG: tl.constexpr, M: tl.constexpr, N: tl.constexpr):
     offs = tl.arange(0, M)[:, None] * N + tl.arange(0, N)[None, :]
-    tl.store(Y + offs, _exp2_mixed(tl.load(X + offs), POLY_LOG))
+    tl.store(Y + offs, _exp2_mixed(tl.load(X + offs), 1.0, tl.zeros([M], tl.float32), POLY_LOG))
 
 
 @pytest.mark.parametrize("poly_log", [0, 1, 2, 3])
@@ -892,7 +893,7 @@ def test_forward_tma_descriptors_and_fma_exp2(case, monkeypatch):
 
     monkeypatch.setattr(at, "TensorDescriptor", CountingDescriptor)
     monkeypatch.setattr(at, "FWD_TMA_FAMILIES", ("interpreter",))
-    monkeypatch.setitem(at.FWD_EXP2_SPLIT, "interpreter", [(256, 32, 32, 3, True)])
+    monkeypatch.setitem(at.FWD_EXP2_SPLIT, "interpreter", [(256, 32, 32, 3, True, False)])
     torch.manual_seed(0)
     bf16_cases = ("dense-gqa", "kpm", "softcap-alibi", "packed")
     dt = torch.bfloat16 if case in bf16_cases else torch.float16
@@ -932,11 +933,95 @@ def test_forward_tma_descriptors_and_fma_exp2(case, monkeypatch):
     assert made, "the forward took no tensor descriptor"
 
 
+@triton.jit
+def _exp2_affine_kernel(S, Y, scale, shift, DEGREE: tl.constexpr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(Y + offs, exp2_poly_affine(tl.load(S + offs), scale, shift, -126, 66, DEGREE))
+
+
+@pytest.mark.parametrize("degree,bound", [(3, 1e-4), (4, 2e-5)])
+def test_exp2_poly_affine_clamps_and_matches_float64(degree, bound):
+    """2**clamp(s * scale - shift, -126, 66) on the FMA pipe: within the fit's error plus the
+    rounding of the saturating FMA's output and constants (measured: degree 3 8.9e-5, degree 4
+    1.6e-5) of float64 over the whole range, positive exponents included, and the clamp value
+    outside it."""
+    scale, shift = 0.18033688, 3.25
+    x = torch.cat([torch.linspace(-140.0, 80.0, 4092), torch.tensor([-1e30, 1e30, 0.0, 65.9])])
+    s = ((x + shift) / scale).float()
+    y = torch.empty_like(s)
+    _exp2_affine_kernel[(1,)](s, y, scale, shift, degree, s.numel())
+    want = torch.exp2((s.double() * scale - shift).clamp(-126, 66))
+    rel = ((y.double() - want) / want).abs()
+    normal = want >= 2.0**-125  # at the clamp 2**-126 * p(0) < 2**-126 is a subnormal: twice
+    assert rel[normal].max() < bound  # the relative error of p(0), 1e-38 x 2e-4 absolute
+    assert ((y.double() - want).abs()[~normal] <= 2.0**-126 * 2 * bound).all()
+    assert rel.max() > bound / 20  # the polynomial really ran (no exact exp2 sneaked in)
+
+
+FIXED_MAX_CASES = ["dense-bf16", "dense-fp16", "cross", "gqa", "d40", "spread40", "spread100",
+                   "spread200", "kpm", "window", "packed"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", FIXED_MAX_CASES)
+def test_forward_fixed_row_maxima(case, monkeypatch):
+    """FIXED_MAX (the Hopper dense tiles, run here on the interpreter's 32x32 tiles with 1/4 of
+    the columns on the FMA pipe): interior blocks after the first run against fixed row maxima.
+    Against the float64 reference: plain dense calls; scores 40 log2 units above the first
+    block's maximum (p up to 2**40: the fast loop must be right on its own, also with the
+    fallback switched off); 100 units above, on FMA-pipe columns (clamped at 2**66: the fallback
+    must redo the program, and without it the two keys' 2:1 weights come out 1:1); 200 units on
+    MUFU columns (inf); key padding, windows and packing keep the online softmax (the host never
+    asks the kernel for FIXED_MAX there)."""
+    from bidirlm.kernels import attention_triton as at
+
+    monkeypatch.setattr(at, "FWD_TMA_FAMILIES", ("interpreter",))
+    monkeypatch.setitem(at.FWD_EXP2_SPLIT, "interpreter", [(256, 32, 32, 2, True, True)])
+    torch.manual_seed(0)
+    dt = torch.float16 if case == "dense-fp16" else torch.bfloat16
+    sq, sk, h, hkv, d = 100, 100, 2, 2, 64
+    if case == "cross":
+        sk = 90
+    elif case == "gqa":
+        hkv = 1
+    elif case == "d40":
+        d = 40
+    q, k, v = torch.randn(2, sq, h, d), torch.randn(2, sk, hkv, d), torch.randn(2, sk, hkv, d)
+    kw = {}
+    if case.startswith("spread"):
+        # keys 60 and 61 are FMA-pipe columns of the second 32-key block (its last 8), key 40 a
+        # MUFU one; the first block [0, 32) sets the maxima near 0 (q.k ~ N(0, 64))
+        q[..., 0] = 4.0
+        units = {"spread40": 40, "spread100": 100, "spread200": 200}[case]
+        big = units / (4.0 * d**-0.5 * 1.4426950408889634)  # q.k * scale * log2(e) = units
+        key = 40 if case == "spread200" else 60
+        k[:, key, :, 0] = big
+        k[:, key + 1, :, 0] = big - 1.5
+    elif case == "kpm":
+        kpm = torch.ones(2, sk, dtype=torch.bool)
+        kpm[1, 61:] = False
+        kw["kpm"] = kpm
+    elif case == "window":
+        kw["window"] = (20, 33)
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    if case == "packed":
+        cu = torch.tensor([0, 70, 75, 108], dtype=torch.int32)
+        _forward_vs_reference(*(torch.randn(108, 2, 64).to(dt) for _ in range(3)), cu=cu)
+        return
+    _forward_vs_reference(q, k, v, **kw)
+    if case in ("spread40", "spread100"):
+        monkeypatch.setattr(at, "FIXED_LIMIT", tl.constexpr(float("inf")))  # no fallback
+        if case == "spread40":
+            _forward_vs_reference(q, k, v)
+        else:
+            with pytest.raises(AssertionError):
+                _forward_vs_reference(q, k, v)
+
+
 def test_hopper_forward_descriptors_and_exp2_split_choice(monkeypatch):
     """On sm_90 the forward gets K/V descriptors (dense 4-d box, packed 3-d) for 16-bit inputs,
-    pointers for float32 and under autotuning; the FMA-pipe exp2 share goes with the dense tiles
-    it was sized on (hd64 128x256: 1/8 of the columns; hd128 128x128: the rescale factors), never
-    to the issue-bound variant tiles."""
+    pointers for float32 and under autotuning; the FMA-pipe exp2 share and the fixed row maxima
+    go with the dense tiles they were sized on (hd64 128x256: 1/4 of the columns; hd128 128x128:
+    1/8 and the rescale factors), never to the issue-bound variant tiles."""
     from bidirlm.kernels.attention_triton import AttnShape, _fwd_operands, _plan
 
     def launch(d, hkv=4, packed=False, dtype=torch.bfloat16):
@@ -946,16 +1031,19 @@ def test_hopper_forward_descriptors_and_exp2_split_choice(monkeypatch):
         k, v = torch.zeros(kv_shape, dtype=dtype), torch.zeros(kv_shape, dtype=dtype)
         return _fwd_operands(plan, k, v, packed)
 
+    def choice(kw):
+        return kw["BLOCK_M"], kw["BLOCK_N"], kw["POLY_LOG"], kw["POLY_ALPHA"], kw["FIXED_MAX"]
+
     *_, kd, _, kw = launch(64)
     assert kw["USE_DESC"] and kd.block_shape == [1, 256, 1, 64]
-    assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["POLY_LOG"], kw["POLY_ALPHA"]) == (128, 256, 3, False)
+    assert choice(kw) == (128, 256, 2, False, True)
     *_, kw = launch(128)
-    assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["POLY_LOG"], kw["POLY_ALPHA"]) == (128, 128, 0, True)
-    for d in (64, 128):  # GQA: the variant tiles, every exp2 on MUFU
+    assert choice(kw) == (128, 128, 3, True, True)
+    for d in (64, 128):  # GQA: the variant tiles, every exp2 on MUFU, online softmax
         *_, kw = launch(d, hkv=2)
-        assert (kw["POLY_LOG"], kw["POLY_ALPHA"]) == (0, False)
+        assert (kw["POLY_LOG"], kw["POLY_ALPHA"], kw["FIXED_MAX"]) == (0, False, False)
     *_, kd, _, kw = launch(128, packed=True)
-    assert kd.block_shape == [kw["BLOCK_N"], 1, 128]
+    assert kd.block_shape == [kw["BLOCK_N"], 1, 128] and not kw["FIXED_MAX"]
     *_, kd, _, kw = launch(64, dtype=torch.float32)
     assert kd is None and not kw["USE_DESC"]
     from bidirlm.kernels import attention_triton

@@ -39,9 +39,21 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .config import arch_family, autotune_enabled
 from .dispatch import interpreting
-from .exp2_triton import exp2_poly, join_columns, split_columns
+from .exp2_triton import exp2_poly, exp2_poly_affine, join_columns, split_columns
 
 UNBOUNDED = 1 << 30  # a window side of -1 becomes this: |i - j| never reaches it, i + it fits int32
+
+
+# The forward's FIXED_MAX mode (dense calls on the Hopper tiles of FWD_EXP2_SPLIT): after the
+# first interior key block, each row's maximum stays fixed, so the main loop computes no row
+# maximum and rescales nothing. 2**x can then exceed 1: the FMA-pipe exp2 clamps x at FIXED_HI
+# (MUFU's gives up to inf), and a program whose row sums reach FIXED_LIMIT (a score more than 64
+# log2 units above its row's first-block maximum; any clamped value is above it too) or whose
+# accumulator is not finite redoes every key block with the online softmax. FIXED_DEGREE: the
+# polynomial of those FMA-pipe columns (relative error 7.5e-5, `exp2_poly_affine`).
+FIXED_HI = tl.constexpr(66)
+FIXED_LIMIT = tl.constexpr(2.0**64)
+FIXED_DEGREE = tl.constexpr(3)
 
 
 @triton.jit
@@ -150,26 +162,38 @@ def _scores(
 
 
 @triton.jit
-def _exp2_mixed(x, POLY_LOG: tl.constexpr):
-    """2**x of a [M, N] tile with the last N / 2**POLY_LOG columns on the FMA pipe
-    (`exp2_poly` of degree 4, finite x <= 0 only) and the others on MUFU; POLY_LOG = 0: all on
-    MUFU."""
+def _exp2_mixed(s, scale, m, POLY_LOG: tl.constexpr, FIXED: tl.constexpr = False):
+    """2**(s * scale - m[:, None]) of a [M, N] tile of raw scores s with the last N / 2**POLY_LOG
+    columns on the FMA pipe and the others on MUFU; POLY_LOG = 0: all on MUFU. The FMA-pipe
+    columns take `exp2_poly(x, 4)` (x <= 0 and finite: an interior block of the online softmax)
+    or, FIXED, `exp2_poly_affine` clamped to [-126, FIXED_HI] (x of any sign: scores against a
+    fixed maximum)."""
     tl.static_assert(POLY_LOG >= 0 and POLY_LOG <= 3, "POLY_LOG is 0..3")
     if POLY_LOG == 0:
-        y = tl.exp2(x)
+        y = tl.exp2(s * scale - m[:, None])
     else:
-        a, b = split_columns(x)
+        a, b = split_columns(s)
         if POLY_LOG == 1:
-            b = exp2_poly(b, 4)
+            b = _exp2_poly_cols(b, scale, m, FIXED)
         elif POLY_LOG == 2:
             b0, b1 = split_columns(b)
-            b = join_columns(tl.exp2(b0), exp2_poly(b1, 4))
+            b = join_columns(tl.exp2(b0 * scale - m[:, None]), _exp2_poly_cols(b1, scale, m, FIXED))
         else:
             b0, b1 = split_columns(b)
             b10, b11 = split_columns(b1)
-            b = join_columns(tl.exp2(b0), join_columns(tl.exp2(b10), exp2_poly(b11, 4)))
-        y = join_columns(tl.exp2(a), b)
+            b1 = _exp2_poly_cols(b11, scale, m, FIXED)
+            b1 = join_columns(tl.exp2(b10 * scale - m[:, None]), b1)
+            b = join_columns(tl.exp2(b0 * scale - m[:, None]), b1)
+        y = join_columns(tl.exp2(a * scale - m[:, None]), b)
     return y
+
+
+@triton.jit
+def _exp2_poly_cols(s, scale, m, FIXED: tl.constexpr):
+    if FIXED:
+        return exp2_poly_affine(s, scale, m[:, None], -126, FIXED_HI, FIXED_DEGREE)
+    else:
+        return exp2_poly(s * scale - m[:, None], 4)
 
 
 @triton.jit
@@ -197,6 +221,7 @@ def _fwd_blocks(
     HAS_SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, USE_DESC: tl.constexpr, PACKED: tl.constexpr,
     POLY_LOG: tl.constexpr, POLY_ALPHA: tl.constexpr, BLOCK_N: tl.constexpr,
+    FIXED: tl.constexpr = False,
 ):  # fmt: skip
     """Online softmax over key blocks [start, end); MASKED for edge blocks only.
 
@@ -245,24 +270,33 @@ def _fwd_blocks(
                 valid = valid & (cols[None, :] >= pos[:, None] - window_left)
                 valid = valid & (cols[None, :] <= pos[:, None] + window_right)
             s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
-        if MASKED:
-            # A row with no visible key so far keeps m = -inf; subtract 0 there, never -inf - -inf.
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_sub)
-            p = tl.exp2(s * scale - m_sub[:, None])
+        if FIXED:
+            # interior blocks against the row maxima the caller already holds: no max, no
+            # rescale; a score above them gives p > 1 (2**x up to 2**FIXED_HI on the FMA pipe),
+            # which the caller's check of l_i catches
+            p = _exp2_mixed(s, scale, m_i, POLY_LOG, True)
+            l_i += tl.sum(p, 1)
+            acc = _dot(p.to(v.dtype), v, acc, IEEE)
         else:
-            # an interior block gives every row a finite maximum; m_i = -inf (first block) makes
-            # alpha 2**-126 instead of 0, which multiplies l_i = 0 and acc = 0
-            if POLY_ALPHA:
-                alpha = exp2_poly(m_i - m_new, 4)
+            m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
+            if MASKED:
+                # A row with no visible key so far keeps m = -inf; subtract 0 there, never
+                # -inf - -inf.
+                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_sub)
+                p = tl.exp2(s * scale - m_sub[:, None])
             else:
-                alpha = tl.exp2(m_i - m_new)
-            p = _exp2_mixed(s * scale - m_new[:, None], POLY_LOG)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = _dot(p.to(v.dtype), v, acc, IEEE)
-        m_i = m_new
+                # an interior block gives every row a finite maximum; m_i = -inf (first block) makes
+                # alpha 2**-126 instead of 0, which multiplies l_i = 0 and acc = 0
+                if POLY_ALPHA:
+                    alpha = exp2_poly(m_i - m_new, 4)
+                else:
+                    alpha = tl.exp2(m_i - m_new)
+                p = _exp2_mixed(s, scale, m_new, POLY_LOG)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = _dot(p.to(v.dtype), v, acc, IEEE)
+            m_i = m_new
     return acc, l_i, m_i
 
 
@@ -280,6 +314,7 @@ def _attn_fwd_kernel(
     HAS_SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, USE_DESC: tl.constexpr, POLY_LOG: tl.constexpr,
     POLY_ALPHA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FIXED_MAX: tl.constexpr = False,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
@@ -327,30 +362,80 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # The two edge ranges first, the interior last (the softmax does not care about the order):
-    # nothing the edge loops need stays live across the long interior loop (on sm_90 the
-    # 128x128 hd128 tile spilled 36-100 B of such values with the interior loop in the middle).
-    acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, KD, VD, kd_row,
-        kv_head, pos, lo, tl.minimum(full_lo, hi), seqlen_k, qk_scale, cap_in, cap_out, slope2,
-        window_left, window_right, offs_n, offs_d, d_ok,
-        True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
-        USE_DESC, PACKED, POLY_LOG, POLY_ALPHA, BLOCK_N,
-    )  # fmt: skip
-    acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, KD, VD, kd_row,
-        kv_head, pos, full_hi, hi, seqlen_k, qk_scale, cap_in, cap_out, slope2, window_left,
-        window_right, offs_n, offs_d, d_ok,
-        True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
-        USE_DESC, PACKED, POLY_LOG, POLY_ALPHA, BLOCK_N,
-    )  # fmt: skip
-    acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, KD, VD, kd_row,
-        kv_head, pos, full_lo, full_hi, seqlen_k, qk_scale, cap_in, cap_out, slope2,
-        window_left, window_right, offs_n, offs_d, d_ok,
-        False, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
-        USE_DESC, PACKED, POLY_LOG, POLY_ALPHA, BLOCK_N,
-    )  # fmt: skip
+    if FIXED_MAX:
+        # Dense, no window: every key block but a partial last one is interior. The edge and the
+        # first interior block set every row's maximum (finite: that block has no mask); the
+        # other interior blocks run against it without the max and the rescale (FIXED). A later
+        # score more than log2(FIXED_LIMIT) above it, or a non-finite sum, makes the program redo
+        # every block with the online softmax (one masked loop over all keys).
+        tl.static_assert(not (PACKED or WINDOWED or HAS_KPM), "FIXED_MAX: dense calls only")
+        acc, l_i, m_i = _fwd_blocks(
+            acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, KD, VD, kd_row,
+            kv_head, pos, lo, tl.minimum(full_lo, hi), seqlen_k, qk_scale, cap_in, cap_out, slope2,
+            window_left, window_right, offs_n, offs_d, d_ok,
+            True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
+            USE_DESC, PACKED, POLY_LOG, POLY_ALPHA, BLOCK_N,
+        )  # fmt: skip
+        acc, l_i, m_i = _fwd_blocks(
+            acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, KD, VD, kd_row,
+            kv_head, pos, full_hi, hi, seqlen_k, qk_scale, cap_in, cap_out, slope2,
+            window_left, window_right, offs_n, offs_d, d_ok,
+            True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
+            USE_DESC, PACKED, POLY_LOG, POLY_ALPHA, BLOCK_N,
+        )  # fmt: skip
+        first_end = tl.minimum(full_lo + BLOCK_N, full_hi)
+        acc, l_i, m_i = _fwd_blocks(
+            acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, KD, VD, kd_row,
+            kv_head, pos, full_lo, first_end, seqlen_k, qk_scale, cap_in, cap_out, slope2,
+            window_left, window_right, offs_n, offs_d, d_ok,
+            False, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
+            USE_DESC, PACKED, POLY_LOG, POLY_ALPHA, BLOCK_N,
+        )  # fmt: skip
+        acc, l_i, m_i = _fwd_blocks(
+            acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, KD, VD, kd_row,
+            kv_head, pos, first_end, full_hi, seqlen_k, qk_scale, cap_in, cap_out, slope2,
+            window_left, window_right, offs_n, offs_d, d_ok,
+            False, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
+            USE_DESC, PACKED, POLY_LOG, POLY_ALPHA, BLOCK_N, True,
+        )  # fmt: skip
+        bad = tl.sum(tl.where(l_i < FIXED_LIMIT, 0, 1), 0)
+        bad += tl.sum(tl.sum(tl.where(tl.abs(acc) < float("inf"), 0, 1), 1), 0)
+        if bad > 0:
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            acc, l_i, m_i = _fwd_blocks(
+                acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, KD, VD, kd_row,
+                kv_head, pos, 0, seqlen_k_dense, seqlen_k, qk_scale, cap_in, cap_out, slope2,
+                window_left, window_right, offs_n, offs_d, d_ok,
+                True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
+                USE_DESC, PACKED, POLY_LOG, POLY_ALPHA, BLOCK_N,
+            )  # fmt: skip
+    else:
+        # The two edge ranges first, the interior last (the softmax does not care about the order):
+        # nothing the edge loops need stays live across the long interior loop (on sm_90 the
+        # 128x128 hd128 tile spilled 36-100 B of such values with the interior loop in the middle).
+        acc, l_i, m_i = _fwd_blocks(
+            acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, KD, VD, kd_row,
+            kv_head, pos, lo, tl.minimum(full_lo, hi), seqlen_k, qk_scale, cap_in, cap_out, slope2,
+            window_left, window_right, offs_n, offs_d, d_ok,
+            True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
+            USE_DESC, PACKED, POLY_LOG, POLY_ALPHA, BLOCK_N,
+        )  # fmt: skip
+        acc, l_i, m_i = _fwd_blocks(
+            acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, KD, VD, kd_row,
+            kv_head, pos, full_hi, hi, seqlen_k, qk_scale, cap_in, cap_out, slope2, window_left,
+            window_right, offs_n, offs_d, d_ok,
+            True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
+            USE_DESC, PACKED, POLY_LOG, POLY_ALPHA, BLOCK_N,
+        )  # fmt: skip
+        acc, l_i, m_i = _fwd_blocks(
+            acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, KD, VD, kd_row,
+            kv_head, pos, full_lo, full_hi, seqlen_k, qk_scale, cap_in, cap_out, slope2,
+            window_left, window_right, offs_n, offs_d, d_ok,
+            False, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
+            USE_DESC, PACKED, POLY_LOG, POLY_ALPHA, BLOCK_N,
+        )  # fmt: skip
 
     has_key = l_i > 0.0  # a query with no visible key outputs zeros and lse = -inf
     if HAS_QPM:  # a padded query row (dense key padding mask, Sq == Sk) too
@@ -929,16 +1014,22 @@ del _C
 # without per-thread addresses, which frees the registers that let sm_90 run 128x128 tiles at 8
 # warps without a spill (the pointer version spilled 24-104 B at hd128).
 FWD_TMA_FAMILIES = ("hopper",)
-# (largest head dim, BLOCK_M, BLOCK_N, POLY_LOG, POLY_ALPHA) per family, for that forward tile
-# only: the last 2**-POLY_LOG of every interior block's score columns (and, POLY_ALPHA, the row
-# rescale factors) take exp2 on the FMA pipe (`_exp2_mixed`), balancing the MUFU unit (16 exp2
-# a clock per SM) against instruction issue; a tile whose main loop is issue-bound (the 128x64
-# and 128x128 variant tiles) keeps every exp2 on MUFU. Hopper, from the sm_90 SASS of the main
-# loop (bench/perf_model.py), a warp per trip: hd64 128x256 904 instructions and 114 MUFU with
-# 1/8 of the columns on the FMA pipe (777 and 130 without); hd128 128x128 527 and 64 with the
-# rescale factors on the FMA pipe (510 and 66).
-FWD_EXP2_SPLIT: dict[str, list[tuple[int, int, int, int, bool]]] = {
-    "hopper": [(64, 128, 256, 3, False), (128, 128, 128, 0, True)],
+# (largest head dim, BLOCK_M, BLOCK_N, POLY_LOG, POLY_ALPHA, FIXED_MAX) per family, for that
+# forward tile only: the last 2**-POLY_LOG of every interior block's score columns (and,
+# POLY_ALPHA, the row rescale factors) take exp2 on the FMA pipe (`_exp2_mixed`), balancing the
+# MUFU unit (16 exp2 a clock per SM) against instruction issue; FIXED_MAX (dense calls: no
+# packing, window or key padding mask) runs the interior blocks after the first against fixed
+# row maxima (see FIXED_LIMIT). A tile whose main loop is issue-bound (the 128x64 and 128x128
+# variant tiles) keeps every exp2 on MUFU. Hopper, from the sm_90 SASS of the main loop
+# (bench/perf_model.py), a warp per trip, triton 3.9.0:
+# - hd64 128x256: online softmax 777 instructions / 130 MUFU, 904 / 114 with 1/8 of the columns
+#   on the FMA pipe; FIXED_MAX with 1/4 of them (degree 3): 808 / 96 (predicted 390 -> 407
+#   TFLOP/s, 3.6.0 rows 389 -> 410);
+# - hd128 128x128: 510 / 66, 527 / 64 with the rescale factors on the FMA pipe; FIXED_MAX with
+#   1/8 of the columns: 416 / 56 (predicted 460 -> 478, 3.6.0: 462 -> 477).
+# (H100 bf16 B4 S4096, not measured.)
+FWD_EXP2_SPLIT: dict[str, list[tuple[int, int, int, int, bool, bool]]] = {
+    "hopper": [(64, 128, 256, 2, False, True), (128, 128, 128, 3, True, True)],
 }
 
 
@@ -1326,11 +1417,12 @@ def _fwd_operands(
     Autotuning picks BLOCK_N after the descriptors exist, so it keeps pointer loads."""
     kw = dict(plan.fwd)
     d = kw["HEAD_DIM"]
-    kw["POLY_LOG"], kw["POLY_ALPHA"] = 0, False
-    for max_d, bm, bn, log, alpha in FWD_EXP2_SPLIT.get(plan.family, ()):
+    kw["POLY_LOG"], kw["POLY_ALPHA"], kw["FIXED_MAX"] = 0, False, False
+    for max_d, bm, bn, log, alpha, fixed in FWD_EXP2_SPLIT.get(plan.family, ()):
         if d <= max_d:
             if (bm, bn) == (kw["BLOCK_M"], kw["BLOCK_N"]):
                 kw["POLY_LOG"], kw["POLY_ALPHA"] = log, alpha
+                kw["FIXED_MAX"] = fixed and not (kw["PACKED"] or kw["WINDOWED"] or kw["HAS_KPM"])
             break
     use_desc = (
         plan.family in FWD_TMA_FAMILIES
