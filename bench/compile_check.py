@@ -623,13 +623,16 @@ def _smem_bytes(op: str) -> int:
     return 128  # 32-bit accesses
 
 
-def main_loop(ins: list[tuple[int, str]], ranges: list[tuple[int, int]]) -> dict[str, Any]:
+def main_loop(
+    ins: list[tuple[int, str]], ranges: list[tuple[int, int]], longest: bool = False
+) -> dict[str, Any]:
     """Per-iteration instruction facts of the kernel's main loop, the innermost loop with the most
-    matrix instructions (ties: the shortest body, i.e. the unmasked interior loop), as one warp
-    executes them: `hgmma` [[M, N, K, a_from_registers], ...], `instructions`, `mufu`, shared
-    memory bytes read/written by LDS/LDSM/STS/STSM (`lds_bytes`, `sts_bytes`), global loads
-    (`ldg`: LDG + LDGSTS), TMA loads (`utmaldg`), `bar` (CTA barriers), `hmma` (mma.sync) and
-    `local` (LDL/STL: spilled registers moved inside the loop).
+    matrix instructions (ties: the shortest body, i.e. the unmasked interior loop; `longest`: the
+    longest body instead, e.g. the online-softmax blocks of a forward whose main loop runs against
+    fixed row maxima), as one warp executes them: `hgmma` [[M, N, K, a_from_registers], ...],
+    `instructions`, `mufu`, shared memory bytes read/written by LDS/LDSM/STS/STSM (`lds_bytes`,
+    `sts_bytes`), global loads (`ldg`: LDG + LDGSTS), TMA loads (`utmaldg`), `bar` (CTA barriers),
+    `hmma` (mma.sync) and `local` (LDL/STL: spilled registers moved inside the loop).
     Empty when the kernel has no loop."""
     inner = [r for r in ranges if not any(o != r and r[0] <= o[0] and o[1] <= r[1] for o in ranges)]
     best: dict[str, Any] = {}
@@ -654,8 +657,9 @@ def main_loop(ins: list[tuple[int, str]], ranges: list[tuple[int, int]]) -> dict
             "hmma": sum(op.startswith("HMMA") for op in ops),
             "local": sum(op.startswith(("LDL", "STL")) for op in ops),
         }
-        key = (len(hgmma) + facts["hmma"], -len(body))
-        if not best or key > (len(best["hgmma"]) + best["hmma"], -best["instructions"]):
+        sign = 1 if longest else -1
+        key = (len(hgmma) + facts["hmma"], sign * len(body))
+        if not best or key > (len(best["hgmma"]) + best["hmma"], sign * best["instructions"]):
             best = facts
     return best
 
@@ -681,6 +685,7 @@ def analyze_sass(sass: str) -> dict[str, Any]:
                 fences += 1
     return {
         "main_loop": main_loop(ins, ranges),
+        "longest_loop": main_loop(ins, ranges, longest=True),
         "mma": "+".join(kinds) or "none",
         "tma": any(op.startswith("UTMALDG") for op in ops),
         "fences_main_loop": fences,

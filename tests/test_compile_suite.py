@@ -609,6 +609,48 @@ def test_predict_kernel_occupancy_and_waves() -> None:
     assert lat.bound == "latency" and lat.cycles["load"] == pm.LOAD_LATENCY
 
 
+SASS_TWO_LOOPS = """\
+        /*0000*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ; /* 0x0 */
+        /*0010*/                   FMNMX R3, R2, R3, !PT ;                    /* 0x0 */
+        /*0020*/                   MUFU.EX2 R3, R2 ;                          /* 0x0 */
+        /*0030*/              @!P0 BRA 0x0 ;                                  /* 0x0 */
+        /*0040*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ; /* 0x0 */
+        /*0050*/              @!P0 BRA 0x40 ;                                 /* 0x0 */
+        /*0060*/                   EXIT ;                                     /* 0x0 */
+"""  # noqa: E501
+
+
+def test_main_loop_shortest_and_longest_body() -> None:
+    """Two loops with one wgmma each: the main loop is the shorter (the unmasked interior, or the
+    fixed-maxima loop), `longest_loop` the longer (an online-softmax block)."""
+    facts = cc.analyze_sass(SASS_TWO_LOOPS)
+    assert facts["main_loop"]["instructions"] == 2 and facts["main_loop"]["mufu"] == 0
+    assert facts["longest_loop"]["instructions"] == 4 and facts["longest_loop"]["mufu"] == 1
+
+
+def test_fixed_max_forward_charges_one_trip_at_the_longest_loop() -> None:
+    """A FIXED_MAX forward: one trip at `longest_loop`, the rest at `main_loop`, one launch;
+    without the flag (or the facts) every trip at the main loop."""
+    from bench import perf_model as pm
+
+    calib = pm.Calibration(0.5, pm.LOAD_LATENCY, "test")
+    fast, slow = _loop(4, 4, instructions=2000), _loop(4, 4, instructions=3000)
+    row = {"kernel": "_attn_fwd_kernel", "registers": 255, "shared_bytes": 100 * 1024,
+           "main_loop": fast, "longest_loop": slow,
+           "config": {"num_warps": 8, "num_stages": 2, "FIXED_MAX": True}}  # fmt: skip
+    k = pm.fixed_max_forward(row, programs=132, trips=16, calib=calib)
+    all_fast = pm.predict_kernel(row, programs=132, trips=16, calib=calib)
+    all_slow = pm.predict_kernel({**row, "main_loop": slow}, programs=132, trips=16, calib=calib)
+    launch = pm.GPUS["h100"].launch_us * 1e-3
+    per_trip_fast, per_trip_slow = (all_fast.ms - launch) / 16, (all_slow.ms - launch) / 16
+    assert k.ms == pytest.approx(launch + 15 * per_trip_fast + per_trip_slow)
+    assert k.executed_flops == all_fast.executed_flops
+    online = {**row, "config": {**row["config"], "FIXED_MAX": False}}
+    assert pm.fixed_max_forward(online, programs=132, trips=16, calib=calib).ms == all_fast.ms
+    old = {k_: v for k_, v in row.items() if k_ != "longest_loop"}
+    assert pm.fixed_max_forward(old, programs=132, trips=16, calib=calib).ms == all_fast.ms
+
+
 def test_shared_memory_fed_wgmma_runs_at_the_feed_rate() -> None:
     """m64n32k16 with both operands in shared memory needs 3 KiB per 16 cycles (192 B/clk at the
     nominal rate, 128 B/clk available): the feed sets its time, and eta applies to that."""

@@ -1023,10 +1023,10 @@ FWD_TMA_FAMILIES = ("hopper",)
 # variant tiles) keeps every exp2 on MUFU. Hopper, from the sm_90 SASS of the main loop
 # (bench/perf_model.py), a warp per trip, triton 3.9.0:
 # - hd64 128x256: online softmax 777 instructions / 130 MUFU, 904 / 114 with 1/8 of the columns
-#   on the FMA pipe; FIXED_MAX with 1/4 of them (degree 3): 808 / 96 (predicted 390 -> 407
-#   TFLOP/s, 3.6.0 rows 389 -> 410);
+#   on the FMA pipe; FIXED_MAX with 1/4 of them (degree 3): 808 / 96 (predicted 390 -> 404
+#   TFLOP/s, 3.6.0 rows 389 -> 407, the first block's trip charged at the online body);
 # - hd128 128x128: 510 / 66, 527 / 64 with the rescale factors on the FMA pipe; FIXED_MAX with
-#   1/8 of the columns: 416 / 56 (predicted 460 -> 478, 3.6.0: 462 -> 477).
+#   1/8 of the columns: 416 / 56 (predicted 460 -> 477, 3.6.0: 462 -> 476).
 # (H100 bf16 B4 S4096, not measured.)
 FWD_EXP2_SPLIT: dict[str, list[tuple[int, int, int, int, bool, bool]]] = {
     "hopper": [(64, 128, 256, 2, False, True), (128, 128, 128, 3, True, True)],
