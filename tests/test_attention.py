@@ -893,7 +893,7 @@ def test_forward_tma_descriptors_and_fma_exp2(case, monkeypatch):
 
     monkeypatch.setattr(at, "TensorDescriptor", CountingDescriptor)
     monkeypatch.setattr(at, "FWD_TMA_FAMILIES", ("interpreter",))
-    monkeypatch.setitem(at.FWD_EXP2_SPLIT, "interpreter", [(256, 32, 32, 3, True, False)])
+    monkeypatch.setitem(at.FWD_EXP2_SPLIT, "interpreter", [(256, 32, 32, 3, True, None)])
     torch.manual_seed(0)
     bf16_cases = ("dense-gqa", "kpm", "softcap-alibi", "packed")
     dt = torch.bfloat16 if case in bf16_cases else torch.float16
@@ -964,8 +964,9 @@ FIXED_MAX_CASES = ["dense-bf16", "dense-fp16", "cross", "gqa", "d40", "spread40"
 
 @pytest.mark.parametrize("case", FIXED_MAX_CASES)
 def test_forward_fixed_row_maxima(case, monkeypatch):
-    """FIXED_MAX (the Hopper dense tiles, run here on the interpreter's 32x32 tiles with 1/4 of
-    the columns on the FMA pipe): interior blocks after the first run against fixed row maxima.
+    """FIXED_MAX (the Hopper dense bf16 tiles, run here on the interpreter's 32x32 tiles with 1/4
+    of the fixed blocks' columns on the FMA pipe): interior blocks after the first run against
+    fixed row maxima (fp16 calls keep the online softmax).
     Against the float64 reference: plain dense calls; scores 40 log2 units above the first
     block's maximum (p up to 2**40: the fast loop must be right on its own, also with the
     fallback switched off); 100 units above, on FMA-pipe columns (clamped at 2**66: the fallback
@@ -975,7 +976,7 @@ def test_forward_fixed_row_maxima(case, monkeypatch):
     from bidirlm.kernels import attention_triton as at
 
     monkeypatch.setattr(at, "FWD_TMA_FAMILIES", ("interpreter",))
-    monkeypatch.setitem(at.FWD_EXP2_SPLIT, "interpreter", [(256, 32, 32, 2, True, True)])
+    monkeypatch.setitem(at.FWD_EXP2_SPLIT, "interpreter", [(256, 32, 32, 3, True, 2)])
     torch.manual_seed(0)
     dt = torch.float16 if case == "dense-fp16" else torch.bfloat16
     sq, sk, h, hkv, d = 100, 100, 2, 2, 64
@@ -1019,9 +1020,10 @@ def test_forward_fixed_row_maxima(case, monkeypatch):
 
 def test_hopper_forward_descriptors_and_exp2_split_choice(monkeypatch):
     """On sm_90 the forward gets K/V descriptors (dense 4-d box, packed 3-d) for 16-bit inputs,
-    pointers for float32 and under autotuning; the FMA-pipe exp2 share and the fixed row maxima
-    go with the dense tiles they were sized on (hd64 128x256: 1/4 of the columns; hd128 128x128:
-    1/8 and the rescale factors), never to the issue-bound variant tiles."""
+    pointers for float32 and under autotuning; the FMA-pipe exp2 share and (bf16) the fixed row
+    maxima go with the dense tiles they were sized on (hd64 128x256: 1/8 of the online blocks'
+    columns, 1/4 of the fixed ones; hd128 128x128: the rescale factors, 1/8 of the fixed blocks'
+    columns), never to the issue-bound variant tiles."""
     from bidirlm.kernels.attention_triton import AttnShape, _fwd_operands, _plan
 
     def launch(d, hkv=4, packed=False, dtype=torch.bfloat16):
@@ -1032,13 +1034,17 @@ def test_hopper_forward_descriptors_and_exp2_split_choice(monkeypatch):
         return _fwd_operands(plan, k, v, packed)
 
     def choice(kw):
-        return kw["BLOCK_M"], kw["BLOCK_N"], kw["POLY_LOG"], kw["POLY_ALPHA"], kw["FIXED_MAX"]
+        fixed = kw["FIXED_LOG"] if kw["FIXED_MAX"] else None
+        return kw["BLOCK_M"], kw["BLOCK_N"], kw["POLY_LOG"], kw["POLY_ALPHA"], fixed
 
     *_, kd, _, kw = launch(64)
     assert kw["USE_DESC"] and kd.block_shape == [1, 256, 1, 64]
-    assert choice(kw) == (128, 256, 2, False, True)
+    assert choice(kw) == (128, 256, 3, False, 2)
     *_, kw = launch(128)
-    assert choice(kw) == (128, 128, 3, True, True)
+    assert choice(kw) == (128, 128, 0, True, 3)
+    for d, want in ((64, (128, 256, 3, False, None)), (128, (128, 128, 0, True, None))):
+        *_, kw = launch(d, dtype=torch.float16)  # fp16: the online softmax (P overflows at 2**16)
+        assert choice(kw) == want
     for d in (64, 128):  # GQA: the variant tiles, every exp2 on MUFU, online softmax
         *_, kw = launch(d, hkv=2)
         assert (kw["POLY_LOG"], kw["POLY_ALPHA"], kw["FIXED_MAX"]) == (0, False, False)

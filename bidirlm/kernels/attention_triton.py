@@ -44,13 +44,13 @@ from .exp2_triton import exp2_poly, exp2_poly_affine, join_columns, split_column
 UNBOUNDED = 1 << 30  # a window side of -1 becomes this: |i - j| never reaches it, i + it fits int32
 
 
-# The forward's FIXED_MAX mode (dense calls on the Hopper tiles of FWD_EXP2_SPLIT): after the
-# first interior key block, each row's maximum stays fixed, so the main loop computes no row
-# maximum and rescales nothing. 2**x can then exceed 1: the FMA-pipe exp2 clamps x at FIXED_HI
-# (MUFU's gives up to inf), and a program whose row sums reach FIXED_LIMIT (a score more than 64
-# log2 units above its row's first-block maximum; any clamped value is above it too) or whose
-# accumulator is not finite redoes every key block with the online softmax. FIXED_DEGREE: the
-# polynomial of those FMA-pipe columns (relative error 7.5e-5, `exp2_poly_affine`).
+# The forward's FIXED_MAX mode (plain dense bf16 calls on the Hopper tiles of FWD_EXP2_SPLIT):
+# after the first interior key block, each row's maximum stays fixed, so the main loop computes
+# no row maximum and rescales nothing. 2**x can then exceed 1: the FMA-pipe exp2 clamps x at
+# FIXED_HI (MUFU's gives up to inf), and a program whose row sums reach FIXED_LIMIT (a score more
+# than 64 log2 units above its row's first-block maximum; any clamped value is above it too) or
+# whose accumulator is not finite redoes every key block with the online softmax. FIXED_DEGREE:
+# the polynomial of those FMA-pipe columns (relative error 8.9e-5 measured, `exp2_poly_affine`).
 FIXED_HI = tl.constexpr(66)
 FIXED_LIMIT = tl.constexpr(2.0**64)
 FIXED_DEGREE = tl.constexpr(3)
@@ -314,7 +314,7 @@ def _attn_fwd_kernel(
     HAS_SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, USE_DESC: tl.constexpr, POLY_LOG: tl.constexpr,
     POLY_ALPHA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    FIXED_MAX: tl.constexpr = False,
+    FIXED_MAX: tl.constexpr = False, FIXED_LOG: tl.constexpr = 0,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
@@ -396,7 +396,7 @@ def _attn_fwd_kernel(
             kv_head, pos, first_end, full_hi, seqlen_k, qk_scale, cap_in, cap_out, slope2,
             window_left, window_right, offs_n, offs_d, d_ok,
             False, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
-            USE_DESC, PACKED, POLY_LOG, POLY_ALPHA, BLOCK_N, True,
+            USE_DESC, PACKED, FIXED_LOG, POLY_ALPHA, BLOCK_N, True,
         )  # fmt: skip
         bad = tl.sum(tl.where(l_i < FIXED_LIMIT, 0, 1), 0)
         bad += tl.sum(tl.sum(tl.where(tl.abs(acc) < float("inf"), 0, 1), 1), 0)
@@ -1014,22 +1014,25 @@ del _C
 # without per-thread addresses, which frees the registers that let sm_90 run 128x128 tiles at 8
 # warps without a spill (the pointer version spilled 24-104 B at hd128).
 FWD_TMA_FAMILIES = ("hopper",)
-# (largest head dim, BLOCK_M, BLOCK_N, POLY_LOG, POLY_ALPHA, FIXED_MAX) per family, for that
+# (largest head dim, BLOCK_M, BLOCK_N, POLY_LOG, POLY_ALPHA, FIXED_LOG) per family, for that
 # forward tile only: the last 2**-POLY_LOG of every interior block's score columns (and,
 # POLY_ALPHA, the row rescale factors) take exp2 on the FMA pipe (`_exp2_mixed`), balancing the
-# MUFU unit (16 exp2 a clock per SM) against instruction issue; FIXED_MAX (dense calls: no
-# packing, window or key padding mask) runs the interior blocks after the first against fixed
-# row maxima (see FIXED_LIMIT). A tile whose main loop is issue-bound (the 128x64 and 128x128
-# variant tiles) keeps every exp2 on MUFU. Hopper, from the sm_90 SASS of the main loop
-# (bench/perf_model.py), a warp per trip, triton 3.9.0:
+# MUFU unit (16 exp2 a clock per SM) against instruction issue. FIXED_LOG (not None): bf16 calls
+# without packing, a window or a key padding mask run the interior blocks after the first
+# against fixed row maxima (FIXED_MAX, see FIXED_LIMIT), with the last 2**-FIXED_LOG of those
+# blocks' columns on the FMA pipe. (fp16 keeps the online softmax: its P operand overflows at
+# 65504, 16 log2 units above the maxima, so scores that far up would send programs to the
+# fallback.) A tile whose main loop is issue-bound (the 128x64 and 128x128 variant tiles) keeps
+# every exp2 on MUFU. Hopper, from the sm_90 SASS of the main loop (bench/perf_model.py), a warp
+# per trip, triton 3.9.0:
 # - hd64 128x256: online softmax 777 instructions / 130 MUFU, 904 / 114 with 1/8 of the columns
 #   on the FMA pipe; FIXED_MAX with 1/4 of them (degree 3): 808 / 96 (predicted 390 -> 404
 #   TFLOP/s, 3.6.0 rows 389 -> 407, the first block's trip charged at the online body);
 # - hd128 128x128: 510 / 66, 527 / 64 with the rescale factors on the FMA pipe; FIXED_MAX with
 #   1/8 of the columns: 416 / 56 (predicted 460 -> 477, 3.6.0: 462 -> 476).
 # (H100 bf16 B4 S4096, not measured.)
-FWD_EXP2_SPLIT: dict[str, list[tuple[int, int, int, int, bool, bool]]] = {
-    "hopper": [(64, 128, 256, 2, False, True), (128, 128, 128, 3, True, True)],
+FWD_EXP2_SPLIT: dict[str, list[tuple[int, int, int, int, bool, int | None]]] = {
+    "hopper": [(64, 128, 256, 3, False, 2), (128, 128, 128, 0, True, 3)],
 }
 
 
@@ -1417,12 +1420,14 @@ def _fwd_operands(
     Autotuning picks BLOCK_N after the descriptors exist, so it keeps pointer loads."""
     kw = dict(plan.fwd)
     d = kw["HEAD_DIM"]
-    kw["POLY_LOG"], kw["POLY_ALPHA"], kw["FIXED_MAX"] = 0, False, False
-    for max_d, bm, bn, log, alpha, fixed in FWD_EXP2_SPLIT.get(plan.family, ()):
+    kw["POLY_LOG"], kw["POLY_ALPHA"], kw["FIXED_MAX"], kw["FIXED_LOG"] = 0, False, False, 0
+    for max_d, bm, bn, log, alpha, fixed_log in FWD_EXP2_SPLIT.get(plan.family, ()):
         if d <= max_d:
             if (bm, bn) == (kw["BLOCK_M"], kw["BLOCK_N"]):
                 kw["POLY_LOG"], kw["POLY_ALPHA"] = log, alpha
-                kw["FIXED_MAX"] = fixed and not (kw["PACKED"] or kw["WINDOWED"] or kw["HAS_KPM"])
+                variant = kw["PACKED"] or kw["WINDOWED"] or kw["HAS_KPM"]
+                if fixed_log is not None and k.dtype == torch.bfloat16 and not variant:
+                    kw["FIXED_MAX"], kw["FIXED_LOG"] = True, fixed_log
             break
     use_desc = (
         plan.family in FWD_TMA_FAMILIES
