@@ -362,6 +362,24 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # The two edge ranges first, the interior last (the softmax does not care about the order):
+    # nothing the edge loops need stays live across the long interior loop (on sm_90 the 128x128
+    # hd128 tile spilled 36-100 B of such values with the interior loop in the middle).
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, KD, VD, kd_row,
+        kv_head, pos, lo, tl.minimum(full_lo, hi), seqlen_k, qk_scale, cap_in, cap_out, slope2,
+        window_left, window_right, offs_n, offs_d, d_ok,
+        True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
+        USE_DESC, PACKED, POLY_LOG, POLY_ALPHA, BLOCK_N,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, KD, VD, kd_row,
+        kv_head, pos, full_hi, hi, seqlen_k, qk_scale, cap_in, cap_out, slope2,
+        window_left, window_right, offs_n, offs_d, d_ok,
+        True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
+        USE_DESC, PACKED, POLY_LOG, POLY_ALPHA, BLOCK_N,
+    )  # fmt: skip
+    online_end = full_hi
     if FIXED_MAX:
         # Dense, no window: every key block but a partial last one is interior. The edge and the
         # first interior block set every row's maximum (finite: that block has no mask); the
@@ -369,31 +387,18 @@ def _attn_fwd_kernel(
         # score more than log2(FIXED_LIMIT) above it, or a non-finite sum, makes the program redo
         # every block with the online softmax (one masked loop over all keys).
         tl.static_assert(not (PACKED or WINDOWED or HAS_KPM), "FIXED_MAX: dense calls only")
+        online_end = tl.minimum(full_lo + BLOCK_N, full_hi)
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, KD, VD, kd_row,
+        kv_head, pos, full_lo, online_end, seqlen_k, qk_scale, cap_in, cap_out, slope2,
+        window_left, window_right, offs_n, offs_d, d_ok,
+        False, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
+        USE_DESC, PACKED, POLY_LOG, POLY_ALPHA, BLOCK_N,
+    )  # fmt: skip
+    if FIXED_MAX:
         acc, l_i, m_i = _fwd_blocks(
             acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, KD, VD, kd_row,
-            kv_head, pos, lo, tl.minimum(full_lo, hi), seqlen_k, qk_scale, cap_in, cap_out, slope2,
-            window_left, window_right, offs_n, offs_d, d_ok,
-            True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
-            USE_DESC, PACKED, POLY_LOG, POLY_ALPHA, BLOCK_N,
-        )  # fmt: skip
-        acc, l_i, m_i = _fwd_blocks(
-            acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, KD, VD, kd_row,
-            kv_head, pos, full_hi, hi, seqlen_k, qk_scale, cap_in, cap_out, slope2,
-            window_left, window_right, offs_n, offs_d, d_ok,
-            True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
-            USE_DESC, PACKED, POLY_LOG, POLY_ALPHA, BLOCK_N,
-        )  # fmt: skip
-        first_end = tl.minimum(full_lo + BLOCK_N, full_hi)
-        acc, l_i, m_i = _fwd_blocks(
-            acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, KD, VD, kd_row,
-            kv_head, pos, full_lo, first_end, seqlen_k, qk_scale, cap_in, cap_out, slope2,
-            window_left, window_right, offs_n, offs_d, d_ok,
-            False, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
-            USE_DESC, PACKED, POLY_LOG, POLY_ALPHA, BLOCK_N,
-        )  # fmt: skip
-        acc, l_i, m_i = _fwd_blocks(
-            acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, KD, VD, kd_row,
-            kv_head, pos, first_end, full_hi, seqlen_k, qk_scale, cap_in, cap_out, slope2,
+            kv_head, pos, online_end, full_hi, seqlen_k, qk_scale, cap_in, cap_out, slope2,
             window_left, window_right, offs_n, offs_d, d_ok,
             False, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
             USE_DESC, PACKED, FIXED_LOG, POLY_ALPHA, BLOCK_N, True,
@@ -411,31 +416,6 @@ def _attn_fwd_kernel(
                 True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
                 USE_DESC, PACKED, POLY_LOG, POLY_ALPHA, BLOCK_N,
             )  # fmt: skip
-    else:
-        # The two edge ranges first, the interior last (the softmax does not care about the order):
-        # nothing the edge loops need stays live across the long interior loop (on sm_90 the
-        # 128x128 hd128 tile spilled 36-100 B of such values with the interior loop in the middle).
-        acc, l_i, m_i = _fwd_blocks(
-            acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, KD, VD, kd_row,
-            kv_head, pos, lo, tl.minimum(full_lo, hi), seqlen_k, qk_scale, cap_in, cap_out, slope2,
-            window_left, window_right, offs_n, offs_d, d_ok,
-            True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
-            USE_DESC, PACKED, POLY_LOG, POLY_ALPHA, BLOCK_N,
-        )  # fmt: skip
-        acc, l_i, m_i = _fwd_blocks(
-            acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, KD, VD, kd_row,
-            kv_head, pos, full_hi, hi, seqlen_k, qk_scale, cap_in, cap_out, slope2, window_left,
-            window_right, offs_n, offs_d, d_ok,
-            True, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
-            USE_DESC, PACKED, POLY_LOG, POLY_ALPHA, BLOCK_N,
-        )  # fmt: skip
-        acc, l_i, m_i = _fwd_blocks(
-            acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt, KD, VD, kd_row,
-            kv_head, pos, full_lo, full_hi, seqlen_k, qk_scale, cap_in, cap_out, slope2,
-            window_left, window_right, offs_n, offs_d, d_ok,
-            False, EVEN_D, HAS_KPM, WINDOWED, HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, UPCAST, IEEE,
-            USE_DESC, PACKED, POLY_LOG, POLY_ALPHA, BLOCK_N,
-        )  # fmt: skip
 
     has_key = l_i > 0.0  # a query with no visible key outputs zeros and lse = -inf
     if HAS_QPM:  # a padded query row (dense key padding mask, Sq == Sk) too

@@ -54,7 +54,17 @@ def exp2_poly(x, DEGREE: tl.constexpr = 5):
     t = x + _ROUND
     f = x - (t - _ROUND)
     tl.static_assert(DEGREE == 4 or DEGREE == 5, "DEGREE is 4 or 5")
-    if DEGREE == 4:
+    return _times_pow2(_exp2_reduced(f, DEGREE), t)
+
+
+@triton.jit
+def _exp2_reduced(f, DEGREE: tl.constexpr):
+    """2**f for f in [-0.5, 0.5]: the degree-3, 4 or 5 fit above, by Horner's rule."""
+    if DEGREE == 3:
+        p = _D3 * f + _D2
+        p = p * f + _D1
+        p = p * f + _D0
+    elif DEGREE == 4:
         p = _E4 * f + _E3
         p = p * f + _E2
         p = p * f + _E1
@@ -65,7 +75,13 @@ def exp2_poly(x, DEGREE: tl.constexpr = 5):
         p = p * f + _C2
         p = p * f + _C1
         p = p * f + _C0
-    # the low bits of t's pattern are n in two's complement; << 23 puts them on the exponent
+    return p
+
+
+@triton.jit
+def _times_pow2(p, t):
+    """p * 2**n where t = 1.5 * 2**23 + n: the low bits of t's pattern are n in two's complement,
+    and << 23 puts them on p's exponent field."""
     bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
     return bits.to(tl.float32, bitcast=True)
 
@@ -141,14 +157,4 @@ def exp2_poly_affine(s, scale, shift, LO: tl.constexpr, HI: tl.constexpr, DEGREE
     n_lo = t - (_ROUND + LO)  # n - LO, exact
     f = y * span - n_lo  # x - n = LO + span * y - n, in [-0.5, 0.5]
     tl.static_assert(DEGREE == 3 or DEGREE == 4, "DEGREE is 3 or 4")
-    if DEGREE == 3:
-        p = _D3 * f + _D2
-        p = p * f + _D1
-        p = p * f + _D0
-    else:
-        p = _E4 * f + _E3
-        p = p * f + _E2
-        p = p * f + _E1
-        p = p * f + _E0
-    bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
-    return bits.to(tl.float32, bitcast=True)
+    return _times_pow2(_exp2_reduced(f, DEGREE), t)
